@@ -1,0 +1,9 @@
+//! logitcache core: the on-disk store format, its codecs, the writer and reader,
+//! and the CPU loss kernels. This crate knows nothing of Python.
+
+pub mod error;
+
+pub use error::{Error, Result};
+
+/// Version of this crate, recorded in every manifest as the creating tool.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

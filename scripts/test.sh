@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, Rust and Python: `bash scripts/test.sh`.
+# On a fresh machine it installs what it needs into .venv (torch is reused when
+# the interpreter already has it: the venv sees the system site-packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+# torch from PyPI is several GB: install it only when it cannot be imported.
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+    "$VPY" -m pip install --quiet "torch>=2.1"
+fi
+"$VPY" -m pip install --quiet -e ".[test,dev]"
+
+echo "== rust: fmt, clippy, tests"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+if command -v cargo-nextest >/dev/null 2>&1; then
+    cargo nextest run --workspace --exclude logitcache-python --no-fail-fast
+    cargo test --workspace --exclude logitcache-python --doc --quiet
+else
+    cargo test --workspace --exclude logitcache-python --quiet
+fi
+
+echo "== python: ruff, pytest"
+"$VPY" -m ruff check python tests benches
+"$VPY" -m ruff format --check python tests benches
+"$VPY" -m pytest -q
