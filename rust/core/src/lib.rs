@@ -2,8 +2,9 @@
 //! and the CPU loss kernels. This crate knows nothing of Python.
 
 pub mod error;
+pub mod threads;
 
-pub use error::{Error, Result};
+pub use error::{Error, Location, Result};
 
 /// Version of this crate, recorded in every manifest as the creating tool.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
