@@ -123,16 +123,16 @@ def target_distributions(
     if isinstance(target, Sampled):
         raise ValueError("sampled targets have no (P, Q) pair; use sampled_reference")
     ids = target.ids.to(torch.int64)
-    l = target.logprobs.to(torch.float64)
+    logp = target.logprobs.to(torch.float64)
     if tail == "renormalize":
-        p = torch.softmax(l * teacher_temperature / temperature, dim=-1)
+        p = torch.softmax(logp * teacher_temperature / temperature, dim=-1)
         log_q = _log_softmax(z[ids] / temperature)
         return p, log_q
     if tail != "bucket":
         raise ValueError(f"unknown tail {tail!r}")
     if temperature != teacher_temperature:
         raise ValueError("bucket tail needs temperature == teacher_temperature")
-    p_s = torch.exp(l)
+    p_s = torch.exp(logp)
     p_rest = (1.0 - p_s.sum()).clamp_min(0.0)
     in_s = torch.zeros(v_s, dtype=torch.bool)
     in_s[ids] = True
