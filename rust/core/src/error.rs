@@ -23,10 +23,7 @@ pub struct Location {
 
 impl Location {
     pub fn file(path: impl AsRef<Path>) -> Self {
-        Location {
-            file: Some(path.as_ref().to_path_buf()),
-            ..Default::default()
-        }
+        Location { file: Some(path.as_ref().to_path_buf()), ..Default::default() }
     }
     pub fn shard(mut self, shard: u32) -> Self {
         self.shard = Some(shard);
@@ -99,21 +96,12 @@ pub enum Error {
 
     /// A format version this build cannot read. Maps to `FormatVersionError`.
     #[error("{}: format version {found} is not supported (this build reads versions up to {supported}); upgrade logitcache", path.display())]
-    UnsupportedVersion {
-        path: PathBuf,
-        found: u64,
-        supported: u64,
-    },
+    UnsupportedVersion { path: PathBuf, found: u64, supported: u64 },
 
     /// The store does not match what the caller expects (vocabulary, tokenizer, or the
     /// configuration of an appending writer). Maps to `StoreMismatchError`.
     #[error("store {} does not match: {field} expected {expected}, found {found}", path.display())]
-    Mismatch {
-        path: PathBuf,
-        field: String,
-        expected: String,
-        found: String,
-    },
+    Mismatch { path: PathBuf, field: String, expected: String, found: String },
 
     /// `mode="x"` on a path that exists. Maps to `StoreExistsError` (a `FileExistsError`).
     #[error("{} already exists; open it with mode=\"a\" to append or mode=\"w\" to replace it", path.display())]
@@ -140,23 +128,13 @@ pub enum Error {
 
 impl Error {
     pub fn invalid_argument(arg: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            arg: arg.into(),
-            msg: msg.into(),
-        }
+        Error::InvalidArgument { arg: arg.into(), msg: msg.into() }
     }
     pub fn corrupt(location: Location, msg: impl Into<String>) -> Self {
-        Error::Corrupt {
-            location,
-            msg: msg.into(),
-        }
+        Error::Corrupt { location, msg: msg.into() }
     }
     pub fn io(op: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
+        Error::Io { op, path: path.as_ref().to_path_buf(), source }
     }
 }
 

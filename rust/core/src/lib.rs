@@ -1,8 +1,15 @@
 //! logitcache core: the on-disk store format, its codecs, the writer and reader,
 //! and the CPU loss kernels. This crate knows nothing of Python.
 
+pub mod codec;
 pub mod error;
+pub mod format;
+pub mod manifest;
+pub mod reader;
+pub mod record;
+pub mod source;
 pub mod threads;
+pub mod writer;
 
 pub use error::{Error, Location, Result};
 

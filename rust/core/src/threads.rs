@@ -3,7 +3,8 @@
 //! One pool, sized once from the environment (`LOGITCACHE_NUM_THREADS`, else the number of
 //! CPUs) and resizable at run time, so a training loop can give the data path and the loss
 //! kernels the same number of threads as torch, and a benchmark can compare at equal threads.
-//! Rayon's global pool cannot be resized, hence a pool of our own.
+//! Rayon's global pool can be neither resized nor used after `fork()` (its worker threads do
+//! not exist in the child), hence a pool of our own that a forked child replaces.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -11,18 +12,19 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{Error, Result};
 
-static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
+struct Slot {
+    pool: Arc<ThreadPool>,
+    pid: u32,
+}
+
+static POOL: Mutex<Option<Slot>> = Mutex::new(None);
 
 fn default_threads() -> usize {
     std::env::var("LOGITCACHE_NUM_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 fn build(n: usize) -> Result<Arc<ThreadPool>> {
@@ -34,14 +36,26 @@ fn build(n: usize) -> Result<Arc<ThreadPool>> {
         .map_err(|e| Error::State(format!("cannot start {n} worker threads: {e}")))
 }
 
-/// The shared pool, started on first use.
+/// The shared pool, started on first use and restarted in a forked child.
 pub fn pool() -> Result<Arc<ThreadPool>> {
     let mut guard = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(p) = guard.as_ref() {
-        return Ok(Arc::clone(p));
+    let pid = std::process::id();
+    if let Some(slot) = guard.as_ref() {
+        if slot.pid == pid {
+            return Ok(Arc::clone(&slot.pool));
+        }
+        // Inherited through fork(): its threads are gone. Dropping it would signal threads
+        // that do not exist, so it is leaked on purpose (once per forked child).
+        if let Some(stale) = guard.take() {
+            std::mem::forget(stale.pool);
+        }
+        let n = default_threads();
+        let p = build(n)?;
+        *guard = Some(Slot { pool: Arc::clone(&p), pid });
+        return Ok(p);
     }
     let p = build(default_threads())?;
-    *guard = Some(Arc::clone(&p));
+    *guard = Some(Slot { pool: Arc::clone(&p), pid });
     Ok(p)
 }
 
@@ -49,13 +63,11 @@ pub fn pool() -> Result<Arc<ThreadPool>> {
 /// old pool finishes there.
 pub fn set_num_threads(n: usize) -> Result<()> {
     if n == 0 {
-        return Err(Error::invalid_argument(
-            "n",
-            "the number of threads must be at least 1",
-        ));
+        return Err(Error::invalid_argument("n", "the number of threads must be at least 1"));
     }
     let p = build(n)?;
-    *POOL.lock().unwrap_or_else(PoisonError::into_inner) = Some(p);
+    *POOL.lock().unwrap_or_else(PoisonError::into_inner) =
+        Some(Slot { pool: p, pid: std::process::id() });
     Ok(())
 }
 

@@ -16,46 +16,22 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 /// (name, doc, extra built-in base) of every class below `StoreError`.
 const SUBCLASSES: &[(&str, &str, Option<&str>)] = &[
-    (
-        "CorruptStoreError",
-        "Stored bytes fail a checksum, bound or structural check.",
-        None,
-    ),
-    (
-        "FormatVersionError",
-        "The store was written by a newer format version.",
-        None,
-    ),
+    ("CorruptStoreError", "Stored bytes fail a checksum, bound or structural check.", None),
+    ("FormatVersionError", "The store was written by a newer format version.", None),
     (
         "StoreMismatchError",
         "The store does not match what the caller expects (vocabulary, tokenizer, configuration).",
         Some("ValueError"),
     ),
-    (
-        "MissingSampleError",
-        "A sample id that is not in the store.",
-        Some("KeyError"),
-    ),
-    (
-        "DuplicateSampleError",
-        "A sample id that is already in the store.",
-        Some("ValueError"),
-    ),
+    ("MissingSampleError", "A sample id that is not in the store.", Some("KeyError")),
+    ("DuplicateSampleError", "A sample id that is already in the store.", Some("ValueError")),
     (
         "InvalidRecordError",
         "A record that breaks the store's rules; nothing was written.",
         Some("ValueError"),
     ),
-    (
-        "StoreExistsError",
-        "mode=\"x\" on a path that already exists.",
-        Some("FileExistsError"),
-    ),
-    (
-        "StoreLockedError",
-        "Another live writer holds the store's lock.",
-        None,
-    ),
+    ("StoreExistsError", "mode=\"x\" on a path that already exists.", Some("FileExistsError")),
+    ("StoreLockedError", "Another live writer holds the store's lock.", None),
 ];
 
 struct Classes {
@@ -74,10 +50,7 @@ fn make_class<'py>(
     let dict = PyDict::new(py);
     dict.set_item("__doc__", doc)?;
     dict.set_item("__module__", "logitcache")?;
-    let ty = py
-        .import("builtins")?
-        .getattr("type")?
-        .call1((name, bases, dict))?;
+    let ty = py.import("builtins")?.getattr("type")?.call1((name, bases, dict))?;
     Ok(ty.cast_into::<PyType>()?)
 }
 
@@ -93,18 +66,11 @@ fn classes(py: Python<'_>) -> PyResult<&Classes> {
         for (name, doc, extra) in SUBCLASSES {
             let mut bases = vec![store_error.clone()];
             if let Some(extra) = extra {
-                bases.push(
-                    py.import("builtins")?
-                        .getattr(*extra)?
-                        .cast_into::<PyType>()?,
-                );
+                bases.push(py.import("builtins")?.getattr(*extra)?.cast_into::<PyType>()?);
             }
             sub.push(make_class(py, name, doc, PyTuple::new(py, bases)?)?.unbind());
         }
-        Ok(Classes {
-            store_error: store_error.unbind(),
-            sub,
-        })
+        Ok(Classes { store_error: store_error.unbind(), sub })
     })
 }
 

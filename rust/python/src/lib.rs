@@ -9,8 +9,7 @@ use errors::IntoPyResult;
 /// Resize the thread pool shared by batch reads, `add_logits` and the loss kernels.
 #[pyfunction]
 fn set_num_threads(py: Python<'_>, n: usize) -> PyResult<()> {
-    py.detach(|| logitcache_core::threads::set_num_threads(n))
-        .py_err()
+    py.detach(|| logitcache_core::threads::set_num_threads(n)).py_err()
 }
 
 /// Number of threads of the shared pool.

@@ -1,0 +1,261 @@
+//! Log-probability codecs.
+//!
+//! * `lossless`: float32 bit patterns.
+//! * `abs:<bound>`: uniform quantization of `x = -logprob` with a power-of-two step
+//!   `s <= 2 * bound`, round to nearest, so every decoded value is within `s / 2 <= bound`
+//!   of the original. Decoding is exact binary arithmetic (`0 - q * s` in float32 with
+//!   `q < 2^24`), identical on every platform. Top-K rows are non-increasing, so their
+//!   quantized levels are coded as a first value and non-negative deltas.
+//! * `none`: sampled stores that keep only ids and counts.
+
+use crate::codec::bytes::{self, ByteReader};
+use crate::codec::{CodecParams, RowShape};
+use crate::error::{Error, Location, Result};
+use crate::format::Kind;
+
+/// Largest quantized level: levels up to 2^24 convert to float32 exactly.
+pub const MAX_LEVEL: u32 = 1 << 24;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LogprobCodec {
+    /// No log-probabilities (sampled stores only).
+    None,
+    /// float32, bit for bit.
+    Lossless,
+    /// Uniform quantization with step `2^-step_log2` nats.
+    Abs { step_log2: i32 },
+}
+
+impl LogprobCodec {
+    /// Header code of the codec.
+    pub fn code(self) -> u8 {
+        match self {
+            LogprobCodec::None => 0,
+            LogprobCodec::Lossless => 1,
+            LogprobCodec::Abs { .. } => 2,
+        }
+    }
+
+    /// Rebuild a codec from a shard header's fields.
+    pub fn from_header(code: u8, step: f32) -> Option<LogprobCodec> {
+        match code {
+            0 => Some(LogprobCodec::None),
+            1 => Some(LogprobCodec::Lossless),
+            2 => {
+                let e = -step.log2();
+                let step_log2 = e.round() as i32;
+                (step > 0.0 && (1..=20).contains(&step_log2) && step == step_from_log2(step_log2))
+                    .then_some(LogprobCodec::Abs { step_log2 })
+            }
+            _ => None,
+        }
+    }
+
+    /// Parse a user-facing codec name: "lossless", "abs:<bound>" or "none".
+    pub fn parse(spec: &str) -> Result<LogprobCodec> {
+        let bad = |msg: String| Err(Error::invalid_argument("codec", msg));
+        match spec {
+            "lossless" | "f32" => return Ok(LogprobCodec::Lossless),
+            "none" => return Ok(LogprobCodec::None),
+            _ => {}
+        }
+        if let Some(b) = spec.strip_prefix("abs:") {
+            let Ok(bound) = b.parse::<f64>() else {
+                return bad(format!("{spec:?}: the bound after \"abs:\" must be a number"));
+            };
+            if !(bound.is_finite() && (1e-6..=1.0).contains(&bound)) {
+                return bad(format!("{spec:?}: the bound must be between 1e-6 and 1 nat"));
+            }
+            // Largest power-of-two step whose half is within the bound.
+            let step_log2 = (-(2.0 * bound).log2()).ceil() as i32;
+            return Ok(LogprobCodec::Abs { step_log2: step_log2.clamp(1, 20) });
+        }
+        bad(format!(
+            "unknown codec {spec:?}; expected \"lossless\", \"abs:<max error in nats>\" (e.g. \"abs:0.01\") or \"none\""
+        ))
+    }
+
+    /// Quantization step in nats (0 for lossless / none).
+    pub fn step(self) -> f32 {
+        match self {
+            LogprobCodec::Abs { step_log2 } => step_from_log2(step_log2),
+            _ => 0.0,
+        }
+    }
+
+    /// The guaranteed maximum absolute error, if the codec is lossy.
+    pub fn max_abs_error(self) -> Option<f64> {
+        match self {
+            LogprobCodec::Abs { .. } => Some(f64::from(self.step()) / 2.0),
+            LogprobCodec::Lossless => Some(0.0),
+            LogprobCodec::None => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LogprobCodec::None => "none",
+            LogprobCodec::Lossless => "lossless",
+            LogprobCodec::Abs { .. } => "abs",
+        }
+    }
+}
+
+fn step_from_log2(step_log2: i32) -> f32 {
+    f32::from_bits(((127 - step_log2) as u32) << 23)
+}
+
+/// Encoded log-probabilities: the value stream and, when some rows end in -inf, the
+/// per-row count of finite entries.
+pub struct Encoded {
+    pub values: Vec<u8>,
+    pub finite_counts: Option<Vec<u8>>,
+}
+
+/// Quantize one value to its level, or `None` for -inf and values too negative to
+/// represent (their probability is exactly 0 in float32 and float64).
+#[inline]
+pub fn level(logprob: f32, inv_step: f64) -> Option<u32> {
+    let x = -f64::from(logprob) * inv_step;
+    if x.is_nan() || x > f64::from(MAX_LEVEL) {
+        return None;
+    }
+    Some(x.max(0.0).round() as u32)
+}
+
+/// The decoded value of a level: `0 - q * step` in float32 (exact for q <= 2^24).
+#[inline]
+pub fn dequantize(q: u32, step: f32) -> f32 {
+    0.0f32 - (q as f32) * step
+}
+
+pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Encoded> {
+    match p.logprobs {
+        LogprobCodec::None => Ok(Encoded { values: Vec::new(), finite_counts: None }),
+        LogprobCodec::Lossless => {
+            let bits: Vec<u32> = lp.iter().map(|v| v.to_bits()).collect();
+            Ok(Encoded { values: bytes::u32_planes(&bits), finite_counts: None })
+        }
+        LogprobCodec::Abs { .. } => {
+            let inv_step = 1.0 / f64::from(p.logprobs.step());
+            let mut values = Vec::with_capacity(lp.len() + lp.len() / 2);
+            let mut finite = Vec::with_capacity(rows.num_rows());
+            let mut any_nonfinite = false;
+            let sorted = p.kind == Kind::TopK;
+            rows.for_each_row(|start, n| {
+                let row = &lp[start..start + n];
+                let mut prev = 0u32;
+                let mut count = 0usize;
+                for &v in row {
+                    let Some(q) = level(v, inv_step) else { break };
+                    if sorted {
+                        // Non-increasing logprobs give non-decreasing levels.
+                        bytes::put_varint(&mut values, u64::from(q - prev));
+                        prev = q;
+                    } else {
+                        bytes::put_varint(&mut values, u64::from(q));
+                    }
+                    count += 1;
+                }
+                if count < n {
+                    any_nonfinite = true;
+                }
+                bytes::put_varint(&mut finite, count as u64);
+                Ok(())
+            })?;
+            Ok(Encoded { values, finite_counts: any_nonfinite.then_some(finite) })
+        }
+    }
+}
+
+pub fn decode(
+    values: &[u8],
+    finite_counts: Option<&[u8]>,
+    rows: &RowShape<'_>,
+    num_entries: usize,
+    p: &CodecParams,
+    loc: &Location,
+) -> Result<Vec<f32>> {
+    match p.logprobs {
+        LogprobCodec::None => Ok(Vec::new()),
+        LogprobCodec::Lossless => {
+            let bits = bytes::u32_from_planes(values, num_entries, "log-probabilities", loc)?;
+            Ok(bits.into_iter().map(f32::from_bits).collect())
+        }
+        LogprobCodec::Abs { .. } => {
+            let step = p.logprobs.step();
+            let sorted = p.kind == Kind::TopK;
+            let mut out = vec![f32::NEG_INFINITY; num_entries];
+            let mut r = ByteReader::new(values, "log-probabilities");
+            let mut fr = finite_counts.map(|f| ByteReader::new(f, "finite counts"));
+            rows.for_each_row(|start, n| {
+                let finite = match fr.as_mut() {
+                    Some(f) => f.varint(loc)? as usize,
+                    None => n,
+                };
+                if finite > n {
+                    return Err(Error::corrupt(
+                        loc.clone(),
+                        format!("row of {n} entries claims {finite} finite log-probabilities"),
+                    ));
+                }
+                let row = &mut out[start..start + finite];
+                let mut q = 0u64;
+                for slot in row.iter_mut() {
+                    let v = r.varint(loc)?;
+                    q = if sorted { q + v } else { v };
+                    if q > u64::from(MAX_LEVEL) {
+                        return Err(Error::corrupt(
+                            loc.clone(),
+                            format!("log-probability level {q} out of range"),
+                        ));
+                    }
+                    *slot = dequantize(q as u32, step);
+                }
+                Ok(())
+            })?;
+            r.finish(loc)?;
+            if let Some(f) = fr {
+                f.finish(loc)?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_steps() {
+        assert_eq!(LogprobCodec::parse("abs:0.01").unwrap(), LogprobCodec::Abs { step_log2: 6 });
+        assert_eq!(
+            LogprobCodec::parse("abs:0.0078125").unwrap(),
+            LogprobCodec::Abs { step_log2: 6 }
+        );
+        assert_eq!(LogprobCodec::parse("abs:0.5").unwrap(), LogprobCodec::Abs { step_log2: 1 });
+        assert!(LogprobCodec::parse("abs:nan").is_err());
+        assert!(LogprobCodec::parse("abs:0").is_err());
+        assert!(LogprobCodec::parse("zip").is_err());
+        for e in 1..=20 {
+            let c = LogprobCodec::Abs { step_log2: e };
+            assert_eq!(c.step(), 2f32.powi(-e));
+            assert_eq!(LogprobCodec::from_header(2, c.step()), Some(c));
+            assert!(c.max_abs_error().unwrap() <= 2f64.powi(-e) / 2.0);
+        }
+        for b in [1e-6, 3e-4, 0.01, 0.3, 1.0] {
+            let c = LogprobCodec::parse(&format!("abs:{b}")).unwrap();
+            assert!(c.max_abs_error().unwrap() <= b, "{b}");
+        }
+    }
+
+    #[test]
+    fn dequantize_is_exact() {
+        let step = LogprobCodec::Abs { step_log2: 6 }.step();
+        for q in [0u32, 1, 63, 64, 12345, MAX_LEVEL] {
+            assert_eq!(f64::from(dequantize(q, step)), -(f64::from(q) / 64.0));
+        }
+        assert_eq!(dequantize(0, step).to_bits(), 0.0f32.to_bits());
+    }
+}

@@ -1,0 +1,611 @@
+//! Reading a store: open and cross-check the manifest and every shard's header and footer,
+//! index sample ids, decode chunks on demand (checksum first), read single records and
+//! padded batches in parallel.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use crate::codec::{self, CodecParams, DecodedChunk, LogprobCodec, Record};
+use crate::error::{Error, Location, Result};
+use crate::format::{self, Footer, HEADER_LEN, Kind, ShardHeader, TRAILER_LEN, Trailer};
+use crate::manifest::{Manifest, ShardInfo, TokenizerInfo};
+use crate::source::{self, Source};
+
+/// Options of [`Store::open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Memory-map shards (`None`: yes, unless on a network file system).
+    pub mmap: Option<bool>,
+    /// Refuse the store unless its vocabulary has this size.
+    pub expect_vocab_size: Option<u32>,
+    /// Refuse the store unless its tokenizer matches (fingerprint if both sides have one,
+    /// else name).
+    pub expect_tokenizer: Option<TokenizerInfo>,
+    /// Decoded chunks kept for reuse (default 8).
+    pub cache_chunks: Option<usize>,
+}
+
+/// Codec parameters described by a manifest.
+pub fn params_from_manifest(m: &Manifest, path: &Path) -> Result<CodecParams> {
+    let corrupt = |msg: String| Error::corrupt(Location::file(path), msg);
+    let kind = m.kind().ok_or_else(|| corrupt(format!("unknown kind {:?}", m.kind)))?;
+    let logprobs = match m.codec.logprobs.as_str() {
+        "none" => LogprobCodec::None,
+        "lossless" => LogprobCodec::Lossless,
+        "abs" => {
+            let step =
+                m.codec.step.ok_or_else(|| corrupt("codec \"abs\" without a step".into()))?;
+            LogprobCodec::from_header(2, step as f32)
+                .filter(|c| f64::from(c.step()) == step)
+                .ok_or_else(|| {
+                    corrupt(format!("codec step {step} is not a power of two in [2^-20, 2^-1]"))
+                })?
+        }
+        other => return Err(corrupt(format!("unknown log-probability codec {other:?}"))),
+    };
+    if kind == Kind::TopK && logprobs == LogprobCodec::None {
+        return Err(corrupt("a top-K store must keep log-probabilities".into()));
+    }
+    if m.codec.ids != codec::ID_CODEC_NAME {
+        return Err(corrupt(format!("unknown id codec {:?}", m.codec.ids)));
+    }
+    Ok(CodecParams {
+        kind,
+        k: m.k,
+        vocab_size: m.vocab_size,
+        logprobs,
+        zstd_level: m.codec.zstd_level,
+    })
+}
+
+/// One open shard.
+pub struct ShardReader {
+    pub index: u32,
+    pub path: PathBuf,
+    pub info: ShardInfo,
+    pub source: Source,
+    pub header: ShardHeader,
+    pub footer: Footer,
+    /// Chunk of every record, in record order.
+    record_chunk: Vec<u32>,
+}
+
+impl ShardReader {
+    pub fn location(&self) -> Location {
+        Location::file(&self.path).shard(self.index)
+    }
+
+    /// Open a shard and check its header, trailer and footer against the manifest entry.
+    pub fn open(
+        dir: &Path,
+        index: u32,
+        info: &ShardInfo,
+        p: &CodecParams,
+        use_mmap: bool,
+    ) -> Result<ShardReader> {
+        let path = dir.join(&info.file);
+        let loc = Location::file(&path).shard(index);
+        let source = Source::open(&path, use_mmap)?;
+        let len = source.len();
+        if len != info.bytes {
+            return Err(Error::corrupt(
+                loc,
+                format!(
+                    "shard has {len} bytes, the manifest says {} (truncated or replaced?)",
+                    info.bytes
+                ),
+            ));
+        }
+        if len < (HEADER_LEN + TRAILER_LEN) as u64 {
+            return Err(Error::corrupt(loc, format!("shard of {len} bytes is too short")));
+        }
+        let header = ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc)?;
+        check_header(&header, info, p, &loc)?;
+        let trailer_at = len - TRAILER_LEN as u64;
+        let trailer = Trailer::decode(&source.read(trailer_at, TRAILER_LEN, &loc)?, len, &loc)?;
+        let footer_len = usize::try_from(trailer.footer_len)
+            .map_err(|_| Error::corrupt(loc.clone(), "footer length does not fit in memory"))?;
+        let footer_bytes = source.read(trailer.footer_offset, footer_len, &loc)?;
+        let crc = format::crc32(&footer_bytes);
+        if crc != trailer.footer_crc32 {
+            return Err(Error::corrupt(
+                loc.offset(trailer.footer_offset),
+                format!(
+                    "footer checksum mismatch: stored {:#010x}, computed {crc:#010x}",
+                    trailer.footer_crc32
+                ),
+            ));
+        }
+        let footer = Footer::decode(&footer_bytes, trailer.footer_offset, &loc)?;
+        if footer.records.len() as u64 != info.num_samples
+            || footer.num_positions != info.num_positions
+            || footer.chunks.len() as u64 != info.num_chunks
+        {
+            return Err(Error::corrupt(
+                loc,
+                format!(
+                    "shard holds {} samples, {} positions, {} chunks; the manifest says {}, {}, {}",
+                    footer.records.len(),
+                    footer.num_positions,
+                    footer.chunks.len(),
+                    info.num_samples,
+                    info.num_positions,
+                    info.num_chunks
+                ),
+            ));
+        }
+        let mut record_chunk = Vec::with_capacity(footer.records.len());
+        for (ci, c) in footer.chunks.iter().enumerate() {
+            record_chunk.extend(std::iter::repeat_n(ci as u32, c.num_records as usize));
+        }
+        Ok(ShardReader { index, path, info: info.clone(), source, header, footer, record_chunk })
+    }
+
+    pub fn num_chunks(&self) -> usize {
+        self.footer.chunks.len()
+    }
+
+    /// Raw stored bytes of a chunk after checking its checksum.
+    pub fn chunk_bytes(&self, chunk: usize) -> Result<std::borrow::Cow<'_, [u8]>> {
+        let loc = self.location().chunk(chunk as u64);
+        let e = self
+            .footer
+            .chunks
+            .get(chunk)
+            .ok_or_else(|| Error::corrupt(loc.clone(), "chunk index out of range"))?;
+        let bytes = self.source.read(e.offset, e.stored_len as usize, &loc)?;
+        let crc = format::crc32(&bytes);
+        if crc != e.crc32 {
+            return Err(Error::corrupt(
+                loc.offset(e.offset),
+                format!("chunk checksum mismatch: stored {:#010x}, computed {crc:#010x}", e.crc32),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Decode a whole chunk.
+    pub fn decode_chunk(&self, chunk: usize, p: &CodecParams) -> Result<DecodedChunk> {
+        let bytes = self.chunk_bytes(chunk)?;
+        let e = &self.footer.chunks[chunk];
+        let first = e.first_record as usize;
+        let lengths: Vec<u32> = self.footer.records[first..first + e.num_records as usize]
+            .iter()
+            .map(|r| r.length)
+            .collect();
+        let loc = self.location().chunk(chunk as u64);
+        codec::decode_chunk(&bytes, &lengths, e.num_entries as usize, p, &loc)
+    }
+
+    /// Chunk of record `record` and the record's index inside that chunk.
+    pub fn locate(&self, record: usize) -> Option<(usize, usize)> {
+        let c = *self.record_chunk.get(record)? as usize;
+        let first = self.footer.chunks.get(c)?.first_record as usize;
+        Some((c, record - first))
+    }
+}
+
+fn check_header(h: &ShardHeader, info: &ShardInfo, p: &CodecParams, loc: &Location) -> Result<()> {
+    let uid = format!("{:016x}", h.uid);
+    let mut problems = Vec::new();
+    if uid != info.uid {
+        problems.push(format!("uid {uid} (manifest: {})", info.uid));
+    }
+    if h.kind != p.kind {
+        problems.push(format!("kind {} (manifest: {})", h.kind.name(), p.kind.name()));
+    }
+    if h.k != p.k {
+        problems.push(format!("k {} (manifest: {})", h.k, p.k));
+    }
+    if h.vocab_size != p.vocab_size {
+        problems.push(format!("vocab_size {} (manifest: {})", h.vocab_size, p.vocab_size));
+    }
+    if h.logprob_codec != p.logprobs.code() || h.step != p.logprobs.step() {
+        problems.push(format!("log-probability codec {} step {}", h.logprob_codec, h.step));
+    }
+    if h.id_codec != codec::ID_CODEC_V1 {
+        problems.push(format!("id codec {}", h.id_codec));
+    }
+    if h.has_logprobs() != p.has_logprobs() {
+        problems.push("log-probability flag".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::corrupt(
+            loc.clone(),
+            format!("shard header disagrees with the manifest: {}", problems.join(", ")),
+        ))
+    }
+}
+
+/// Where a sample lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IndexEntry {
+    pub sample_id: u64,
+    pub shard: u32,
+    pub record: u32,
+}
+
+/// A small least-recently-used cache of decoded chunks. A reader that cannot take its lock
+/// at once decodes without it rather than wait (this also keeps a process forked while
+/// another thread held the lock from deadlocking).
+struct ChunkCache {
+    capacity: usize,
+    entries: Vec<((u32, u32), Arc<DecodedChunk>)>,
+}
+
+impl ChunkCache {
+    fn get(&mut self, key: (u32, u32)) -> Option<Arc<DecodedChunk>> {
+        let i = self.entries.iter().position(|(k, _)| *k == key)?;
+        let e = self.entries.remove(i);
+        let v = Arc::clone(&e.1);
+        self.entries.push(e);
+        Some(v)
+    }
+    fn put(&mut self, key: (u32, u32), v: Arc<DecodedChunk>) {
+        if self.capacity == 0 || self.entries.iter().any(|(k, _)| *k == key) {
+            return;
+        }
+        if self.entries.len() >= self.capacity {
+            self.entries.remove(0);
+        }
+        self.entries.push((key, v));
+    }
+}
+
+/// An open store.
+pub struct Store {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub params: CodecParams,
+    pub shards: Vec<ShardReader>,
+    index: Vec<IndexEntry>,
+    cache: Mutex<ChunkCache>,
+}
+
+/// Records of a batch padded to common shapes, row-major.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub batch: usize,
+    /// Longest record of the batch.
+    pub max_len: usize,
+    /// Entries per position: K for top-K, the widest sampled row of the batch for sampled.
+    pub width: usize,
+    pub lengths: Vec<u32>,
+    /// `[batch, max_len]`, padded with 0.
+    pub input_ids: Vec<i32>,
+    /// `[batch, max_len, width]`, padded with 0 (top-K) or -1 (sampled).
+    pub ids: Vec<i32>,
+    /// `[batch, max_len, width]` (empty when the store keeps none), padded with -inf.
+    pub logprobs: Vec<f32>,
+    /// `[batch, max_len, width]` for sampled stores (else empty), padded with 0.
+    pub counts: Vec<i32>,
+}
+
+impl Store {
+    pub fn open(dir: &Path, opts: &OpenOptions) -> Result<Store> {
+        let manifest = Manifest::read(dir)?;
+        let mpath = dir.join(crate::manifest::MANIFEST_NAME);
+        let params = params_from_manifest(&manifest, &mpath)?;
+        if let Some(v) = opts.expect_vocab_size
+            && v != manifest.vocab_size
+        {
+            return Err(Error::Mismatch {
+                path: dir.to_path_buf(),
+                field: "vocab_size".into(),
+                expected: v.to_string(),
+                found: manifest.vocab_size.to_string(),
+            });
+        }
+        if let Some(t) = &opts.expect_tokenizer {
+            check_tokenizer(dir, t, manifest.tokenizer.as_ref())?;
+        }
+        let use_mmap = opts.mmap.unwrap_or_else(|| source::mmap_is_safe(dir));
+        let shards = manifest
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, info)| ShardReader::open(dir, i as u32, info, &params, use_mmap))
+            .collect::<Result<Vec<_>>>()?;
+        let mut index = Vec::with_capacity(manifest.num_samples as usize);
+        for s in &shards {
+            for (r, rec) in s.footer.records.iter().enumerate() {
+                index.push(IndexEntry {
+                    sample_id: rec.sample_id,
+                    shard: s.index,
+                    record: r as u32,
+                });
+            }
+        }
+        index.par_sort_unstable();
+        if let Some(w) = index.windows(2).find(|w| w[0].sample_id == w[1].sample_id) {
+            let a = &shards[w[0].shard as usize];
+            let b = &shards[w[1].shard as usize];
+            return Err(Error::corrupt(
+                Location::file(&b.path).shard(b.index).sample(w[1].sample_id),
+                format!(
+                    "sample id {} is stored twice (also in {} shard {})",
+                    w[0].sample_id,
+                    a.path.display(),
+                    a.index
+                ),
+            ));
+        }
+        let capacity = opts.cache_chunks.unwrap_or(8);
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            manifest,
+            params,
+            shards,
+            index,
+            cache: Mutex::new(ChunkCache { capacity, entries: Vec::new() }),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Sample ids in storage order (shard by shard, in write order).
+    pub fn sample_ids(&self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.index.len());
+        for s in &self.shards {
+            out.extend(s.footer.records.iter().map(|r| r.sample_id));
+        }
+        out
+    }
+
+    /// Lengths (positions) of the samples, in the order of [`Store::sample_ids`].
+    pub fn sample_lengths(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.index.len());
+        for s in &self.shards {
+            out.extend(s.footer.records.iter().map(|r| r.length));
+        }
+        out
+    }
+
+    pub fn lookup(&self, sample_id: u64) -> Option<IndexEntry> {
+        let i = self.index.binary_search_by_key(&sample_id, |e| e.sample_id).ok()?;
+        self.index.get(i).copied()
+    }
+
+    pub fn contains(&self, sample_id: u64) -> bool {
+        self.lookup(sample_id).is_some()
+    }
+
+    fn missing(&self, sample_id: u64) -> Error {
+        Error::MissingSample { sample_id, path: self.dir.clone() }
+    }
+
+    fn chunk(&self, shard: u32, chunk: u32) -> Result<Arc<DecodedChunk>> {
+        if let Ok(mut c) = self.cache.try_lock()
+            && let Some(hit) = c.get((shard, chunk))
+        {
+            return Ok(hit);
+        }
+        let s = self
+            .shards
+            .get(shard as usize)
+            .ok_or_else(|| Error::State("shard index out of range".into()))?;
+        let decoded = Arc::new(s.decode_chunk(chunk as usize, &self.params)?);
+        if let Ok(mut c) = self.cache.try_lock() {
+            c.put((shard, chunk), Arc::clone(&decoded));
+        }
+        Ok(decoded)
+    }
+
+    fn place(&self, e: IndexEntry) -> Result<(u32, usize)> {
+        let s = &self.shards[e.shard as usize];
+        let (c, r) = s.locate(e.record as usize).ok_or_else(|| {
+            Error::corrupt(s.location().sample(e.sample_id), "record index out of range")
+        })?;
+        Ok((c as u32, r))
+    }
+
+    /// One record, decoded.
+    pub fn get(&self, sample_id: u64) -> Result<Record> {
+        let e = self.lookup(sample_id).ok_or_else(|| self.missing(sample_id))?;
+        let (c, r) = self.place(e)?;
+        let chunk = self.chunk(e.shard, c).map_err(|err| with_sample(err, sample_id))?;
+        Ok(extract(&chunk, r, sample_id, &self.params))
+    }
+
+    /// Decode many records into padded arrays, in parallel on the shared pool.
+    pub fn read_batch(&self, sample_ids: &[u64]) -> Result<Batch> {
+        let mut places = Vec::with_capacity(sample_ids.len());
+        for &sid in sample_ids {
+            let e = self.lookup(sid).ok_or_else(|| self.missing(sid))?;
+            let (c, r) = self.place(e)?;
+            places.push((e.shard, c, r, sid));
+        }
+        let mut keys: Vec<(u32, u32)> = places.iter().map(|p| (p.0, p.1)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let decoded: Vec<Arc<DecodedChunk>> = crate::threads::install(|| {
+            keys.par_iter()
+                .map(|&(s, c)| {
+                    self.chunk(s, c).map_err(|err| {
+                        let sid = places.iter().find(|p| (p.0, p.1) == (s, c)).map(|p| p.3);
+                        match sid {
+                            Some(sid) => with_sample(err, sid),
+                            None => err,
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })??;
+        let by_key: HashMap<(u32, u32), &DecodedChunk> =
+            keys.iter().copied().zip(decoded.iter().map(|d| &**d)).collect();
+        let sources: Vec<(&DecodedChunk, usize)> =
+            places.iter().map(|p| (by_key[&(p.0, p.1)], p.2)).collect();
+        crate::threads::install(|| assemble(&sources, &self.params))
+    }
+}
+
+fn with_sample(err: Error, sample_id: u64) -> Error {
+    match err {
+        Error::Corrupt { location, msg } if location.sample_id.is_none() => {
+            Error::Corrupt { location: location.sample(sample_id), msg }
+        }
+        other => other,
+    }
+}
+
+fn check_tokenizer(dir: &Path, want: &TokenizerInfo, have: Option<&TokenizerInfo>) -> Result<()> {
+    let mismatch = |field: &str, expected: String, found: String| Error::Mismatch {
+        path: dir.to_path_buf(),
+        field: field.into(),
+        expected,
+        found,
+    };
+    let Some(have) = have else {
+        return Err(mismatch(
+            "tokenizer",
+            format!("{:?}", want.name.as_deref().unwrap_or("<fingerprint only>")),
+            "no tokenizer recorded in the store".into(),
+        ));
+    };
+    if let (Some(a), Some(b)) = (&want.vocab_fingerprint, &have.vocab_fingerprint) {
+        if a != b {
+            return Err(mismatch("tokenizer.vocab_fingerprint", a.clone(), b.clone()));
+        }
+        return Ok(());
+    }
+    match (&want.name, &have.name) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        (Some(a), Some(b)) => Err(mismatch("tokenizer.name", a.clone(), b.clone())),
+        _ => Err(mismatch(
+            "tokenizer",
+            format!("{want:?}"),
+            format!("{have:?} (nothing to compare: no common name or fingerprint)"),
+        )),
+    }
+}
+
+/// Copy record `r` of a decoded chunk out as an owned record.
+pub fn extract(chunk: &DecodedChunk, r: usize, sample_id: u64, p: &CodecParams) -> Record {
+    let (p0, p1) = (chunk.pos_offsets[r], chunk.pos_offsets[r + 1]);
+    let (e0, e1) = entry_range(chunk, p0, p1, p);
+    Record {
+        sample_id,
+        input_ids: chunk.input_ids[p0..p1].to_vec(),
+        row_lens: if chunk.row_lens.is_empty() {
+            Vec::new()
+        } else {
+            chunk.row_lens[p0..p1].to_vec()
+        },
+        ids: chunk.ids[e0..e1].to_vec(),
+        counts: if chunk.counts.is_empty() { Vec::new() } else { chunk.counts[e0..e1].to_vec() },
+        logprobs: if chunk.logprobs.is_empty() {
+            Vec::new()
+        } else {
+            chunk.logprobs[e0..e1].to_vec()
+        },
+    }
+}
+
+fn entry_range(chunk: &DecodedChunk, p0: usize, p1: usize, p: &CodecParams) -> (usize, usize) {
+    match p.kind {
+        Kind::TopK => (p0 * p.k as usize, p1 * p.k as usize),
+        Kind::Sampled => (chunk.entry_offsets[p0], chunk.entry_offsets[p1]),
+    }
+}
+
+fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> Batch {
+    let b = sources.len();
+    let lens: Vec<usize> =
+        sources.iter().map(|(c, r)| c.pos_offsets[r + 1] - c.pos_offsets[*r]).collect();
+    let max_len = lens.iter().copied().max().unwrap_or(0);
+    let width = match p.kind {
+        Kind::TopK => p.k as usize,
+        Kind::Sampled => sources
+            .iter()
+            .map(|(c, r)| {
+                c.row_lens[c.pos_offsets[*r]..c.pos_offsets[r + 1]]
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(0) as usize
+            })
+            .max()
+            .unwrap_or(0),
+    };
+    let sampled = p.kind == Kind::Sampled;
+    let has_lp = p.has_logprobs();
+    let per = max_len * width;
+    let mut out = Batch {
+        batch: b,
+        max_len,
+        width,
+        lengths: lens.iter().map(|&l| l as u32).collect(),
+        input_ids: vec![0; b * max_len],
+        ids: vec![if sampled { -1 } else { 0 }; b * per],
+        logprobs: if has_lp { vec![f32::NEG_INFINITY; b * per] } else { Vec::new() },
+        counts: if sampled { vec![0; b * per] } else { Vec::new() },
+    };
+    if max_len == 0 {
+        return out;
+    }
+    let k = p.k as usize;
+    out.input_ids.par_chunks_mut(max_len).zip(sources.par_iter()).for_each(|(dst, (c, r))| {
+        let src = &c.input_ids[c.pos_offsets[*r]..c.pos_offsets[r + 1]];
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s as i32;
+        }
+    });
+    if per == 0 {
+        return out;
+    }
+    let fill_rows = |dst_ids: &mut [i32],
+                     dst_lp: &mut [f32],
+                     dst_counts: &mut [i32],
+                     c: &DecodedChunk,
+                     r: usize| {
+        let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
+        for (row, pos) in (p0..p1).enumerate() {
+            let (e0, e1) = if sampled {
+                (c.entry_offsets[pos], c.entry_offsets[pos + 1])
+            } else {
+                (pos * k, pos * k + k)
+            };
+            let d0 = row * width;
+            let n = e1 - e0;
+            for (d, s) in dst_ids[d0..d0 + n].iter_mut().zip(&c.ids[e0..e1]) {
+                *d = *s as i32;
+            }
+            if !dst_lp.is_empty() {
+                dst_lp[d0..d0 + n].copy_from_slice(&c.logprobs[e0..e1]);
+            }
+            if !dst_counts.is_empty() {
+                for (d, s) in dst_counts[d0..d0 + n].iter_mut().zip(&c.counts[e0..e1]) {
+                    *d = *s as i32;
+                }
+            }
+        }
+    };
+    let lp_chunks: Vec<&mut [f32]> = if has_lp {
+        out.logprobs.chunks_mut(per).collect()
+    } else {
+        (0..b).map(|_| &mut [][..]).collect()
+    };
+    let count_chunks: Vec<&mut [i32]> = if sampled {
+        out.counts.chunks_mut(per).collect()
+    } else {
+        (0..b).map(|_| &mut [][..]).collect()
+    };
+    out.ids
+        .par_chunks_mut(per)
+        .zip(lp_chunks.into_par_iter())
+        .zip(count_chunks.into_par_iter())
+        .zip(sources.par_iter())
+        .for_each(|(((ids, lp), counts), (c, r))| fill_rows(ids, lp, counts, c, *r));
+    out
+}

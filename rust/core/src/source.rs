@@ -1,0 +1,175 @@
+//! Byte access to a shard file: a memory map where that is safe, positioned reads where it
+//! is not (network file systems, where another client truncating a file would turn a mapped
+//! read into SIGBUS). Every access is bounds-checked against the file length.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::path::Path;
+
+use crate::error::{Error, IoContext, Location, Result};
+
+pub enum Source {
+    Mmap(memmap2::Mmap),
+    File { file: File, len: u64 },
+}
+
+impl Source {
+    pub fn open(path: &Path, use_mmap: bool) -> Result<Source> {
+        let file = File::open(path).io_ctx("open shard", path)?;
+        let len = file.metadata().io_ctx("stat shard", path)?.len();
+        if use_mmap && len > 0 {
+            // SAFETY: shards are immutable once their manifest is committed: logitcache never
+            // writes to, truncates or replaces a committed shard file (a replacing writer
+            // deletes it, which keeps the mapping valid on POSIX systems). The map is
+            // read-only. What the map cannot defend against is another program truncating the
+            // file while it is mapped; that is why network file systems, where such changes
+            // come from other machines, are read with positioned reads instead.
+            let map = unsafe { memmap2::Mmap::map(&file) }.io_ctx("memory-map shard", path)?;
+            Ok(Source::Mmap(map))
+        } else {
+            Ok(Source::File { file, len })
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            Source::Mmap(m) => m.len() as u64,
+            Source::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_mmap(&self) -> bool {
+        matches!(self, Source::Mmap(_))
+    }
+
+    /// Bytes `[offset, offset + len)`, or a corrupt-data error if they are not all in the file.
+    pub fn read(&self, offset: u64, len: usize, loc: &Location) -> Result<Cow<'_, [u8]>> {
+        let end = offset.checked_add(len as u64);
+        if end.is_none_or(|e| e > self.len()) {
+            return Err(Error::corrupt(
+                loc.clone().offset(offset),
+                format!("needs bytes {offset}..+{len} but the file has {} bytes", self.len()),
+            ));
+        }
+        match self {
+            Source::Mmap(m) => {
+                let start = offset as usize;
+                Ok(Cow::Borrowed(&m[start..start + len]))
+            }
+            Source::File { file, .. } => {
+                let mut buf = vec![0u8; len];
+                read_exact_at(file, &mut buf, offset).map_err(|e| {
+                    let path = loc.file.clone().unwrap_or_default();
+                    Error::io("read shard", path, e)
+                })?;
+                Ok(Cow::Owned(buf))
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = file.seek_read(buf, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// File-system types on which a memory map is not trusted.
+const NETWORK_FS: &[&str] = &[
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "ncpfs",
+    "afs",
+    "9p",
+    "fuse.sshfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "fuse.ceph",
+    "glusterfs",
+    "fuse.glusterfs",
+    "fuse.s3fs",
+    "fuse.gcsfuse",
+    "fuse.juicefs",
+    "fuse.rclone",
+];
+
+/// Whether `path` should be memory-mapped: not when `LOGITCACHE_MMAP=0`, and not on a network
+/// file system (found from /proc/self/mountinfo on Linux; elsewhere mmap is used).
+pub fn mmap_is_safe(path: &Path) -> bool {
+    if std::env::var("LOGITCACHE_MMAP").is_ok_and(|v| v.trim() == "0") {
+        return false;
+    }
+    match filesystem_type(path) {
+        Some(fs) => !NETWORK_FS.contains(&fs.as_str()),
+        None => true,
+    }
+}
+
+fn filesystem_type(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        // Fields: id parent major:minor root mount-point options [optional...] - fstype source opts
+        let mut parts = line.split(" - ");
+        let (Some(left), Some(right)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(mount_point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let Some(fstype) = right.split(' ').next() else {
+            continue;
+        };
+        let mount_point = mount_point.replace("\\040", " ");
+        if path.starts_with(&mount_point)
+            && best.as_ref().is_none_or(|(len, _)| mount_point.len() > *len)
+        {
+            best = Some((mount_point.len(), fstype.to_string()));
+        }
+    }
+    best.map(|(_, fs)| fs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_checked_in_both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"0123456789").unwrap();
+        for mmap in [true, false] {
+            let s = Source::open(&p, mmap).unwrap();
+            assert_eq!(s.is_mmap(), mmap);
+            let loc = Location::file(&p);
+            assert_eq!(&*s.read(2, 3, &loc).unwrap(), b"234");
+            assert!(s.read(8, 3, &loc).is_err());
+            assert!(s.read(u64::MAX, 2, &loc).is_err());
+        }
+        assert!(filesystem_type(dir.path()).is_some() || !cfg!(target_os = "linux"));
+    }
+}

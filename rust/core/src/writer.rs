@@ -1,0 +1,730 @@
+//! Writing a store: records are validated, grouped into chunks, encoded and appended to the
+//! current shard; `commit` finishes the shard (footer, trailer, fsync) and atomically
+//! replaces the manifest. Until a commit, nothing a reader sees changes; an aborted or
+//! killed writer leaves the last committed state (plus at most orphan shard files, which
+//! `verify` reports and the next writer ignores).
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions as FsOpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::codec::{self, CodecParams, LogprobCodec, Record};
+use crate::error::{Error, IoContext, Result};
+use crate::format::{
+    ChunkEntry, FLAG_HAS_LOGPROBS, FORMAT_VERSION, Footer, HEADER_LEN, Kind, RecordEntry,
+    ShardHeader, Trailer, crc32,
+};
+use crate::manifest::{
+    self, CodecInfo, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
+};
+use crate::reader::{ShardReader, params_from_manifest};
+use crate::record::SeenIds;
+
+pub const LOCK_NAME: &str = ".lock";
+pub const SHARDS_DIR: &str = "shards";
+
+/// How to open the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Create a new store; refuse an existing path.
+    Create,
+    /// Add samples to an existing store of the same configuration (create it if missing).
+    Append,
+    /// Replace whatever store is at the path (the old one stays until the first commit).
+    Overwrite,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s {
+            "x" => Ok(Mode::Create),
+            "a" => Ok(Mode::Append),
+            "w" => Ok(Mode::Overwrite),
+            _ => Err(Error::invalid_argument(
+                "mode",
+                format!("{s:?}; expected \"x\" (create), \"a\" (append) or \"w\" (replace)"),
+            )),
+        }
+    }
+}
+
+/// What a store is: fixed at creation, checked on append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSpec {
+    pub kind: Kind,
+    pub k: u32,
+    pub vocab_size: u32,
+    pub temperature: f64,
+    /// `None`: the default (`abs:0.01` for top-K, `none` for sampled) for a new store, the
+    /// store's own codec when appending.
+    pub logprobs: Option<LogprobCodec>,
+    pub teacher: Option<TeacherInfo>,
+    pub tokenizer: Option<TokenizerInfo>,
+    /// JSON object; on append its keys are merged into the stored metadata.
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Tuning knobs that do not change what is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriterOptions {
+    pub zstd_level: i32,
+    /// A chunk is closed once it holds at least this many positions.
+    pub chunk_positions: usize,
+    /// A shard is closed once it reaches this many bytes.
+    pub shard_bytes: u64,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions { zstd_level: 3, chunk_positions: 4096, shard_bytes: 1 << 30 }
+    }
+}
+
+pub fn default_codec(kind: Kind) -> LogprobCodec {
+    match kind {
+        Kind::TopK => LogprobCodec::Abs { step_log2: 6 },
+        Kind::Sampled => LogprobCodec::None,
+    }
+}
+
+struct ShardWriter {
+    path: PathBuf,
+    rel: String,
+    uid: u64,
+    file: BufWriter<File>,
+    hasher: crc32fast::Hasher,
+    len: u64,
+    footer: Footer,
+}
+
+impl ShardWriter {
+    fn create(dir: &Path, seq: u64, header: &ShardHeader) -> Result<ShardWriter> {
+        let rel = format!("{SHARDS_DIR}/{seq:06}-{:016x}.lcs", header.uid);
+        let path = dir.join(&rel);
+        let f = FsOpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .io_ctx("create shard", &path)?;
+        let mut w = ShardWriter {
+            path,
+            rel,
+            uid: header.uid,
+            file: BufWriter::with_capacity(1 << 20, f),
+            hasher: crc32fast::Hasher::new(),
+            len: 0,
+            footer: Footer::default(),
+        };
+        w.write(&header.encode())?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all(bytes).io_ctx("write shard", &self.path)?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn add_chunk(&mut self, payload: &[u8], records: &[Record]) -> Result<()> {
+        let positions: usize = records.iter().map(Record::len).sum();
+        let entries: usize = records.iter().map(Record::num_entries).sum();
+        let entry = ChunkEntry {
+            offset: self.len,
+            stored_len: u32::try_from(payload.len())
+                .map_err(|_| Error::State("chunk larger than 4 GiB".into()))?,
+            crc32: crc32(payload),
+            first_record: self.footer.records.len() as u32,
+            num_records: records.len() as u32,
+            num_positions: positions as u32,
+            num_entries: entries as u32,
+        };
+        self.write(payload)?;
+        self.footer.chunks.push(entry);
+        for r in records {
+            self.footer
+                .records
+                .push(RecordEntry { sample_id: r.sample_id, length: r.len() as u32 });
+        }
+        self.footer.num_positions += positions as u64;
+        Ok(())
+    }
+
+    /// Write footer and trailer, flush and fsync.
+    fn finish(mut self) -> Result<ShardInfo> {
+        let footer = self.footer.encode();
+        let trailer = Trailer {
+            footer_offset: self.len,
+            footer_len: footer.len() as u64,
+            footer_crc32: crc32(&footer),
+        };
+        self.write(&footer)?;
+        self.write(&trailer.encode())?;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| Error::io("flush shard", &self.path, e.into_error()))?;
+        file.sync_all().io_ctx("fsync shard", &self.path)?;
+        Ok(ShardInfo {
+            file: self.rel,
+            uid: format!("{:016x}", self.uid),
+            num_samples: self.footer.records.len() as u64,
+            num_positions: self.footer.num_positions,
+            num_chunks: self.footer.chunks.len() as u64,
+            bytes: self.len,
+            checksum: manifest::format_checksum(self.hasher.finalize()),
+        })
+    }
+}
+
+/// A store being written. Call [`StoreWriter::close`] to commit; dropping it without
+/// closing aborts (removes what was written since the last commit).
+pub struct StoreWriter {
+    dir: PathBuf,
+    mode: Mode,
+    lock: Option<File>,
+    /// The state that the next commit extends (for a new store: not yet on disk).
+    manifest: Manifest,
+    ever_committed: bool,
+    created_dir: bool,
+    params: CodecParams,
+    opts: WriterOptions,
+    known: HashSet<u64>,
+    pending: Vec<Record>,
+    pending_positions: usize,
+    pending_entries: usize,
+    shard: Option<ShardWriter>,
+    finished: Vec<ShardInfo>,
+    uncommitted_files: Vec<PathBuf>,
+    replaced_files: Vec<PathBuf>,
+    next_seq: u64,
+    seen: SeenIds,
+    closed: bool,
+}
+
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn tool() -> String {
+    format!("logitcache {}", crate::VERSION)
+}
+
+fn codec_info(c: LogprobCodec, zstd_level: i32) -> CodecInfo {
+    CodecInfo {
+        logprobs: c.name().into(),
+        step: matches!(c, LogprobCodec::Abs { .. }).then(|| f64::from(c.step())),
+        max_abs_error: match c {
+            LogprobCodec::Abs { .. } => c.max_abs_error(),
+            _ => None,
+        },
+        kl_bound: None,
+        ids: codec::ID_CODEC_NAME.into(),
+        zstd_level,
+    }
+}
+
+fn validate_spec(spec: &StoreSpec, codec: LogprobCodec) -> Result<()> {
+    if spec.k == 0 {
+        return Err(Error::invalid_argument("k", "must be at least 1"));
+    }
+    if spec.vocab_size == 0 {
+        return Err(Error::invalid_argument("vocab_size", "must be at least 1"));
+    }
+    if spec.kind == Kind::TopK && spec.k > spec.vocab_size {
+        return Err(Error::invalid_argument(
+            "k",
+            format!("K = {} is larger than vocab_size = {}", spec.k, spec.vocab_size),
+        ));
+    }
+    if !(spec.temperature.is_finite() && spec.temperature > 0.0) {
+        return Err(Error::invalid_argument(
+            "temperature",
+            format!("{} must be finite and positive", spec.temperature),
+        ));
+    }
+    if spec.kind == Kind::TopK && codec == LogprobCodec::None {
+        return Err(Error::invalid_argument(
+            "codec",
+            "a top-K store must keep log-probabilities; \"none\" is for sampled stores",
+        ));
+    }
+    if let Some(m) = &spec.metadata
+        && !m.is_object()
+    {
+        return Err(Error::invalid_argument("metadata", "must be a JSON object (a dict)"));
+    }
+    Ok(())
+}
+
+/// A directory that a writer started but never committed: nothing but the lock file, the
+/// shards directory and temporary manifests (an empty directory counts too).
+fn is_uncommitted_store(dir: &Path) -> Result<bool> {
+    for e in fs::read_dir(dir).io_ctx("list", dir)? {
+        let e = e.io_ctx("list", dir)?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name == LOCK_NAME || name == SHARDS_DIR || name.starts_with(".manifest.json.tmp-")) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Largest sequence number among shard files already in `shards/` (orphans included), so
+/// that new shards never reuse a name.
+fn max_seq(dir: &Path) -> Result<Option<u64>> {
+    let sd = dir.join(SHARDS_DIR);
+    let mut best = None;
+    let Ok(rd) = fs::read_dir(&sd) else {
+        return Ok(None);
+    };
+    for e in rd {
+        let e = e.io_ctx("list", &sd)?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((seq, _)) = name.split_once('-')
+            && let Ok(n) = seq.parse::<u64>()
+        {
+            best = Some(best.map_or(n, |b: u64| b.max(n)));
+        }
+    }
+    Ok(best)
+}
+
+fn lock(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_NAME);
+    let f = FsOpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .io_ctx("open lock file", &path)?;
+    match f.try_lock() {
+        Ok(()) => {
+            // Best effort: who holds it, for the next writer's error message.
+            let _ = f.set_len(0);
+            let _ = (&f).write_all(format!("pid {}\n", std::process::id()).as_bytes());
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            Err(Error::Locked {
+                path: dir.to_path_buf(),
+                msg: format!("lock held by {}", holder.trim()),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    }
+}
+
+impl StoreWriter {
+    pub fn open(
+        dir: &Path,
+        spec: StoreSpec,
+        mode: Mode,
+        opts: WriterOptions,
+    ) -> Result<StoreWriter> {
+        if opts.chunk_positions == 0 {
+            return Err(Error::invalid_argument("chunk_positions", "must be at least 1"));
+        }
+        if !(1..=22).contains(&opts.zstd_level) {
+            return Err(Error::invalid_argument(
+                "zstd_level",
+                format!("{} is outside 1..=22", opts.zstd_level),
+            ));
+        }
+        let exists = dir.exists();
+        let has_manifest = dir.join(MANIFEST_NAME).exists();
+        let mut created_dir = false;
+        let new_store = match mode {
+            Mode::Create => {
+                if exists {
+                    return Err(Error::StoreExists { path: dir.to_path_buf() });
+                }
+                true
+            }
+            Mode::Append => !has_manifest,
+            Mode::Overwrite => true,
+        };
+        if exists && !has_manifest && !is_uncommitted_store(dir)? {
+            return Err(Error::invalid_argument(
+                "path",
+                format!(
+                    "{} exists and is not a logitcache store; refusing to write into it",
+                    dir.display()
+                ),
+            ));
+        }
+        if !exists {
+            fs::create_dir_all(dir).io_ctx("create store directory", dir)?;
+            created_dir = true;
+        }
+        let mode = if new_store && mode == Mode::Append { Mode::Create } else { mode };
+        let lock = match lock(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                if created_dir {
+                    let _ = fs::remove_dir_all(dir);
+                }
+                return Err(e);
+            }
+        };
+        let shards_dir = dir.join(SHARDS_DIR);
+        fs::create_dir_all(&shards_dir).io_ctx("create shards directory", &shards_dir)?;
+
+        let mut known = HashSet::new();
+        let mut replaced_files = Vec::new();
+        let (manifest, codec) = match mode {
+            Mode::Append => {
+                let m = Manifest::read(dir)?;
+                let codec = check_append(dir, &m, &spec)?;
+                let p = params_from_manifest(&m, &dir.join(MANIFEST_NAME))?;
+                for (i, info) in m.shards.iter().enumerate() {
+                    let s = ShardReader::open(dir, i as u32, info, &p, false)?;
+                    known.extend(s.footer.records.iter().map(|r| r.sample_id));
+                }
+                let mut m = m;
+                if let Some(extra) = &spec.metadata
+                    && let (Some(dst), Some(src)) = (m.metadata.as_object_mut(), extra.as_object())
+                {
+                    for (k, v) in src {
+                        dst.insert(k.clone(), v.clone());
+                    }
+                }
+                if m.teacher.is_none() {
+                    m.teacher = spec.teacher.clone();
+                }
+                if m.tokenizer.is_none() {
+                    m.tokenizer = spec.tokenizer.clone();
+                }
+                (m, codec)
+            }
+            Mode::Create | Mode::Overwrite => {
+                let codec = spec.logprobs.unwrap_or_else(|| default_codec(spec.kind));
+                validate_spec(&spec, codec)?;
+                if mode == Mode::Overwrite && has_manifest {
+                    // The old store stays readable until the first commit replaces it.
+                    if let Ok(old) = Manifest::read(dir) {
+                        replaced_files = old.shards.iter().map(|s| dir.join(&s.file)).collect();
+                    }
+                }
+                let m = Manifest {
+                    format: FORMAT_NAME.into(),
+                    format_version: FORMAT_VERSION,
+                    kind: spec.kind.name().into(),
+                    k: spec.k,
+                    vocab_size: spec.vocab_size,
+                    temperature: spec.temperature,
+                    codec: codec_info(codec, opts.zstd_level),
+                    teacher: spec.teacher.clone(),
+                    tokenizer: spec.tokenizer.clone(),
+                    created_by: tool(),
+                    updated_by: tool(),
+                    metadata: spec.metadata.clone().unwrap_or_else(|| serde_json::json!({})),
+                    num_samples: 0,
+                    num_positions: 0,
+                    shards: Vec::new(),
+                };
+                (m, codec)
+            }
+        };
+        let params = CodecParams {
+            kind: spec.kind,
+            k: manifest.k,
+            vocab_size: manifest.vocab_size,
+            logprobs: codec,
+            zstd_level: opts.zstd_level,
+        };
+        let next_seq = max_seq(dir)?.map_or(0, |s| s + 1);
+        Ok(StoreWriter {
+            dir: dir.to_path_buf(),
+            mode,
+            lock: Some(lock),
+            seen: SeenIds::new(manifest.vocab_size),
+            manifest,
+            ever_committed: mode == Mode::Append,
+            created_dir,
+            params,
+            opts,
+            known,
+            pending: Vec::new(),
+            pending_positions: 0,
+            pending_entries: 0,
+            shard: None,
+            finished: Vec::new(),
+            uncommitted_files: Vec::new(),
+            replaced_files,
+            next_seq,
+            closed: false,
+        })
+    }
+
+    pub fn params(&self) -> &CodecParams {
+        &self.params
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Scratch for [`crate::record`] validation, sized to the vocabulary.
+    pub fn seen_ids(&mut self) -> &mut SeenIds {
+        &mut self.seen
+    }
+
+    /// Samples added since the last commit plus those committed.
+    pub fn num_samples(&self) -> usize {
+        self.known.len()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed { Err(Error::State("the writer is closed".into())) } else { Ok(()) }
+    }
+
+    /// Add a record built by [`crate::record`] (already validated).
+    pub fn add_record(&mut self, rec: Record) -> Result<()> {
+        self.check_open()?;
+        if self.known.contains(&rec.sample_id) {
+            return Err(Error::DuplicateSample {
+                sample_id: rec.sample_id,
+                msg: format!(
+                    "it is already in {} (committed or added earlier by this writer)",
+                    self.dir.display()
+                ),
+            });
+        }
+        let entries = rec.num_entries();
+        if entries > u32::MAX as usize / 2 || rec.len() > u32::MAX as usize / 2 {
+            return Err(Error::InvalidRecord {
+                sample_id: rec.sample_id,
+                msg: format!("{entries} target entries is too many for one record"),
+            });
+        }
+        if self.pending_entries + entries > u32::MAX as usize / 2 {
+            self.flush_chunk()?;
+        }
+        self.known.insert(rec.sample_id);
+        self.pending_positions += rec.len();
+        self.pending_entries += entries;
+        self.pending.push(rec);
+        if self.pending_positions >= self.opts.chunk_positions {
+            self.flush_chunk()?;
+        }
+        Ok(())
+    }
+
+    fn header(&self) -> ShardHeader {
+        ShardHeader {
+            format_version: FORMAT_VERSION,
+            kind: self.params.kind,
+            logprob_codec: self.params.logprobs.code(),
+            id_codec: codec::ID_CODEC_V1,
+            flags: if self.params.has_logprobs() { FLAG_HAS_LOGPROBS } else { 0 },
+            k: self.params.k,
+            vocab_size: self.params.vocab_size,
+            step: self.params.logprobs.step(),
+            kl_bound: 0.0,
+            uid: random_u64(),
+            temperature: self.manifest.temperature as f32,
+        }
+    }
+
+    fn flush_chunk(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let payload = codec::encode_chunk(&self.pending, &self.params)?;
+        if self.shard.is_none() {
+            let h = self.header();
+            let w = ShardWriter::create(&self.dir, self.next_seq, &h)?;
+            self.next_seq += 1;
+            self.uncommitted_files.push(w.path.clone());
+            self.shard = Some(w);
+        }
+        let full = if let Some(w) = self.shard.as_mut() {
+            w.add_chunk(&payload, &self.pending)?;
+            w.len + (HEADER_LEN as u64) >= self.opts.shard_bytes
+        } else {
+            false
+        };
+        self.pending.clear();
+        self.pending_positions = 0;
+        self.pending_entries = 0;
+        if full {
+            self.finish_shard()?;
+        }
+        Ok(())
+    }
+
+    fn finish_shard(&mut self) -> Result<()> {
+        if let Some(w) = self.shard.take() {
+            self.finished.push(w.finish()?);
+        }
+        Ok(())
+    }
+
+    /// Make everything added so far durable and visible: finish the current shard and
+    /// atomically replace the manifest. Later additions go to a new shard.
+    pub fn commit(&mut self) -> Result<()> {
+        self.check_open()?;
+        self.flush_chunk()?;
+        self.finish_shard()?;
+        let mut m = self.manifest.clone();
+        for s in &self.finished {
+            m.num_samples += s.num_samples;
+            m.num_positions += s.num_positions;
+            m.shards.push(s.clone());
+        }
+        m.updated_by = tool();
+        manifest::sync_dir(&self.dir.join(SHARDS_DIR))?;
+        m.commit(&self.dir)?;
+        self.manifest = m;
+        self.finished.clear();
+        self.uncommitted_files.clear();
+        self.ever_committed = true;
+        // Shards of a replaced store are garbage once the new manifest is in place.
+        for f in self.replaced_files.drain(..) {
+            let _ = fs::remove_file(f);
+        }
+        Ok(())
+    }
+
+    /// Commit and release the store.
+    pub fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let r = self.commit();
+        if r.is_err() {
+            self.abort();
+            return r;
+        }
+        self.closed = true;
+        self.lock = None;
+        Ok(())
+    }
+
+    /// Drop everything written since the last commit and release the store. A store that
+    /// this writer created and never committed is removed.
+    pub fn abort(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        self.pending.clear();
+        self.shard = None;
+        for f in self.uncommitted_files.drain(..) {
+            let _ = fs::remove_file(f);
+        }
+        self.finished.clear();
+        if !self.ever_committed && self.created_dir {
+            let _ = fs::remove_dir(self.dir.join(SHARDS_DIR));
+            let _ = fs::remove_file(self.dir.join(LOCK_NAME));
+            self.lock = None;
+            let _ = fs::remove_dir(&self.dir);
+        }
+        self.lock = None;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Check an appending writer's spec against the stored configuration, naming the first
+/// field that differs. Returns the codec to use.
+fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result<LogprobCodec> {
+    let mismatch = |field: &str, expected: String, found: String| Error::Mismatch {
+        path: dir.to_path_buf(),
+        field: field.into(),
+        expected,
+        found,
+    };
+    if spec.kind.name() != m.kind {
+        return Err(mismatch("kind", spec.kind.name().into(), m.kind.clone()));
+    }
+    if spec.k != m.k {
+        return Err(mismatch("k", spec.k.to_string(), m.k.to_string()));
+    }
+    if spec.vocab_size != m.vocab_size {
+        return Err(mismatch("vocab_size", spec.vocab_size.to_string(), m.vocab_size.to_string()));
+    }
+    if spec.temperature != m.temperature {
+        return Err(mismatch(
+            "temperature",
+            spec.temperature.to_string(),
+            m.temperature.to_string(),
+        ));
+    }
+    let stored = params_from_manifest(m, &dir.join(MANIFEST_NAME))?.logprobs;
+    if let Some(c) = spec.logprobs
+        && c != stored
+    {
+        return Err(mismatch(
+            "codec",
+            format!("{} (step {})", c.name(), c.step()),
+            format!("{} (step {})", stored.name(), stored.step()),
+        ));
+    }
+    if let (Some(a), Some(b)) = (&spec.teacher, &m.teacher) {
+        if a.name.is_some() && b.name.is_some() && a.name != b.name {
+            return Err(mismatch("teacher.name", format!("{:?}", a.name), format!("{:?}", b.name)));
+        }
+        if a.config_fingerprint.is_some()
+            && b.config_fingerprint.is_some()
+            && a.config_fingerprint != b.config_fingerprint
+        {
+            return Err(mismatch(
+                "teacher.config_fingerprint",
+                format!("{:?}", a.config_fingerprint),
+                format!("{:?}", b.config_fingerprint),
+            ));
+        }
+    }
+    if let (Some(a), Some(b)) = (&spec.tokenizer, &m.tokenizer) {
+        if a.name.is_some() && b.name.is_some() && a.name != b.name {
+            return Err(mismatch(
+                "tokenizer.name",
+                format!("{:?}", a.name),
+                format!("{:?}", b.name),
+            ));
+        }
+        if a.vocab_fingerprint.is_some()
+            && b.vocab_fingerprint.is_some()
+            && a.vocab_fingerprint != b.vocab_fingerprint
+        {
+            return Err(mismatch(
+                "tokenizer.vocab_fingerprint",
+                format!("{:?}", a.vocab_fingerprint),
+                format!("{:?}", b.vocab_fingerprint),
+            ));
+        }
+    }
+    Ok(stored)
+}

@@ -1,0 +1,281 @@
+//! End-to-end tests of the writer and reader through the core API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use logitcache_core::Error;
+use logitcache_core::codec::{LogprobCodec, Record};
+use logitcache_core::format::Kind;
+use logitcache_core::reader::{OpenOptions, Store};
+use logitcache_core::record::{self, IdArray};
+use logitcache_core::writer::{Mode, StoreSpec, StoreWriter, WriterOptions};
+
+fn spec(kind: Kind, k: u32, vocab: u32, codec: Option<LogprobCodec>) -> StoreSpec {
+    StoreSpec {
+        kind,
+        k,
+        vocab_size: vocab,
+        temperature: 1.0,
+        logprobs: codec,
+        teacher: None,
+        tokenizer: None,
+        metadata: None,
+    }
+}
+
+/// A deterministic top-K record: ids distinct per row, log-probs sorted and normalisable.
+fn topk_rec(sid: u64, len: usize, k: usize, vocab: u32) -> (Vec<i64>, Vec<i64>, Vec<f32>) {
+    let mut x = sid.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let input: Vec<i64> = (0..len).map(|_| (next() % u64::from(vocab)) as i64).collect();
+    let mut ids = Vec::new();
+    let mut lps = Vec::new();
+    for _ in 0..len {
+        let start = next() % u64::from(vocab);
+        for j in 0..k {
+            ids.push(((start + j as u64 * 7919) % u64::from(vocab)) as i64);
+        }
+        let mut v = -((next() % 1000) as f32) / 500.0 - 0.7;
+        for _ in 0..k {
+            lps.push(v);
+            v -= 1.0 + (next() % 100) as f32 / 37.0;
+        }
+    }
+    (input, ids, lps)
+}
+
+fn write_topk(w: &mut StoreWriter, sid: u64, len: usize) -> (Vec<i64>, Vec<i64>, Vec<f32>) {
+    let k = w.params().k as usize;
+    let vocab = w.params().vocab_size;
+    let (input, ids, lps) = topk_rec(sid, len, k, vocab);
+    let rec = record::topk_record(
+        sid,
+        IdArray::I64(&input),
+        IdArray::I64(&ids),
+        &[len, k],
+        &lps,
+        &[len, k],
+        k as u32,
+        vocab,
+        w.seen_ids(),
+    )
+    .unwrap();
+    w.add_record(rec).unwrap();
+    (input, ids, lps)
+}
+
+fn small_opts() -> WriterOptions {
+    WriterOptions { zstd_level: 3, chunk_positions: 50, shard_bytes: 20_000 }
+}
+
+fn check_same(r: &Record, input: &[i64], ids: &[i64], lps: &[f32], max_err: f32) {
+    assert_eq!(r.input_ids.iter().map(|&v| i64::from(v)).collect::<Vec<_>>(), input);
+    assert_eq!(r.ids.iter().map(|&v| i64::from(v)).collect::<Vec<_>>(), ids);
+    assert_eq!(r.logprobs.len(), lps.len());
+    for (a, b) in r.logprobs.iter().zip(lps) {
+        assert!((a - b).abs() <= max_err, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn topk_roundtrip_every_codec_many_shards() {
+    for (codec, err) in
+        [(LogprobCodec::Lossless, 0.0), (LogprobCodec::Abs { step_log2: 6 }, 1.0 / 128.0)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut w = StoreWriter::open(
+            &path,
+            spec(Kind::TopK, 8, 1000, Some(codec)),
+            Mode::Create,
+            WriterOptions { shard_bytes: 3000, ..small_opts() },
+        )
+        .unwrap();
+        let mut expect = Vec::new();
+        for sid in 0..40u64 {
+            let len = (sid as usize * 7) % 33;
+            expect.push((sid * 1000 + 3, write_topk(&mut w, sid * 1000 + 3, len)));
+        }
+        w.close().unwrap();
+        let s = Store::open(&path, &OpenOptions::default()).unwrap();
+        assert!(s.shards.len() > 1, "expected several shards: {:?}", s.manifest.shards);
+        assert_eq!(s.len(), 40);
+        for (sid, (input, ids, lps)) in &expect {
+            check_same(&s.get(*sid).unwrap(), input, ids, lps, err);
+        }
+        let order: Vec<u64> = expect.iter().rev().map(|e| e.0).collect();
+        let b = s.read_batch(&order).unwrap();
+        assert_eq!(b.batch, 40);
+        for (bi, (sid, (input, _, lps))) in expect.iter().rev().enumerate() {
+            assert_eq!(b.lengths[bi] as usize, input.len(), "{sid}");
+            for (j, v) in input.iter().enumerate() {
+                assert_eq!(i64::from(b.input_ids[bi * b.max_len + j]), *v);
+            }
+            if !lps.is_empty() {
+                let lp0 = b.logprobs[bi * b.max_len * b.width];
+                assert!((lp0 - lps[0]).abs() <= err);
+            }
+        }
+        assert!(matches!(s.get(12345), Err(Error::MissingSample { sample_id: 12345, .. })));
+    }
+}
+
+#[test]
+fn append_overwrite_abort_and_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let sp = spec(Kind::TopK, 4, 300, None);
+    {
+        let mut w = StoreWriter::open(&path, sp.clone(), Mode::Create, small_opts()).unwrap();
+        write_topk(&mut w, 1, 10);
+        w.close().unwrap();
+    }
+    assert!(matches!(
+        StoreWriter::open(&path, sp.clone(), Mode::Create, small_opts()),
+        Err(Error::StoreExists { .. })
+    ));
+    // Append: duplicates refused, aborted additions vanish, committed ones stay.
+    {
+        let mut w = StoreWriter::open(&path, sp.clone(), Mode::Append, small_opts()).unwrap();
+        let (input, ids, lps) = topk_rec(1, 3, 4, 300);
+        let rec = record::topk_record(
+            1,
+            IdArray::I64(&input),
+            IdArray::I64(&ids),
+            &[3, 4],
+            &lps,
+            &[3, 4],
+            4,
+            300,
+            w.seen_ids(),
+        )
+        .unwrap();
+        assert!(matches!(w.add_record(rec), Err(Error::DuplicateSample { sample_id: 1, .. })));
+        write_topk(&mut w, 2, 60);
+        w.abort();
+    }
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(s.sample_ids(), vec![1]);
+    let files = std::fs::read_dir(path.join("shards")).unwrap().count();
+    assert_eq!(files, 1, "aborted shard files must be removed");
+    {
+        let mut w = StoreWriter::open(&path, sp.clone(), Mode::Append, small_opts()).unwrap();
+        write_topk(&mut w, 2, 60);
+        w.commit().unwrap();
+        write_topk(&mut w, 3, 5);
+        w.close().unwrap();
+    }
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(s.len(), 3);
+    // A mismatching append names the field.
+    let mut bad = sp.clone();
+    bad.vocab_size = 301;
+    match StoreWriter::open(&path, bad, Mode::Append, small_opts()) {
+        Err(Error::Mismatch { field, .. }) => assert_eq!(field, "vocab_size"),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("mismatch accepted"),
+    }
+    // Overwrite: the old store is readable until the commit, then replaced.
+    {
+        let mut w = StoreWriter::open(&path, sp.clone(), Mode::Overwrite, small_opts()).unwrap();
+        write_topk(&mut w, 9, 4);
+        assert_eq!(Store::open(&path, &OpenOptions::default()).unwrap().len(), 3);
+        w.close().unwrap();
+    }
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(s.sample_ids(), vec![9]);
+    assert_eq!(std::fs::read_dir(path.join("shards")).unwrap().count(), 1);
+}
+
+#[test]
+fn second_writer_is_locked_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let sp = spec(Kind::TopK, 2, 50, None);
+    let mut w = StoreWriter::open(&path, sp.clone(), Mode::Create, small_opts()).unwrap();
+    w.commit().unwrap();
+    assert!(matches!(
+        StoreWriter::open(&path, sp.clone(), Mode::Append, small_opts()),
+        Err(Error::Locked { .. })
+    ));
+    w.close().unwrap();
+    let w2 = StoreWriter::open(&path, sp, Mode::Append, small_opts());
+    assert!(w2.is_ok());
+}
+
+#[test]
+fn sampled_roundtrip_with_and_without_logprobs() {
+    for codec in [LogprobCodec::None, LogprobCodec::Abs { step_log2: 4 }, LogprobCodec::Lossless] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let n = 5u32;
+        let mut w = StoreWriter::open(
+            &path,
+            spec(Kind::Sampled, n, 40, Some(codec)),
+            Mode::Create,
+            small_opts(),
+        )
+        .unwrap();
+        let input = [3i64, 4, 5];
+        let ids = [7i64, 9, -1, 1, -1, -1, 2, 3, 4];
+        let counts = [3i64, 2, 0, 5, 0, 0, 1, 1, 3];
+        let lps = [-0.5f32, -1.0, 0.0, -0.01, 0.0, 0.0, -2.0, -2.5, -0.25];
+        let lp_arg = (codec != LogprobCodec::None).then_some((&lps[..], &[3usize, 3][..]));
+        let rec = record::sampled_record(
+            77,
+            IdArray::I64(&input),
+            IdArray::I64(&ids),
+            &[3, 3],
+            IdArray::I64(&counts),
+            &[3, 3],
+            lp_arg,
+            n,
+            40,
+            codec != LogprobCodec::None,
+            w.seen_ids(),
+        )
+        .unwrap();
+        w.add_record(rec).unwrap();
+        w.close().unwrap();
+        let s = Store::open(&path, &OpenOptions::default()).unwrap();
+        let r = s.get(77).unwrap();
+        assert_eq!(r.row_lens, vec![2, 1, 3]);
+        assert_eq!(r.ids, vec![7, 9, 1, 2, 3, 4]);
+        assert_eq!(r.counts, vec![3, 2, 5, 1, 1, 3]);
+        if codec == LogprobCodec::None {
+            assert!(r.logprobs.is_empty());
+        } else {
+            let want = [-0.5f32, -1.0, -0.01, -2.0, -2.5, -0.25];
+            for (a, b) in r.logprobs.iter().zip(want) {
+                assert!((a - b).abs() <= 1.0 / 32.0);
+            }
+        }
+        let b = s.read_batch(&[77]).unwrap();
+        assert_eq!(b.width, 3);
+        assert_eq!(&b.ids[..9], &[7, 9, -1, 1, -1, -1, 2, 3, 4]);
+        assert_eq!(&b.counts[..9], &[3, 2, 0, 5, 0, 0, 1, 1, 3]);
+    }
+}
+
+#[test]
+fn empty_store_and_uncommitted_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let sp = spec(Kind::TopK, 2, 50, None);
+    StoreWriter::open(&path, sp.clone(), Mode::Create, small_opts()).unwrap().close().unwrap();
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert!(s.is_empty());
+    // A writer dropped before any commit leaves no directory behind.
+    let p2 = dir.path().join("t");
+    {
+        let mut w = StoreWriter::open(&p2, sp.clone(), Mode::Create, small_opts()).unwrap();
+        write_topk(&mut w, 5, 70);
+    }
+    assert!(!Path::new(&p2).exists());
+}
