@@ -1,5 +1,15 @@
-"""logitcache: offline knowledge distillation stores and losses for language models."""
+"""logitcache: offline knowledge distillation stores and losses for language models.
 
+Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
+check it with :func:`verify_store`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from logitcache import _core
 from logitcache._core import __version__, get_num_threads, set_num_threads
 from logitcache.errors import (
     CorruptStoreError,
@@ -12,18 +22,44 @@ from logitcache.errors import (
     StoreLockedError,
     StoreMismatchError,
 )
+from logitcache.store import (
+    Batch,
+    Record,
+    Store,
+    StoreWriter,
+    config_fingerprint,
+    open_store,
+    vocab_fingerprint,
+)
+
+
+def verify_store(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every checksum (manifest, shard files, headers, footers, chunks) and every
+    decoded value of a store. Returns a report: ``ok`` (no fault in committed data),
+    ``problems`` (each names file, shard, chunk and what is wrong), ``orphans`` (files no
+    manifest refers to, e.g. left by a writer that was killed), and counts."""
+    return dict(_core.verify(os.fspath(path)))
+
 
 __all__ = [
+    "Batch",
     "CorruptStoreError",
     "DuplicateSampleError",
     "FormatVersionError",
     "InvalidRecordError",
     "MissingSampleError",
+    "Record",
+    "Store",
     "StoreError",
     "StoreExistsError",
     "StoreLockedError",
     "StoreMismatchError",
+    "StoreWriter",
     "__version__",
+    "config_fingerprint",
     "get_num_threads",
+    "open_store",
     "set_num_threads",
+    "verify_store",
+    "vocab_fingerprint",
 ]

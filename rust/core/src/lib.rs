@@ -9,6 +9,8 @@ pub mod reader;
 pub mod record;
 pub mod source;
 pub mod threads;
+pub mod topk;
+pub mod verify;
 pub mod writer;
 
 pub use error::{Error, Location, Result};

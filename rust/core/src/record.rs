@@ -58,6 +58,12 @@ impl SeenIds {
             self.current = 1;
         }
     }
+    /// Whether `ids` holds no id twice (ids must be below the vocabulary size).
+    pub fn row_is_distinct(&mut self, ids: &[u32]) -> bool {
+        self.next_row();
+        ids.iter().all(|&id| (id as usize) < self.stamp.len() && self.insert(id))
+    }
+
     /// Returns false if `id` was already seen in the current row.
     #[inline]
     fn insert(&mut self, id: u32) -> bool {

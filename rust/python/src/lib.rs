@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod store;
 
 use errors::IntoPyResult;
 
@@ -22,6 +23,7 @@ fn get_num_threads(py: Python<'_>) -> PyResult<usize> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", logitcache_core::VERSION)?;
     errors::register(m)?;
+    store::register(m)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     Ok(())

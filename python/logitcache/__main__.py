@@ -1,0 +1,5 @@
+import sys
+
+from logitcache.cli import main
+
+sys.exit(main())

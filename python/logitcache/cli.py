@@ -1,0 +1,130 @@
+"""The ``logitcache`` command line: ``logitcache info PATH``, ``logitcache verify PATH``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import logitcache
+from logitcache.errors import StoreError
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _codec_text(codec: dict[str, Any]) -> str:
+    name = codec["logprobs"]
+    if name == "abs":
+        return f"abs (step {codec['step']:g} nat, max abs error {codec['max_abs_error']:g} nat)"
+    if name == "lossless":
+        return "lossless (float32, bit for bit)"
+    if name == "none":
+        return "none (ids and counts only)"
+    return name
+
+
+def _info(args: argparse.Namespace) -> int:
+    store = logitcache.open_store(args.path)
+    m = store.meta
+    total = sum(s["bytes"] for s in m["shards"])
+    per_token = total / m["num_positions"] if m["num_positions"] else float("nan")
+    if args.json:
+        out = dict(m)
+        out["total_bytes"] = total
+        out["bytes_per_token"] = per_token
+        print(json.dumps(out, indent=2))
+        return 0
+    what = "top-K" if m["kind"] == "topk" else "sampled"
+    kn = "K" if m["kind"] == "topk" else "n (draws)"
+    teacher = m.get("teacher") or {}
+    tokenizer = m.get("tokenizer") or {}
+    rows = [
+        ("store", args.path),
+        ("format", f"{m['format']} v{m['format_version']}, written by {m['updated_by']}"),
+        ("kind", what),
+        (kn, str(m["k"])),
+        ("vocab size", str(m["vocab_size"])),
+        ("temperature", f"{m['temperature']:g}"),
+        ("log-probabilities", _codec_text(m["codec"])),
+        ("token ids", f"{m['codec']['ids']} (zstd level {m['codec']['zstd_level']})"),
+        ("teacher", f"{teacher.get('name')} {teacher.get('config_fingerprint') or ''}".strip()),
+        (
+            "tokenizer",
+            f"{tokenizer.get('name')} {tokenizer.get('vocab_fingerprint') or ''}".strip(),
+        ),
+        ("samples", f"{m['num_samples']:,}"),
+        ("positions", f"{m['num_positions']:,}"),
+        ("shards", str(len(m["shards"]))),
+        ("bytes", f"{total:,} ({_human_bytes(total)})"),
+        ("bytes per token", f"{per_token:.2f}"),
+    ]
+    if m.get("metadata"):
+        rows.append(("metadata", json.dumps(m["metadata"])))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = logitcache.verify_store(args.path)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for p in report["problems"]:
+            print(f"FAULT: {p}", file=sys.stderr)
+        for o in report["orphans"]:
+            print(f"orphan (not in the manifest, safe to delete): {o}", file=sys.stderr)
+        status = "OK" if report["ok"] else f"{len(report['problems'])} FAULT(S)"
+        print(
+            f"{status}: {report['shards']} shards, {report['chunks']} chunks, "
+            f"{report['samples']:,} samples, {report['positions']:,} positions, "
+            f"{_human_bytes(report['bytes'])} checked"
+        )
+    return 0 if report["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logitcache",
+        description="Compact, checksummed stores of teacher logits for knowledge distillation.",
+    )
+    parser.add_argument("--version", action="version", version=logitcache.__version__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("info", help="print a store's manifest, counts, size and codec")
+    p.add_argument("path", help="store directory")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_info)
+    p = sub.add_parser(
+        "verify",
+        help="check every checksum and decoded value; exit 1 on any fault",
+        description="Check the manifest, every shard's whole-file checksum, header, footer and "
+        "chunk checksums, decode every chunk and check its values. Exit status: 0 sound, "
+        "1 faults found, 2 the store cannot be read at all.",
+    )
+    p.add_argument("path", help="store directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (StoreError, OSError) as e:
+        print(f"logitcache {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,553 @@
+"""Writing and reading logit stores.
+
+A store is a directory of immutable, checksummed shard files plus ``manifest.json``
+(see FORMAT.md). :class:`StoreWriter` creates or extends one; :func:`open_store` reads one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from logitcache import _core
+
+__all__ = [
+    "Batch",
+    "Record",
+    "Store",
+    "StoreWriter",
+    "config_fingerprint",
+    "open_store",
+    "vocab_fingerprint",
+]
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+# Keys of a transformers config that change with the library or the checkout, not the model.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "name_or_path"}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"shard_size must be positive, got {size}")
+        return size
+    text = size.strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number) :]
+    if unit not in _SIZE_UNITS or not number:
+        raise ValueError(f"shard_size {size!r}: expected bytes or a size like '512MiB' or '1GB'")
+    value = int(float(number) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"shard_size must be positive, got {size!r}")
+    return value
+
+
+def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
+    """``sha256:<hex>`` of a tokenizer vocabulary (token -> id), as FORMAT.md specifies:
+    the SHA-256 of the compact UTF-8 JSON list ``[[token, id], ...]`` sorted by id, then token.
+    """
+    pairs = sorted(((str(t), int(i)) for t, i in vocab.items()), key=lambda p: (p[1], p[0]))
+    text = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of a model configuration dict (keys that only name the checkout or the
+    library version are left out), as FORMAT.md specifies: SHA-256 of the compact JSON with
+    sorted keys."""
+    clean = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    text = json.dumps(clean, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _teacher_info(teacher: Any) -> tuple[str | None, str | None]:
+    """(name, config fingerprint) of a model name, a transformers model or config, or a dict
+    with keys ``name`` / ``config_fingerprint``."""
+    if teacher is None:
+        return None, None
+    if isinstance(teacher, str):
+        return teacher, None
+    if isinstance(teacher, Mapping):
+        return teacher.get("name"), teacher.get("config_fingerprint")
+    config = getattr(teacher, "config", teacher)
+    to_dict = getattr(config, "to_dict", None)
+    if to_dict is None:
+        raise TypeError(
+            "teacher must be a name, a dict, or a transformers model/config, "
+            f"got {type(teacher).__name__}"
+        )
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return (name or None), config_fingerprint(to_dict())
+
+
+def _tokenizer_info(tokenizer: Any) -> tuple[str | None, str | None]:
+    """(name, vocabulary fingerprint) of a tokenizer name, a tokenizer object with
+    ``get_vocab()``, or a dict with keys ``name`` / ``vocab_fingerprint``."""
+    if tokenizer is None:
+        return None, None
+    if isinstance(tokenizer, str):
+        return tokenizer, None
+    if isinstance(tokenizer, Mapping):
+        return tokenizer.get("name"), tokenizer.get("vocab_fingerprint")
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        raise TypeError(
+            "tokenizer must be a name, a dict, or a tokenizer with get_vocab(), "
+            f"got {type(tokenizer).__name__}"
+        )
+    name = getattr(tokenizer, "name_or_path", None)
+    return (name or None), vocab_fingerprint(get_vocab())
+
+
+def _to_numpy(x: Any, name: str, *, keep_bf16: bool = False) -> np.ndarray:
+    """A numpy view of a numpy array or CPU torch tensor (no copy when already contiguous).
+    bfloat16 tensors become float32, or with ``keep_bf16`` uint16 bit patterns tagged with
+    ``_BF16_TAG`` (numpy has no bfloat16)."""
+    if isinstance(x, np.ndarray):
+        return x
+    detach = getattr(x, "detach", None)
+    if detach is not None:  # a torch tensor
+        import torch
+
+        t = detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype == torch.bfloat16:
+            if not keep_bf16:
+                return t.float().numpy()
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16).view(_BF16_TAG)
+        return t.numpy()
+    return np.asarray(x)
+
+
+# numpy has no bfloat16: bf16 tensors travel as uint16 bit patterns tagged with this dtype.
+_BF16_TAG = np.dtype([("bfloat16", np.uint16)])
+
+
+def _int_array(x: Any, name: str) -> np.ndarray:
+    a = _to_numpy(x, name)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if a.dtype not in (np.int64, np.int32, np.uint32, np.uint16, np.uint64):
+        a = a.astype(np.int64)
+    return np.ascontiguousarray(a)
+
+
+def _float_array(x: Any, name: str) -> np.ndarray:
+    a = _to_numpy(x, name)
+    if a.dtype.kind != "f":
+        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+class StoreWriter:
+    """Create a store, or add to one, as a context manager.
+
+    Args:
+        path: The store directory.
+        vocab_size: Size V of the teacher vocabulary; every id must be in ``[0, V)``.
+        k: K, the ids kept per position (top-K stores), or n, the draws per position
+            (sampled stores).
+        kind: ``"topk"`` or ``"sampled"``.
+        codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (uniform
+            quantization; the default for top-K is ``"abs:0.01"``, a guaranteed maximum error of
+            2^-7 = 0.0078 nat), ``"lossless"`` (float32, bit for bit) or ``"none"`` (sampled
+            stores without log-probabilities, their default). ``None`` means the default for a
+            new store and the store's own codec when appending.
+        teacher: The teacher: a name, a ``transformers`` model or config (its name and a
+            fingerprint of its config are recorded), or a dict ``{"name", "config_fingerprint"}``.
+        tokenizer: The tokenizer: a name, a tokenizer object (name and a fingerprint of its
+            vocabulary are recorded), or a dict ``{"name", "vocab_fingerprint"}``.
+        temperature: The capture temperature T_c of the stored distributions;
+            :meth:`add_logits` divides logits by it.
+        metadata: A JSON-serialisable dict kept in the manifest (merged on append).
+        mode: ``"x"`` create (refuses an existing path), ``"a"`` append to a store of the same
+            configuration (refuses a mismatch, naming the field; creates the store if missing),
+            ``"w"`` replace (the old store stays readable until the first commit).
+        chunk_positions: Positions per compressed chunk (the unit of random access).
+        shard_size: Bytes per shard file before a new one is started (``"1GiB"``).
+        zstd_level: zstd compression level (1-22).
+
+    Records become visible when the writer commits: at :meth:`close` (the end of the ``with``
+    block) or at an explicit :meth:`commit` checkpoint. An exception inside the ``with`` block,
+    or a killed process, leaves the last committed state.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        vocab_size: int,
+        k: int,
+        kind: Literal["topk", "sampled"] = "topk",
+        codec: str | None = None,
+        teacher: Any = None,
+        tokenizer: Any = None,
+        temperature: float = 1.0,
+        metadata: Mapping[str, Any] | None = None,
+        mode: Literal["x", "a", "w"] = "x",
+        chunk_positions: int = 4096,
+        shard_size: int | str = "1GiB",
+        zstd_level: int = 3,
+    ) -> None:
+        for name, value in (("vocab_size", vocab_size), ("k", k)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if vocab_size >= 2**31:
+            raise ValueError(f"vocab_size must be below 2**31, got {vocab_size}")
+        if chunk_positions < 1:
+            raise ValueError(f"chunk_positions must be positive, got {chunk_positions}")
+        teacher_name, teacher_fp = _teacher_info(teacher)
+        tok_name, tok_fp = _tokenizer_info(tokenizer)
+        metadata_json = None
+        if metadata is not None:
+            if not isinstance(metadata, Mapping):
+                raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+            try:
+                metadata_json = json.dumps(dict(metadata))
+            except TypeError as e:
+                raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
+        self.path = os.fspath(path)
+        self._w = _core.StoreWriter(
+            self.path,
+            vocab_size=int(vocab_size),
+            k=int(k),
+            kind=kind,
+            codec=codec,
+            temperature=float(temperature),
+            mode=mode,
+            teacher_name=teacher_name,
+            teacher_fingerprint=teacher_fp,
+            tokenizer_name=tok_name,
+            tokenizer_fingerprint=tok_fp,
+            metadata_json=metadata_json,
+            chunk_positions=int(chunk_positions),
+            shard_bytes=_parse_size(shard_size),
+            zstd_level=int(zstd_level),
+        )
+        manifest = json.loads(self._w.manifest_json())
+        self.kind: str = manifest["kind"]
+        self.k: int = manifest["k"]
+        self.vocab_size: int = manifest["vocab_size"]
+
+    def add(
+        self,
+        sample_id: int,
+        input_ids: npt.ArrayLike,
+        topk_ids: npt.ArrayLike,
+        topk_logprobs: npt.ArrayLike,
+    ) -> None:
+        """Add one sequence of a top-K store.
+
+        Args:
+            sample_id: Any u64, unique in the store.
+            input_ids: ``[L]`` input token ids.
+            topk_ids: ``[L, K]`` teacher ids of each position, by decreasing probability.
+            topk_logprobs: ``[L, K]`` their log-probabilities under the teacher's full
+                softmax at the capture temperature (non-increasing along each row).
+
+        Numpy arrays or CPU torch tensors. Raises ``InvalidRecordError`` (ids out of range or
+        repeated in a row, NaN/+inf/positive/unsorted log-probabilities, mass above 1),
+        ``DuplicateSampleError``, or ``ValueError`` for wrong shapes or dtypes.
+        """
+        self._w.add_topk(
+            _sample_id(sample_id),
+            _int_array(input_ids, "input_ids"),
+            _int_array(topk_ids, "topk_ids"),
+            _float_array(topk_logprobs, "topk_logprobs"),
+        )
+
+    def add_logits(self, sample_id: int, input_ids: npt.ArrayLike, logits: Any) -> None:
+        """Add one sequence from the teacher's full logits ``[L, V]`` (float32, float16 or
+        bfloat16; numpy or a torch tensor). Log-softmax at the capture temperature and top-K
+        run in Rust on all cores of the shared pool."""
+        a = _to_numpy(logits, "logits", keep_bf16=True)
+        if a.dtype == _BF16_TAG:
+            dtype, arr = "bfloat16", np.ascontiguousarray(a.view(np.uint16))
+        elif a.dtype == np.float16:
+            dtype, arr = "float16", np.ascontiguousarray(a).view(np.uint16)
+        elif a.dtype == np.float32:
+            dtype, arr = "float32", np.ascontiguousarray(a)
+        elif a.dtype == np.float64:
+            dtype, arr = "float32", np.ascontiguousarray(a, dtype=np.float32)
+        else:
+            raise ValueError(f"logits must be float32, float16 or bfloat16, got {a.dtype}")
+        if arr.ndim != 2:
+            raise ValueError(f"logits must be 2-D [L, V], got shape {arr.shape}")
+        self._w.add_logits(_sample_id(sample_id), _int_array(input_ids, "input_ids"), arr, dtype)
+
+    def add_sampled(
+        self,
+        sample_id: int,
+        input_ids: npt.ArrayLike,
+        ids: npt.ArrayLike,
+        counts: npt.ArrayLike,
+        logprobs: npt.ArrayLike | None = None,
+    ) -> None:
+        """Add one sequence of a sampled store.
+
+        Args:
+            sample_id: Any u64, unique in the store.
+            input_ids: ``[L]`` input token ids.
+            ids: ``[L, M]`` distinct ids drawn at each position, padded (any id, e.g. -1)
+                where ``counts`` is 0.
+            counts: ``[L, M]`` how many of the n draws gave each id; each row sums to n.
+            logprobs: ``[L, M]`` teacher log-probabilities of the ids, if the store keeps them
+                (the loss gradient needs only ids and counts).
+        """
+        self._w.add_sampled(
+            _sample_id(sample_id),
+            _int_array(input_ids, "input_ids"),
+            _int_array(ids, "ids"),
+            _int_array(counts, "counts"),
+            None if logprobs is None else _float_array(logprobs, "logprobs"),
+        )
+
+    def commit(self) -> None:
+        """Checkpoint: make everything added so far durable and visible to readers."""
+        self._w.commit()
+
+    def close(self) -> None:
+        """Commit and release the store (idempotent)."""
+        self._w.close()
+
+    def abort(self) -> None:
+        """Discard what was added since the last commit and release the store."""
+        self._w.abort()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._w.closed)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the store once this writer commits."""
+        return int(self._w.num_samples)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"StoreWriter({self.path!r}, kind={self.kind!r}, k={self.k}, {state})"
+
+
+def _sample_id(sample_id: Any) -> int:
+    if isinstance(sample_id, bool) or not isinstance(sample_id, (int, np.integer)):
+        raise ValueError(f"sample_id must be an integer, got {type(sample_id).__name__}")
+    if not 0 <= int(sample_id) < 2**64:
+        raise ValueError(f"sample_id must be in [0, 2**64), got {sample_id}")
+    return int(sample_id)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored sequence.
+
+    For top-K stores ``topk_ids`` / ``topk_logprobs`` are ``[L, K]`` and ``counts`` is None.
+    For sampled stores they are ``[L, M]`` (M = the record's widest row), padded with id -1,
+    count 0 and log-probability -inf; ``topk_logprobs`` is None when the store keeps none.
+    Arrays are int32 / float32 numpy arrays owned by the record.
+    """
+
+    sample_id: int
+    input_ids: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray | None
+    counts: np.ndarray | None = None
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Alias of ``topk_ids``."""
+        return self.topk_ids
+
+    @property
+    def logprobs(self) -> np.ndarray | None:
+        """Alias of ``topk_logprobs``."""
+        return self.topk_logprobs
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Records padded to a common length (``lengths`` tells the real ones).
+
+    ``input_ids`` is ``[B, L]`` (padded with 0); ``topk_ids`` / ``topk_logprobs`` /
+    ``counts`` are ``[B, L, W]`` with W = K (top-K) or the widest sampled row; padding is id 0
+    (top-K) or -1 (sampled), log-probability -inf and count 0.
+    """
+
+    sample_ids: np.ndarray
+    lengths: np.ndarray
+    input_ids: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray | None
+    counts: np.ndarray | None = None
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``[B, L]`` True at real (non-padding) positions."""
+        return np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]
+
+    def __len__(self) -> int:
+        return int(self.sample_ids.shape[0])
+
+
+class Store:
+    """An open store (see :func:`open_store`). Safe to share between threads; a store opened
+    before ``fork()`` keeps working in the child (e.g. DataLoader workers)."""
+
+    def __init__(self, inner: _core.Store, path: str) -> None:
+        self._s = inner
+        self.path = path
+        self.meta: dict[str, Any] = json.loads(inner.manifest_json())
+        self.kind: str = self.meta["kind"]
+        self.k: int = self.meta["k"]
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.temperature: float = self.meta["temperature"]
+
+    def __len__(self) -> int:
+        return len(self._s)
+
+    def __contains__(self, sample_id: object) -> bool:
+        if isinstance(sample_id, bool) or not isinstance(sample_id, (int, np.integer)):
+            return False
+        return 0 <= int(sample_id) < 2**64 and int(sample_id) in self._s
+
+    def __iter__(self) -> Iterator[Record]:
+        for sid in self.sample_ids():
+            yield self[int(sid)]
+
+    def sample_ids(self) -> np.ndarray:
+        """All sample ids (uint64), in storage order."""
+        return self._s.sample_ids()
+
+    def sample_lengths(self) -> np.ndarray:
+        """Length of every sample (uint32), in the order of :meth:`sample_ids`."""
+        return self._s.sample_lengths()
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.meta["num_positions"])
+
+    @property
+    def uses_mmap(self) -> bool:
+        """Whether shards are memory-mapped (else read with positioned reads)."""
+        return bool(self._s.uses_mmap)
+
+    def __getitem__(self, sample_id: int) -> Record:
+        raw = self._s.get(_sample_id(sample_id))
+        return self._record(int(sample_id), raw)
+
+    def _record(self, sample_id: int, raw: dict[str, np.ndarray]) -> Record:
+        inp = raw["input_ids"].view(np.int32)
+        n = inp.shape[0]
+        if self.kind == "topk":
+            ids = raw["ids"].view(np.int32).reshape(n, self.k)
+            lp = raw["logprobs"].reshape(n, self.k)
+            return Record(sample_id, inp, ids, lp)
+        row_lens = raw["row_lens"].astype(np.int64)
+        width = int(row_lens.max()) if n else 0
+        cols = np.arange(width)[None, :] < row_lens[:, None]
+        ids = np.full((n, width), -1, dtype=np.int32)
+        counts = np.zeros((n, width), dtype=np.int32)
+        ids[cols] = raw["ids"].view(np.int32)
+        counts[cols] = raw["counts"].view(np.int32)
+        lp = None
+        if self.meta["codec"]["logprobs"] != "none":
+            lp = np.full((n, width), -np.inf, dtype=np.float32)
+            lp[cols] = raw["logprobs"]
+        return Record(sample_id, inp, ids, lp, counts)
+
+    def read_batch(self, sample_ids: Sequence[int] | npt.ArrayLike) -> Batch:
+        """Decode many records into padded arrays, with the GIL released and chunks decoded in
+        parallel on the shared pool. Raises ``MissingSampleError`` for an unknown id."""
+        sids = np.asarray(sample_ids)
+        if sids.ndim != 1:
+            raise ValueError(f"sample_ids must be 1-D, got shape {sids.shape}")
+        if sids.size and (
+            sids.dtype.kind not in "iu" or (sids.dtype.kind == "i" and sids.min() < 0)
+        ):
+            raise ValueError("sample_ids must be non-negative integers")
+        sids = np.ascontiguousarray(sids, dtype=np.uint64)
+        raw = self._s.read_batch(sids)
+        return Batch(
+            sample_ids=sids,
+            lengths=raw["lengths"].astype(np.int64),
+            input_ids=raw["input_ids"],
+            topk_ids=raw["ids"],
+            topk_logprobs=raw.get("logprobs"),
+            counts=raw.get("counts"),
+        )
+
+    def verify(self) -> dict[str, Any]:
+        """Check every checksum and decode every chunk; see :func:`logitcache.verify_store`."""
+        from logitcache import verify_store
+
+        return verify_store(self.path)
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({self.path!r}, kind={self.kind!r}, k={self.k}, vocab_size={self.vocab_size}, "
+            f"samples={len(self)}, positions={self.num_positions})"
+        )
+
+
+def open_store(
+    path: str | os.PathLike[str],
+    *,
+    expect_vocab_size: int | None = None,
+    expect_tokenizer: Any = None,
+    mmap: bool | None = None,
+    cache_chunks: int = 8,
+) -> Store:
+    """Open a store for reading.
+
+    Args:
+        path: The store directory.
+        expect_vocab_size: Raise ``StoreMismatchError`` unless the store's vocabulary has this
+            size.
+        expect_tokenizer: Raise ``StoreMismatchError`` unless the store was made with this
+            tokenizer: a tokenizer object (its vocabulary fingerprint is compared), a name, or a
+            dict ``{"name", "vocab_fingerprint"}``.
+        mmap: Memory-map shards; ``None`` (default) does so except on network file systems,
+            where positioned reads are used.
+        cache_chunks: Decoded chunks kept for reuse by single-record reads.
+
+    Every shard's header, trailer and footer (with their checksums) are checked at open; chunk
+    checksums are checked on every read.
+    """
+    name, fp = _tokenizer_info(expect_tokenizer)
+    p = os.fspath(path)
+    inner = _core.Store(
+        p,
+        mmap=mmap,
+        expect_vocab_size=expect_vocab_size,
+        expect_tokenizer_name=name,
+        expect_tokenizer_fingerprint=fp,
+        cache_chunks=cache_chunks,
+    )
+    return Store(inner, p)

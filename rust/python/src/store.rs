@@ -1,0 +1,454 @@
+//! Bindings of the store: writer, reader, verify. Argument conversion and GIL release only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use logitcache_core::Error;
+use logitcache_core::codec::LogprobCodec;
+use logitcache_core::format::Kind;
+use logitcache_core::manifest::{TeacherInfo, TokenizerInfo};
+use logitcache_core::reader::{OpenOptions, Store};
+use logitcache_core::record::{self, IdArray};
+use logitcache_core::topk::{self, Logits};
+use logitcache_core::writer::{Mode, StoreSpec, StoreWriter, WriterOptions};
+use numpy::{
+    PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::IntoPyResult;
+
+/// An integer array of any of the dtypes ids come in.
+enum IntArr<'py> {
+    I64(PyReadonlyArrayDyn<'py, i64>),
+    I32(PyReadonlyArrayDyn<'py, i32>),
+    U32(PyReadonlyArrayDyn<'py, u32>),
+    U16(PyReadonlyArrayDyn<'py, u16>),
+    U64(PyReadonlyArrayDyn<'py, u64>),
+}
+
+fn int_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<IntArr<'py>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<'py, i64>>() {
+        return Ok(IntArr::I64(a));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<'py, i32>>() {
+        return Ok(IntArr::I32(a));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<'py, u32>>() {
+        return Ok(IntArr::U32(a));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<'py, u16>>() {
+        return Ok(IntArr::U16(a));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<'py, u64>>() {
+        return Ok(IntArr::U64(a));
+    }
+    Err(PyValueError::new_err(format!(
+        "{name} must be a numpy array of int64, int32, uint32, uint16 or uint64"
+    )))
+}
+
+fn contiguous<'a, T>(r: Result<&'a [T], numpy::AsSliceError>, name: &str) -> PyResult<&'a [T]> {
+    r.map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+}
+
+impl IntArr<'_> {
+    fn view(&self, name: &str) -> PyResult<(IdArray<'_>, Vec<usize>)> {
+        Ok(match self {
+            IntArr::I64(a) => (IdArray::I64(contiguous(a.as_slice(), name)?), a.shape().to_vec()),
+            IntArr::I32(a) => (IdArray::I32(contiguous(a.as_slice(), name)?), a.shape().to_vec()),
+            IntArr::U32(a) => (IdArray::U32(contiguous(a.as_slice(), name)?), a.shape().to_vec()),
+            IntArr::U16(a) => (IdArray::U16(contiguous(a.as_slice(), name)?), a.shape().to_vec()),
+            IntArr::U64(a) => (IdArray::U64(contiguous(a.as_slice(), name)?), a.shape().to_vec()),
+        })
+    }
+}
+
+fn one_d(shape: &[usize], name: &str) -> PyResult<()> {
+    if shape.len() == 1 {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!("{name} must be 1-D [L], got shape {shape:?}")))
+    }
+}
+
+/// The store writer. Python users go through `logitcache.StoreWriter`.
+#[pyclass(name = "StoreWriter", module = "logitcache._core")]
+pub struct PyStoreWriter {
+    inner: StoreWriter,
+}
+
+fn json_value(s: Option<String>) -> PyResult<Option<serde_json::Value>> {
+    s.map(|s| {
+        serde_json::from_str(&s)
+            .map_err(|e| PyValueError::new_err(format!("metadata is not valid JSON: {e}")))
+    })
+    .transpose()
+}
+
+#[pymethods]
+impl PyStoreWriter {
+    #[new]
+    #[pyo3(signature = (
+        path, *, vocab_size, k, kind, codec, temperature, mode, teacher_name, teacher_fingerprint,
+        tokenizer_name, tokenizer_fingerprint, metadata_json, chunk_positions, shard_bytes, zstd_level
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        vocab_size: u32,
+        k: u32,
+        kind: &str,
+        codec: Option<&str>,
+        temperature: f64,
+        mode: &str,
+        teacher_name: Option<String>,
+        teacher_fingerprint: Option<String>,
+        tokenizer_name: Option<String>,
+        tokenizer_fingerprint: Option<String>,
+        metadata_json: Option<String>,
+        chunk_positions: usize,
+        shard_bytes: u64,
+        zstd_level: i32,
+    ) -> PyResult<Self> {
+        let kind = Kind::from_name(kind).ok_or_else(|| {
+            PyValueError::new_err(format!("kind must be \"topk\" or \"sampled\", got {kind:?}"))
+        })?;
+        let logprobs = codec.map(LogprobCodec::parse).transpose().py_err()?;
+        let teacher = (teacher_name.is_some() || teacher_fingerprint.is_some())
+            .then_some(TeacherInfo { name: teacher_name, config_fingerprint: teacher_fingerprint });
+        let tokenizer = (tokenizer_name.is_some() || tokenizer_fingerprint.is_some()).then_some(
+            TokenizerInfo { name: tokenizer_name, vocab_fingerprint: tokenizer_fingerprint },
+        );
+        let spec = StoreSpec {
+            kind,
+            k,
+            vocab_size,
+            temperature,
+            logprobs,
+            teacher,
+            tokenizer,
+            metadata: json_value(metadata_json)?,
+        };
+        let mode = Mode::parse(mode).py_err()?;
+        let opts = WriterOptions { zstd_level, chunk_positions, shard_bytes };
+        let inner = py.detach(|| StoreWriter::open(&path, spec, mode, opts)).py_err()?;
+        Ok(PyStoreWriter { inner })
+    }
+
+    /// Add a top-K record.
+    fn add_topk(
+        &mut self,
+        py: Python<'_>,
+        sample_id: u64,
+        input_ids: &Bound<'_, PyAny>,
+        topk_ids: &Bound<'_, PyAny>,
+        topk_logprobs: PyReadonlyArrayDyn<'_, f32>,
+    ) -> PyResult<()> {
+        let inp = int_array(input_ids, "input_ids")?;
+        let ids = int_array(topk_ids, "topk_ids")?;
+        let (inp_v, inp_shape) = inp.view("input_ids")?;
+        one_d(&inp_shape, "input_ids")?;
+        let (ids_v, ids_shape) = ids.view("topk_ids")?;
+        let lp_shape = topk_logprobs.shape().to_vec();
+        let lp = contiguous(topk_logprobs.as_slice(), "topk_logprobs")?;
+        let w = &mut self.inner;
+        py.detach(|| {
+            if w.params().kind != Kind::TopK {
+                return Err(Error::invalid_argument(
+                    "add",
+                    "this is a sampled store; use add_sampled",
+                ));
+            }
+            let (k, vocab) = (w.params().k, w.params().vocab_size);
+            let rec = record::topk_record(
+                sample_id,
+                inp_v,
+                ids_v,
+                &ids_shape,
+                lp,
+                &lp_shape,
+                k,
+                vocab,
+                w.seen_ids(),
+            )?;
+            w.add_record(rec)
+        })
+        .py_err()
+    }
+
+    /// Add a record from full logits `[L, V]`: `dtype` is "float32", "float16" or "bfloat16"
+    /// (the half types as uint16 bit patterns).
+    fn add_logits(
+        &mut self,
+        py: Python<'_>,
+        sample_id: u64,
+        input_ids: &Bound<'_, PyAny>,
+        logits: &Bound<'_, PyAny>,
+        dtype: &str,
+    ) -> PyResult<()> {
+        let inp = int_array(input_ids, "input_ids")?;
+        let (inp_v, inp_shape) = inp.view("input_ids")?;
+        one_d(&inp_shape, "input_ids")?;
+        let f32_arr;
+        let u16_arr;
+        let (view, shape) = match dtype {
+            "float32" => {
+                f32_arr = logits.extract::<PyReadonlyArrayDyn<'_, f32>>()?;
+                (Logits::F32(contiguous(f32_arr.as_slice(), "logits")?), f32_arr.shape().to_vec())
+            }
+            "float16" | "bfloat16" => {
+                u16_arr = logits.extract::<PyReadonlyArrayDyn<'_, u16>>()?;
+                let s = contiguous(u16_arr.as_slice(), "logits")?;
+                let v = if dtype == "float16" { Logits::F16(s) } else { Logits::BF16(s) };
+                (v, u16_arr.shape().to_vec())
+            }
+            other => {
+                return Err(PyValueError::new_err(format!("unsupported logits dtype {other}")));
+            }
+        };
+        let w = &mut self.inner;
+        py.detach(|| {
+            let p = w.params().clone();
+            if p.kind != Kind::TopK {
+                return Err(Error::invalid_argument(
+                    "add_logits",
+                    "this is a sampled store; add_logits makes top-K records",
+                ));
+            }
+            let l = inp_v.len();
+            let v = p.vocab_size as usize;
+            if shape != [l, v] {
+                let hint = if shape.len() == 2 && shape[0] == l && shape[1] > v {
+                    format!("; slice the logits to the first {v} columns or create the store with vocab_size={}", shape[1])
+                } else {
+                    String::new()
+                };
+                return Err(Error::invalid_argument(
+                    "logits",
+                    format!("has shape {shape:?}, expected [{l}, {v}] (input length, vocab_size){hint}"),
+                ));
+            }
+            let t = w.manifest().temperature;
+            let (ids, lps) = topk::topk_from_logits(sample_id, view, l, v, p.k as usize, t)?;
+            let k = p.k as usize;
+            let rec = record::topk_record(
+                sample_id,
+                inp_v,
+                IdArray::U32(&ids),
+                &[l, k],
+                &lps,
+                &[l, k],
+                p.k,
+                p.vocab_size,
+                w.seen_ids(),
+            )?;
+            w.add_record(rec)
+        })
+        .py_err()
+    }
+
+    /// Add a sampled record from padded `ids [L, M]` / `counts [L, M]` (count 0 = padding).
+    #[pyo3(signature = (sample_id, input_ids, ids, counts, logprobs=None))]
+    fn add_sampled(
+        &mut self,
+        py: Python<'_>,
+        sample_id: u64,
+        input_ids: &Bound<'_, PyAny>,
+        ids: &Bound<'_, PyAny>,
+        counts: &Bound<'_, PyAny>,
+        logprobs: Option<PyReadonlyArrayDyn<'_, f32>>,
+    ) -> PyResult<()> {
+        let inp = int_array(input_ids, "input_ids")?;
+        let ids = int_array(ids, "ids")?;
+        let counts = int_array(counts, "counts")?;
+        let (inp_v, inp_shape) = inp.view("input_ids")?;
+        one_d(&inp_shape, "input_ids")?;
+        let (ids_v, ids_shape) = ids.view("ids")?;
+        let (counts_v, counts_shape) = counts.view("counts")?;
+        let lp_shape = logprobs.as_ref().map(|a| a.shape().to_vec());
+        let lp = match &logprobs {
+            Some(a) => Some(contiguous(a.as_slice(), "logprobs")?),
+            None => None,
+        };
+        let w = &mut self.inner;
+        py.detach(|| {
+            let p = w.params().clone();
+            if p.kind != Kind::Sampled {
+                return Err(Error::invalid_argument(
+                    "add_sampled",
+                    "this is a top-K store; use add or add_logits",
+                ));
+            }
+            let lp_arg = match (lp, lp_shape.as_deref()) {
+                (Some(v), Some(s)) => Some((v, s)),
+                _ => None,
+            };
+            let rec = record::sampled_record(
+                sample_id,
+                inp_v,
+                ids_v,
+                &ids_shape,
+                counts_v,
+                &counts_shape,
+                lp_arg,
+                p.k,
+                p.vocab_size,
+                p.has_logprobs(),
+                w.seen_ids(),
+            )?;
+            w.add_record(rec)
+        })
+        .py_err()
+    }
+
+    fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
+        let w = &mut self.inner;
+        py.detach(|| w.commit()).py_err()
+    }
+
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        let w = &mut self.inner;
+        py.detach(|| w.close()).py_err()
+    }
+
+    fn abort(&mut self, py: Python<'_>) {
+        let w = &mut self.inner;
+        py.detach(|| w.abort());
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    #[getter]
+    fn num_samples(&self) -> usize {
+        self.inner.num_samples()
+    }
+
+    /// The manifest this writer will extend, as JSON.
+    fn manifest_json(&self) -> PyResult<String> {
+        serde_json::to_string(self.inner.manifest())
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+}
+
+/// An open store. Python users go through `logitcache.open_store`.
+#[pyclass(name = "Store", module = "logitcache._core", frozen)]
+pub struct PyStore {
+    inner: Arc<Store>,
+}
+
+#[pymethods]
+impl PyStore {
+    #[new]
+    #[pyo3(signature = (path, *, mmap=None, expect_vocab_size=None, expect_tokenizer_name=None, expect_tokenizer_fingerprint=None, cache_chunks=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        mmap: Option<bool>,
+        expect_vocab_size: Option<u32>,
+        expect_tokenizer_name: Option<String>,
+        expect_tokenizer_fingerprint: Option<String>,
+        cache_chunks: Option<usize>,
+    ) -> PyResult<Self> {
+        let expect_tokenizer = (expect_tokenizer_name.is_some()
+            || expect_tokenizer_fingerprint.is_some())
+        .then_some(TokenizerInfo {
+            name: expect_tokenizer_name,
+            vocab_fingerprint: expect_tokenizer_fingerprint,
+        });
+        let opts = OpenOptions { mmap, expect_vocab_size, expect_tokenizer, cache_chunks };
+        let inner = py.detach(|| Store::open(&path, &opts)).py_err()?;
+        Ok(PyStore { inner: Arc::new(inner) })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, sample_id: u64) -> bool {
+        self.inner.contains(sample_id)
+    }
+
+    fn manifest_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.inner.manifest)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    #[getter]
+    fn uses_mmap(&self) -> bool {
+        self.inner.shards.first().is_some_and(|s| s.source.is_mmap())
+    }
+
+    fn sample_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        PyArray1::from_vec(py, self.inner.sample_ids())
+    }
+
+    fn sample_lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
+        PyArray1::from_vec(py, self.inner.sample_lengths())
+    }
+
+    /// One record as a dict of numpy arrays (flat; the Python layer shapes them).
+    fn get<'py>(&self, py: Python<'py>, sample_id: u64) -> PyResult<Bound<'py, PyDict>> {
+        let store = Arc::clone(&self.inner);
+        let rec = py.detach(move || store.get(sample_id)).py_err()?;
+        let d = PyDict::new(py);
+        d.set_item("input_ids", PyArray1::from_vec(py, rec.input_ids))?;
+        d.set_item("ids", PyArray1::from_vec(py, rec.ids))?;
+        d.set_item("logprobs", PyArray1::from_vec(py, rec.logprobs))?;
+        d.set_item("counts", PyArray1::from_vec(py, rec.counts))?;
+        d.set_item("row_lens", PyArray1::from_vec(py, rec.row_lens))?;
+        Ok(d)
+    }
+
+    /// Padded batch as a dict of numpy arrays (zero-copy from the decoded buffers).
+    fn read_batch<'py>(
+        &self,
+        py: Python<'py>,
+        sample_ids: PyReadonlyArray1<'py, u64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let ids = contiguous(sample_ids.as_slice(), "sample_ids")?.to_vec();
+        let store = Arc::clone(&self.inner);
+        let b = py.detach(move || store.read_batch(&ids)).py_err()?;
+        let (n, l, w) = (b.batch, b.max_len, b.width);
+        let d = PyDict::new(py);
+        d.set_item("lengths", PyArray1::from_vec(py, b.lengths))?;
+        d.set_item("input_ids", PyArray1::from_vec(py, b.input_ids).reshape([n, l])?)?;
+        d.set_item("ids", PyArray1::from_vec(py, b.ids).reshape([n, l, w])?)?;
+        if !b.logprobs.is_empty() || (n * l * w == 0 && self.inner.params.has_logprobs()) {
+            d.set_item("logprobs", PyArray1::from_vec(py, b.logprobs).reshape([n, l, w])?)?;
+        }
+        if self.inner.params.kind == Kind::Sampled {
+            d.set_item("counts", PyArray1::from_vec(py, b.counts).reshape([n, l, w])?)?;
+        }
+        Ok(d)
+    }
+}
+
+/// Check every checksum and decoded value of a store; returns a report dict.
+#[pyfunction]
+fn verify<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let r = py.detach(|| logitcache_core::verify::verify(&path)).py_err()?;
+    let d = PyDict::new(py);
+    d.set_item("ok", r.ok())?;
+    d.set_item("problems", r.problems)?;
+    d.set_item("orphans", r.orphans)?;
+    d.set_item("shards", r.shards)?;
+    d.set_item("chunks", r.chunks)?;
+    d.set_item("samples", r.samples)?;
+    d.set_item("positions", r.positions)?;
+    d.set_item("bytes", r.bytes)?;
+    Ok(d)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_class::<PyStoreWriter>()?;
+    m.add_class::<PyStore>()?;
+    Ok(())
+}
