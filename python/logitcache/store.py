@@ -44,9 +44,12 @@ def _parse_size(size: int | str) -> int:
     text = size.strip().upper().replace(" ", "")
     number = text.rstrip("KMGTIB")
     unit = text[len(number) :]
-    if unit not in _SIZE_UNITS or not number:
-        raise ValueError(f"shard_size {size!r}: expected bytes or a size like '512MiB' or '1GB'")
-    value = int(float(number) * _SIZE_UNITS[unit])
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"shard_size {size!r}: expected bytes or a size like '512MiB' or '1GB'"
+        ) from None
     if value <= 0:
         raise ValueError(f"shard_size must be positive, got {size!r}")
     return value
@@ -485,13 +488,17 @@ class Store:
     def read_batch(self, sample_ids: Sequence[int] | npt.ArrayLike) -> Batch:
         """Decode many records into padded arrays, with the GIL released and chunks decoded in
         parallel on the shared pool. Raises ``MissingSampleError`` for an unknown id."""
-        sids = np.asarray(sample_ids)
+        if isinstance(sample_ids, (list, tuple, range)):
+            # Python ints may exceed int64; numpy would turn a mix into float64.
+            sids = np.fromiter((_sample_id(x) for x in sample_ids), dtype=np.uint64)
+        else:
+            sids = np.asarray(sample_ids)
         if sids.ndim != 1:
             raise ValueError(f"sample_ids must be 1-D, got shape {sids.shape}")
-        if sids.size and (
-            sids.dtype.kind not in "iu" or (sids.dtype.kind == "i" and sids.min() < 0)
-        ):
-            raise ValueError("sample_ids must be non-negative integers")
+        if sids.dtype.kind not in "iu":
+            raise ValueError(f"sample_ids must be integers, got dtype {sids.dtype}")
+        if sids.dtype.kind == "i" and sids.size and sids.min() < 0:
+            raise ValueError("sample_ids must be non-negative")
         sids = np.ascontiguousarray(sids, dtype=np.uint64)
         raw = self._s.read_batch(sids)
         return Batch(

@@ -347,6 +347,10 @@ impl StoreWriter {
         }
         let exists = dir.exists();
         let has_manifest = dir.join(MANIFEST_NAME).exists();
+        if !(mode == Mode::Append && has_manifest) {
+            // Check a new store's configuration before anything touches the disk.
+            validate_spec(&spec, spec.logprobs.unwrap_or_else(|| default_codec(spec.kind)))?;
+        }
         let mut created_dir = false;
         let new_store = match mode {
             Mode::Create => {
@@ -413,7 +417,6 @@ impl StoreWriter {
             }
             Mode::Create | Mode::Overwrite => {
                 let codec = spec.logprobs.unwrap_or_else(|| default_codec(spec.kind));
-                validate_spec(&spec, codec)?;
                 if mode == Mode::Overwrite && has_manifest {
                     // The old store stays readable until the first commit replaces it.
                     if let Ok(old) = Manifest::read(dir) {

@@ -1,0 +1,50 @@
+"""Shared helpers: valid synthetic records and small stores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def make_topk(
+    rng: np.random.Generator, length: int, k: int, vocab: int, *, scale: float = 3.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids [L], topk_ids [L, K], topk_logprobs [L, K] from a real softmax over a
+    random logit vector per position (so log-probabilities are exact and sorted)."""
+    input_ids = rng.integers(0, vocab, size=length, dtype=np.int64)
+    logits = rng.normal(size=(length, vocab)) * scale
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+    lp = np.take_along_axis(logp, order, axis=1).astype(np.float32)
+    # float32 rounding may break the order by one ulp; the store needs it non-increasing.
+    lp = np.minimum.accumulate(lp, axis=1)
+    return input_ids, order.astype(np.int64), lp
+
+
+def make_sampled(
+    rng: np.random.Generator, length: int, n: int, vocab: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids [L], ids / counts / logprobs [L, M] (padded with -1 / 0 / 0) from n draws
+    per position of a random softmax."""
+    input_ids = rng.integers(0, vocab, size=length, dtype=np.int64)
+    rows = []
+    for _ in range(length):
+        logits = rng.normal(size=vocab) * 2.0
+        logp = logits - np.logaddexp.reduce(logits)
+        draws = rng.choice(vocab, size=n, p=np.exp(logp))
+        ids, counts = np.unique(draws, return_counts=True)
+        rows.append((ids, counts, logp[ids].astype(np.float32)))
+    m = max(len(r[0]) for r in rows) if rows else 1
+    ids = np.full((length, m), -1, dtype=np.int64)
+    counts = np.zeros((length, m), dtype=np.int64)
+    lps = np.zeros((length, m), dtype=np.float32)
+    for i, (a, c, lp) in enumerate(rows):
+        ids[i, : len(a)] = a
+        counts[i, : len(a)] = c
+        lps[i, : len(a)] = lp
+    return input_ids, ids, counts, lps
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

@@ -1,0 +1,314 @@
+"""Every bad input named by the store issue gets a clear, typed error, and nothing already
+committed is lost."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_sampled, make_topk
+
+import logitcache as lc
+
+V, K = 200, 4
+
+
+@pytest.fixture
+def committed(tmp_path: Path, rng: np.random.Generator) -> Path:
+    """A store with samples 0 and 1 committed."""
+    path = tmp_path / "s"
+    with lc.StoreWriter(path, vocab_size=V, k=K, teacher="t", tokenizer="tok") as w:
+        w.add(0, *make_topk(rng, 5, K, V))
+        w.add(1, *make_topk(rng, 3, K, V))
+    return path
+
+
+def _good(rng: np.random.Generator, n: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return make_topk(rng, n, K, V)
+
+
+def _assert_intact(path: Path) -> None:
+    s = lc.open_store(path)
+    assert sorted(s.sample_ids().tolist()) == [0, 1]
+    assert lc.verify_store(path)["ok"]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda i, t, p: (i, t[:, :3], p), ValueError, r"topk_ids.*shape"),
+        (lambda i, t, p: (i, t, p[:-1]), ValueError, r"topk_logprobs.*shape"),
+        (lambda i, t, p: (i[:, None], t, p), ValueError, r"input_ids must be 1-D"),
+        (lambda i, t, p: (i, t.astype(np.float32), p), ValueError, r"topk_ids must be an integer"),
+        (lambda i, t, p: (i, t, p.astype(np.int64)), ValueError, r"floating-point"),
+        (lambda i, t, p: (i + V, t, p), lc.InvalidRecordError, r"input id \d+ .*outside"),
+        (lambda i, t, p: (i, np.where(t == t[0, 0], V, t), p), lc.InvalidRecordError, r"outside"),
+        (lambda i, t, p: (i, np.where(t == t[0, 1], -1, t), p), lc.InvalidRecordError, r"-1 "),
+        (
+            lambda i, t, p: (i, t, np.where(np.arange(K) == 2, np.nan, p)),
+            lc.InvalidRecordError,
+            r"NaN",
+        ),
+        (
+            lambda i, t, p: (i, t, np.where(np.arange(K) == 0, np.inf, p)),
+            lc.InvalidRecordError,
+            r"positive",
+        ),
+        (lambda i, t, p: (i, t, p + 5.0), lc.InvalidRecordError, r"positive.*not logits"),
+        (lambda i, t, p: (i, t, p[:, ::-1].copy()), lc.InvalidRecordError, r"not sorted"),
+        (
+            lambda i, t, p: (i, np.concatenate([t[:, :1], t[:, :3]], axis=1), p),
+            lc.InvalidRecordError,
+            r"appears twice",
+        ),
+        (
+            lambda i, t, p: (i, t, np.full_like(p, -0.01)),
+            lc.InvalidRecordError,
+            r"add up to",
+        ),
+    ],
+)
+def test_bad_topk_records_rejected(
+    committed: Path, rng: np.random.Generator, change, error, match
+) -> None:
+    with lc.StoreWriter(committed, vocab_size=V, k=K, mode="a") as w:
+        args = change(*_good(rng))
+        with pytest.raises(error, match=match):
+            w.add(5, *args)
+        w.add(6, *_good(rng))  # the writer stays usable after a rejected record
+    s = lc.open_store(committed)
+    assert sorted(s.sample_ids().tolist()) == [0, 1, 6]
+
+
+def test_bad_sampled_records_rejected(tmp_path: Path, rng: np.random.Generator) -> None:
+    n = 8
+    with lc.StoreWriter(tmp_path / "s", vocab_size=V, k=n, kind="sampled") as w:
+        inp, ids, counts, lp = make_sampled(rng, 3, n, V)
+        w.add_sampled(0, inp, ids, counts)
+        bad_counts = counts.copy()
+        bad_counts[0, 0] += 1
+        with pytest.raises(lc.InvalidRecordError, match=r"more than n|expected n"):
+            w.add_sampled(1, inp, ids, bad_counts)
+        neg = counts.copy()
+        neg[1, 0] = -1
+        with pytest.raises(lc.InvalidRecordError, match="negative"):
+            w.add_sampled(1, inp, ids, neg)
+        with pytest.raises(ValueError, match="keeps no log-probabilities"):
+            w.add_sampled(1, inp, ids, counts, lp)
+        with pytest.raises(ValueError, match=r"counts.*shape"):
+            w.add_sampled(1, inp, ids, counts[:, :1])
+        with pytest.raises(ValueError, match="sampled store; use add_sampled"):
+            w.add(1, *make_topk(rng, 3, n, V))
+    with lc.StoreWriter(tmp_path / "t", vocab_size=V, k=n, kind="sampled", codec="abs:0.1") as w:
+        with pytest.raises(ValueError, match="pass them"):
+            w.add_sampled(0, inp, ids, counts)
+        bad_lp = lp.copy()
+        bad_lp[0, 0] = -np.inf
+        with pytest.raises(lc.InvalidRecordError, match="finite"):
+            w.add_sampled(0, inp, ids, counts, bad_lp)
+
+
+def test_duplicate_sample_ids(committed: Path, rng: np.random.Generator) -> None:
+    with lc.StoreWriter(committed, vocab_size=V, k=K, mode="a") as w:
+        with pytest.raises(lc.DuplicateSampleError, match="duplicate sample id 1"):
+            w.add(1, *_good(rng))
+        w.add(7, *_good(rng))
+        with pytest.raises(lc.DuplicateSampleError, match="duplicate sample id 7"):
+            w.add(7, *_good(rng))
+    assert len(lc.open_store(committed)) == 3
+
+
+@pytest.mark.parametrize("sid", [-1, 2**64, 1.5, "3", True])
+def test_bad_sample_id_values(committed: Path, rng: np.random.Generator, sid: object) -> None:
+    with lc.StoreWriter(committed, vocab_size=V, k=K, mode="a") as w:
+        with pytest.raises(ValueError, match="sample_id"):
+            w.add(sid, *_good(rng))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"vocab_size": V + 1}, "vocab_size"),
+        ({"k": K + 1}, "k"),
+        ({"kind": "sampled"}, "kind"),
+        ({"temperature": 2.0}, "temperature"),
+        ({"codec": "lossless"}, "codec"),
+        ({"teacher": "other"}, "teacher.name"),
+        ({"tokenizer": "other"}, "tokenizer.name"),
+    ],
+)
+def test_append_refuses_a_mismatch_naming_the_field(
+    committed: Path, kwargs: dict, field: str
+) -> None:
+    args = {"vocab_size": V, "k": K, "mode": "a", **kwargs}
+    with pytest.raises(lc.StoreMismatchError, match=re.escape(field) + " expected"):
+        lc.StoreWriter(committed, **args)
+    _assert_intact(committed)
+
+
+def test_modes(committed: Path, tmp_path: Path, rng: np.random.Generator) -> None:
+    with pytest.raises(lc.StoreExistsError, match='mode="a"'):
+        lc.StoreWriter(committed, vocab_size=V, k=K)
+    with pytest.raises(FileExistsError):
+        lc.StoreWriter(committed, vocab_size=V, k=K, mode="x")
+    with pytest.raises(ValueError, match="mode"):
+        lc.StoreWriter(tmp_path / "m", vocab_size=V, k=K, mode="r")  # type: ignore[arg-type]
+    # "a" on a missing path creates the store.
+    with lc.StoreWriter(tmp_path / "new", vocab_size=V, k=K, mode="a") as w:
+        w.add(3, *_good(rng))
+    assert lc.open_store(tmp_path / "new").sample_ids().tolist() == [3]
+    # "w" refuses a directory that is not a store.
+    other = tmp_path / "not_a_store"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a logitcache store"):
+        lc.StoreWriter(other, vocab_size=V, k=K, mode="w")
+    assert (other / "precious.txt").read_text() == "keep me"
+    # "w" replaces, and the old store stays readable until the commit.
+    with lc.StoreWriter(committed, vocab_size=V + 5, k=K, mode="w") as w:
+        w.add(9, *make_topk(rng, 2, K, V + 5))
+        assert len(lc.open_store(committed)) == 2
+    s = lc.open_store(committed)
+    assert s.sample_ids().tolist() == [9] and s.vocab_size == V + 5
+    assert lc.verify_store(committed)["orphans"] == []
+
+
+def test_exception_in_with_block_keeps_committed_state(
+    committed: Path, rng: np.random.Generator
+) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with lc.StoreWriter(committed, vocab_size=V, k=K, mode="a", chunk_positions=2) as w:
+            for sid in range(10, 40):
+                w.add(sid, *_good(rng))
+            raise RuntimeError("boom")
+    _assert_intact(committed)
+    assert lc.verify_store(committed)["orphans"] == []
+    # A new store that never committed leaves no directory behind.
+    fresh = committed.parent / "fresh"
+    with pytest.raises(RuntimeError):
+        with lc.StoreWriter(fresh, vocab_size=V, k=K) as w:
+            w.add(1, *_good(rng))
+            raise RuntimeError
+    assert not fresh.exists()
+
+
+def test_commit_checkpoints_survive_a_later_abort(
+    committed: Path, rng: np.random.Generator
+) -> None:
+    w = lc.StoreWriter(committed, vocab_size=V, k=K, mode="a")
+    w.add(20, *_good(rng))
+    w.commit()
+    w.add(21, *_good(rng))
+    w.abort()
+    assert sorted(lc.open_store(committed).sample_ids().tolist()) == [0, 1, 20]
+    with pytest.raises(lc.StoreError, match="closed"):
+        w.add(22, *_good(rng))
+
+
+def test_second_writer_is_refused(committed: Path) -> None:
+    w = lc.StoreWriter(committed, vocab_size=V, k=K, mode="a")
+    with pytest.raises(lc.StoreLockedError, match="locked by another writer"):
+        lc.StoreWriter(committed, vocab_size=V, k=K, mode="a")
+    w.close()
+    lc.StoreWriter(committed, vocab_size=V, k=K, mode="a").close()
+
+
+def test_future_format_version(committed: Path) -> None:
+    mpath = committed / "manifest.json"
+    env = json.loads(mpath.read_text())
+    body = env["manifest"]
+    body["format_version"] = 99
+    text = json.dumps(body, separators=(",", ":"))
+    crc = zlib.crc32(text.encode())
+    mpath.write_text(f'{{"checksum":"crc32:{crc:08x}","manifest":{text}}}\n')
+    with pytest.raises(lc.FormatVersionError, match="format version 99 is not supported"):
+        lc.open_store(committed)
+    with pytest.raises(lc.FormatVersionError):
+        lc.StoreWriter(committed, vocab_size=V, k=K, mode="a")
+
+
+def test_corrupt_manifest_and_missing_store(committed: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        lc.open_store(tmp_path / "nope")
+    mpath = committed / "manifest.json"
+    raw = bytearray(mpath.read_bytes())
+    i = raw.index(b'"vocab_size":') + len(b'"vocab_size":')
+    raw[i] = ord("9") if raw[i] != ord("9") else ord("8")
+    mpath.write_bytes(bytes(raw))
+    with pytest.raises(lc.CorruptStoreError, match="manifest checksum mismatch"):
+        lc.open_store(committed)
+    report = lc.verify_store(committed)
+    assert not report["ok"] and "checksum" in report["problems"][0]
+
+
+def test_truncated_and_flipped_shard(committed: Path) -> None:
+    shard = next((committed / "shards").iterdir())
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(lc.CorruptStoreError, match=r"shard 0.*truncated"):
+        lc.open_store(committed)
+    # A flipped byte inside a chunk: open succeeds (header/footer intact) but reading the
+    # sample raises an error naming file, shard, chunk and sample; nothing wrong is returned.
+    flipped = bytearray(data)
+    flipped[64 + 20] ^= 0x10
+    shard.write_bytes(bytes(flipped))
+    s = lc.open_store(committed)
+    with pytest.raises(lc.CorruptStoreError) as info:
+        s[0]
+    msg = str(info.value)
+    assert shard.name in msg and "shard 0" in msg and "chunk 0" in msg and "sample 0" in msg
+    with pytest.raises(lc.CorruptStoreError):
+        s.read_batch([1, 0])
+    assert not lc.verify_store(committed)["ok"]
+
+
+def test_bad_writer_arguments(tmp_path: Path) -> None:
+    cases = [
+        ({"vocab_size": 0, "k": 1}, "vocab_size"),
+        ({"vocab_size": 10, "k": 0}, "k"),
+        ({"vocab_size": 10, "k": 11}, "larger than vocab_size"),
+        ({"vocab_size": 10, "k": 2, "temperature": 0.0}, "temperature"),
+        ({"vocab_size": 10, "k": 2, "temperature": float("nan")}, "temperature"),
+        ({"vocab_size": 10, "k": 2, "codec": "zip"}, "unknown codec"),
+        ({"vocab_size": 10, "k": 2, "codec": "abs:0"}, "between"),
+        ({"vocab_size": 10, "k": 2, "codec": "none"}, "must keep log-probabilities"),
+        ({"vocab_size": 10, "k": 2, "kind": "dense"}, "kind"),
+        ({"vocab_size": 10, "k": 2, "metadata": {"x": object()}}, "JSON"),
+        ({"vocab_size": 10, "k": 2, "shard_size": "lots"}, "shard_size"),
+        ({"vocab_size": 10, "k": 2, "zstd_level": 40}, "zstd_level"),
+    ]
+    for i, (kwargs, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match):
+            lc.StoreWriter(tmp_path / f"s{i}", **kwargs)
+        assert not (tmp_path / f"s{i}").exists(), kwargs
+
+
+def test_add_logits_errors(tmp_path: Path) -> None:
+    with lc.StoreWriter(tmp_path / "s", vocab_size=50, k=3) as w:
+        with pytest.raises(ValueError, match=r"slice the logits .*vocab_size=64"):
+            w.add_logits(0, np.arange(2), np.zeros((2, 64), np.float32))
+        with pytest.raises(ValueError, match=r"expected \[3, 50\]"):
+            w.add_logits(0, np.arange(3), np.zeros((2, 50), np.float32))
+        bad = np.zeros((2, 50), np.float32)
+        bad[1, 7] = np.nan
+        with pytest.raises(lc.InvalidRecordError, match="position 1: NaN at vocabulary id 7"):
+            w.add_logits(0, np.arange(2), bad)
+        with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+            w.add_logits(0, np.arange(2), np.zeros((2, 50), np.int32))
+        w.add_logits(0, np.arange(2), np.zeros((2, 50), np.float64))
+    rec = lc.open_store(tmp_path / "s")[0]
+    np.testing.assert_allclose(rec.topk_logprobs, np.log(1 / 50), atol=2**-7)
+    assert rec.topk_ids.tolist() == [[0, 1, 2], [0, 1, 2]]  # ties: lower id first
+
+
+def test_missing_sample_is_a_key_error(committed: Path) -> None:
+    s = lc.open_store(committed)
+    with pytest.raises(KeyError):
+        s[12345]
+    with pytest.raises(lc.MissingSampleError, match="12345"):
+        s.read_batch([0, 12345])
+    assert 12345 not in s and "0" not in s and 0 in s
