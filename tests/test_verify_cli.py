@@ -1,0 +1,132 @@
+"""`verify` catches a flipped byte in any region of a shard or the manifest; the CLI reports
+it with a non-zero exit status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_sampled, make_topk
+
+import logitcache as lc
+from logitcache.cli import main
+
+
+def _small_store(path: Path, kind: str = "topk") -> None:
+    rng = np.random.default_rng(5)
+    if kind == "topk":
+        with lc.StoreWriter(path, vocab_size=300, k=4, chunk_positions=8) as w:
+            for sid in range(5):
+                w.add(sid, *make_topk(rng, 6, 4, 300))
+    else:
+        with lc.StoreWriter(path, vocab_size=300, k=6, kind="sampled", chunk_positions=8) as w:
+            for sid in range(5):
+                inp, ids, counts, _ = make_sampled(rng, 6, 6, 300)
+                w.add_sampled(sid, inp, ids, counts)
+
+
+def _regions(shard: bytes) -> dict[str, range]:
+    """Byte ranges of the shard's regions, read from its trailer (FORMAT.md)."""
+    footer_off, footer_len = struct.unpack_from("<QQ", shard, len(shard) - 32)
+    return {
+        "header": range(0, 64),
+        "chunks": range(64, footer_off),
+        "footer": range(footer_off, footer_off + footer_len),
+        "trailer": range(len(shard) - 32, len(shard)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_every_flipped_byte_is_reported(tmp_path: Path, kind: str) -> None:
+    base = tmp_path / "base"
+    _small_store(base, kind)
+    shard_rel = json.loads((base / "manifest.json").read_text())["manifest"]["shards"][0]["file"]
+    original = (base / shard_rel).read_bytes()
+    work = tmp_path / "work"
+    shutil.copytree(base, work)
+    target = work / shard_rel
+    missed = []
+    detected = {name: 0 for name in _regions(original)}
+    for name, region in _regions(original).items():
+        for i in region:
+            damaged = bytearray(original)
+            damaged[i] ^= 1 << (i % 8)
+            target.write_bytes(bytes(damaged))
+            if lc.verify_store(work)["ok"]:
+                missed.append((name, i))
+            else:
+                detected[name] += 1
+    target.write_bytes(original)
+    assert missed == [], missed
+    assert all(v > 0 for v in detected.values())
+    # The manifest: every byte.
+    mpath = work / "manifest.json"
+    manifest = mpath.read_bytes()
+    for i in range(len(manifest)):
+        damaged = bytearray(manifest)
+        damaged[i] ^= 1 << (i % 8)
+        mpath.write_bytes(bytes(damaged))
+        try:
+            report = lc.verify_store(work)
+        except (lc.StoreError, OSError):
+            continue
+        assert not report["ok"], f"manifest byte {i} flipped and not reported"
+    mpath.write_bytes(manifest)
+    assert lc.verify_store(work)["ok"]
+
+
+def test_truncation_reported(tmp_path: Path) -> None:
+    _small_store(tmp_path / "s")
+    shard = next((tmp_path / "s" / "shards").iterdir())
+    data = shard.read_bytes()
+    for cut in (0, 10, 64, len(data) // 2, len(data) - 33, len(data) - 1):
+        shard.write_bytes(data[:cut])
+        report = lc.verify_store(tmp_path / "s")
+        assert not report["ok"] and report["problems"], cut
+
+
+def test_orphans_reported_not_faults(tmp_path: Path) -> None:
+    _small_store(tmp_path / "s")
+    (tmp_path / "s" / "shards" / "000099-00000000000000ff.lcs").write_bytes(b"partial")
+    report = lc.verify_store(tmp_path / "s")
+    assert report["ok"]
+    assert report["orphans"] == ["shards/000099-00000000000000ff.lcs"]
+
+
+def test_cli_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _small_store(tmp_path / "s")
+    assert main(["info", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "top-K" in out and "bytes per token" in out and "max abs error 0.0078125" in out
+    assert main(["info", "--json", str(tmp_path / "s")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_samples"] == 5 and info["bytes_per_token"] > 0
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.startswith("OK")
+    shard = next((tmp_path / "s" / "shards").iterdir())
+    data = bytearray(shard.read_bytes())
+    data[70] ^= 1
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "FAULT" in err and shard.name in err and "chunk 0" in err
+    assert main(["verify", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_console_entry_points(tmp_path: Path) -> None:
+    _small_store(tmp_path / "s")
+    for cmd in (
+        [sys.executable, "-m", "logitcache"],
+        [str(Path(sys.executable).parent / "logitcache")],
+    ):
+        r = subprocess.run([*cmd, "verify", str(tmp_path / "s")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([*cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "info" in r.stdout and "verify" in r.stdout
