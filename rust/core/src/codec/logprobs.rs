@@ -147,12 +147,17 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Encode
                 let mut prev = 0u32;
                 let mut count = 0usize;
                 for &v in row {
-                    let Some(q) = level(v, inv_step) else { break };
                     if sorted {
+                        // -inf (and anything too negative to quantize) ends a sorted row:
+                        // the rest of the row is -inf too.
+                        let Some(q) = level(v, inv_step) else { break };
                         // Non-increasing logprobs give non-decreasing levels.
                         bytes::put_varint(&mut values, u64::from(q - prev));
                         prev = q;
                     } else {
+                        // Sampled ids were drawn, so their probability is positive; a level
+                        // beyond the range only means "smaller than e^-(2^24 step)".
+                        let q = level(v, inv_step).unwrap_or(MAX_LEVEL);
                         bytes::put_varint(&mut values, u64::from(q));
                     }
                     count += 1;
