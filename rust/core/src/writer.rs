@@ -201,6 +201,7 @@ pub struct StoreWriter {
     replaced_files: Vec<PathBuf>,
     next_seq: u64,
     seen: SeenIds,
+    scratch: codec::EncodeScratch,
     closed: bool,
 }
 
@@ -470,6 +471,7 @@ impl StoreWriter {
             uncommitted_files: Vec::new(),
             replaced_files,
             next_seq,
+            scratch: codec::EncodeScratch::default(),
             closed: false,
         })
     }
@@ -552,7 +554,7 @@ impl StoreWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let payload = codec::encode_chunk(&self.pending, &self.params)?;
+        let payload = codec::encode_chunk(&self.pending, &self.params, &mut self.scratch)?;
         if self.shard.is_none() {
             let h = self.header();
             let w = ShardWriter::create(&self.dir, self.next_seq, &h)?;

@@ -80,6 +80,15 @@ impl<'a> ByteReader<'a> {
         self.pos == self.buf.len()
     }
 
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Continue reading at `pos` (clamped to the end).
+    pub fn skip_to(&mut self, pos: usize) {
+        self.pos = pos.min(self.buf.len());
+    }
+
     /// Fail unless every byte was consumed: trailing bytes mean the stream and the
     /// footer disagree about what the chunk holds.
     pub fn finish(&self, loc: &Location) -> Result<()> {

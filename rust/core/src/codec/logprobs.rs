@@ -9,7 +9,7 @@
 //! * `none`: sampled stores that keep only ids and counts.
 
 use crate::codec::bytes::{self, ByteReader};
-use crate::codec::{CodecParams, RowShape};
+use crate::codec::{CodecParams, RowShape, Streams, ids, tag};
 use crate::error::{Error, Location, Result};
 use crate::format::Kind;
 
@@ -105,13 +105,6 @@ fn step_from_log2(step_log2: i32) -> f32 {
     f32::from_bits(((127 - step_log2) as u32) << 23)
 }
 
-/// Encoded log-probabilities: the value stream and, when some rows end in -inf, the
-/// per-row count of finite entries.
-pub struct Encoded {
-    pub values: Vec<u8>,
-    pub finite_counts: Option<Vec<u8>>,
-}
-
 /// Quantize one value to its level, or `None` for -inf and values too negative to
 /// represent (their probability is exactly 0 in float32 and float64).
 #[inline]
@@ -129,36 +122,71 @@ pub fn dequantize(q: u32, step: f32) -> f32 {
     0.0f32 - (q as f32) * step
 }
 
-pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Encoded> {
+/// Lead bytes below this carry the value itself; 255 announces a varint extension.
+const LEAD_ESCAPE: u32 = 255;
+
+#[inline]
+fn put_small(lead: &mut Vec<u8>, ext: &mut Vec<u8>, v: u32) {
+    if v < LEAD_ESCAPE {
+        lead.push(v as u8);
+    } else {
+        lead.push(LEAD_ESCAPE as u8);
+        bytes::put_varint(ext, u64::from(v - LEAD_ESCAPE));
+    }
+}
+
+#[inline]
+fn get_small(lead: &mut ByteReader<'_>, ext: &mut ByteReader<'_>, loc: &Location) -> Result<u64> {
+    let b = lead.byte(loc)?;
+    if u32::from(b) < LEAD_ESCAPE {
+        Ok(u64::from(b))
+    } else {
+        Ok(ext.varint(loc)? + u64::from(LEAD_ESCAPE))
+    }
+}
+
+/// Encode the log-probabilities of a chunk's rows into (tag, stream) pairs.
+pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u8, Vec<u8>)>> {
     match p.logprobs {
-        LogprobCodec::None => Ok(Encoded { values: Vec::new(), finite_counts: None }),
+        LogprobCodec::None => Ok(Vec::new()),
         LogprobCodec::Lossless => {
-            let bits: Vec<u32> = lp.iter().map(|v| v.to_bits()).collect();
-            Ok(Encoded { values: bytes::u32_planes(&bits), finite_counts: None })
+            // Neighbouring ranks share sign, exponent and high mantissa bits: XOR with the
+            // previous entry of the row leaves mostly zero high bytes.
+            let mut bits = Vec::with_capacity(lp.len());
+            rows.for_each_row(|start, n| {
+                let mut prev = 0u32;
+                for &v in &lp[start..start + n] {
+                    bits.push(v.to_bits() ^ prev);
+                    prev = v.to_bits();
+                }
+                Ok(())
+            })?;
+            Ok(vec![(tag::LP_LOSSLESS, bytes::u32_planes(&bits))])
         }
         LogprobCodec::Abs { .. } => {
             let inv_step = 1.0 / f64::from(p.logprobs.step());
-            let mut values = Vec::with_capacity(lp.len() + lp.len() / 2);
+            let sorted = p.kind == Kind::TopK;
+            let mut leads: [Vec<u8>; 4] = Default::default();
+            let mut exts: [Vec<u8>; 4] = Default::default();
             let mut finite = Vec::with_capacity(rows.num_rows());
             let mut any_nonfinite = false;
-            let sorted = p.kind == Kind::TopK;
             rows.for_each_row(|start, n| {
-                let row = &lp[start..start + n];
                 let mut prev = 0u32;
                 let mut count = 0usize;
-                for &v in row {
+                for (j, &v) in lp[start..start + n].iter().enumerate() {
+                    let g = ids::group_of(j);
+                    let (lead, ext) = (&mut leads[g], &mut exts[g]);
                     if sorted {
                         // -inf (and anything too negative to quantize) ends a sorted row:
                         // the rest of the row is -inf too.
                         let Some(q) = level(v, inv_step) else { break };
                         // Non-increasing logprobs give non-decreasing levels.
-                        bytes::put_varint(&mut values, u64::from(q - prev));
+                        put_small(lead, ext, q - prev);
                         prev = q;
                     } else {
                         // Sampled ids were drawn, so their probability is positive; a level
                         // beyond the range only means "smaller than e^-(2^24 step)".
-                        let q = level(v, inv_step).unwrap_or(MAX_LEVEL);
-                        bytes::put_varint(&mut values, u64::from(q));
+                        put_small(lead, ext, level(v, inv_step).unwrap_or(MAX_LEVEL));
                     }
                     count += 1;
                 }
@@ -168,14 +196,22 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Encode
                 bytes::put_varint(&mut finite, count as u64);
                 Ok(())
             })?;
-            Ok(Encoded { values, finite_counts: any_nonfinite.then_some(finite) })
+            let mut out: Vec<(u8, Vec<u8>)> = Vec::with_capacity(9);
+            for (g, (lead, ext)) in leads.into_iter().zip(exts).enumerate() {
+                out.push((tag::LP_LEAD + g as u8, lead));
+                out.push((tag::LP_EXT + g as u8, ext));
+            }
+            if any_nonfinite {
+                out.push((tag::FINITE_COUNTS, finite));
+            }
+            Ok(out)
         }
     }
 }
 
-pub fn decode(
-    values: &[u8],
-    finite_counts: Option<&[u8]>,
+/// Decode the log-probabilities of a chunk's rows from its streams.
+pub(crate) fn decode(
+    s: &mut Streams,
     rows: &RowShape<'_>,
     num_entries: usize,
     p: &CodecParams,
@@ -184,48 +220,155 @@ pub fn decode(
     match p.logprobs {
         LogprobCodec::None => Ok(Vec::new()),
         LogprobCodec::Lossless => {
-            let bits = bytes::u32_from_planes(values, num_entries, "log-probabilities", loc)?;
-            Ok(bits.into_iter().map(f32::from_bits).collect())
-        }
-        LogprobCodec::Abs { .. } => {
-            let step = p.logprobs.step();
-            let sorted = p.kind == Kind::TopK;
-            let mut out = vec![f32::NEG_INFINITY; num_entries];
-            let mut r = ByteReader::new(values, "log-probabilities");
-            let mut fr = finite_counts.map(|f| ByteReader::new(f, "finite counts"));
+            let raw = s.optional(tag::LP_LOSSLESS);
+            let bits = bytes::u32_from_planes(&raw, num_entries, "log-probabilities", loc)?;
+            let mut out = Vec::with_capacity(num_entries);
             rows.for_each_row(|start, n| {
-                let finite = match fr.as_mut() {
-                    Some(f) => f.varint(loc)? as usize,
-                    None => n,
-                };
-                if finite > n {
-                    return Err(Error::corrupt(
-                        loc.clone(),
-                        format!("row of {n} entries claims {finite} finite log-probabilities"),
-                    ));
-                }
-                let row = &mut out[start..start + finite];
-                let mut q = 0u64;
-                for slot in row.iter_mut() {
-                    let v = r.varint(loc)?;
-                    q = if sorted { q + v } else { v };
-                    if q > u64::from(MAX_LEVEL) {
-                        return Err(Error::corrupt(
-                            loc.clone(),
-                            format!("log-probability level {q} out of range"),
-                        ));
-                    }
-                    *slot = dequantize(q as u32, step);
+                let mut prev = 0u32;
+                for &x in &bits[start..start + n] {
+                    prev ^= x;
+                    out.push(f32::from_bits(prev));
                 }
                 Ok(())
             })?;
-            r.finish(loc)?;
-            if let Some(f) = fr {
-                f.finish(loc)?;
-            }
             Ok(out)
         }
+        LogprobCodec::Abs { .. } => {
+            let step = p.logprobs.step();
+            let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
+                (s.optional(tag::LP_LEAD + g as u8), s.optional(tag::LP_EXT + g as u8))
+            });
+            let finite_raw = s.take(tag::FINITE_COUNTS);
+            match (rows, finite_raw) {
+                (RowShape::Fixed { rows, k }, None) => {
+                    decode_sorted_full(&raw, *rows, *k, step, loc)
+                }
+                (rows, finite_raw) => decode_general(
+                    &raw,
+                    finite_raw.as_deref(),
+                    rows,
+                    num_entries,
+                    step,
+                    p.kind == Kind::TopK,
+                    loc,
+                ),
+            }
+        }
     }
+}
+
+/// Top-K rows without -inf: every lead stream holds exactly one byte per entry of its group,
+/// so deltas are read without per-byte checks, then summed along each row.
+fn decode_sorted_full(
+    raw: &[(Vec<u8>, Vec<u8>); 4],
+    rows: usize,
+    k: usize,
+    step: f32,
+    loc: &Location,
+) -> Result<Vec<f32>> {
+    let mut deltas = vec![0u32; rows * k];
+    for (g, &(a, b)) in ids::GROUPS.iter().enumerate() {
+        let w = b.min(k).saturating_sub(a);
+        let (lead, ext_raw) = &raw[g];
+        if lead.len() != rows * w {
+            return Err(Error::corrupt(
+                loc.clone(),
+                format!(
+                    "log-probability stream {g} has {} codes, expected {}",
+                    lead.len(),
+                    rows * w
+                ),
+            ));
+        }
+        if w == 0 {
+            continue;
+        }
+        let mut ext = ByteReader::new(ext_raw, "log-probability extension");
+        for (row, codes) in lead.chunks_exact(w).enumerate() {
+            let dst = &mut deltas[row * k + a..row * k + a + w];
+            for (d, &c) in dst.iter_mut().zip(codes) {
+                *d = if u32::from(c) < LEAD_ESCAPE {
+                    u32::from(c)
+                } else {
+                    let v = ext.varint(loc)? + u64::from(LEAD_ESCAPE);
+                    u32::try_from(v).unwrap_or(u32::MAX)
+                };
+            }
+        }
+        ext.finish(loc)?;
+    }
+    let mut out = vec![0f32; rows * k];
+    for (src, dst) in deltas.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        let mut q = 0u64;
+        for (&d, o) in src.iter().zip(dst.iter_mut()) {
+            q += u64::from(d);
+            if q > u64::from(MAX_LEVEL) {
+                return Err(Error::corrupt(
+                    loc.clone(),
+                    format!("log-probability level {q} out of range"),
+                ));
+            }
+            *o = dequantize(q as u32, step);
+        }
+    }
+    Ok(out)
+}
+
+/// Any row shape, with or without finite counts: one entry at a time.
+fn decode_general(
+    raw: &[(Vec<u8>, Vec<u8>); 4],
+    finite_raw: Option<&[u8]>,
+    rows: &RowShape<'_>,
+    num_entries: usize,
+    step: f32,
+    sorted: bool,
+    loc: &Location,
+) -> Result<Vec<f32>> {
+    let mut readers: Vec<(ByteReader<'_>, ByteReader<'_>)> = raw
+        .iter()
+        .map(|(l, e)| {
+            (
+                ByteReader::new(l, "log-probabilities"),
+                ByteReader::new(e, "log-probability extension"),
+            )
+        })
+        .collect();
+    let mut fr = finite_raw.map(|f| ByteReader::new(f, "finite counts"));
+    let mut out = vec![f32::NEG_INFINITY; num_entries];
+    rows.for_each_row(|start, n| {
+        let finite = match fr.as_mut() {
+            Some(f) => f.varint(loc)? as usize,
+            None => n,
+        };
+        if finite > n {
+            return Err(Error::corrupt(
+                loc.clone(),
+                format!("row of {n} entries claims {finite} finite log-probabilities"),
+            ));
+        }
+        let mut q = 0u64;
+        for (j, slot) in out[start..start + finite].iter_mut().enumerate() {
+            let (lead, ext) = &mut readers[ids::group_of(j)];
+            let v = get_small(lead, ext, loc)?;
+            q = if sorted { q + v } else { v };
+            if q > u64::from(MAX_LEVEL) {
+                return Err(Error::corrupt(
+                    loc.clone(),
+                    format!("log-probability level {q} out of range"),
+                ));
+            }
+            *slot = dequantize(q as u32, step);
+        }
+        Ok(())
+    })?;
+    for (lead, ext) in &readers {
+        lead.finish(loc)?;
+        ext.finish(loc)?;
+    }
+    if let Some(f) = fr {
+        f.finish(loc)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

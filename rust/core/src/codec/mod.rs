@@ -5,6 +5,7 @@
 //! each zstd stream sees data of one kind and its entropy tables fit that kind.
 
 pub mod bytes;
+pub mod ids;
 pub mod logprobs;
 
 use std::cell::RefCell;
@@ -17,14 +18,24 @@ pub use logprobs::LogprobCodec;
 /// Layout version of the chunk payload, its first byte.
 pub const CHUNK_LAYOUT: u8 = 1;
 
-/// Stream tags of the chunk directory.
+/// Stream tags of the chunk directory (FORMAT.md, section 4).
 pub mod tag {
-    pub const INPUT_IDS: u8 = 1;
-    pub const TARGET_IDS: u8 = 2;
-    pub const LOGPROBS: u8 = 3;
-    pub const FINITE_COUNTS: u8 = 4;
-    pub const ROW_LENS: u8 = 5;
-    pub const COUNTS: u8 = 6;
+    pub const INPUT_LEAD: u8 = 1;
+    pub const INPUT_EXT: u8 = 2;
+    pub const ID_TABLE: u8 = 3;
+    pub const ID_COUNTS: u8 = 4;
+    /// `ID_LEAD + g` / `ID_EXT + g` for teacher-rank group g in 0..4.
+    pub const ID_LEAD: u8 = 8;
+    pub const ID_EXT: u8 = 12;
+    /// `LP_LEAD + g` / `LP_EXT + g` for teacher-rank group g in 0..4.
+    pub const LP_LEAD: u8 = 16;
+    pub const LP_EXT: u8 = 20;
+    pub const LP_LOSSLESS: u8 = 24;
+    pub const FINITE_COUNTS: u8 = 25;
+    pub const ROW_LENS: u8 = 26;
+    pub const COUNTS: u8 = 27;
+    /// One past the largest tag.
+    pub const END: usize = 28;
 }
 
 const METHOD_RAW: u8 = 0;
@@ -32,7 +43,7 @@ const METHOD_ZSTD: u8 = 1;
 
 /// How the store codes token ids (recorded as the shard header's `id_codec`).
 pub const ID_CODEC_V1: u8 = 1;
-pub const ID_CODEC_NAME: &str = "planes-v1";
+pub const ID_CODEC_NAME: &str = "rank-table-v1";
 
 /// Everything a codec needs to know about the store.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,9 +127,11 @@ fn decompress(stored: &[u8], raw_len: usize, loc: &Location, what: &str) -> Resu
 
 fn tag_name(t: u8) -> &'static str {
     match t {
-        tag::INPUT_IDS => "input ids",
-        tag::TARGET_IDS => "target ids",
-        tag::LOGPROBS => "log-probabilities",
+        tag::INPUT_LEAD | tag::INPUT_EXT => "input ids",
+        tag::ID_TABLE => "id table",
+        tag::ID_COUNTS => "id counts",
+        8..=15 => "target ids",
+        16..=24 => "log-probabilities",
         tag::FINITE_COUNTS => "finite counts",
         tag::ROW_LENS => "row lengths",
         tag::COUNTS => "counts",
@@ -131,6 +144,9 @@ fn tag_name(t: u8) -> &'static str {
 fn frame(streams: Vec<(u8, Vec<u8>)>, level: i32) -> Result<Vec<u8>> {
     let mut dir = vec![CHUNK_LAYOUT, streams.len() as u8];
     let mut body = Vec::new();
+    let streams: Vec<(u8, Vec<u8>)> =
+        streams.into_iter().filter(|(_, raw)| !raw.is_empty()).collect();
+    dir[1] = streams.len() as u8;
     for (t, raw) in streams {
         let packed = compress(&raw, level)?;
         let (method, stored) = if packed.len() < raw.len() {
@@ -149,18 +165,17 @@ fn frame(streams: Vec<(u8, Vec<u8>)>, level: i32) -> Result<Vec<u8>> {
 }
 
 /// The decoded streams of a chunk, by tag.
-struct Streams {
-    by_tag: [Option<Vec<u8>>; 7],
+pub(crate) struct Streams {
+    by_tag: [Option<Vec<u8>>; tag::END],
 }
 
 impl Streams {
-    fn take(&mut self, t: u8) -> Option<Vec<u8>> {
+    pub(crate) fn take(&mut self, t: u8) -> Option<Vec<u8>> {
         self.by_tag.get_mut(t as usize).and_then(Option::take)
     }
-    fn require(&mut self, t: u8, loc: &Location) -> Result<Vec<u8>> {
-        self.take(t).ok_or_else(|| {
-            Error::corrupt(loc.clone(), format!("chunk lacks its {} stream", tag_name(t)))
-        })
+    /// A stream that may be left out when empty.
+    pub(crate) fn optional(&mut self, t: u8) -> Vec<u8> {
+        self.take(t).unwrap_or_default()
     }
 }
 
@@ -225,22 +240,60 @@ fn unframe(payload: &[u8], max_raw: usize, loc: &Location) -> Result<Streams> {
     Ok(streams)
 }
 
+/// Reusable encoder state (keeps per-chunk allocations out of the hot path).
+#[derive(Default)]
+pub struct EncodeScratch {
+    table: ids::TableScratch,
+}
+
 /// Encode whole records into one chunk payload. Records must already be validated.
-pub fn encode_chunk(records: &[Record], p: &CodecParams) -> Result<Vec<u8>> {
-    let positions: usize = records.iter().map(Record::len).sum();
-    let mut input_ids = Vec::with_capacity(positions);
+pub fn encode_chunk(
+    records: &[Record],
+    p: &CodecParams,
+    scratch: &mut EncodeScratch,
+) -> Result<Vec<u8>> {
+    let sampled = p.kind == Kind::Sampled;
+    let mut all_input: Vec<&[u32]> = Vec::with_capacity(records.len() * 2);
     for r in records {
-        input_ids.extend_from_slice(&r.input_ids);
+        all_input.push(&r.input_ids);
+        all_input.push(&r.ids);
     }
-    let mut streams = vec![(tag::INPUT_IDS, bytes::u32_planes(&input_ids))];
-
-    let mut ids = Vec::new();
+    let table = ids::TableEncoder::new(&all_input, p.vocab_size, &mut scratch.table);
+    let ts = &scratch.table;
+    let (mut input_lead, mut input_ext) = (Vec::new(), Vec::new());
     for r in records {
-        ids.extend_from_slice(&r.ids);
+        for &t in &r.input_ids {
+            ids::put_rank(&mut input_lead, &mut input_ext, table.rank(t, ts));
+        }
     }
-    streams.push((tag::TARGET_IDS, bytes::u32_planes(&ids)));
+    let mut leads: [Vec<u8>; 4] = Default::default();
+    let mut exts: [Vec<u8>; 4] = Default::default();
+    let rows = RowShape::of(records, p);
+    let mut all_ids = Vec::new();
+    for r in records {
+        all_ids.extend_from_slice(&r.ids);
+    }
+    rows.for_each_row(|start, n| {
+        for (j, &id) in all_ids[start..start + n].iter().enumerate() {
+            let g = ids::group_of(j);
+            ids::put_rank(&mut leads[g], &mut exts[g], table.rank(id, ts));
+        }
+        Ok(())
+    })?;
+    let table_streams = (table.ids_stream.clone(), table.counts_stream.clone());
+    table.reset(&mut scratch.table);
+    let mut streams = vec![
+        (tag::INPUT_LEAD, input_lead),
+        (tag::INPUT_EXT, input_ext),
+        (tag::ID_TABLE, table_streams.0),
+        (tag::ID_COUNTS, table_streams.1),
+    ];
+    for (g, (lead, ext)) in leads.into_iter().zip(exts).enumerate() {
+        streams.push((tag::ID_LEAD + g as u8, lead));
+        streams.push((tag::ID_EXT + g as u8, ext));
+    }
 
-    if p.kind == Kind::Sampled {
+    if sampled {
         let mut lens = Vec::new();
         let mut counts = Vec::new();
         for r in records {
@@ -256,16 +309,11 @@ pub fn encode_chunk(records: &[Record], p: &CodecParams) -> Result<Vec<u8>> {
     }
 
     if p.has_logprobs() {
-        let rows = RowShape::of(records, p);
-        let mut lp = Vec::with_capacity(ids.len());
+        let mut lp = Vec::with_capacity(all_ids.len());
         for r in records {
             lp.extend_from_slice(&r.logprobs);
         }
-        let enc = logprobs::encode(&lp, &rows, p)?;
-        streams.push((tag::LOGPROBS, enc.values));
-        if let Some(finite) = enc.finite_counts {
-            streams.push((tag::FINITE_COUNTS, finite));
-        }
+        streams.extend(logprobs::encode(&lp, &rows, p)?);
     }
     frame(streams, p.zstd_level)
 }
@@ -292,6 +340,7 @@ impl<'a> RowShape<'a> {
         }
     }
 
+    /// Call `f(start, len)` for every row, in order.
     pub fn for_each_row(&self, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
         match self {
             RowShape::Fixed { rows, k } => {
@@ -332,6 +381,37 @@ pub struct DecodedChunk {
     pub entry_offsets: Vec<usize>,
 }
 
+/// Decode one id group whose lead stream holds exactly `rows * width` bytes into
+/// `out[row * stride + offset ..][..width]`.
+#[allow(clippy::too_many_arguments)]
+fn decode_group(
+    table: &ids::Table,
+    s: &mut Streams,
+    lead_tag: u8,
+    ext_tag: u8,
+    out: &mut [u32],
+    rows: usize,
+    width: usize,
+    stride: usize,
+    offset: usize,
+    loc: &Location,
+) -> Result<()> {
+    let lead = s.optional(lead_tag);
+    let ext_raw = s.optional(ext_tag);
+    if lead.len() != rows * width {
+        return Err(Error::corrupt(
+            loc.clone(),
+            format!(
+                "{} stream has {} codes, expected {}",
+                tag_name(lead_tag),
+                lead.len(),
+                rows * width
+            ),
+        ));
+    }
+    table.decode_strided(&lead, &ext_raw, out, width, stride, offset, loc)
+}
+
 /// Decode a chunk payload holding records of `lengths` positions and `num_entries` target
 /// entries. Every count is checked against the footer's figures before use.
 pub fn decode_chunk(
@@ -342,7 +422,7 @@ pub fn decode_chunk(
     loc: &Location,
 ) -> Result<DecodedChunk> {
     let positions: usize = lengths.iter().map(|&l| l as usize).sum();
-    if p.kind == Kind::TopK && num_entries != positions * p.k as usize {
+    if p.kind == Kind::TopK && Some(num_entries) != positions.checked_mul(p.k as usize) {
         return Err(Error::corrupt(
             loc.clone(),
             format!(
@@ -360,23 +440,33 @@ pub fn decode_chunk(
             ),
         ));
     }
-    // No stream may decode to more than 10 bytes (a u64 varint) per value.
-    let max_raw = 10usize.saturating_mul(num_entries.saturating_add(positions)).saturating_add(64);
+    // No stream may decode to more than 10 bytes (a u64 varint) per value, plus the table.
+    let max_raw =
+        10usize.saturating_mul(2 * num_entries.saturating_add(positions)).saturating_add(64);
     let mut s = unframe(payload, max_raw, loc)?;
 
-    let input_ids =
-        bytes::u32_from_planes(&s.require(tag::INPUT_IDS, loc)?, positions, "input ids", loc)?;
-    let vocab = p.vocab_size;
-    if let Some(bad) = input_ids.iter().find(|&&t| t >= vocab) {
-        return Err(Error::corrupt(loc.clone(), format!("input id {bad} >= vocab_size {vocab}")));
-    }
-    let ids =
-        bytes::u32_from_planes(&s.require(tag::TARGET_IDS, loc)?, num_entries, "target ids", loc)?;
-    if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
-        return Err(Error::corrupt(loc.clone(), format!("target id {bad} >= vocab_size {vocab}")));
-    }
+    let table = ids::decode_table(
+        &s.optional(tag::ID_TABLE),
+        &s.optional(tag::ID_COUNTS),
+        (positions + num_entries) as u64,
+        p.vocab_size,
+        loc,
+    )?;
+    let mut input_ids = vec![0u32; positions];
+    decode_group(
+        &table,
+        &mut s,
+        tag::INPUT_LEAD,
+        tag::INPUT_EXT,
+        &mut input_ids,
+        positions,
+        1,
+        1,
+        0,
+        loc,
+    )?;
 
-    let mut out = DecodedChunk { input_ids, ids, ..Default::default() };
+    let mut out = DecodedChunk { input_ids, ..Default::default() };
     let mut offs = Vec::with_capacity(lengths.len() + 1);
     let mut acc = 0usize;
     offs.push(0);
@@ -386,8 +476,8 @@ pub fn decode_chunk(
     }
     out.pos_offsets = offs;
 
-    let shape = if p.kind == Kind::Sampled {
-        let lens_raw = s.require(tag::ROW_LENS, loc)?;
+    if p.kind == Kind::Sampled {
+        let lens_raw = s.optional(tag::ROW_LENS);
         let mut r = bytes::ByteReader::new(&lens_raw, "row lengths");
         let mut row_lens = Vec::with_capacity(positions);
         let mut entry_offsets = Vec::with_capacity(positions + 1);
@@ -412,7 +502,7 @@ pub fn decode_chunk(
                 format!("row lengths add up to {total} entries, chunk table says {num_entries}"),
             ));
         }
-        let counts_raw = s.require(tag::COUNTS, loc)?;
+        let counts_raw = s.optional(tag::COUNTS);
         let mut r = bytes::ByteReader::new(&counts_raw, "counts");
         let mut counts = Vec::with_capacity(num_entries);
         for w in entry_offsets.windows(2) {
@@ -436,16 +526,70 @@ pub fn decode_chunk(
         out.counts = counts;
         out.entry_offsets = entry_offsets;
         out.row_lens = row_lens;
+    }
+    let shape = if p.kind == Kind::Sampled {
         RowShape::Ragged(std::borrow::Cow::Borrowed(&out.row_lens))
     } else {
         RowShape::Fixed { rows: positions, k: p.k as usize }
     };
 
-    if p.has_logprobs() {
-        let values = s.require(tag::LOGPROBS, loc)?;
-        let finite = s.take(tag::FINITE_COUNTS);
-        out.logprobs = logprobs::decode(&values, finite.as_deref(), &shape, num_entries, p, loc)?;
+    let mut ids_out = vec![0u32; num_entries];
+    match &shape {
+        RowShape::Fixed { rows, k } => {
+            for (g, &(a, b)) in ids::GROUPS.iter().enumerate() {
+                let w = b.min(*k).saturating_sub(a);
+                let gt = g as u8;
+                decode_group(
+                    &table,
+                    &mut s,
+                    tag::ID_LEAD + gt,
+                    tag::ID_EXT + gt,
+                    &mut ids_out,
+                    *rows,
+                    w,
+                    *k,
+                    a,
+                    loc,
+                )?;
+            }
+        }
+        RowShape::Ragged(_) => {
+            let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
+                (s.optional(tag::ID_LEAD + g as u8), s.optional(tag::ID_EXT + g as u8))
+            });
+            let mut readers: Vec<(bytes::ByteReader<'_>, bytes::ByteReader<'_>)> = raw
+                .iter()
+                .map(|(l, e)| {
+                    (
+                        bytes::ByteReader::new(l, "target ids"),
+                        bytes::ByteReader::new(e, "target ids"),
+                    )
+                })
+                .collect();
+            let mut i = 0usize;
+            shape.for_each_row(|_, n| {
+                for j in 0..n {
+                    let (lead, ext) = &mut readers[ids::group_of(j)];
+                    let b = lead.byte(loc)?;
+                    ids_out[i] = table.id(b, ext, loc)?;
+                    i += 1;
+                }
+                Ok(())
+            })?;
+            for (lead, ext) in &readers {
+                lead.finish(loc)?;
+                ext.finish(loc)?;
+            }
+        }
     }
+
+    let logprobs = if p.has_logprobs() {
+        logprobs::decode(&mut s, &shape, num_entries, p, loc)?
+    } else {
+        Vec::new()
+    };
     drop(shape);
+    out.ids = ids_out;
+    out.logprobs = logprobs;
     Ok(out)
 }

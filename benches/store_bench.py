@@ -1,0 +1,250 @@
+"""Store benchmark: logitcache against the plain formats a user would otherwise pick.
+
+Writes and reads the same synthetic teacher corpus (benches/synthetic.py: Zipf token
+frequencies, peaked teacher distributions) with every method in one process and reports,
+side by side: bytes per token (everything on disk), encode and decode positions per second
+on one core, and the maximum absolute log-probability error.
+
+Methods:
+  * logitcache with each log-probability codec (encode = StoreWriter.add, decode =
+    Store.read_batch into padded numpy arrays), one thread unless --threads says otherwise;
+  * raw .npy: int32 ids + float16 log-probabilities (+ int32 input ids), np.save / np.load;
+  * parquet: the same columns as fixed-size lists, zstd, via pyarrow;
+  * safetensors: the same tensors in one safetensors file.
+
+This is a benchmark, not a test: run ``python benches/store_bench.py`` and record what it
+prints in benches/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import logitcache as lc  # noqa: E402
+from synthetic import generate_corpus  # noqa: E402
+
+
+@dataclass
+class Corpus:
+    lengths: np.ndarray  # [N] positions per sequence
+    input_ids: np.ndarray  # [P] int32
+    topk_ids: np.ndarray  # [P, K] int32
+    topk_logprobs: np.ndarray  # [P, K] float32
+
+    @property
+    def positions(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def sequences(self):
+        offs = np.concatenate([[0], np.cumsum(self.lengths)])
+        for i in range(len(self.lengths)):
+            a, b = offs[i], offs[i + 1]
+            yield i, self.input_ids[a:b], self.topk_ids[a:b], self.topk_logprobs[a:b]
+
+
+@dataclass
+class Result:
+    method: str
+    bytes_per_token: float
+    encode_pos_s: float
+    decode_pos_s: float
+    max_abs_err: float
+
+
+def _dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _max_err(decoded: np.ndarray, want: np.ndarray) -> float:
+    finite = np.isfinite(want)
+    if not np.array_equal(np.isfinite(decoded), finite):
+        return float("inf")
+    return float(np.max(np.abs(decoded[finite].astype(np.float64) - want[finite]), initial=0.0))
+
+
+def bench_logitcache(c: Corpus, vocab: int, codec: str, work: Path, repeats: int, batch: int) -> Result:
+    path = work / f"lc-{codec.replace(':', '_')}"
+
+    def write() -> None:
+        if path.exists():
+            shutil.rmtree(path)
+        with lc.StoreWriter(path, vocab_size=vocab, k=c.topk_ids.shape[1], codec=codec) as w:
+            for sid, inp, ids, lp in c.sequences():
+                w.add(sid, inp, ids, lp)
+
+    t_enc, _ = _best_of(write, repeats)
+    store = lc.open_store(path)
+    sids = store.sample_ids()
+
+    def read() -> list[lc.Batch]:
+        return [store.read_batch(sids[i : i + batch]) for i in range(0, len(sids), batch)]
+
+    t_dec, batches = _best_of(read, repeats)
+    got = np.concatenate([b.topk_logprobs[b.mask] for b in batches])
+    ids = np.concatenate([b.topk_ids[b.mask] for b in batches])
+    assert np.array_equal(ids, c.topk_ids), "ids must round-trip exactly"
+    return Result(
+        f"logitcache {codec}",
+        _dir_bytes(path) / c.positions,
+        c.positions / t_enc,
+        c.positions / t_dec,
+        _max_err(got, c.topk_logprobs),
+    )
+
+
+def bench_npy(c: Corpus, work: Path, repeats: int) -> Result:
+    d = work / "npy"
+
+    def write() -> None:
+        d.mkdir(exist_ok=True)
+        np.save(d / "lengths.npy", c.lengths.astype(np.int32))
+        np.save(d / "input_ids.npy", c.input_ids.astype(np.int32))
+        np.save(d / "topk_ids.npy", c.topk_ids.astype(np.int32))
+        np.save(d / "topk_logprobs.npy", c.topk_logprobs.astype(np.float16))
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        np.load(d / "lengths.npy")
+        np.load(d / "input_ids.npy")
+        return np.load(d / "topk_ids.npy"), np.load(d / "topk_logprobs.npy")
+
+    t_enc, _ = _best_of(write, repeats)
+    t_dec, (ids, lp) = _best_of(read, repeats)
+    assert np.array_equal(ids, c.topk_ids)
+    return Result("npy int32 + float16", _dir_bytes(d) / c.positions, c.positions / t_enc,
+                  c.positions / t_dec, _max_err(lp.astype(np.float32), c.topk_logprobs))
+
+
+def bench_parquet(c: Corpus, work: Path, repeats: int) -> Result | None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+    f = work / "corpus.parquet"
+    k = c.topk_ids.shape[1]
+
+    def write() -> None:
+        ids = pa.FixedSizeListArray.from_arrays(pa.array(c.topk_ids.ravel().astype(np.int32)), k)
+        lp = pa.FixedSizeListArray.from_arrays(
+            pa.array(c.topk_logprobs.ravel().astype(np.float16)), k
+        )
+        seq = np.repeat(np.arange(len(c.lengths), dtype=np.int32), c.lengths)
+        table = pa.table(
+            {"sequence": seq, "input_id": c.input_ids.astype(np.int32), "topk_ids": ids,
+             "topk_logprobs": lp}
+        )
+        pq.write_table(table, f, compression="zstd")
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        t = pq.read_table(f)
+        ids = t.column("topk_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
+        lp = t.column("topk_logprobs").combine_chunks().flatten().to_numpy().reshape(-1, k)
+        return ids, lp
+
+    t_enc, _ = _best_of(write, repeats)
+    t_dec, (ids, lp) = _best_of(read, repeats)
+    assert np.array_equal(ids, c.topk_ids)
+    return Result("parquet zstd (int32 + float16)", f.stat().st_size / c.positions,
+                  c.positions / t_enc, c.positions / t_dec,
+                  _max_err(lp.astype(np.float32), c.topk_logprobs))
+
+
+def bench_safetensors(c: Corpus, work: Path, repeats: int) -> Result | None:
+    try:
+        from safetensors.numpy import load_file, save_file
+    except ImportError:
+        return None
+    f = work / "corpus.safetensors"
+
+    def write() -> None:
+        save_file(
+            {
+                "lengths": c.lengths.astype(np.int32),
+                "input_ids": c.input_ids.astype(np.int32),
+                "topk_ids": c.topk_ids.astype(np.int32),
+                "topk_logprobs": c.topk_logprobs.astype(np.float16),
+            },
+            str(f),
+        )
+
+    def read() -> dict[str, np.ndarray]:
+        return load_file(str(f))
+
+    t_enc, _ = _best_of(write, repeats)
+    t_dec, out = _best_of(read, repeats)
+    assert np.array_equal(out["topk_ids"], c.topk_ids)
+    return Result("safetensors int32 + float16", f.stat().st_size / c.positions,
+                  c.positions / t_enc, c.positions / t_dec,
+                  _max_err(out["topk_logprobs"].astype(np.float32), c.topk_logprobs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 128256])
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--positions", type=int, default=200_000)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--codecs", nargs="+", default=["abs:0.01", "lossless"])
+    parser.add_argument("--threads", type=int, default=1, help="logitcache threads")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per read_batch")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args()
+
+    lc.set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"python {platform.python_version()}, logitcache {lc.__version__}, "
+          f"logitcache threads {args.threads}")
+    all_results = {}
+    for vocab in args.vocab:
+        n_seq = max(1, args.positions // args.seq_len)
+        c = Corpus(*generate_corpus(n_seq, args.seq_len, vocab, args.k, seed=0))
+        print(f"\nV = {vocab}, K = {args.k}, {c.positions:,} positions "
+              f"({n_seq} sequences of {args.seq_len})")
+        results: list[Result] = []
+        with tempfile.TemporaryDirectory(prefix="logitcache-bench-") as tmp:
+            work = Path(tmp)
+            for codec in args.codecs:
+                results.append(bench_logitcache(c, vocab, codec, work, args.repeats, args.batch))
+            for fn in (bench_npy, bench_parquet, bench_safetensors):
+                r = fn(c, work, args.repeats)
+                if r is not None:
+                    results.append(r)
+        best_baseline = min(r.bytes_per_token for r in results if not r.method.startswith("logitcache"))
+        print(f"{'method':34} {'bytes/token':>11} {'vs best':>8} {'encode pos/s':>13} "
+              f"{'decode pos/s':>13} {'max abs err':>12}")
+        for r in results:
+            print(f"{r.method:34} {r.bytes_per_token:11.1f} {best_baseline / r.bytes_per_token:7.2f}x "
+                  f"{r.encode_pos_s:13,.0f} {r.decode_pos_s:13,.0f} {r.max_abs_err:12.2e}")
+        all_results[vocab] = [r.__dict__ for r in results]
+    if args.json:
+        args.json.write_text(json.dumps(all_results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

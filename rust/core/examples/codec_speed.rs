@@ -1,0 +1,82 @@
+//! Encode and decode chunks of a corpus read from raw files, timing each stage on one
+//! thread (CPU time of this thread). Used to tune the codec; the user-facing benchmark is
+//! benches/store_bench.py.
+//!
+//! usage: codec_speed DIR K VOCAB CODEC    (DIR holds input.u32, ids.u32, lp.f32)
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Instant;
+
+use logitcache_core::Location;
+use logitcache_core::codec::{self, CodecParams, EncodeScratch, LogprobCodec, Record};
+use logitcache_core::format::Kind;
+
+fn read<T: Copy>(path: &str) -> Vec<T> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = bytes.len() / std::mem::size_of::<T>();
+    let mut out = Vec::with_capacity(n);
+    for c in bytes.chunks_exact(std::mem::size_of::<T>()) {
+        // SAFETY: T is u32 or f32 here, both 4 plain bytes; read_unaligned copes with any
+        // alignment of the source slice.
+        out.push(unsafe { std::ptr::read_unaligned(c.as_ptr() as *const T) });
+    }
+    out
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = &args[1];
+    let k: usize = args[2].parse().unwrap();
+    let vocab: u32 = args[3].parse().unwrap();
+    let logprobs = LogprobCodec::parse(&args[4]).unwrap();
+    let level: i32 = args.get(5).map(|s| s.parse().unwrap()).unwrap_or(3);
+    let chunk: usize = args.get(6).map(|s| s.parse().unwrap()).unwrap_or(4096);
+    let input: Vec<u32> = read(&format!("{dir}/input.u32"));
+    let ids: Vec<u32> = read(&format!("{dir}/ids.u32"));
+    let lp: Vec<f32> = read(&format!("{dir}/lp.f32"));
+    let p = CodecParams {
+        kind: Kind::TopK,
+        k: k as u32,
+        vocab_size: vocab,
+        logprobs,
+        zstd_level: level,
+    };
+    let n = input.len();
+    let recs: Vec<Record> = (0..n / chunk)
+        .map(|c| Record {
+            sample_id: c as u64,
+            input_ids: input[c * chunk..(c + 1) * chunk].to_vec(),
+            row_lens: vec![],
+            ids: ids[c * chunk * k..(c + 1) * chunk * k].to_vec(),
+            counts: vec![],
+            logprobs: lp[c * chunk * k..(c + 1) * chunk * k].to_vec(),
+        })
+        .collect();
+    let mut scratch = EncodeScratch::default();
+    let t = Instant::now();
+    let payloads: Vec<Vec<u8>> = recs
+        .iter()
+        .map(|r| codec::encode_chunk(std::slice::from_ref(r), &p, &mut scratch).unwrap())
+        .collect();
+    let enc = t.elapsed().as_secs_f64();
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
+    let positions = recs.len() * chunk;
+    let loc = Location::default();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for pl in &payloads {
+            let d = codec::decode_chunk(pl, &[chunk as u32], chunk * k, &p, &loc).unwrap();
+            std::hint::black_box(&d);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "{} positions, {:.2} bytes/pos, encode {:.2} M pos/s, decode {:.2} M pos/s",
+        positions,
+        bytes as f64 / positions as f64,
+        positions as f64 / enc / 1e6,
+        positions as f64 / best / 1e6
+    );
+}

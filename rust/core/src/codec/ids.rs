@@ -1,0 +1,418 @@
+//! Token-id coding: a per-chunk frequency table and tiered byte codes of table ranks.
+//!
+//! Each chunk lists its distinct ids (input ids and target ids together) with their counts;
+//! the rank of an id is its position when the table is ordered by decreasing count, then
+//! increasing id. Every id is coded as its rank in one lead byte (ranks below 224) or a lead
+//! byte plus extension bytes. Lead and extension bytes go to separate streams per group
+//! (the input ids, and teacher ranks 0, 1-3, 4-15, 16+), so that zstd's entropy tables fit
+//! each group's skew and LZ matching picks up rows that repeat; each lead stream holds
+//! exactly one byte per id, which lets the decoder run over it without per-byte checks.
+
+use crate::codec::bytes::{ByteReader, put_varint};
+use crate::error::{Error, Location, Result};
+
+/// Ranks below this take one byte.
+pub const ONE_BYTE: u32 = 224;
+/// Lead bytes `ONE_BYTE..255` carry 5 high bits of a two-byte code.
+pub const TWO_BYTE_SPAN: u32 = (255 - ONE_BYTE) * 256;
+/// Lead byte announcing a varint extension.
+pub const ESCAPE: u8 = 255;
+
+/// Teacher-rank groups: `[start, end)` within a row (the last runs to the row's end).
+pub const GROUPS: [(usize, usize); 4] = [(0, 1), (1, 4), (4, 16), (16, usize::MAX)];
+
+/// Group of the entry at `rank` within its row.
+#[inline]
+pub fn group_of(rank: usize) -> usize {
+    match rank {
+        0 => 0,
+        1..=3 => 1,
+        4..=15 => 2,
+        _ => 3,
+    }
+}
+
+/// Append the code of `r`: the lead byte to `lead`, any extension to `ext`.
+#[inline]
+pub fn put_rank(lead: &mut Vec<u8>, ext: &mut Vec<u8>, r: u32) {
+    if r < ONE_BYTE {
+        lead.push(r as u8);
+    } else if r - ONE_BYTE < TWO_BYTE_SPAN {
+        let v = r - ONE_BYTE;
+        lead.push((ONE_BYTE + (v >> 8)) as u8);
+        ext.push(v as u8);
+    } else {
+        lead.push(ESCAPE);
+        put_varint(ext, u64::from(r - ONE_BYTE - TWO_BYTE_SPAN));
+    }
+}
+
+/// The rank coded by lead byte `b >= ONE_BYTE` and its extension.
+#[inline(never)]
+fn long_rank(b: u8, ext: &mut ByteReader<'_>, loc: &Location) -> Result<u32> {
+    if b != ESCAPE {
+        let lo = ext.byte(loc)?;
+        Ok(ONE_BYTE + ((u32::from(b) - ONE_BYTE) << 8 | u32::from(lo)))
+    } else {
+        let v = ext.varint(loc)?;
+        u32::try_from(v + u64::from(ONE_BYTE + TWO_BYTE_SPAN))
+            .map_err(|_| Error::corrupt(loc.clone(), "id rank does not fit 32 bits"))
+    }
+}
+
+/// A decoded table: ids in rank order, and a lookup for one-byte codes.
+pub struct Table {
+    by_rank: Vec<u32>,
+    /// `lut[c]` = id of rank c, or `NONE` where the table is shorter.
+    lut: [u32; ONE_BYTE as usize],
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Table {
+    fn new(by_rank: Vec<u32>) -> Table {
+        let mut lut = [NONE; ONE_BYTE as usize];
+        for (slot, &id) in lut.iter_mut().zip(&by_rank) {
+            *slot = id;
+        }
+        Table { by_rank, lut }
+    }
+
+    fn out_of_range(&self, r: u32, loc: &Location) -> Error {
+        Error::corrupt(
+            loc.clone(),
+            format!("id rank {r} beyond the chunk's table of {} ids", self.by_rank.len()),
+        )
+    }
+
+    /// Decode the id whose lead byte is `b`.
+    #[inline]
+    pub fn id(&self, b: u8, ext: &mut ByteReader<'_>, loc: &Location) -> Result<u32> {
+        if let Some(&id) = self.lut.get(b as usize) {
+            if id != NONE {
+                return Ok(id);
+            }
+            return Err(self.out_of_range(u32::from(b), loc));
+        }
+        let r = long_rank(b, ext, loc)?;
+        self.by_rank.get(r as usize).copied().ok_or_else(|| self.out_of_range(r, loc))
+    }
+
+    /// Decode `lead` (one byte per id) into `out[i * stride + offset]`, reading
+    /// extensions from `ext_raw`, which must be consumed exactly.
+    ///
+    /// One- and two-byte codes are decoded without branches on the data (whether a code is
+    /// long is close to random for rare ids, and mispredictions would dominate); only the
+    /// rare escape takes a branch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_strided(
+        &self,
+        lead: &[u8],
+        ext_raw: &[u8],
+        out: &mut [u32],
+        width: usize,
+        stride: usize,
+        offset: usize,
+        loc: &Location,
+    ) -> Result<()> {
+        let mut ext_pos = 0usize;
+        if width > 0 {
+            let n = self.by_rank.len();
+            let mut bad = false;
+            for (row, codes) in lead.chunks_exact(width).enumerate() {
+                let dst = &mut out[row * stride + offset..row * stride + offset + width];
+                for (d, &b) in dst.iter_mut().zip(codes) {
+                    let r = if b == ESCAPE {
+                        let mut ext = ByteReader::new(ext_raw, "id extension");
+                        ext.skip_to(ext_pos);
+                        let r = long_rank(b, &mut ext, loc)?;
+                        ext_pos = ext.position();
+                        r as usize
+                    } else {
+                        let long = usize::from(u32::from(b) >= ONE_BYTE);
+                        // Reads a byte even for one-byte codes (0 past the end); it is only
+                        // used, and the position only advances, for two-byte codes.
+                        let lo = ext_raw.get(ext_pos).copied().unwrap_or(0) as usize;
+                        let two = ONE_BYTE as usize
+                            + (((b as usize).saturating_sub(ONE_BYTE as usize) << 8) | lo);
+                        ext_pos += long;
+                        if long == 1 { two } else { b as usize }
+                    };
+                    bad |= r >= n;
+                    *d = self.by_rank.get(r).copied().unwrap_or(0);
+                }
+            }
+            if bad || ext_pos > ext_raw.len() {
+                return Err(Error::corrupt(
+                    loc.clone(),
+                    format!(
+                        "id codes point past the chunk's table of {n} ids or its extension stream"
+                    ),
+                ));
+            }
+        }
+        if ext_pos != ext_raw.len() {
+            return Err(Error::corrupt(loc.clone(), "id extension stream has trailing bytes"));
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_rank.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_rank.is_empty()
+    }
+}
+
+/// Reusable encoder scratch: dense per-vocabulary counters for vocabularies up to
+/// `DENSE_LIMIT` (a sort is used beyond).
+#[derive(Default)]
+pub struct TableScratch {
+    counts: Vec<u32>,
+    ranks: Vec<u32>,
+}
+
+const DENSE_LIMIT: usize = 1 << 22;
+
+/// The chunk's id table as the encoder builds it.
+pub struct TableEncoder {
+    /// Dense rank per id (`dense`), else (id, rank) sorted by id.
+    sparse: Vec<(u32, u32)>,
+    dense: bool,
+    /// Sorted distinct ids, to reset the scratch afterwards.
+    distinct: Vec<u32>,
+    pub ids_stream: Vec<u8>,
+    pub counts_stream: Vec<u8>,
+}
+
+impl TableEncoder {
+    /// Count `all` (ids below `vocab`) and serialise the table.
+    pub fn new(all: &[&[u32]], vocab: u32, scratch: &mut TableScratch) -> TableEncoder {
+        let total: usize = all.iter().map(|a| a.len()).sum();
+        let dense = (vocab as usize) <= DENSE_LIMIT;
+        let mut distinct: Vec<(u32, u32)> = Vec::new();
+        if dense {
+            if scratch.counts.len() < vocab as usize {
+                scratch.counts.resize(vocab as usize, 0);
+                scratch.ranks.resize(vocab as usize, 0);
+            }
+            let mut ids: Vec<u32> = Vec::new();
+            for a in all {
+                for &id in *a {
+                    let c = &mut scratch.counts[id as usize];
+                    if *c == 0 {
+                        ids.push(id);
+                    }
+                    *c += 1;
+                }
+            }
+            ids.sort_unstable();
+            distinct.extend(ids.iter().map(|&id| (id, scratch.counts[id as usize])));
+        } else {
+            let mut sorted: Vec<u32> = Vec::with_capacity(total);
+            for a in all {
+                sorted.extend_from_slice(a);
+            }
+            sorted.sort_unstable();
+            for id in sorted {
+                match distinct.last_mut() {
+                    Some((last, c)) if *last == id => *c += 1,
+                    _ => distinct.push((id, 1)),
+                }
+            }
+        }
+        let mut ids_stream = Vec::with_capacity(distinct.len() * 2);
+        let mut counts_stream = Vec::with_capacity(distinct.len() * 2);
+        let mut next = 0u32;
+        for &(id, c) in &distinct {
+            put_varint(&mut ids_stream, u64::from(id - next));
+            put_varint(&mut counts_stream, u64::from(c));
+            next = id + 1;
+        }
+        let order = rank_order(&distinct);
+        let mut sparse = Vec::new();
+        if dense {
+            for (rank, &i) in order.iter().enumerate() {
+                scratch.ranks[distinct[i as usize].0 as usize] = rank as u32;
+            }
+        } else {
+            sparse = distinct.iter().map(|&(id, _)| (id, 0)).collect();
+            for (rank, &i) in order.iter().enumerate() {
+                sparse[i as usize].1 = rank as u32;
+            }
+        }
+        TableEncoder {
+            sparse,
+            dense,
+            distinct: distinct.into_iter().map(|(id, _)| id).collect(),
+            ids_stream,
+            counts_stream,
+        }
+    }
+
+    /// Rank of an id that was counted.
+    #[inline]
+    pub fn rank(&self, id: u32, scratch: &TableScratch) -> u32 {
+        if self.dense {
+            scratch.ranks[id as usize]
+        } else {
+            match self.sparse.binary_search_by_key(&id, |e| e.0) {
+                Ok(i) => self.sparse[i].1,
+                Err(_) => u32::MAX,
+            }
+        }
+    }
+
+    /// Leave the scratch all-zero for the next chunk.
+    pub fn reset(&self, scratch: &mut TableScratch) {
+        if self.dense {
+            for &id in &self.distinct {
+                scratch.counts[id as usize] = 0;
+            }
+        }
+    }
+}
+
+/// Indices of `distinct` (sorted by id) in rank order: decreasing count, then increasing id.
+/// A counting sort: O(distinct + largest count), stable, so ties keep id order.
+fn rank_order(distinct: &[(u32, u32)]) -> Vec<u32> {
+    let max = distinct.iter().map(|&(_, c)| c as usize).max().unwrap_or(0);
+    if max > 4 * distinct.len() + 1024 {
+        let mut keys: Vec<u64> = distinct
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, c))| (u64::from(u32::MAX - c) << 32) | i as u64)
+            .collect();
+        keys.sort_unstable();
+        return keys.into_iter().map(|k| k as u32).collect();
+    }
+    // starts[c] = first output slot of count c, counts taken in decreasing order.
+    let mut starts = vec![0usize; max + 2];
+    for &(_, c) in distinct {
+        starts[c as usize] += 1;
+    }
+    let mut acc = 0usize;
+    for c in (0..=max).rev() {
+        let n = starts[c];
+        starts[c] = acc;
+        acc += n;
+    }
+    let mut out = vec![0u32; distinct.len()];
+    for (i, &(_, c)) in distinct.iter().enumerate() {
+        let slot = &mut starts[c as usize];
+        out[*slot] = i as u32;
+        *slot += 1;
+    }
+    out
+}
+
+/// Decode a table holding `total` ids, all below `vocab`.
+pub fn decode_table(
+    ids_stream: &[u8],
+    counts_stream: &[u8],
+    total: u64,
+    vocab: u32,
+    loc: &Location,
+) -> Result<Table> {
+    let mut ir = ByteReader::new(ids_stream, "id table");
+    let mut cr = ByteReader::new(counts_stream, "id counts");
+    let mut distinct: Vec<(u32, u32)> = Vec::new();
+    let mut next: u64 = 0;
+    let mut sum: u64 = 0;
+    while !ir.is_empty() {
+        let id = next + ir.varint(loc)?;
+        if id >= u64::from(vocab) {
+            return Err(Error::corrupt(
+                loc.clone(),
+                format!("id table holds {id} >= vocab_size {vocab}"),
+            ));
+        }
+        let c = cr.varint_u32(loc)?;
+        if c == 0 {
+            return Err(Error::corrupt(loc.clone(), "id table count of 0"));
+        }
+        sum += u64::from(c);
+        if sum > total {
+            return Err(Error::corrupt(
+                loc.clone(),
+                format!("id table counts exceed the chunk's {total} ids"),
+            ));
+        }
+        distinct.push((id as u32, c));
+        next = id + 1;
+    }
+    cr.finish(loc)?;
+    if sum != total {
+        return Err(Error::corrupt(
+            loc.clone(),
+            format!("id table counts add up to {sum}, the chunk has {total} ids"),
+        ));
+    }
+    let by_rank = rank_order(&distinct).into_iter().map(|i| distinct[i as usize].0).collect();
+    Ok(Table::new(by_rank))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_codes_roundtrip() {
+        let loc = Location::default();
+        let n = (ONE_BYTE + TWO_BYTE_SPAN + 300) as usize;
+        let by_rank: Vec<u32> = (0..n as u32).map(|r| r * 3).collect();
+        let table = Table::new(by_rank);
+        let ranks = [
+            0u32,
+            1,
+            223,
+            224,
+            225,
+            1000,
+            ONE_BYTE + TWO_BYTE_SPAN - 1,
+            ONE_BYTE + TWO_BYTE_SPAN,
+            n as u32 - 1,
+        ];
+        let (mut lead, mut ext) = (Vec::new(), Vec::new());
+        for &r in &ranks {
+            put_rank(&mut lead, &mut ext, r);
+        }
+        let mut out = vec![0u32; ranks.len()];
+        table.decode_strided(&lead, &ext, &mut out, 1, 1, 0, &loc).unwrap();
+        assert_eq!(out, ranks.iter().map(|r| r * 3).collect::<Vec<_>>());
+        let small = Table::new(vec![5, 6]);
+        assert!(small.decode_strided(&[2], &[], &mut out, 1, 1, 0, &loc).is_err());
+        // A two-byte code without its extension byte, and a stray extension byte.
+        assert!(table.decode_strided(&[230], &[], &mut out, 1, 1, 0, &loc).is_err());
+        assert!(table.decode_strided(&[3], &[1], &mut out, 1, 1, 0, &loc).is_err());
+    }
+
+    #[test]
+    fn table_orders_by_count_then_id() {
+        let loc = Location::default();
+        let ids = [7u32, 3, 7, 9, 3, 7, 1];
+        for vocab in [10u32, (DENSE_LIMIT + 1) as u32] {
+            let mut scratch = TableScratch::default();
+            let t = TableEncoder::new(&[&ids], vocab, &mut scratch);
+            assert_eq!([7, 3, 1, 9].map(|id| t.rank(id, &scratch)), [0, 1, 2, 3], "vocab {vocab}");
+            t.reset(&mut scratch);
+            assert!(scratch.counts.iter().all(|&c| c == 0));
+            let table = decode_table(&t.ids_stream, &t.counts_stream, 7, 10, &loc).unwrap();
+            assert_eq!(table.by_rank, vec![7, 3, 1, 9]);
+            assert!(decode_table(&t.ids_stream, &t.counts_stream, 8, 10, &loc).is_err());
+            assert!(decode_table(&t.ids_stream, &t.counts_stream, 7, 9, &loc).is_err());
+        }
+    }
+
+    #[test]
+    fn counting_sort_matches_comparison_sort() {
+        let distinct: Vec<(u32, u32)> = (0..500u32).map(|i| (i * 2, (i * 7919) % 37 + 1)).collect();
+        let mut want: Vec<u32> = (0..500).collect();
+        want.sort_by_key(|&i| (std::cmp::Reverse(distinct[i as usize].1), distinct[i as usize].0));
+        assert_eq!(rank_order(&distinct), want);
+        let skewed = vec![(1, 100_000), (2, 1), (3, 100_000)];
+        assert_eq!(rank_order(&skewed), vec![0, 2, 1]);
+    }
+}
