@@ -13,12 +13,35 @@ from hypothesis import strategies as st
 
 import logitcache as lc
 
-CODECS = {"lossless": 0.0, "abs:0.01": 2**-7, "abs:0.1": 2**-4, "abs:1e-4": 2**-14}
+CODECS = {
+    "lossless": 0.0,
+    "abs:0.01": 2**-7,
+    "abs:0.1": 2**-4,
+    "abs:1e-4": 2**-14,
+    "kl:1e-4": ("kl", 1e-4),
+    "kl:1e-2": ("kl", 1e-2),
+}
 
 
-def _check_logprobs(got: np.ndarray, want: np.ndarray, bound: float) -> None:
+def _row_kl(want: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(P || P_decoded) per row over the K entries plus the rest bucket, in float64."""
+    p = np.exp(want.astype(np.float64))
+    q = np.exp(got.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (want.astype(np.float64) - got.astype(np.float64)), 0.0)
+        p_rest = np.maximum(0.0, 1.0 - p.sum(axis=-1))
+        q_rest = np.maximum(0.0, 1.0 - q.sum(axis=-1))
+        rest = np.where(p_rest > 0, p_rest * np.log(p_rest / q_rest), 0.0)
+    return terms.sum(axis=-1) + rest
+
+
+def _check_logprobs(got: np.ndarray, want: np.ndarray, bound: float | tuple) -> None:
     assert got.dtype == np.float32
     assert got.shape == want.shape
+    if isinstance(bound, tuple):
+        kl = _row_kl(want, got)
+        assert np.all(kl <= bound[1] * (1 + 1e-6)), kl.max()
+        return
     inf = np.isneginf(want)
     assert np.array_equal(np.isneginf(got), inf)
     if bound == 0.0:

@@ -24,6 +24,8 @@ def _codec_text(codec: dict[str, Any]) -> str:
     name = codec["logprobs"]
     if name == "abs":
         return f"abs (step {codec['step']:g} nat, max abs error {codec['max_abs_error']:g} nat)"
+    if name == "kl":
+        return f"kl (KL(P || P_decoded) <= {codec['kl_bound']:.3g} nat per position)"
     if name == "lossless":
         return "lossless (float32, bit for bit)"
     if name == "none":

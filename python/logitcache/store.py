@@ -164,7 +164,9 @@ class StoreWriter:
         kind: ``"topk"`` or ``"sampled"``.
         codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (uniform
             quantization; the default for top-K is ``"abs:0.01"``, a guaranteed maximum error of
-            2^-7 = 0.0078 nat), ``"lossless"`` (float32, bit for bit) or ``"none"`` (sampled
+            2^-7 = 0.0078 nat), ``"kl:<bound>"`` (top-K only: coarser steps where probability is
+            small, with KL(P || P_decoded) <= bound nats guaranteed for every position, the rest
+            bucket included), ``"lossless"`` (float32, bit for bit) or ``"none"`` (sampled
             stores without log-probabilities, their default). ``None`` means the default for a
             new store and the store's own codec when appending.
         teacher: The teacher: a name, a ``transformers`` model or config (its name and a

@@ -38,16 +38,27 @@ pub fn params_from_manifest(m: &Manifest, path: &Path) -> Result<CodecParams> {
         "abs" => {
             let step =
                 m.codec.step.ok_or_else(|| corrupt("codec \"abs\" without a step".into()))?;
-            LogprobCodec::from_header(2, step as f32)
+            LogprobCodec::from_header(2, step as f32, 0.0)
                 .filter(|c| f64::from(c.step()) == step)
                 .ok_or_else(|| {
-                    corrupt(format!("codec step {step} is not a power of two in [2^-20, 2^-1]"))
-                })?
+                corrupt(format!("codec step {step} is not a power of two in [2^-20, 2^-1]"))
+            })?
+        }
+        "kl" => {
+            let bound = m
+                .codec
+                .kl_bound
+                .ok_or_else(|| corrupt("codec \"kl\" without a kl_bound".into()))?;
+            LogprobCodec::from_header(3, 0.0, bound as f32)
+                .ok_or_else(|| corrupt(format!("kl_bound {bound} must be positive")))?
         }
         other => return Err(corrupt(format!("unknown log-probability codec {other:?}"))),
     };
     if kind == Kind::TopK && logprobs == LogprobCodec::None {
         return Err(corrupt("a top-K store must keep log-probabilities".into()));
+    }
+    if kind == Kind::Sampled && matches!(logprobs, LogprobCodec::Kl { .. }) {
+        return Err(corrupt("the kl codec is for top-K stores".into()));
     }
     if m.codec.ids != codec::ID_CODEC_NAME {
         return Err(corrupt(format!("unknown id codec {:?}", m.codec.ids)));
@@ -203,7 +214,10 @@ fn check_header(h: &ShardHeader, info: &ShardInfo, p: &CodecParams, loc: &Locati
     if h.vocab_size != p.vocab_size {
         problems.push(format!("vocab_size {} (manifest: {})", h.vocab_size, p.vocab_size));
     }
-    if h.logprob_codec != p.logprobs.code() || h.step != p.logprobs.step() {
+    if h.logprob_codec != p.logprobs.code()
+        || h.step != p.logprobs.step()
+        || h.kl_bound != p.logprobs.kl_bound().unwrap_or(0.0)
+    {
         problems.push(format!("log-probability codec {} step {}", h.logprob_codec, h.step));
     }
     if h.id_codec != codec::ID_CODEC_V1 {

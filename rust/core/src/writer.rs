@@ -229,7 +229,7 @@ fn codec_info(c: LogprobCodec, zstd_level: i32) -> CodecInfo {
             LogprobCodec::Abs { .. } => c.max_abs_error(),
             _ => None,
         },
-        kl_bound: None,
+        kl_bound: c.kl_bound().map(f64::from),
         ids: codec::ID_CODEC_NAME.into(),
         zstd_level,
     }
@@ -252,6 +252,12 @@ fn validate_spec(spec: &StoreSpec, codec: LogprobCodec) -> Result<()> {
         return Err(Error::invalid_argument(
             "temperature",
             format!("{} must be finite and positive", spec.temperature),
+        ));
+    }
+    if spec.kind == Kind::Sampled && matches!(codec, LogprobCodec::Kl { .. }) {
+        return Err(Error::invalid_argument(
+            "codec",
+            "the kl codec bounds the divergence of top-K rows; sampled stores use \"abs:<bound>\", \"lossless\" or \"none\"",
         ));
     }
     if spec.kind == Kind::TopK && codec == LogprobCodec::None {
@@ -544,7 +550,7 @@ impl StoreWriter {
             k: self.params.k,
             vocab_size: self.params.vocab_size,
             step: self.params.logprobs.step(),
-            kl_bound: 0.0,
+            kl_bound: self.params.logprobs.kl_bound().unwrap_or(0.0),
             uid: random_u64(),
             temperature: self.manifest.temperature as f32,
         }

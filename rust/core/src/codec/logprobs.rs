@@ -9,7 +9,7 @@
 //! * `none`: sampled stores that keep only ids and counts.
 
 use crate::codec::bytes::{self, ByteReader};
-use crate::codec::{CodecParams, RowShape, Streams, ids, tag};
+use crate::codec::{CodecParams, RowShape, Streams, ids, kl, tag};
 use crate::error::{Error, Location, Result};
 use crate::format::Kind;
 
@@ -24,6 +24,9 @@ pub enum LogprobCodec {
     Lossless,
     /// Uniform quantization with step `2^-step_log2` nats.
     Abs { step_log2: i32 },
+    /// Steps growing along the row, with KL(P || P_decoded) <= `bound` per position
+    /// (top-K stores; see `codec::kl`).
+    Kl { bound: f32 },
 }
 
 impl LogprobCodec {
@@ -33,12 +36,15 @@ impl LogprobCodec {
             LogprobCodec::None => 0,
             LogprobCodec::Lossless => 1,
             LogprobCodec::Abs { .. } => 2,
+            LogprobCodec::Kl { .. } => 3,
         }
     }
 
     /// Rebuild a codec from a shard header's fields.
-    pub fn from_header(code: u8, step: f32) -> Option<LogprobCodec> {
+    pub fn from_header(code: u8, step: f32, kl_bound: f32) -> Option<LogprobCodec> {
         match code {
+            3 => (kl_bound.is_finite() && kl_bound > 0.0 && step == 0.0)
+                .then_some(LogprobCodec::Kl { bound: kl_bound }),
             0 => Some(LogprobCodec::None),
             1 => Some(LogprobCodec::Lossless),
             2 => {
@@ -59,6 +65,15 @@ impl LogprobCodec {
             "none" => return Ok(LogprobCodec::None),
             _ => {}
         }
+        if let Some(b) = spec.strip_prefix("kl:") {
+            let Ok(bound) = b.parse::<f32>() else {
+                return bad(format!("{spec:?}: the bound after \"kl:\" must be a number"));
+            };
+            if !(bound.is_finite() && (1e-8..=1.0).contains(&bound)) {
+                return bad(format!("{spec:?}: the KL bound must be between 1e-8 and 1 nat"));
+            }
+            return Ok(LogprobCodec::Kl { bound });
+        }
         if let Some(b) = spec.strip_prefix("abs:") {
             let Ok(bound) = b.parse::<f64>() else {
                 return bad(format!("{spec:?}: the bound after \"abs:\" must be a number"));
@@ -71,7 +86,7 @@ impl LogprobCodec {
             return Ok(LogprobCodec::Abs { step_log2: step_log2.clamp(1, 20) });
         }
         bad(format!(
-            "unknown codec {spec:?}; expected \"lossless\", \"abs:<max error in nats>\" (e.g. \"abs:0.01\") or \"none\""
+            "unknown codec {spec:?}; expected \"lossless\", \"abs:<max error in nats>\" (e.g. \"abs:0.01\"), \"kl:<max KL per position in nats>\" (e.g. \"kl:1e-4\") or \"none\""
         ))
     }
 
@@ -83,12 +98,20 @@ impl LogprobCodec {
         }
     }
 
-    /// The guaranteed maximum absolute error, if the codec is lossy.
+    /// The guaranteed maximum absolute error, if the codec bounds it.
     pub fn max_abs_error(self) -> Option<f64> {
         match self {
             LogprobCodec::Abs { .. } => Some(f64::from(self.step()) / 2.0),
             LogprobCodec::Lossless => Some(0.0),
-            LogprobCodec::None => None,
+            LogprobCodec::None | LogprobCodec::Kl { .. } => None,
+        }
+    }
+
+    /// The guaranteed bound on KL(P || P_decoded) per position, for the `kl` codec.
+    pub fn kl_bound(self) -> Option<f32> {
+        match self {
+            LogprobCodec::Kl { bound } => Some(bound),
+            _ => None,
         }
     }
 
@@ -97,6 +120,7 @@ impl LogprobCodec {
             LogprobCodec::None => "none",
             LogprobCodec::Lossless => "lossless",
             LogprobCodec::Abs { .. } => "abs",
+            LogprobCodec::Kl { .. } => "kl",
         }
     }
 }
@@ -162,6 +186,22 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
                 Ok(())
             })?;
             Ok(vec![(tag::LP_LOSSLESS, bytes::u32_planes(&bits))])
+        }
+        LogprobCodec::Kl { bound } => {
+            let RowShape::Fixed { k, .. } = rows else {
+                return Err(Error::invalid_argument("codec", "the kl codec is for top-K stores"));
+            };
+            let enc = kl::encode(lp, *k, f64::from(bound));
+            let mut out: Vec<(u8, Vec<u8>)> = vec![(tag::LP_ROW_MODES, enc.modes)];
+            for (g, (lead, ext)) in enc.leads.into_iter().zip(enc.exts).enumerate() {
+                out.push((tag::LP_LEAD + g as u8, lead));
+                out.push((tag::LP_EXT + g as u8, ext));
+            }
+            out.push((tag::LP_LOSSLESS, bytes::u32_planes(&enc.lossless)));
+            if enc.any_nonfinite {
+                out.push((tag::FINITE_COUNTS, enc.finite));
+            }
+            Ok(out)
         }
         LogprobCodec::Abs { .. } => {
             let inv_step = 1.0 / f64::from(p.logprobs.step());
@@ -232,6 +272,17 @@ pub(crate) fn decode(
                 Ok(())
             })?;
             Ok(out)
+        }
+        LogprobCodec::Kl { .. } => {
+            let RowShape::Fixed { rows, k } = rows else {
+                return Err(Error::corrupt(loc.clone(), "kl codec in a sampled store"));
+            };
+            let modes = s.optional(tag::LP_ROW_MODES);
+            let leads: [Vec<u8>; 4] = std::array::from_fn(|g| s.optional(tag::LP_LEAD + g as u8));
+            let exts: [Vec<u8>; 4] = std::array::from_fn(|g| s.optional(tag::LP_EXT + g as u8));
+            let lossless = s.optional(tag::LP_LOSSLESS);
+            let finite = s.take(tag::FINITE_COUNTS);
+            kl::decode(&modes, &leads, &exts, &lossless, finite.as_deref(), *rows, *k, loc)
         }
         LogprobCodec::Abs { .. } => {
             let step = p.logprobs.step();
@@ -389,7 +440,7 @@ mod tests {
         for e in 1..=20 {
             let c = LogprobCodec::Abs { step_log2: e };
             assert_eq!(c.step(), 2f32.powi(-e));
-            assert_eq!(LogprobCodec::from_header(2, c.step()), Some(c));
+            assert_eq!(LogprobCodec::from_header(2, c.step(), 0.0), Some(c));
             assert!(c.max_abs_error().unwrap() <= 2f64.powi(-e) / 2.0);
         }
         for b in [1e-6, 3e-4, 0.01, 0.3, 1.0] {

@@ -6,6 +6,7 @@
 
 pub mod bytes;
 pub mod ids;
+pub mod kl;
 pub mod logprobs;
 
 use std::cell::RefCell;
@@ -34,8 +35,10 @@ pub mod tag {
     pub const FINITE_COUNTS: u8 = 25;
     pub const ROW_LENS: u8 = 26;
     pub const COUNTS: u8 = 27;
+    /// kl codec: one byte per row, its base step exponent (255: stored losslessly).
+    pub const LP_ROW_MODES: u8 = 28;
     /// One past the largest tag.
-    pub const END: usize = 28;
+    pub const END: usize = 29;
 }
 
 const METHOD_RAW: u8 = 0;
@@ -135,6 +138,7 @@ fn tag_name(t: u8) -> &'static str {
         tag::FINITE_COUNTS => "finite counts",
         tag::ROW_LENS => "row lengths",
         tag::COUNTS => "counts",
+        tag::LP_ROW_MODES => "log-probability row modes",
         _ => "unknown",
     }
 }
