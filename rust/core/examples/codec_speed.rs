@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use logitcache_core::Location;
-use logitcache_core::codec::{self, CodecParams, EncodeScratch, LogprobCodec, Record};
+use logitcache_core::codec::{self, ChunkBuf, CodecParams, EncodeScratch, LogprobCodec, Record};
 use logitcache_core::format::Kind;
 
 fn read<T: Copy>(path: &str) -> Vec<T> {
@@ -54,11 +54,17 @@ fn main() {
         })
         .collect();
     let mut scratch = EncodeScratch::default();
-    let t = Instant::now();
-    let payloads: Vec<Vec<u8>> = recs
+    let bufs: Vec<ChunkBuf> = recs
         .iter()
-        .map(|r| codec::encode_chunk(std::slice::from_ref(r), &p, &mut scratch).unwrap())
+        .map(|r| {
+            let mut b = ChunkBuf::default();
+            b.push(r);
+            b
+        })
         .collect();
+    let t = Instant::now();
+    let payloads: Vec<Vec<u8>> =
+        bufs.iter().map(|b| codec::encode_chunk(b, &p, &mut scratch).unwrap()).collect();
     let enc = t.elapsed().as_secs_f64();
     let bytes: usize = payloads.iter().map(Vec::len).sum();
     let positions = recs.len() * chunk;

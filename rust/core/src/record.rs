@@ -2,7 +2,7 @@
 //! (ids in range and distinct per row, log-probabilities finite-or-minus-infinity, <= 0,
 //! non-increasing by rank, draws adding up to n) is checked here, before anything is written.
 
-use crate::codec::Record;
+use crate::codec::ChunkBuf;
 use crate::error::{Error, Result};
 
 /// A borrowed integer array in whatever dtype the caller has.
@@ -38,6 +38,21 @@ impl IdArray<'_> {
             IdArray::U64(a) => i128::from(a[i]),
         }
     }
+}
+
+/// e^x within 0.02% relative error (x <= 0; 0 below -87): enough to tell a distribution
+/// from something that is not one, at a fraction of the cost of `expf`.
+#[inline]
+pub fn approx_exp(x: f32) -> f32 {
+    if x < -87.0 {
+        return 0.0;
+    }
+    // 2^t with t = x log2(e): exponent bits from floor(t), a cubic for 2^frac.
+    let t = x * std::f32::consts::LOG2_E;
+    let fl = t.floor();
+    let f = t - fl;
+    let p = 1.0 + f * (0.695_036 + f * (0.228_308_76 + f * 0.076_325));
+    f32::from_bits(((fl as i32 + 127) as u32) << 23) * p
 }
 
 /// Per-thread scratch for the distinct-ids check: one stamp per vocabulary entry, so that
@@ -86,14 +101,16 @@ fn shape_err(arg: &str, got: &[usize], want: &str) -> Error {
     Error::invalid_argument(arg, format!("has shape {got:?}, expected {want}"))
 }
 
-fn convert_ids(
+/// Append `arr` to `out` as u32 ids, checking each is in `[0, vocab)`.
+fn append_ids(
+    out: &mut Vec<u32>,
     sample_id: u64,
     arr: IdArray<'_>,
     vocab: u32,
     what: &str,
     k: usize,
-) -> Result<Vec<u32>> {
-    let mut out = Vec::with_capacity(arr.len());
+) -> Result<()> {
+    out.reserve(arr.len());
     for i in 0..arr.len() {
         let v = arr.get(i);
         if v < 0 || v >= i128::from(vocab) {
@@ -108,12 +125,15 @@ fn convert_ids(
         }
         out.push(v as u32);
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Build a validated top-K record from `input_ids [L]`, `ids [L, K]`, `logprobs [L, K]`.
+/// Validate a top-K record (`input_ids [L]`, `ids [L, K]`, `logprobs [L, K]`) and append
+/// it to `buf`; on any error `buf` is left as it was.
 #[allow(clippy::too_many_arguments)]
-pub fn topk_record(
+pub fn append_topk(
+    buf: &mut ChunkBuf,
+    seen: &mut SeenIds,
     sample_id: u64,
     input_ids: IdArray<'_>,
     ids: IdArray<'_>,
@@ -122,8 +142,7 @@ pub fn topk_record(
     logprobs_shape: &[usize],
     k: u32,
     vocab: u32,
-    seen: &mut SeenIds,
-) -> Result<Record> {
+) -> Result<()> {
     let l = input_ids.len();
     let k = k as usize;
     let want = format!("[{l}, {k}] (input length, K)");
@@ -133,17 +152,25 @@ pub fn topk_record(
     if logprobs_shape != [l, k] {
         return Err(shape_err("topk_logprobs", logprobs_shape, &want));
     }
-    let input = convert_ids(sample_id, input_ids, vocab, "input id", 0)?;
-    let ids = convert_ids(sample_id, ids, vocab, "top-k id", k)?;
-    check_topk_values(sample_id, &ids, logprobs, k, seen)?;
-    Ok(Record {
-        sample_id,
-        input_ids: input,
-        row_lens: Vec::new(),
-        ids,
-        counts: Vec::new(),
-        logprobs: logprobs.to_vec(),
-    })
+    let mark = buf.mark();
+    let r = (|| {
+        append_ids(&mut buf.input_ids, sample_id, input_ids, vocab, "input id", 0)?;
+        let start = buf.ids.len();
+        append_ids(&mut buf.ids, sample_id, ids, vocab, "top-k id", k)?;
+        check_topk_values(sample_id, &buf.ids[start..], logprobs, k, seen)
+    })();
+    match r {
+        Ok(()) => {
+            buf.logprobs.extend_from_slice(logprobs);
+            buf.sample_ids.push(sample_id);
+            buf.lengths.push(l as u32);
+            Ok(())
+        }
+        Err(e) => {
+            buf.rollback(mark);
+            Err(e)
+        }
+    }
 }
 
 /// The per-row rules of a top-K record (also used by `add_logits` output in debug builds
@@ -190,10 +217,7 @@ pub fn check_topk_values(
                 ));
             }
             prev = v;
-            // Rows are sorted, so once terms are below e^-40 the rest cannot matter.
-            if v > -40.0 {
-                mass += f64::from(v.exp());
-            }
+            mass += f64::from(approx_exp(v));
         }
         if mass > MAX_ROW_MASS {
             return Err(bad(
@@ -207,10 +231,13 @@ pub fn check_topk_values(
     Ok(())
 }
 
-/// Build a validated sampled record from padded `ids [L, M]` / `counts [L, M]`
-/// (entries with count 0 are padding) and optional `logprobs [L, M]`.
+/// Validate a sampled record from padded `ids [L, M]` / `counts [L, M]` (entries with
+/// count 0 are padding) and optional `logprobs [L, M]`, and append it to `buf`; on any error
+/// `buf` is left as it was.
 #[allow(clippy::too_many_arguments)]
-pub fn sampled_record(
+pub fn append_sampled(
+    buf: &mut ChunkBuf,
+    seen: &mut SeenIds,
     sample_id: u64,
     input_ids: IdArray<'_>,
     ids: IdArray<'_>,
@@ -221,8 +248,7 @@ pub fn sampled_record(
     n_draws: u32,
     vocab: u32,
     keeps_logprobs: bool,
-    seen: &mut SeenIds,
-) -> Result<Record> {
+) -> Result<()> {
     let l = input_ids.len();
     if ids_shape.len() != 2 || ids_shape[0] != l {
         return Err(shape_err(
@@ -257,8 +283,38 @@ pub fn sampled_record(
         }
         _ => {}
     }
-    let input = convert_ids(sample_id, input_ids, vocab, "input id", 0)?;
-    let mut rec = Record { sample_id, input_ids: input, ..Default::default() };
+    let mark = buf.mark();
+    let r = append_sampled_rows(
+        buf, seen, sample_id, input_ids, ids, m, counts, logprobs, n_draws, vocab,
+    );
+    match r {
+        Ok(()) => {
+            buf.sample_ids.push(sample_id);
+            buf.lengths.push(l as u32);
+            Ok(())
+        }
+        Err(e) => {
+            buf.rollback(mark);
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append_sampled_rows(
+    buf: &mut ChunkBuf,
+    seen: &mut SeenIds,
+    sample_id: u64,
+    input_ids: IdArray<'_>,
+    ids: IdArray<'_>,
+    m: usize,
+    counts: IdArray<'_>,
+    logprobs: Option<(&[f32], &[usize])>,
+    n_draws: u32,
+    vocab: u32,
+) -> Result<()> {
+    let l = input_ids.len();
+    append_ids(&mut buf.input_ids, sample_id, input_ids, vocab, "input id", 0)?;
     let bad = |pos: usize, msg: String| Error::InvalidRecord {
         sample_id,
         msg: format!("position {pos}: {msg}"),
@@ -298,8 +354,8 @@ pub fn sampled_record(
             if total > u64::from(n_draws) {
                 return Err(bad(pos, format!("counts add up to more than n = {n_draws} draws")));
             }
-            rec.ids.push(id);
-            rec.counts.push(c as u32);
+            buf.ids.push(id);
+            buf.counts.push(c as u32);
             if let Some((lp, _)) = logprobs {
                 let v = lp[i];
                 if !v.is_finite() || v > MAX_LOGPROB {
@@ -310,7 +366,7 @@ pub fn sampled_record(
                         ),
                     ));
                 }
-                rec.logprobs.push(v);
+                buf.logprobs.push(v);
             }
             n_ids += 1;
         }
@@ -320,20 +376,23 @@ pub fn sampled_record(
                 format!("counts add up to {total}, expected n = {n_draws} draws"),
             ));
         }
-        rec.row_lens.push(n_ids);
+        buf.row_lens.push(n_ids);
     }
-    Ok(rec)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn topk(ids: &[i64], lp: &[f32], k: usize) -> Result<Record> {
+    fn topk(ids: &[i64], lp: &[f32], k: usize) -> Result<ChunkBuf> {
         let l = ids.len() / k;
         let input: Vec<i64> = vec![1; l];
         let mut seen = SeenIds::new(100);
-        topk_record(
+        let mut buf = ChunkBuf::default();
+        append_topk(
+            &mut buf,
+            &mut seen,
             7,
             IdArray::I64(&input),
             IdArray::I64(ids),
@@ -342,14 +401,27 @@ mod tests {
             &[l, k],
             k as u32,
             100,
-            &mut seen,
-        )
+        )?;
+        Ok(buf)
+    }
+
+    #[test]
+    fn approx_exp_is_close() {
+        let mut x = 0.0f32;
+        while x > -80.0 {
+            let (a, b) = (f64::from(approx_exp(x)), f64::from(x).exp());
+            assert!((a - b).abs() <= 2e-4 * b, "{x}: {a} vs {b}");
+            x -= 0.0137;
+        }
+        assert_eq!(approx_exp(-100.0), 0.0);
+        assert_eq!(approx_exp(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
     fn topk_rules() {
-        assert!(topk(&[3, 4, 5, 6], &[-0.2, -2.0, -0.5, f32::NEG_INFINITY], 2).is_ok());
-        let msg = |r: Result<Record>| r.unwrap_err().to_string();
+        let ok = topk(&[3, 4, 5, 6], &[-0.2, -2.0, -0.5, f32::NEG_INFINITY], 2).unwrap();
+        assert_eq!((ok.num_records(), ok.positions(), ok.entries()), (1, 2, 4));
+        let msg = |r: Result<ChunkBuf>| r.unwrap_err().to_string();
         assert!(msg(topk(&[3, 3], &[-0.2, -2.0], 2)).contains("appears twice"));
         assert!(msg(topk(&[3, 100], &[-0.1, -2.0], 2)).contains("outside the vocabulary"));
         assert!(msg(topk(&[3, -1], &[-0.1, -2.0], 2)).contains("outside the vocabulary"));
@@ -359,7 +431,10 @@ mod tests {
         assert!(msg(topk(&[3, 4], &[0.5, -0.1], 2)).contains("positive"));
         assert!(msg(topk(&[3, 4], &[-0.1, -0.2], 2)).contains("add up to"));
         let mut seen = SeenIds::new(100);
-        let e = topk_record(
+        let mut buf = ChunkBuf::default();
+        let e = append_topk(
+            &mut buf,
+            &mut seen,
             1,
             IdArray::I64(&[1]),
             IdArray::I64(&[1, 2]),
@@ -368,18 +443,54 @@ mod tests {
             &[1, 2],
             2,
             100,
-            &mut seen,
         );
         assert!(e.unwrap_err().to_string().contains("topk_ids"));
     }
 
     #[test]
+    fn failed_appends_leave_the_buffer_unchanged() {
+        let mut seen = SeenIds::new(100);
+        let mut buf = ChunkBuf::default();
+        append_topk(
+            &mut buf,
+            &mut seen,
+            1,
+            IdArray::I64(&[1]),
+            IdArray::I64(&[1, 2]),
+            &[1, 2],
+            &[-1.0, -2.0],
+            &[1, 2],
+            2,
+            100,
+        )
+        .unwrap();
+        let before = (buf.positions(), buf.entries(), buf.logprobs.len(), buf.num_records());
+        let e = append_topk(
+            &mut buf,
+            &mut seen,
+            2,
+            IdArray::I64(&[1, 2]),
+            IdArray::I64(&[1, 2, 3, 3]),
+            &[2, 2],
+            &[-1.0, -2.0, -1.0, -2.0],
+            &[2, 2],
+            2,
+            100,
+        );
+        assert!(e.is_err());
+        assert_eq!(before, (buf.positions(), buf.entries(), buf.logprobs.len(), buf.num_records()));
+    }
+
+    #[test]
     fn sampled_rules() {
         let mut seen = SeenIds::new(50);
+        let mut buf = ChunkBuf::default();
         let input = [1i64, 2];
         let ids = [5i64, 6, -1, 7, -1, -1];
         let counts = [2i64, 1, 0, 3, 0, 0];
-        let r = sampled_record(
+        append_sampled(
+            &mut buf,
+            &mut seen,
             1,
             IdArray::I64(&input),
             IdArray::I64(&ids),
@@ -390,15 +501,16 @@ mod tests {
             3,
             50,
             false,
-            &mut seen,
         )
         .unwrap();
-        assert_eq!(r.row_lens, vec![2, 1]);
-        assert_eq!(r.ids, vec![5, 6, 7]);
-        assert_eq!(r.counts, vec![2, 1, 3]);
+        assert_eq!(buf.row_lens, vec![2, 1]);
+        assert_eq!(buf.ids, vec![5, 6, 7]);
+        assert_eq!(buf.counts, vec![2, 1, 3]);
         let bad_counts = [2i64, 2, 0, 3, 0, 0];
-        let e = sampled_record(
-            1,
+        let e = append_sampled(
+            &mut buf,
+            &mut seen,
+            2,
             IdArray::I64(&input),
             IdArray::I64(&ids),
             &[2, 3],
@@ -408,12 +520,13 @@ mod tests {
             3,
             50,
             false,
-            &mut seen,
         );
         assert!(e.unwrap_err().to_string().contains("more than n"));
         let dup = [5i64, 5, -1, 7, -1, -1];
-        let e = sampled_record(
-            1,
+        let e = append_sampled(
+            &mut buf,
+            &mut seen,
+            2,
             IdArray::I64(&input),
             IdArray::I64(&dup),
             &[2, 3],
@@ -423,12 +536,13 @@ mod tests {
             3,
             50,
             false,
-            &mut seen,
         );
         assert!(e.unwrap_err().to_string().contains("twice"));
         let lp = [-0.1f32, -1.0, 0.0, -0.2, 0.0, 0.0];
-        let e = sampled_record(
-            1,
+        let e = append_sampled(
+            &mut buf,
+            &mut seen,
+            2,
             IdArray::I64(&input),
             IdArray::I64(&ids),
             &[2, 3],
@@ -438,8 +552,9 @@ mod tests {
             3,
             50,
             false,
-            &mut seen,
         );
         assert!(e.unwrap_err().to_string().contains("keeps no log-probabilities"));
+        assert_eq!(buf.num_records(), 1);
+        assert_eq!(buf.row_lens, vec![2, 1]);
     }
 }

@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::codec::{self, CodecParams, LogprobCodec, Record};
+use crate::codec::{self, ChunkBuf, CodecParams, LogprobCodec};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
     ChunkEntry, FLAG_HAS_LOGPROBS, FORMAT_VERSION, Footer, HEADER_LEN, Kind, RecordEntry,
@@ -78,7 +78,7 @@ pub struct WriterOptions {
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        WriterOptions { zstd_level: 3, chunk_positions: 4096, shard_bytes: 1 << 30 }
+        WriterOptions { zstd_level: 1, chunk_positions: 4096, shard_bytes: 1 << 30 }
     }
 }
 
@@ -128,25 +128,23 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn add_chunk(&mut self, payload: &[u8], records: &[Record]) -> Result<()> {
-        let positions: usize = records.iter().map(Record::len).sum();
-        let entries: usize = records.iter().map(Record::num_entries).sum();
+    fn add_chunk(&mut self, payload: &[u8], buf: &ChunkBuf) -> Result<()> {
+        let positions = buf.positions();
+        let entries = buf.entries();
         let entry = ChunkEntry {
             offset: self.len,
             stored_len: u32::try_from(payload.len())
                 .map_err(|_| Error::State("chunk larger than 4 GiB".into()))?,
             crc32: crc32(payload),
             first_record: self.footer.records.len() as u32,
-            num_records: records.len() as u32,
+            num_records: buf.num_records() as u32,
             num_positions: positions as u32,
             num_entries: entries as u32,
         };
         self.write(payload)?;
         self.footer.chunks.push(entry);
-        for r in records {
-            self.footer
-                .records
-                .push(RecordEntry { sample_id: r.sample_id, length: r.len() as u32 });
+        for (&sample_id, &length) in buf.sample_ids.iter().zip(&buf.lengths) {
+            self.footer.records.push(RecordEntry { sample_id, length });
         }
         self.footer.num_positions += positions as u64;
         Ok(())
@@ -192,9 +190,7 @@ pub struct StoreWriter {
     params: CodecParams,
     opts: WriterOptions,
     known: HashSet<u64>,
-    pending: Vec<Record>,
-    pending_positions: usize,
-    pending_entries: usize,
+    pending: ChunkBuf,
     shard: Option<ShardWriter>,
     finished: Vec<ShardInfo>,
     uncommitted_files: Vec<PathBuf>,
@@ -469,9 +465,7 @@ impl StoreWriter {
             params,
             opts,
             known,
-            pending: Vec::new(),
-            pending_positions: 0,
-            pending_entries: 0,
+            pending: ChunkBuf::default(),
             shard: None,
             finished: Vec::new(),
             uncommitted_files: Vec::new(),
@@ -494,10 +488,6 @@ impl StoreWriter {
         &self.dir
     }
 
-    /// Scratch for [`crate::record`] validation, sized to the vocabulary.
-    pub fn seen_ids(&mut self) -> &mut SeenIds {
-        &mut self.seen
-    }
 
     /// Samples added since the last commit plus those committed.
     pub fn num_samples(&self) -> usize {
@@ -508,33 +498,46 @@ impl StoreWriter {
         if self.closed { Err(Error::State("the writer is closed".into())) } else { Ok(()) }
     }
 
-    /// Add a record built by [`crate::record`] (already validated).
-    pub fn add_record(&mut self, rec: Record) -> Result<()> {
+    /// Add one record: `fill` validates it and appends it to the pending chunk (see
+    /// [`crate::record`]); a record it rejects leaves nothing behind.
+    pub fn add(
+        &mut self,
+        sample_id: u64,
+        fill: impl FnOnce(&mut ChunkBuf, &mut SeenIds) -> Result<()>,
+    ) -> Result<()> {
         self.check_open()?;
-        if self.known.contains(&rec.sample_id) {
+        if self.known.contains(&sample_id) {
             return Err(Error::DuplicateSample {
-                sample_id: rec.sample_id,
+                sample_id,
                 msg: format!(
                     "it is already in {} (committed or added earlier by this writer)",
                     self.dir.display()
                 ),
             });
         }
-        let entries = rec.num_entries();
-        if entries > u32::MAX as usize / 2 || rec.len() > u32::MAX as usize / 2 {
-            return Err(Error::InvalidRecord {
-                sample_id: rec.sample_id,
-                msg: format!("{entries} target entries is too many for one record"),
-            });
-        }
-        if self.pending_entries + entries > u32::MAX as usize / 2 {
+        // Chunk-table counts are u32: a chunk holds at most HALF before a record is added
+        // and a record at most HALF, so a chunk never overflows.
+        const HALF: usize = u32::MAX as usize / 2;
+        if self.pending.positions() > HALF || self.pending.entries() > HALF {
             self.flush_chunk()?;
         }
-        self.known.insert(rec.sample_id);
-        self.pending_positions += rec.len();
-        self.pending_entries += entries;
-        self.pending.push(rec);
-        if self.pending_positions >= self.opts.chunk_positions {
+        let mark = self.pending.mark();
+        let (p0, e0) = (self.pending.positions(), self.pending.entries());
+        fill(&mut self.pending, &mut self.seen)?;
+        let (p1, e1) = (self.pending.positions(), self.pending.entries());
+        if p1 - p0 > HALF || e1 - e0 > HALF {
+            self.pending.rollback(mark);
+            return Err(Error::InvalidRecord {
+                sample_id,
+                msg: format!(
+                    "{} positions and {} target entries are too many for one record",
+                    p1 - p0,
+                    e1 - e0
+                ),
+            });
+        }
+        self.known.insert(sample_id);
+        if p1 >= self.opts.chunk_positions {
             self.flush_chunk()?;
         }
         Ok(())
@@ -575,8 +578,6 @@ impl StoreWriter {
             false
         };
         self.pending.clear();
-        self.pending_positions = 0;
-        self.pending_entries = 0;
         if full {
             self.finish_shard()?;
         }

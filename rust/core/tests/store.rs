@@ -50,23 +50,37 @@ fn topk_rec(sid: u64, len: usize, k: usize, vocab: u32) -> (Vec<i64>, Vec<i64>, 
     (input, ids, lps)
 }
 
+fn add_topk(
+    w: &mut StoreWriter,
+    sid: u64,
+    input: &[i64],
+    ids: &[i64],
+    lps: &[f32],
+) -> Result<(), Error> {
+    let k = w.params().k;
+    let vocab = w.params().vocab_size;
+    let len = input.len();
+    w.add(sid, |buf, seen| {
+        record::append_topk(
+            buf,
+            seen,
+            sid,
+            IdArray::I64(input),
+            IdArray::I64(ids),
+            &[len, k as usize],
+            lps,
+            &[len, k as usize],
+            k,
+            vocab,
+        )
+    })
+}
+
 fn write_topk(w: &mut StoreWriter, sid: u64, len: usize) -> (Vec<i64>, Vec<i64>, Vec<f32>) {
     let k = w.params().k as usize;
     let vocab = w.params().vocab_size;
     let (input, ids, lps) = topk_rec(sid, len, k, vocab);
-    let rec = record::topk_record(
-        sid,
-        IdArray::I64(&input),
-        IdArray::I64(&ids),
-        &[len, k],
-        &lps,
-        &[len, k],
-        k as u32,
-        vocab,
-        w.seen_ids(),
-    )
-    .unwrap();
-    w.add_record(rec).unwrap();
+    add_topk(w, sid, &input, &ids, &lps).unwrap();
     (input, ids, lps)
 }
 
@@ -144,19 +158,10 @@ fn append_overwrite_abort_and_duplicates() {
     {
         let mut w = StoreWriter::open(&path, sp.clone(), Mode::Append, small_opts()).unwrap();
         let (input, ids, lps) = topk_rec(1, 3, 4, 300);
-        let rec = record::topk_record(
-            1,
-            IdArray::I64(&input),
-            IdArray::I64(&ids),
-            &[3, 4],
-            &lps,
-            &[3, 4],
-            4,
-            300,
-            w.seen_ids(),
-        )
-        .unwrap();
-        assert!(matches!(w.add_record(rec), Err(Error::DuplicateSample { sample_id: 1, .. })));
+        assert!(matches!(
+            add_topk(&mut w, 1, &input, &ids, &lps),
+            Err(Error::DuplicateSample { sample_id: 1, .. })
+        ));
         write_topk(&mut w, 2, 60);
         w.abort();
     }
@@ -227,21 +232,23 @@ fn sampled_roundtrip_with_and_without_logprobs() {
         let counts = [3i64, 2, 0, 5, 0, 0, 1, 1, 3];
         let lps = [-0.5f32, -1.0, 0.0, -0.01, 0.0, 0.0, -2.0, -2.5, -0.25];
         let lp_arg = (codec != LogprobCodec::None).then_some((&lps[..], &[3usize, 3][..]));
-        let rec = record::sampled_record(
-            77,
-            IdArray::I64(&input),
-            IdArray::I64(&ids),
-            &[3, 3],
-            IdArray::I64(&counts),
-            &[3, 3],
-            lp_arg,
-            n,
-            40,
-            codec != LogprobCodec::None,
-            w.seen_ids(),
-        )
+        w.add(77, |buf, seen| {
+            record::append_sampled(
+                buf,
+                seen,
+                77,
+                IdArray::I64(&input),
+                IdArray::I64(&ids),
+                &[3, 3],
+                IdArray::I64(&counts),
+                &[3, 3],
+                lp_arg,
+                n,
+                40,
+                codec != LogprobCodec::None,
+            )
+        })
         .unwrap();
-        w.add_record(rec).unwrap();
         w.close().unwrap();
         let s = Store::open(&path, &OpenOptions::default()).unwrap();
         let r = s.get(77).unwrap();

@@ -2,6 +2,11 @@
 
 use pyo3::prelude::*;
 
+// Decoding and encoding allocate and free buffers of a few MB per chunk; the system
+// allocator returns them to the OS each time and pays for zeroed pages on the next one.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod errors;
 mod store;
 

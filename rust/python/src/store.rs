@@ -164,18 +164,11 @@ impl PyStoreWriter {
                 ));
             }
             let (k, vocab) = (w.params().k, w.params().vocab_size);
-            let rec = record::topk_record(
-                sample_id,
-                inp_v,
-                ids_v,
-                &ids_shape,
-                lp,
-                &lp_shape,
-                k,
-                vocab,
-                w.seen_ids(),
-            )?;
-            w.add_record(rec)
+            w.add(sample_id, |buf, seen| {
+                record::append_topk(
+                    buf, seen, sample_id, inp_v, ids_v, &ids_shape, lp, &lp_shape, k, vocab,
+                )
+            })
         })
         .py_err()
     }
@@ -235,18 +228,20 @@ impl PyStoreWriter {
             let t = w.manifest().temperature;
             let (ids, lps) = topk::topk_from_logits(sample_id, view, l, v, p.k as usize, t)?;
             let k = p.k as usize;
-            let rec = record::topk_record(
-                sample_id,
-                inp_v,
-                IdArray::U32(&ids),
-                &[l, k],
-                &lps,
-                &[l, k],
-                p.k,
-                p.vocab_size,
-                w.seen_ids(),
-            )?;
-            w.add_record(rec)
+            w.add(sample_id, |buf, seen| {
+                record::append_topk(
+                    buf,
+                    seen,
+                    sample_id,
+                    inp_v,
+                    IdArray::U32(&ids),
+                    &[l, k],
+                    &lps,
+                    &[l, k],
+                    p.k,
+                    p.vocab_size,
+                )
+            })
         })
         .py_err()
     }
@@ -287,20 +282,22 @@ impl PyStoreWriter {
                 (Some(v), Some(s)) => Some((v, s)),
                 _ => None,
             };
-            let rec = record::sampled_record(
-                sample_id,
-                inp_v,
-                ids_v,
-                &ids_shape,
-                counts_v,
-                &counts_shape,
-                lp_arg,
-                p.k,
-                p.vocab_size,
-                p.has_logprobs(),
-                w.seen_ids(),
-            )?;
-            w.add_record(rec)
+            w.add(sample_id, |buf, seen| {
+                record::append_sampled(
+                    buf,
+                    seen,
+                    sample_id,
+                    inp_v,
+                    ids_v,
+                    &ids_shape,
+                    counts_v,
+                    &counts_shape,
+                    lp_arg,
+                    p.k,
+                    p.vocab_size,
+                    p.has_logprobs(),
+                )
+            })
         })
         .py_err()
     }

@@ -137,7 +137,11 @@ pub fn level(logprob: f32, inv_step: f64) -> Option<u32> {
     if x.is_nan() || x > f64::from(MAX_LEVEL) {
         return None;
     }
-    Some(x.max(0.0).round() as u32)
+    let x = x.max(0.0);
+    // Round half up by truncation (no libm call); x + 0.5 can round up across an integer
+    // when x is just below n + 0.5, which the correction undoes.
+    let q = (x + 0.5) as u32;
+    Some(if f64::from(q) - x > 0.5 { q - 1 } else { q })
 }
 
 /// The decoded value of a level: `0 - q * step` in float32 (exact for q <= 2^24).
@@ -447,6 +451,15 @@ mod tests {
             let c = LogprobCodec::parse(&format!("abs:{b}")).unwrap();
             assert!(c.max_abs_error().unwrap() <= b, "{b}");
         }
+    }
+
+    #[test]
+    fn level_rounds_to_nearest() {
+        for (x, q) in [(0.0f32, 0), (0.49, 0), (0.5, 1), (1.4999, 1), (2.5, 3), (7.0, 7)] {
+            assert_eq!(level(-x, 1.0), Some(q), "{x}");
+        }
+        assert_eq!(level(1e-7, 64.0), Some(0));
+        assert_eq!(level(f32::NEG_INFINITY, 64.0), None);
     }
 
     #[test]

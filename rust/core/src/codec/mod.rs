@@ -94,6 +94,74 @@ impl Record {
     }
 }
 
+/// Records waiting to be encoded as one chunk, in flat arrays (writers validate records
+/// straight into these, so a record's data is copied once on its way to the encoder).
+#[derive(Debug, Clone, Default)]
+pub struct ChunkBuf {
+    pub sample_ids: Vec<u64>,
+    /// Positions of each record.
+    pub lengths: Vec<u32>,
+    pub input_ids: Vec<u32>,
+    /// Sampled stores: ids per position.
+    pub row_lens: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub counts: Vec<u32>,
+    pub logprobs: Vec<f32>,
+}
+
+/// Sizes of a [`ChunkBuf`]'s arrays, to undo a partial append.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark([usize; 7]);
+
+impl ChunkBuf {
+    pub fn num_records(&self) -> usize {
+        self.sample_ids.len()
+    }
+    pub fn positions(&self) -> usize {
+        self.input_ids.len()
+    }
+    pub fn entries(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.sample_ids.is_empty()
+    }
+    pub fn mark(&self) -> Mark {
+        Mark([
+            self.sample_ids.len(),
+            self.lengths.len(),
+            self.input_ids.len(),
+            self.row_lens.len(),
+            self.ids.len(),
+            self.counts.len(),
+            self.logprobs.len(),
+        ])
+    }
+    /// Drop everything appended since `m`.
+    pub fn rollback(&mut self, m: Mark) {
+        self.sample_ids.truncate(m.0[0]);
+        self.lengths.truncate(m.0[1]);
+        self.input_ids.truncate(m.0[2]);
+        self.row_lens.truncate(m.0[3]);
+        self.ids.truncate(m.0[4]);
+        self.counts.truncate(m.0[5]);
+        self.logprobs.truncate(m.0[6]);
+    }
+    pub fn clear(&mut self) {
+        self.rollback(Mark([0; 7]));
+    }
+    /// Append a whole record (already validated).
+    pub fn push(&mut self, r: &Record) {
+        self.sample_ids.push(r.sample_id);
+        self.lengths.push(r.len() as u32);
+        self.input_ids.extend_from_slice(&r.input_ids);
+        self.row_lens.extend_from_slice(&r.row_lens);
+        self.ids.extend_from_slice(&r.ids);
+        self.counts.extend_from_slice(&r.counts);
+        self.logprobs.extend_from_slice(&r.logprobs);
+    }
+}
+
 thread_local! {
     static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
@@ -250,35 +318,25 @@ pub struct EncodeScratch {
     table: ids::TableScratch,
 }
 
-/// Encode whole records into one chunk payload. Records must already be validated.
+/// Encode the records of `buf` into one chunk payload. Records must already be validated.
 pub fn encode_chunk(
-    records: &[Record],
+    buf: &ChunkBuf,
     p: &CodecParams,
     scratch: &mut EncodeScratch,
 ) -> Result<Vec<u8>> {
     let sampled = p.kind == Kind::Sampled;
-    let mut all_input: Vec<&[u32]> = Vec::with_capacity(records.len() * 2);
-    for r in records {
-        all_input.push(&r.input_ids);
-        all_input.push(&r.ids);
-    }
-    let table = ids::TableEncoder::new(&all_input, p.vocab_size, &mut scratch.table);
+    let table =
+        ids::TableEncoder::new(&[&buf.input_ids, &buf.ids], p.vocab_size, &mut scratch.table);
     let ts = &scratch.table;
-    let (mut input_lead, mut input_ext) = (Vec::new(), Vec::new());
-    for r in records {
-        for &t in &r.input_ids {
-            ids::put_rank(&mut input_lead, &mut input_ext, table.rank(t, ts));
-        }
+    let (mut input_lead, mut input_ext) = (Vec::with_capacity(buf.positions()), Vec::new());
+    for &t in &buf.input_ids {
+        ids::put_rank(&mut input_lead, &mut input_ext, table.rank(t, ts));
     }
     let mut leads: [Vec<u8>; 4] = Default::default();
     let mut exts: [Vec<u8>; 4] = Default::default();
-    let rows = RowShape::of(records, p);
-    let mut all_ids = Vec::new();
-    for r in records {
-        all_ids.extend_from_slice(&r.ids);
-    }
+    let rows = RowShape::of(buf, p);
     rows.for_each_row(|start, n| {
-        for (j, &id) in all_ids[start..start + n].iter().enumerate() {
+        for (j, &id) in buf.ids[start..start + n].iter().enumerate() {
             let g = ids::group_of(j);
             ids::put_rank(&mut leads[g], &mut exts[g], table.rank(id, ts));
         }
@@ -298,26 +356,20 @@ pub fn encode_chunk(
     }
 
     if sampled {
-        let mut lens = Vec::new();
-        let mut counts = Vec::new();
-        for r in records {
-            for &n in &r.row_lens {
-                bytes::put_varint(&mut lens, u64::from(n));
-            }
-            for &c in &r.counts {
-                bytes::put_varint(&mut counts, u64::from(c));
-            }
+        let mut lens = Vec::with_capacity(buf.positions());
+        let mut counts = Vec::with_capacity(buf.entries());
+        for &n in &buf.row_lens {
+            bytes::put_varint(&mut lens, u64::from(n));
+        }
+        for &c in &buf.counts {
+            bytes::put_varint(&mut counts, u64::from(c));
         }
         streams.push((tag::ROW_LENS, lens));
         streams.push((tag::COUNTS, counts));
     }
 
     if p.has_logprobs() {
-        let mut lp = Vec::with_capacity(all_ids.len());
-        for r in records {
-            lp.extend_from_slice(&r.logprobs);
-        }
-        streams.extend(logprobs::encode(&lp, &rows, p)?);
+        streams.extend(logprobs::encode(&buf.logprobs, &rows, p)?);
     }
     frame(streams, p.zstd_level)
 }
@@ -329,18 +381,10 @@ pub enum RowShape<'a> {
 }
 
 impl<'a> RowShape<'a> {
-    fn of(records: &'a [Record], p: &CodecParams) -> RowShape<'a> {
+    fn of(buf: &'a ChunkBuf, p: &CodecParams) -> RowShape<'a> {
         match p.kind {
-            Kind::TopK => {
-                RowShape::Fixed { rows: records.iter().map(Record::len).sum(), k: p.k as usize }
-            }
-            Kind::Sampled => {
-                let mut lens = Vec::new();
-                for r in records {
-                    lens.extend_from_slice(&r.row_lens);
-                }
-                RowShape::Ragged(lens.into())
-            }
+            Kind::TopK => RowShape::Fixed { rows: buf.positions(), k: p.k as usize },
+            Kind::Sampled => RowShape::Ragged(std::borrow::Cow::Borrowed(&buf.row_lens)),
         }
     }
 
