@@ -49,7 +49,11 @@ pub fn approx_exp(x: f32) -> f32 {
     }
     // 2^t with t = x log2(e): exponent bits from floor(t), a cubic for 2^frac.
     let t = x * std::f32::consts::LOG2_E;
-    let fl = t.floor();
+    // floor(t) without a libm call: truncate, then step down for negative non-integers.
+    let mut fl = t as i32 as f32;
+    if fl > t {
+        fl -= 1.0;
+    }
     let f = t - fl;
     let p = 1.0 + f * (0.695_036 + f * (0.228_308_76 + f * 0.076_325));
     f32::from_bits(((fl as i32 + 127) as u32) << 23) * p
@@ -110,22 +114,36 @@ fn append_ids(
     what: &str,
     k: usize,
 ) -> Result<()> {
-    out.reserve(arr.len());
-    for i in 0..arr.len() {
-        let v = arr.get(i);
-        if v < 0 || v >= i128::from(vocab) {
-            let at = match (i.checked_div(k), i.checked_rem(k)) {
-                (Some(pos), Some(rank)) => format!("position {pos}, rank {rank}"),
-                _ => format!("position {i}"),
-            };
-            return Err(Error::InvalidRecord {
-                sample_id,
-                msg: format!("{what} {v} at {at} is outside the vocabulary [0, {vocab})"),
-            });
+    fn run<T: Copy + Into<i128>>(out: &mut Vec<u32>, a: &[T], vocab: u32) -> Option<usize> {
+        out.reserve(a.len());
+        let v = i128::from(vocab);
+        for (i, &x) in a.iter().enumerate() {
+            let x: i128 = x.into();
+            if x < 0 || x >= v {
+                return Some(i);
+            }
+            out.push(x as u32);
         }
-        out.push(v as u32);
+        None
     }
-    Ok(())
+    let start = out.len();
+    let bad = match arr {
+        IdArray::I64(a) => run(out, a, vocab),
+        IdArray::I32(a) => run(out, a, vocab),
+        IdArray::U32(a) => run(out, a, vocab),
+        IdArray::U16(a) => run(out, a, vocab),
+        IdArray::U64(a) => run(out, a, vocab),
+    };
+    let Some(i) = bad else { return Ok(()) };
+    out.truncate(start);
+    let at = match (i.checked_div(k), i.checked_rem(k)) {
+        (Some(pos), Some(rank)) => format!("position {pos}, rank {rank}"),
+        _ => format!("position {i}"),
+    };
+    Err(Error::InvalidRecord {
+        sample_id,
+        msg: format!("{what} {} at {at} is outside the vocabulary [0, {vocab})", arr.get(i)),
+    })
 }
 
 /// Validate a top-K record (`input_ids [L]`, `ids [L, K]`, `logprobs [L, K]`) and append

@@ -488,7 +488,6 @@ impl StoreWriter {
         &self.dir
     }
 
-
     /// Samples added since the last commit plus those committed.
     pub fn num_samples(&self) -> usize {
         self.known.len()

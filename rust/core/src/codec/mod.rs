@@ -332,7 +332,8 @@ pub fn encode_chunk(
     for &t in &buf.input_ids {
         ids::put_rank(&mut input_lead, &mut input_ext, table.rank(t, ts));
     }
-    let mut leads: [Vec<u8>; 4] = Default::default();
+    let mut leads: [Vec<u8>; 4] =
+        std::array::from_fn(|_| Vec::with_capacity(buf.entries() / 2 + 16));
     let mut exts: [Vec<u8>; 4] = Default::default();
     let rows = RowShape::of(buf, p);
     rows.for_each_row(|start, n| {
