@@ -34,8 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import logitcache as lc  # noqa: E402
-from synthetic import generate_corpus  # noqa: E402
+from synthetic import generate
+
+import logitcache as lc
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Result:
     encode_pos_s: float
     decode_pos_s: float
     max_abs_err: float
+    median_kl: float
+    max_kl: float
 
 
 def _dir_bytes(path: Path) -> int:
@@ -80,6 +83,25 @@ def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def _kl_stats(decoded: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(median, max) over positions of KL(P || P_decoded), P = (top-K probabilities, rest
+    bucket max(0, 1 - sum)). The max is inf when rounding pushed a decoded row's mass to 1
+    while the written row kept some rest mass."""
+    kls = []
+    for a in range(0, len(want), 65536):
+        w = want[a : a + 65536].astype(np.float64)
+        d = decoded[a : a + 65536].astype(np.float64)
+        p, q = np.exp(w), np.exp(d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(p > 0, p * (w - d), 0.0).sum(axis=1)
+            pr = np.maximum(0.0, 1 - p.sum(axis=1))
+            qr = np.maximum(0.0, 1 - q.sum(axis=1))
+            rest = np.where(pr > 0, pr * np.log(pr / qr), 0.0)
+        kls.append(terms + rest)
+    all_kl = np.concatenate(kls) if kls else np.zeros(1)
+    return float(np.median(all_kl)), float(np.max(all_kl))
+
+
 def _max_err(decoded: np.ndarray, want: np.ndarray) -> float:
     finite = np.isfinite(want)
     if not np.array_equal(np.isfinite(decoded), finite):
@@ -87,7 +109,9 @@ def _max_err(decoded: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(decoded[finite].astype(np.float64) - want[finite]), initial=0.0))
 
 
-def bench_logitcache(c: Corpus, vocab: int, codec: str, work: Path, repeats: int, batch: int) -> Result:
+def bench_logitcache(
+    c: Corpus, vocab: int, codec: str, work: Path, repeats: int, batch: int
+) -> Result:
     path = work / f"lc-{codec.replace(':', '_')}"
 
     def write() -> None:
@@ -114,6 +138,7 @@ def bench_logitcache(c: Corpus, vocab: int, codec: str, work: Path, repeats: int
         c.positions / t_enc,
         c.positions / t_dec,
         _max_err(got, c.topk_logprobs),
+        *_kl_stats(got, c.topk_logprobs),
     )
 
 
@@ -135,8 +160,14 @@ def bench_npy(c: Corpus, work: Path, repeats: int) -> Result:
     t_enc, _ = _best_of(write, repeats)
     t_dec, (ids, lp) = _best_of(read, repeats)
     assert np.array_equal(ids, c.topk_ids)
-    return Result("npy int32 + float16", _dir_bytes(d) / c.positions, c.positions / t_enc,
-                  c.positions / t_dec, _max_err(lp.astype(np.float32), c.topk_logprobs))
+    return Result(
+        "npy int32 + float16",
+        _dir_bytes(d) / c.positions,
+        c.positions / t_enc,
+        c.positions / t_dec,
+        _max_err(lp.astype(np.float32), c.topk_logprobs),
+        *_kl_stats(lp.astype(np.float32), c.topk_logprobs),
+    )
 
 
 def bench_parquet(c: Corpus, work: Path, repeats: int) -> Result | None:
@@ -155,8 +186,12 @@ def bench_parquet(c: Corpus, work: Path, repeats: int) -> Result | None:
         )
         seq = np.repeat(np.arange(len(c.lengths), dtype=np.int32), c.lengths)
         table = pa.table(
-            {"sequence": seq, "input_id": c.input_ids.astype(np.int32), "topk_ids": ids,
-             "topk_logprobs": lp}
+            {
+                "sequence": seq,
+                "input_id": c.input_ids.astype(np.int32),
+                "topk_ids": ids,
+                "topk_logprobs": lp,
+            }
         )
         pq.write_table(table, f, compression="zstd")
 
@@ -169,9 +204,14 @@ def bench_parquet(c: Corpus, work: Path, repeats: int) -> Result | None:
     t_enc, _ = _best_of(write, repeats)
     t_dec, (ids, lp) = _best_of(read, repeats)
     assert np.array_equal(ids, c.topk_ids)
-    return Result("parquet zstd (int32 + float16)", f.stat().st_size / c.positions,
-                  c.positions / t_enc, c.positions / t_dec,
-                  _max_err(lp.astype(np.float32), c.topk_logprobs))
+    return Result(
+        "parquet zstd (int32 + float16)",
+        f.stat().st_size / c.positions,
+        c.positions / t_enc,
+        c.positions / t_dec,
+        _max_err(lp.astype(np.float32), c.topk_logprobs),
+        *_kl_stats(lp.astype(np.float32), c.topk_logprobs),
+    )
 
 
 def bench_safetensors(c: Corpus, work: Path, repeats: int) -> Result | None:
@@ -198,9 +238,14 @@ def bench_safetensors(c: Corpus, work: Path, repeats: int) -> Result | None:
     t_enc, _ = _best_of(write, repeats)
     t_dec, out = _best_of(read, repeats)
     assert np.array_equal(out["topk_ids"], c.topk_ids)
-    return Result("safetensors int32 + float16", f.stat().st_size / c.positions,
-                  c.positions / t_enc, c.positions / t_dec,
-                  _max_err(out["topk_logprobs"].astype(np.float32), c.topk_logprobs))
+    return Result(
+        "safetensors int32 + float16",
+        f.stat().st_size / c.positions,
+        c.positions / t_enc,
+        c.positions / t_dec,
+        _max_err(out["topk_logprobs"].astype(np.float32), c.topk_logprobs),
+        *_kl_stats(out["topk_logprobs"].astype(np.float32), c.topk_logprobs),
+    )
 
 
 def main() -> None:
@@ -208,8 +253,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 128256])
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--positions", type=int, default=200_000)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--codecs", nargs="+", default=["abs:0.01", "lossless"])
+    parser.add_argument(
+        "--codecs", nargs="+", default=["abs:0.01", "kl:1e-4", "kl:1e-3", "lossless"]
+    )
     parser.add_argument("--threads", type=int, default=1, help="logitcache threads")
     parser.add_argument("--batch", type=int, default=16, help="sequences per read_batch")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
@@ -217,15 +263,27 @@ def main() -> None:
     args = parser.parse_args()
 
     lc.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"python {platform.python_version()}, logitcache {lc.__version__}, "
-          f"logitcache threads {args.threads}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"python {platform.python_version()}, logitcache {lc.__version__}, "
+        f"logitcache threads {args.threads}"
+    )
     all_results = {}
     for vocab in args.vocab:
-        n_seq = max(1, args.positions // args.seq_len)
-        c = Corpus(*generate_corpus(n_seq, args.seq_len, vocab, args.k, seed=0))
-        print(f"\nV = {vocab}, K = {args.k}, {c.positions:,} positions "
-              f"({n_seq} sequences of {args.seq_len})")
+        t = time.perf_counter()
+        tc = generate(n_positions=args.positions, vocab_size=vocab, k=args.k, seed=0)
+        c = Corpus(
+            lengths=np.diff(tc.offsets),
+            input_ids=tc.input_ids,
+            topk_ids=tc.topk_ids,
+            topk_logprobs=tc.topk_logprobs,
+        )
+        mass = float(np.exp(c.topk_logprobs.astype(np.float64)).sum(axis=1).mean())
+        print(
+            f"\nV = {vocab}, K = {args.k}: {c.positions:,} positions in {len(c.lengths)} "
+            f"sequences (synthetic teacher, mean top-K mass {mass:.3f}; generated in "
+            f"{time.perf_counter() - t:.0f} s)"
+        )
         results: list[Result] = []
         with tempfile.TemporaryDirectory(prefix="logitcache-bench-") as tmp:
             work = Path(tmp)
@@ -235,12 +293,20 @@ def main() -> None:
                 r = fn(c, work, args.repeats)
                 if r is not None:
                     results.append(r)
-        best_baseline = min(r.bytes_per_token for r in results if not r.method.startswith("logitcache"))
-        print(f"{'method':34} {'bytes/token':>11} {'vs best':>8} {'encode pos/s':>13} "
-              f"{'decode pos/s':>13} {'max abs err':>12}")
+        best_baseline = min(
+            r.bytes_per_token for r in results if not r.method.startswith("logitcache")
+        )
+        print(
+            f"{'method':34} {'bytes/token':>11} {'vs best':>8} {'encode pos/s':>13} "
+            f"{'decode pos/s':>13} {'max abs err':>12} {'median KL':>9} {'max KL':>9}"
+        )
         for r in results:
-            print(f"{r.method:34} {r.bytes_per_token:11.1f} {best_baseline / r.bytes_per_token:7.2f}x "
-                  f"{r.encode_pos_s:13,.0f} {r.decode_pos_s:13,.0f} {r.max_abs_err:12.2e}")
+            ratio = best_baseline / r.bytes_per_token
+            print(
+                f"{r.method:34} {r.bytes_per_token:11.1f} {ratio:7.2f}x "
+                f"{r.encode_pos_s:13,.0f} {r.decode_pos_s:13,.0f} {r.max_abs_err:12.2e} "
+                f"{r.median_kl:9.1e} {r.max_kl:9.1e}"
+            )
         all_results[vocab] = [r.__dict__ for r in results]
     if args.json:
         args.json.write_text(json.dumps(all_results, indent=2))

@@ -24,8 +24,12 @@ impl Source {
             // read-only. What the map cannot defend against is another program truncating the
             // file while it is mapped; that is why network file systems, where such changes
             // come from other machines, are read with positioned reads instead.
-            let map = unsafe { memmap2::Mmap::map(&file) }.io_ctx("memory-map shard", path)?;
-            Ok(Source::Mmap(map))
+            match unsafe { memmap2::Mmap::map(&file) } {
+                Ok(map) => Ok(Source::Mmap(map)),
+                // Out of address space (e.g. under `ulimit -v`) or a file system without
+                // mmap: positioned reads work everywhere.
+                Err(_) => Ok(Source::File { file, len }),
+            }
         } else {
             Ok(Source::File { file, len })
         }
