@@ -1,103 +1,134 @@
 //! The KL-bounded log-probability codec (`kl:<bound>`, top-K stores).
 //!
 //! Error in an entry of tiny probability costs little divergence, and that is where most
-//! bytes go. So the quantization step grows with the decoded value: along a row, entry j is
-//! stored on a grid of step `s * 2^band`, where `band = floor(x'_{j-1} / W)` (capped) is
-//! computed from the previous decoded value `x'` (= -logprob) and `W = 11/8` nats, close to
-//! 2 ln 2: the step doubles each time the probability drops by about 4, which keeps each
-//! entry's share of the divergence (about p * step^2) level along the row.
+//! bytes go. So the quantization step grows along the row: entry j >= 1 is stored as a
+//! whole number of steps from the previous *decoded* value, with a step that doubles every
+//! 1.5 nats of decoded -logprob (about 2 ln 2, the rate that keeps each entry's share of the
+//! divergence, about p err^2 / 2, level). The top entry gets its own, finer precision: when
+//! the rest of the vocabulary holds little mass the divergence is first order in its error.
 //!
-//! Each value goes to one of the two grid points around it, chosen to keep the decoded row's
-//! total probability close to the written one (so the rest bucket barely moves). The writer
-//! then computes, in float64, KL(P || P_decoded) over the K entries plus the rest bucket
-//! `max(0, 1 - sum)`, using exactly the values a reader will decode, and picks per row the
-//! coarsest base step `s = 2^-e` (e in `E_MIN..=E_MAX`) that meets the bound; a row that no
-//! step satisfies is stored losslessly. The guarantee is therefore checked, not estimated.
+//! Per row the writer picks a base step `2^-b` (b in 2..=10) and `e` extra bits for the top
+//! entry (e in {0, 4, 8, 12}), trying coarse settings first, rounds every value to the
+//! nearest point of its grid, and computes in float64 KL(P || P_decoded) over the K entries
+//! plus the rest bucket `max(0, 1 - sum)` from exactly the values a reader will decode. The
+//! first setting within the bound is kept; a row that none satisfies is stored losslessly.
+//! The guarantee is therefore checked, not estimated.
+//!
+//! Levels are integers in units of `u = 2^-(b+e)` nats; a level L decodes to the float32
+//! nearest to `-(L * u)` (computed exactly in float64, then rounded: the same bits on every
+//! platform).
 
 use crate::codec::bytes::{self, ByteReader};
 use crate::error::{Error, Location, Result};
 
-use super::logprobs::MAX_LEVEL;
-
-/// Coarsest and finest base steps, as exponents e of s = 2^-e.
-pub const E_MIN: u8 = 4;
-pub const E_MAX: u8 = 12;
+/// Base step exponents b tried, coarse first.
+pub const B_MIN: u8 = 2;
+pub const B_MAX: u8 = 10;
+/// Extra precision bits of the top entry, by index (the high nibble of the row mode).
+pub const TOP_EXTRA: [u8; 4] = [0, 4, 8, 12];
 /// Row mode of a row stored losslessly.
 pub const LOSSLESS_ROW: u8 = 255;
-/// Largest band: the step never grows beyond `s * 2^MAX_BAND`.
+/// Largest band: the step never grows beyond `2^-b * 2^MAX_BAND`.
 pub const MAX_BAND: u32 = 12;
+/// Largest decoded -logprob, in nats; anything beyond is stored as -inf (its probability is
+/// 0 in float32 and float64).
+pub const MAX_NATS: u64 = 1 << 20;
 
-/// Band of the next entry given the previous level `l` on the grid of step 2^-e:
-/// `floor(l * 2^-e / (11/8))`, in integers.
+/// Row mode byte of base exponent `b` and top-entry extra-bits index `ei`.
 #[inline]
-pub fn band(l: u64, e: u8) -> u32 {
-    let b = (8 * l) / (11u64 << e);
+pub fn mode(b: u8, ei: usize) -> u8 {
+    b | ((ei as u8) << 4)
+}
+
+/// (b, e) of a row mode, or None for modes that are not defined.
+#[inline]
+pub fn parse_mode(m: u8) -> Option<(u8, u8)> {
+    let b = m & 0x0f;
+    let ei = (m >> 4) as usize;
+    ((B_MIN..=B_MAX).contains(&b) && ei < TOP_EXTRA.len()).then(|| (b, TOP_EXTRA[ei]))
+}
+
+/// Band of the entry after one at level `l` (units 2^-(b+e)): `floor(l u / 1.5)`, capped.
+#[inline]
+pub fn band(l: u64, shift: u32) -> u32 {
+    // l * 2^-shift / (3/2) = 2 l / (3 2^shift); levels never exceed 2^(20 + shift) <= 2^42.
+    let b = l.saturating_mul(2) / (3u64 << shift.min(40));
     b.min(u64::from(MAX_BAND)) as u32
 }
 
-/// Levels of one row at base exponent `e`; returns how many entries are finite (levels[j] *
-/// 2^-e is the decoded -logprob of entry j; entries from the returned count on decode to
-/// -inf). Each entry goes to one of the two grid points around it, the one that keeps the
-/// running difference between decoded and written probability mass closest to zero: the
-/// rest bucket (1 - sum) then barely moves, which matters when it is small.
-fn quantize_row(row: &[f32], e: u8, levels: &mut Vec<u64>) -> usize {
+/// Round a non-negative float to the nearest integer (half up) without a libm call.
+#[inline]
+fn round_nonneg(x: f64) -> u64 {
+    let q = (x + 0.5) as u64;
+    if q as f64 - x > 0.5 { q - 1 } else { q }
+}
+
+/// The float32 value of level `l` at unit 2^-shift.
+#[inline]
+pub fn dequantize(l: u64, shift: u32) -> f32 {
+    (-(l as f64) * f64::from_bits((1023 - u64::from(shift)) << 52)) as f32
+}
+
+/// Largest level allowed at unit 2^-shift.
+#[inline]
+fn max_level(shift: u32) -> u64 {
+    MAX_NATS << shift
+}
+
+/// Quantize a sorted row at (b, e); returns the count of finite entries (the rest decode to
+/// -inf). `numbers` receives the coded numbers, `levels` the levels.
+fn quantize_row(row: &[f32], b: u8, e: u8, levels: &mut Vec<u64>, numbers: &mut Vec<u64>) -> usize {
     levels.clear();
-    let inv = f64::from(1u32 << e);
-    let step = 1.0 / inv;
+    numbers.clear();
+    let shift = u32::from(b) + u32::from(e);
+    let inv_u = (shift as f64).exp2();
+    let top = max_level(shift);
     let mut prev = 0u64;
-    let mut mass_err = 0.0f64;
-    for &v in row {
+    for (j, &v) in row.iter().enumerate() {
         if v == f32::NEG_INFINITY {
             break;
         }
-        let x = (-f64::from(v)).max(0.0) * inv;
-        let m = 1u64 << band(prev, e);
-        let need = x - prev as f64;
-        let k_lo = if need <= 0.0 { 0 } else { (need / m as f64).floor() as u64 };
-        let l_lo = prev + k_lo * m;
-        let l_hi = l_lo + m;
-        let l = if need <= 0.0 {
-            l_lo
+        let x = (-f64::from(v)).max(0.0) * inv_u;
+        let (l, n) = if j == 0 {
+            let l = round_nonneg(x);
+            (l, l)
         } else {
-            let p = f64::from(v).exp();
-            let q_lo = (-(l_lo as f64) * step).exp();
-            let q_hi = (-(l_hi as f64) * step).exp();
-            if (mass_err + q_hi - p).abs() < (mass_err + q_lo - p).abs() { l_hi } else { l_lo }
+            let m = 1u64 << (u32::from(e) + band(prev, shift));
+            let k = round_nonneg(((x - prev as f64) / m as f64).max(0.0));
+            (prev + k * m, k)
         };
-        if l > u64::from(MAX_LEVEL) {
+        if l > top {
             break;
         }
-        mass_err += (-(l as f64) * step).exp() - f64::from(v).exp();
         levels.push(l);
+        numbers.push(n);
         prev = l;
     }
     levels.len()
 }
 
-/// The decoded value of level `l` at base exponent `e` (exact: l <= 2^24, power-of-two step).
-#[inline]
-pub fn dequantize(l: u64, e: u8) -> f32 {
-    0.0f32 - (l as f32) * f32::from_bits((127 - u32::from(e)) << 23)
-}
-
-/// KL(P || P_decoded) over the row's entries plus the rest bucket, in float64.
-fn row_kl(row: &[f32], levels: &[u64], e: u8) -> f64 {
+/// KL(P || P_decoded) over the row's entries plus the rest bucket, in float64; `probs` are
+/// the written probabilities (exp of `row`), computed once per row. With `exact` false the
+/// decoded probabilities come from a cheap exponential (0.02% error): a screen that lets
+/// the search skip settings far outside the bound before paying for the exact check.
+fn row_kl(row: &[f32], probs: &[f64], levels: &[u64], shift: u32, exact: bool) -> f64 {
     let mut kl = 0.0f64;
     let mut sum_p = 0.0f64;
     let mut sum_q = 0.0f64;
-    for (j, &v) in row.iter().enumerate() {
-        let p = f64::from(v).exp();
+    for (j, (&v, &p)) in row.iter().zip(probs).enumerate() {
         sum_p += p;
-        let q = match levels.get(j) {
-            Some(&l) => f64::from(dequantize(l, e)).exp(),
+        let lq = levels.get(j).map(|&l| f64::from(dequantize(l, shift)));
+        let q = match lq {
+            Some(x) if exact => x.exp(),
+            Some(x) => f64::from(crate::record::approx_exp(x as f32)),
             None => 0.0,
         };
         sum_q += q;
         if p > 0.0 {
-            if q == 0.0 {
-                return f64::INFINITY;
+            match lq {
+                Some(lq) if q > 0.0 => kl += p * (f64::from(v) - lq),
+                _ => return f64::INFINITY,
             }
-            kl += p * (f64::from(v) - q.ln());
         }
     }
     let p_rest = (1.0 - sum_p).max(0.0);
@@ -111,7 +142,7 @@ fn row_kl(row: &[f32], levels: &[u64], e: u8) -> f64 {
     kl.max(0.0)
 }
 
-/// Encoded rows: per-row modes, level codes by group, lossless rows, finite counts.
+/// Encoded rows: per-row modes, coded numbers by group, lossless rows, finite counts.
 pub struct Encoded {
     pub modes: Vec<u8>,
     pub leads: [Vec<u8>; 4],
@@ -131,41 +162,54 @@ pub fn encode(lp: &[f32], k: usize, bound: f64) -> Encoded {
         finite: Vec::new(),
         any_nonfinite: false,
     };
-    let mut levels = Vec::with_capacity(k);
-    let mut hint = E_MIN;
+    let (mut levels, mut numbers) = (Vec::with_capacity(k), Vec::with_capacity(k));
+    let mut probs = Vec::with_capacity(k);
+    let mut prev_b = B_MIN;
     for row in lp.chunks_exact(k.max(1)) {
-        // Start from the previous row's exponent (neighbouring rows behave alike): go
-        // coarser while the bound holds, else finer until it does.
-        let ok = |e: u8, levels: &mut Vec<u64>| {
-            quantize_row(row, e, levels);
-            row_kl(row, levels, e) <= bound
+        probs.clear();
+        probs.extend(row.iter().map(|&v| f64::from(v).exp()));
+        let mut ok = |b: u8, ei: usize| {
+            let e = TOP_EXTRA[ei];
+            quantize_row(row, b, e, &mut levels, &mut numbers);
+            let shift = u32::from(b) + u32::from(e);
+            row_kl(row, &probs, &levels, shift, false) <= 2.0 * bound
+                && row_kl(row, &probs, &levels, shift, true) <= bound
         };
+        let first_fit = |ok: &mut dyn FnMut(u8, usize) -> bool, b: u8| {
+            (0..TOP_EXTRA.len()).find(|&ei| ok(b, ei))
+        };
+        // Neighbouring rows behave alike: start one step coarser than the previous row and
+        // go finer until a setting fits; if the start fits, try coarser still.
+        let start = prev_b.saturating_sub(1).max(B_MIN);
         let mut chosen = None;
-        if ok(hint, &mut levels) {
-            let mut e = hint;
-            while e > E_MIN && ok(e - 1, &mut levels) {
-                e -= 1;
+        for b in start..=B_MAX {
+            if let Some(ei) = first_fit(&mut ok, b) {
+                chosen = Some((b, ei));
+                break;
             }
-            chosen = Some(e);
-        } else {
-            for e in hint + 1..=E_MAX {
-                if ok(e, &mut levels) {
-                    chosen = Some(e);
-                    break;
+        }
+        if let Some((b, _)) = chosen
+            && b == start
+        {
+            let mut b = start;
+            while b > B_MIN {
+                match first_fit(&mut ok, b - 1) {
+                    Some(ei) => {
+                        chosen = Some((b - 1, ei));
+                        b -= 1;
+                    }
+                    None => break,
                 }
             }
         }
         match chosen {
-            Some(e) => {
-                let finite = quantize_row(row, e, &mut levels);
-                out.modes.push(e);
-                hint = e;
-                let mut prev = 0u64;
-                for (j, &l) in levels.iter().enumerate() {
+            Some((b, ei)) => {
+                let finite = quantize_row(row, b, TOP_EXTRA[ei], &mut levels, &mut numbers);
+                out.modes.push(mode(b, ei));
+                prev_b = b;
+                for (j, &n) in numbers.iter().enumerate() {
                     let g = super::ids::group_of(j);
-                    let m = 1u64 << band(prev, e);
-                    put_small(&mut out.leads[g], &mut out.exts[g], (l - prev) / m);
-                    prev = l;
+                    put_number(&mut out.leads[g], &mut out.exts[g], n);
                 }
                 if finite < row.len() {
                     out.any_nonfinite = true;
@@ -187,7 +231,7 @@ pub fn encode(lp: &[f32], k: usize, bound: f64) -> Encoded {
 }
 
 #[inline]
-fn put_small(lead: &mut Vec<u8>, ext: &mut Vec<u8>, v: u64) {
+fn put_number(lead: &mut Vec<u8>, ext: &mut Vec<u8>, v: u64) {
     if v < 255 {
         lead.push(v as u8);
     } else {
@@ -223,9 +267,8 @@ pub fn decode(
         exts.iter().map(|l| ByteReader::new(l, "log-probability extension")).collect();
     let mut fr = finite_raw.map(|f| ByteReader::new(f, "finite counts"));
     let mut out = vec![f32::NEG_INFINITY; rows * k];
-    for (row, (&mode, dst)) in
-        modes.iter().zip(out.chunks_exact_mut(k.max(1))).enumerate().take(rows)
-    {
+    let out_of_range = || Error::corrupt(loc.clone(), "log-probability level out of range");
+    for (row, (&m, dst)) in modes.iter().zip(out.chunks_exact_mut(k.max(1))).enumerate() {
         let finite = match fr.as_mut() {
             Some(f) => f.varint(loc)? as usize,
             None => k,
@@ -236,7 +279,7 @@ pub fn decode(
                 format!("row {row} claims {finite} finite entries of {k}"),
             ));
         }
-        if mode == LOSSLESS_ROW {
+        if m == LOSSLESS_ROW {
             let src =
                 words.next().ok_or_else(|| Error::corrupt(loc.clone(), "lossless rows missing"))?;
             let mut prev = 0u32;
@@ -246,21 +289,29 @@ pub fn decode(
             }
             continue;
         }
-        if !(E_MIN..=E_MAX).contains(&mode) {
-            return Err(Error::corrupt(loc.clone(), format!("row {row} has mode {mode}")));
-        }
+        let (b, e) = parse_mode(m)
+            .ok_or_else(|| Error::corrupt(loc.clone(), format!("row {row} has mode {m}")))?;
+        let shift = u32::from(b) + u32::from(e);
+        let top = max_level(shift);
         let mut prev = 0u64;
         for (j, d) in dst.iter_mut().take(finite).enumerate() {
             let g = super::ids::group_of(j);
-            let b = lead_r[g].byte(loc)?;
-            let v = if b < 255 { u64::from(b) } else { ext_r[g].varint(loc)? + 255 };
-            let m = 1u64 << band(prev, mode);
-            let l = v
-                .checked_mul(m)
-                .and_then(|x| x.checked_add(prev))
-                .filter(|&l| l <= u64::from(MAX_LEVEL))
-                .ok_or_else(|| Error::corrupt(loc.clone(), "log-probability level out of range"))?;
-            *d = dequantize(l, mode);
+            let c = lead_r[g].byte(loc)?;
+            let n = if c < 255 {
+                u64::from(c)
+            } else {
+                ext_r[g].varint(loc)?.checked_add(255).ok_or_else(out_of_range)?
+            };
+            let l = if j == 0 {
+                n
+            } else {
+                let step = 1u64 << (u32::from(e) + band(prev, shift));
+                n.checked_mul(step).and_then(|x| x.checked_add(prev)).ok_or_else(out_of_range)?
+            };
+            if l > top {
+                return Err(out_of_range());
+            }
+            *d = dequantize(l, shift);
             prev = l;
         }
     }
@@ -292,6 +343,23 @@ mod tests {
             .collect()
     }
 
+    fn kl_of(orig: &[f32], got: &[f32]) -> f64 {
+        let (mut kl, mut sp, mut sq) = (0.0f64, 0.0f64, 0.0f64);
+        for (&a, &b) in orig.iter().zip(got) {
+            let (p, q) = (f64::from(a).exp(), f64::from(b).exp());
+            sp += p;
+            sq += q;
+            if p > 0.0 {
+                kl += p * (f64::from(a) - f64::from(b));
+            }
+        }
+        let (pr, qr) = ((1.0 - sp).max(0.0), (1.0 - sq).max(0.0));
+        if pr > 0.0 {
+            kl += pr * (pr / qr).ln();
+        }
+        kl
+    }
+
     #[test]
     fn every_row_meets_the_bound() {
         let loc = Location::default();
@@ -299,7 +367,7 @@ mod tests {
         for bound in [1e-2, 1e-3, 1e-4, 1e-5] {
             let mut lp = Vec::new();
             for s in 0..200u64 {
-                let mut r = row(s, k, (s % 7) as f32 * 0.3 + 0.05);
+                let mut r = row(s, k, (s % 7) as f32 * 0.3 + 0.001);
                 if s % 11 == 0 {
                     r[40..].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
                 }
@@ -311,34 +379,26 @@ mod tests {
             let dec =
                 decode(&enc.modes, &enc.leads, &enc.exts, &planes, finite, 200, k, &loc).unwrap();
             for (orig, got) in lp.chunks_exact(k).zip(dec.chunks_exact(k)) {
-                // Recompute the divergence from the decoded floats directly.
-                let (mut kl, mut sp, mut sq) = (0.0f64, 0.0f64, 0.0f64);
-                for (&a, &b) in orig.iter().zip(got) {
-                    let (p, q) = (f64::from(a).exp(), f64::from(b).exp());
-                    sp += p;
-                    sq += q;
-                    if p > 0.0 {
-                        kl += p * (f64::from(a) - f64::from(b));
-                    }
-                }
-                let (pr, qr) = ((1.0 - sp).max(0.0), (1.0 - sq).max(0.0));
-                if pr > 0.0 {
-                    kl += pr * (pr / qr).ln();
-                }
+                let kl = kl_of(orig, got);
                 assert!(kl <= bound * (1.0 + 1e-9) + 1e-15, "kl {kl} > {bound}");
             }
         }
     }
 
     #[test]
-    fn bands_are_exact_integers() {
-        // band boundaries at multiples of 11/8 nats, whatever the base step.
-        for e in E_MIN..=E_MAX {
-            let per_nat = 1u64 << e;
-            assert_eq!(band(0, e), 0);
-            assert_eq!(band(11 * per_nat / 8 - 1, e), 0);
-            assert_eq!(band(11 * per_nat / 8, e), 1);
-            assert_eq!(band(u64::from(MAX_LEVEL), e), MAX_BAND.min(band(u64::from(MAX_LEVEL), e)));
+    fn bands_and_values_are_exact() {
+        for shift in 2..=22u32 {
+            let per_nat = 1u64 << shift;
+            assert_eq!(band(0, shift), 0);
+            assert_eq!(band(3 * per_nat / 2 - 1, shift), 0);
+            assert_eq!(band(3 * per_nat / 2, shift), 1);
+            assert_eq!(band(u64::MAX / 4, shift), MAX_BAND);
+            assert_eq!(f64::from(dequantize(3 * per_nat, shift)), -3.0);
+        }
+        for m in 0..=255u8 {
+            if let Some((b, e)) = parse_mode(m) {
+                assert_eq!(mode(b, TOP_EXTRA.iter().position(|&x| x == e).unwrap()), m);
+            }
         }
     }
 }
