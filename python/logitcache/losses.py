@@ -65,6 +65,7 @@ MAX_TEACHER_MASS = 1.05
 # launches while the temporary stays bounded (128 MiB of float32).
 _CHUNK_ELEMENTS_CPU = 1 << 18
 _CHUNK_ELEMENTS_ACCELERATOR = 1 << 25
+_DENSE_TEMPORARIES = 2
 
 # Beyond this ratio log(p/q) the rest-bucket coefficient is represented by its logarithm only
 # (exp would overflow float64 at ~709); the neglected additive terms are < 1e-250 relative.
@@ -331,74 +332,64 @@ def _divergence_terms(
     beta: float,
     alpha: float,
     *,
-    want_terms: bool = True,
     want_grad: bool = True,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Elementwise terms of D(P, Q) (summing them over outcomes gives D) and
-    g = dD/dlog Q_o, from teacher and student log-probabilities of the same outcomes.
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Elementwise terms of D(P, Q) (their sum over outcomes is D), g = dD/dlog Q_o (or None)
+    and Q itself, from teacher and student log-probabilities of the same outcomes.
 
     Follows tests/reference_losses.py: 0 log 0 = 0, teacher probability floored at 1e-10 inside
-    logarithms, mixtures unfloored. Works in the log domain so that no 0 * inf arises.
+    logarithms, mixtures unfloored; works in the log domain so that no 0 * inf arises. Each
+    exponential is taken once (they dominate the cost of the dense path).
     """
     zero = torch.zeros((), dtype=logq.dtype, device=logq.device)
-    p = logp.exp()
     q = logq.exp()
-    terms: Tensor | None = None
     grad: Tensor | None = None
     if divergence in ("forward_kl", "reverse_kl", "jeffreys"):
         logp_floor = logp.clamp_min(_LOG_FLOOR)
-        fwd_terms = rev_terms = fwd_grad = rev_grad = None
+        fwd_terms = rev_terms = fwd_grad = rev_grad = zero
         if divergence != "reverse_kl":
-            if want_terms:
-                fwd_terms = torch.where(p > 0, p * (logp_floor - logq), zero)
-            if want_grad:
-                fwd_grad = -p
+            p = logp.exp()
+            fwd_terms = torch.where(p > 0, p * (logp_floor - logq), zero)
+            fwd_grad = -p
         if divergence != "forward_kl":
             log_ratio = logq - logp_floor
-            if want_terms:
-                rev_terms = torch.where(q > 0, q * log_ratio, zero)
+            rev_terms = torch.where(q > 0, q * log_ratio, zero)
             if want_grad:
                 rev_grad = torch.where(q > 0, q * (log_ratio + 1), zero)
-        if divergence == "jeffreys":
-            if want_terms:
-                terms = 0.5 * fwd_terms + 0.5 * rev_terms  # type: ignore[operator]
-            if want_grad:
-                grad = 0.5 * fwd_grad + 0.5 * rev_grad  # type: ignore[operator]
-        elif divergence == "forward_kl":
-            terms, grad = fwd_terms, fwd_grad
-        else:
-            terms, grad = rev_terms, rev_grad
-        return terms, grad
+        if divergence == "forward_kl":
+            return fwd_terms, fwd_grad if want_grad else None, q
+        if divergence == "reverse_kl":
+            return rev_terms, rev_grad if want_grad else None, q
+        if want_grad:
+            grad = 0.5 * fwd_grad + 0.5 * rev_grad
+        return 0.5 * fwd_terms + 0.5 * rev_terms, grad, q
     if divergence == "jsd":
+        p = logp.exp()
         logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
         q_part = torch.where(q > 0, q * (logq - logm), zero)
-        if want_terms:
-            p_part = torch.where(p > 0, p * (logp.clamp_min(_LOG_FLOOR) - logm), zero)
-            terms = beta * p_part + (1 - beta) * q_part
+        p_part = torch.where(p > 0, p * (logp.clamp_min(_LOG_FLOOR) - logm), zero)
         if want_grad:
             grad = (1 - beta) * q_part
-        return terms, grad
+        return beta * p_part + (1 - beta) * q_part, grad, q
     if divergence == "skew_forward_kl":
+        p = logp.exp()
         log_mix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-        if want_terms:
-            terms = torch.where(p > 0, p * (logp.clamp_min(_LOG_FLOOR) - log_mix), zero)
+        terms = torch.where(p > 0, p * (logp.clamp_min(_LOG_FLOOR) - log_mix), zero)
         if want_grad:
             grad = torch.where(p > 0, -(1 - alpha) * p * (logq - log_mix).exp(), zero)
-        return terms, grad
+        return terms, grad, q
     if divergence == "skew_reverse_kl":
         log_mix = torch.logaddexp(logp + math.log1p(-alpha), logq + math.log(alpha))
         log_ratio = logq - log_mix
-        if want_terms:
-            terms = torch.where(q > 0, q * log_ratio, zero)
+        terms = torch.where(q > 0, q * log_ratio, zero)
         if want_grad:
             grad = torch.where(q > 0, q * (log_ratio + 1 - alpha * log_ratio.exp()), zero)
-        return terms, grad
+        return terms, grad, q
     if divergence == "tvd":
-        if want_terms:
-            terms = 0.5 * (p - q).abs()
+        p = logp.exp()
         if want_grad:
             grad = 0.5 * torch.sign(q - p) * q
-        return terms, grad
+        return 0.5 * (p - q).abs(), grad, q
     raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {divergence!r}")
 
 
@@ -618,14 +609,13 @@ def _topk_rows(
     saved = None
     for i, divergence in enumerate(divergences):
         need_grad = want_grad and i == 0
-        terms, g = _divergence_terms(divergence, logp, logq, beta, alpha, want_grad=need_grad)
-        assert terms is not None
+        terms, g, q = _divergence_terms(divergence, logp, logq, beta, alpha, want_grad=need_grad)
         values[divergence] = torch.where(valid, terms.sum(dim=1), zero)
         if not need_grad:
             continue
         assert g is not None
         grad_sum = g.sum(dim=1)
-        sparse = (g[:, :k] - logq[:, :k].exp() * grad_sum[:, None]) / temperature
+        sparse = (g[:, :k] - q[:, :k] * grad_sum[:, None]) / temperature
         sparse = torch.where(valid[:, None], sparse, zero)
         log_abs = sign = None
         if tail == "bucket":
@@ -692,7 +682,9 @@ class _TopKFunction(torch.autograd.Function):
         valid: Tensor,
         options: dict[str, Any],
     ) -> Tensor:
-        values, saved = _topk_rows(z, ids, logprobs, valid, want_grad=z.requires_grad, **options)
+        values, saved = _topk_rows(
+            z, ids, logprobs, valid, want_grad=bool(ctx.needs_input_grad[0]), **options
+        )
         ctx.saved = saved
         ctx.temperature = options["temperature"]
         ctx.save_for_backward(z)
@@ -809,7 +801,7 @@ class _SampledFunction(torch.autograd.Function):
             logprobs,
             valid,
             temperature=temperature,
-            want_grad=z.requires_grad,
+            want_grad=bool(ctx.needs_input_grad[0]),
         )
         ctx.saved = saved
         ctx.temperature = temperature
@@ -829,29 +821,37 @@ class _SampledFunction(torch.autograd.Function):
 
 def _dense_chunk_logprobs(
     z_chunk: Tensor, t_chunk: Tensor, temperature: float, math_dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """log Q [C, V_s], log P [C, V_s] (zero-padded teacher), and the two row logsumexps."""
-    x_s = _scaled_copy(
-        torch.empty(z_chunk.shape, dtype=math_dtype, device=z_chunk.device), z_chunk, temperature
-    )
-    x_t = _scaled_copy(
-        torch.empty(t_chunk.shape, dtype=math_dtype, device=t_chunk.device), t_chunk, temperature
-    )
-    lse_s = torch.logsumexp(x_s, dim=1)
-    lse_t = torch.logsumexp(x_t, dim=1)
-    # Rows whose logsumexp is not finite are either rejected (valid) or discarded (invalid);
-    # subtracting 0 keeps their garbage from turning into a NaN the other rows could see.
-    safe_s = torch.where(lse_s.isfinite(), lse_s, 0.0)
-    safe_t = torch.where(lse_t.isfinite(), lse_t, 0.0)
-    logq = x_s.sub_(safe_s[:, None])
-    logp_t = x_t.sub_(safe_t[:, None])
+) -> tuple[Tensor, Tensor]:
+    """log Q and log P [C, V_s] of one chunk of rows (the teacher zero-padded to V_s).
+
+    A row with NaN or +inf, or -inf everywhere, comes out NaN; callers detect it from the
+    row's value instead of making an extra pass."""
+    if temperature != 1.0:
+        z_chunk = z_chunk.to(math_dtype) / temperature
+        t_chunk = t_chunk.to(math_dtype) / temperature
+    logq = torch.log_softmax(z_chunk, dim=1, dtype=math_dtype)
+    logp = torch.log_softmax(t_chunk, dim=1, dtype=math_dtype)
     v_s, v_t = z_chunk.shape[1], t_chunk.shape[1]
-    if v_t == v_s:
-        logp = logp_t
-    else:
-        logp = torch.full_like(logq, _NEG_INF)
-        logp[:, :v_t] = logp_t
-    return logq, logp, lse_s, lse_t
+    if v_t != v_s:
+        padded = torch.full_like(logq, _NEG_INF)
+        padded[:, :v_t] = logp
+        logp = padded
+    return logq, logp
+
+
+def _explain_bad_dense_row(z_row: Tensor, t_row: Tensor, row: int) -> ValueError:
+    """The error for a kept row whose divergence came out NaN (only non-finite input does)."""
+    for arg, values in (("student_logits", z_row), ("teacher_logits", t_row)):
+        if bool(values.isnan().any()):
+            return ValueError(f"{arg}: NaN in a row (first at flattened position {row})")
+        if bool((values == _INF).any()):
+            return ValueError(f"{arg}: +inf in a row (first at flattened position {row})")
+        if bool((values == _NEG_INF).all()):
+            return ValueError(
+                f"{arg}: a row is -inf at every entry; its distribution is undefined "
+                f"(first at flattened position {row})"
+            )
+    return ValueError(f"student_logits: the divergence is NaN at flattened position {row}")
 
 
 def _dense_rows(
@@ -864,49 +864,50 @@ def _dense_rows(
     beta: float,
     alpha: float,
     want_grad: bool,
-) -> tuple[dict[str, Tensor], Tensor | None, Tensor]:
-    """Per-row divergences against full teacher logits ([N] in the math dtype), the per-row
-    sum of g for the first divergence's backward, and the rows to zero in backward."""
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Per-row divergences against full teacher logits ([N] in the math dtype) and, when
+    want_grad, the gradient of the first one's per-row values w.r.t. z (z's dtype, zero rows
+    where not valid), written chunk by chunk while P and Q are at hand."""
     n, width = z.shape
     math_dtype = _math_dtype(z.dtype)
     values = {d: torch.zeros(n, dtype=math_dtype, device=z.device) for d in divergences}
-    grad_sum = torch.zeros(n, dtype=math_dtype, device=z.device) if want_grad else None
-    lse_s_all = torch.empty(n, dtype=math_dtype, device=z.device)
-    lse_t_all = torch.empty(n, dtype=math_dtype, device=z.device)
-    rows = _chunk_rows(n, width, z.device, temporaries=8)
+    grad = torch.empty_like(z, memory_format=torch.contiguous_format) if want_grad else None
+    keep = valid.to(math_dtype)[:, None] / temperature
+    rows = _chunk_rows(n, width, z.device, temporaries=_DENSE_TEMPORARIES)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        logq, logp, lse_s, lse_t = _dense_chunk_logprobs(
+        logq, logp = _dense_chunk_logprobs(
             z[start:stop], teacher[start:stop], temperature, math_dtype
         )
-        lse_s_all[start:stop] = lse_s
-        lse_t_all[start:stop] = lse_t
         for i, divergence in enumerate(divergences):
-            need_grad = want_grad and i == 0
-            terms, g = _divergence_terms(divergence, logp, logq, beta, alpha, want_grad=need_grad)
-            assert terms is not None
+            need_grad = grad is not None and i == 0
+            terms, g, q = _divergence_terms(
+                divergence, logp, logq, beta, alpha, want_grad=need_grad
+            )
             values[divergence][start:stop] = terms.sum(dim=1)
             if need_grad:
-                assert g is not None and grad_sum is not None
-                grad_sum[start:stop] = g.sum(dim=1)
-    _check_student_lse(lse_s_all, valid, "")
-    _raise_if(valid & lse_t_all.isnan(), "teacher_logits", "NaN in a row")
-    _raise_if(valid & (lse_t_all == _INF), "teacher_logits", "+inf in a row")
-    _raise_if(
-        valid & (lse_t_all == _NEG_INF),
-        "teacher_logits",
-        "a row is -inf at every entry; the teacher distribution is undefined",
-    )
+                assert g is not None and grad is not None
+                # dD/dz_v = (g_v - q_v * sum_o g_o) / T
+                grad_sum = g.sum(dim=1, keepdim=True)
+                chunk = g.sub_(q.mul_(grad_sum)).mul_(keep[start:stop])
+                grad[start:stop].copy_(chunk)
+    broken = values[divergences[0]].isnan()
+    row = _first_bad_row(valid & broken)
+    if row is not None:
+        raise _explain_bad_dense_row(z[row], teacher[row], row)
+    if grad is not None:
+        bad_rows = (~valid & broken).nonzero().squeeze(1)
+        if bad_rows.numel():
+            grad.index_fill_(0, bad_rows, 0.0)
     zero = torch.zeros((), dtype=math_dtype, device=z.device)
-    values = {d: torch.where(valid, v, zero) for d, v in values.items()}
-    finite = lse_s_all.isfinite() & lse_t_all.isfinite()
-    bad_rows = (~valid & ~finite).nonzero().squeeze(1)
-    if grad_sum is not None:
-        grad_sum = torch.where(valid, grad_sum, zero)
-    return values, grad_sum, bad_rows
+    return {d: torch.where(valid, v, zero) for d, v in values.items()}, grad
 
 
 class _DenseFunction(torch.autograd.Function):
+    """Dense targets: the gradient is written during forward (P and Q are in cache then, and
+    recomputing two softmaxes in backward would double the exponentials); backward scales it
+    in place by grad_output, so the memory is the gradient's own."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -915,45 +916,24 @@ class _DenseFunction(torch.autograd.Function):
         valid: Tensor,
         options: dict[str, Any],
     ) -> Tensor:
-        values, grad_sum, bad_rows = _dense_rows(
-            z, teacher, valid, want_grad=z.requires_grad, **options
+        values, grad = _dense_rows(
+            z, teacher, valid, want_grad=bool(ctx.needs_input_grad[0]), **options
         )
-        ctx.options = options
-        ctx.grad_sum = grad_sum
-        ctx.bad_rows = bad_rows
-        ctx.save_for_backward(z, teacher, valid)
+        ctx.grad = grad
         return values[options["divergences"][0]]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        z, teacher, valid = ctx.saved_tensors
-        options = ctx.options
-        temperature = options["temperature"]
-        math_dtype = _math_dtype(z.dtype)
-        n, width = z.shape
-        scale = torch.where(valid, grad_output.to(math_dtype) / temperature, 0.0)[:, None]
-        grad_sum = ctx.grad_sum[:, None]
-        grad = torch.empty_like(z, memory_format=torch.contiguous_format)
-        rows = _chunk_rows(n, width, z.device, temporaries=8)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            logq, logp, _, _ = _dense_chunk_logprobs(
-                z[start:stop], teacher[start:stop], temperature, math_dtype
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "kd_loss (torch path) supports one backward pass per forward: its gradient "
+                "is computed in forward and scaled in place; recompute the loss instead of "
+                "retain_graph=True"
             )
-            _, g = _divergence_terms(
-                options["divergences"][0],
-                logp,
-                logq,
-                options["beta"],
-                options["alpha"],
-                want_terms=False,
-            )
-            assert g is not None
-            # dD/dz_v = (g_v - q_v * sum_o g_o) / T
-            chunk = g.sub_(logq.exp_().mul_(grad_sum[start:stop])).mul_(scale[start:stop])
-            grad[start:stop].copy_(chunk)
-        if ctx.bad_rows.numel():
-            grad.index_fill_(0, ctx.bad_rows, 0.0)
+        ctx.grad = None
+        grad.mul_(grad_output.to(grad.dtype)[:, None])
         return grad, None, None, None
 
 
@@ -1598,7 +1578,7 @@ def token_metrics(
                 f"teacher_logits has vocabulary {teacher.shape[1]} > student vocabulary "
                 f"{z.shape[1]}"
             )
-        rows, _, _ = _dense_rows(
+        rows, _ = _dense_rows(
             z,
             teacher,
             valid,
