@@ -338,8 +338,9 @@ def _divergence_terms(
     and Q itself, from teacher and student log-probabilities of the same outcomes.
 
     Follows tests/reference_losses.py: 0 log 0 = 0, teacher probability floored at 1e-10 inside
-    logarithms, mixtures unfloored; works in the log domain so that no 0 * inf arises. Each
-    exponential is taken once (they dominate the cost of the dense path).
+    logarithms, mixtures unfloored; works in the log domain so that no 0 * inf arises. The
+    masks test ``== 0`` so that a NaN probability propagates into the value (callers detect
+    non-finite input from it). Each exponential is taken once (they dominate the dense cost).
     """
     zero = torch.zeros((), dtype=logq.dtype, device=logq.device)
     q = logq.exp()
@@ -349,13 +350,13 @@ def _divergence_terms(
         fwd_terms = rev_terms = fwd_grad = rev_grad = zero
         if divergence != "reverse_kl":
             p = logp.exp()
-            fwd_terms = torch.where(p > 0, p * (logp_floor - logq), zero)
+            fwd_terms = torch.where(p == 0, zero, p * (logp_floor - logq))
             fwd_grad = -p
         if divergence != "forward_kl":
             log_ratio = logq - logp_floor
-            rev_terms = torch.where(q > 0, q * log_ratio, zero)
+            rev_terms = torch.where(q == 0, zero, q * log_ratio)
             if want_grad:
-                rev_grad = torch.where(q > 0, q * (log_ratio + 1), zero)
+                rev_grad = torch.where(q == 0, zero, q * (log_ratio + 1))
         if divergence == "forward_kl":
             return fwd_terms, fwd_grad if want_grad else None, q
         if divergence == "reverse_kl":
@@ -366,24 +367,24 @@ def _divergence_terms(
     if divergence == "jsd":
         p = logp.exp()
         logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-        q_part = torch.where(q > 0, q * (logq - logm), zero)
-        p_part = torch.where(p > 0, p * (logp.clamp_min(_LOG_FLOOR) - logm), zero)
+        q_part = torch.where(q == 0, zero, q * (logq - logm))
+        p_part = torch.where(p == 0, zero, p * (logp.clamp_min(_LOG_FLOOR) - logm))
         if want_grad:
             grad = (1 - beta) * q_part
         return beta * p_part + (1 - beta) * q_part, grad, q
     if divergence == "skew_forward_kl":
         p = logp.exp()
         log_mix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-        terms = torch.where(p > 0, p * (logp.clamp_min(_LOG_FLOOR) - log_mix), zero)
+        terms = torch.where(p == 0, zero, p * (logp.clamp_min(_LOG_FLOOR) - log_mix))
         if want_grad:
-            grad = torch.where(p > 0, -(1 - alpha) * p * (logq - log_mix).exp(), zero)
+            grad = torch.where(p == 0, zero, -(1 - alpha) * p * (logq - log_mix).exp())
         return terms, grad, q
     if divergence == "skew_reverse_kl":
         log_mix = torch.logaddexp(logp + math.log1p(-alpha), logq + math.log(alpha))
         log_ratio = logq - log_mix
-        terms = torch.where(q > 0, q * log_ratio, zero)
+        terms = torch.where(q == 0, zero, q * log_ratio)
         if want_grad:
-            grad = torch.where(q > 0, q * (log_ratio + 1 - alpha * log_ratio.exp()), zero)
+            grad = torch.where(q == 0, zero, q * (log_ratio + 1 - alpha * log_ratio.exp()))
         return terms, grad, q
     if divergence == "tvd":
         p = logp.exp()
@@ -423,7 +424,7 @@ def _rest_coefficient(
         bounded = (1 - beta) * (logq - logm)
     elif divergence == "skew_forward_kl":
         log_mix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-        bounded = torch.where(p > 0, -(1 - alpha) * (logp - log_mix).exp(), zero)
+        bounded = torch.where(p == 0, zero, -(1 - alpha) * (logp - log_mix).exp())
     elif divergence == "skew_reverse_kl":
         log_mix = torch.logaddexp(logp + math.log1p(-alpha), logq + math.log(alpha))
         log_ratio = logq - log_mix
@@ -448,6 +449,12 @@ def _rest_coefficient(
 
 # --------------------------------------------------------------------------------------------
 # Chunked passes over the student's vocabulary
+
+
+def _wants_grad(z: Tensor) -> bool:
+    """Whether autograd will ask for d loss / d z (grad mode is off inside Function.forward,
+    and ctx.needs_input_grad ignores it, so the public functions decide before apply)."""
+    return torch.is_grad_enabled() and z.requires_grad
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -614,6 +621,11 @@ def _topk_rows(
         if not need_grad:
             continue
         assert g is not None
+        if tail == "bucket":
+            # An empty rest bucket (K == V_s, or every other logit -inf) has log Q_rest = -inf
+            # whatever z is: it contributes to the value (+inf when P_rest > 0) but not to the
+            # gradient.
+            g[:, k] = torch.where(logq[:, k] > _NEG_INF, g[:, k], zero)
         grad_sum = g.sum(dim=1)
         sparse = (g[:, :k] - q[:, :k] * grad_sum[:, None]) / temperature
         sparse = torch.where(valid[:, None], sparse, zero)
@@ -682,9 +694,7 @@ class _TopKFunction(torch.autograd.Function):
         valid: Tensor,
         options: dict[str, Any],
     ) -> Tensor:
-        values, saved = _topk_rows(
-            z, ids, logprobs, valid, want_grad=bool(ctx.needs_input_grad[0]), **options
-        )
+        values, saved = _topk_rows(z, ids, logprobs, valid, **options)
         ctx.saved = saved
         ctx.temperature = options["temperature"]
         ctx.save_for_backward(z)
@@ -793,6 +803,7 @@ class _SampledFunction(torch.autograd.Function):
         logprobs: Tensor | None,
         valid: Tensor,
         temperature: float,
+        want_grad: bool,
     ) -> Tensor:
         values, saved = _sampled_rows(
             z,
@@ -801,7 +812,7 @@ class _SampledFunction(torch.autograd.Function):
             logprobs,
             valid,
             temperature=temperature,
-            want_grad=bool(ctx.needs_input_grad[0]),
+            want_grad=want_grad,
         )
         ctx.saved = saved
         ctx.temperature = temperature
@@ -812,7 +823,7 @@ class _SampledFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (z,) = ctx.saved_tensors
         grad = _sparse_backward(z, ctx.temperature, ctx.saved, grad_output)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -904,9 +915,11 @@ def _dense_rows(
 
 
 class _DenseFunction(torch.autograd.Function):
-    """Dense targets: the gradient is written during forward (P and Q are in cache then, and
-    recomputing two softmaxes in backward would double the exponentials); backward scales it
-    in place by grad_output, so the memory is the gradient's own."""
+    """Dense targets: the gradient is written during forward, while P and Q are in cache
+    (recomputing both softmaxes in backward would nearly double the exponentials), and the
+    first backward scales it in place by grad_output, so the memory is the gradient's own.
+    A further backward through a retained graph (retain_graph=True, gradcheck) recomputes it
+    from the saved inputs."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -916,24 +929,30 @@ class _DenseFunction(torch.autograd.Function):
         valid: Tensor,
         options: dict[str, Any],
     ) -> Tensor:
-        values, grad = _dense_rows(
-            z, teacher, valid, want_grad=bool(ctx.needs_input_grad[0]), **options
-        )
+        values, grad = _dense_rows(z, teacher, valid, **options)
         ctx.grad = grad
+        ctx.options = options
+        ctx.save_for_backward(z, teacher, valid)
         return values[options["divergences"][0]]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad = ctx.grad
+        ctx.grad = None  # handed to autograd below; never touched again
         if grad is None:
-            raise RuntimeError(
-                "kd_loss (torch path) supports one backward pass per forward: its gradient "
-                "is computed in forward and scaled in place; recompute the loss instead of "
-                "retain_graph=True"
-            )
-        ctx.grad = None
-        grad.mul_(grad_output.to(grad.dtype)[:, None])
+            z, teacher, valid = ctx.saved_tensors
+            options = {**ctx.options, "want_grad": True}
+            _, grad = _dense_rows(z, teacher, valid, **options)
+        scale = grad_output.to(_math_dtype(grad.dtype))[:, None]
+        if grad.dtype == scale.dtype:
+            grad.mul_(scale)
+        else:  # bfloat16/float16: scale in float32 so that grad_output is not rounded too
+            n, width = grad.shape
+            rows = _chunk_rows(n, width, grad.device)
+            for start in range(0, n, rows):
+                stop = min(n, start + rows)
+                grad[start:stop] = grad[start:stop].to(scale.dtype) * scale[start:stop]
         return grad, None, None, None
 
 
@@ -1020,6 +1039,7 @@ def sparse_kd_loss(
         )
     else:
         options = {
+            "want_grad": _wants_grad(z),
             "divergences": (divergence,),
             "tail": tail,
             "temperature": temperature,
@@ -1114,7 +1134,7 @@ def _sampled_values(
             temperature=temperature,
             teacher_temperature=temperature,
         )
-    return _SampledFunction.apply(z, ids, counts, logprobs, valid, temperature)
+    return _SampledFunction.apply(z, ids, counts, logprobs, valid, temperature, _wants_grad(z))
 
 
 def kd_loss(
@@ -1178,6 +1198,7 @@ def kd_loss(
         )
     else:
         options = {
+            "want_grad": _wants_grad(z),
             "divergences": (divergence,),
             "temperature": temperature,
             "beta": beta,
