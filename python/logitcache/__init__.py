@@ -12,12 +12,14 @@ from logitcache.errors import (
     StoreLockedError,
     StoreMismatchError,
 )
+from logitcache.losses import KDLoss, kd_loss, sampled_kd_loss, sparse_kd_loss, token_metrics
 
 __all__ = [
     "CorruptStoreError",
     "DuplicateSampleError",
     "FormatVersionError",
     "InvalidRecordError",
+    "KDLoss",
     "MissingSampleError",
     "StoreError",
     "StoreExistsError",
@@ -25,5 +27,9 @@ __all__ = [
     "StoreMismatchError",
     "__version__",
     "get_num_threads",
+    "kd_loss",
+    "sampled_kd_loss",
     "set_num_threads",
+    "sparse_kd_loss",
+    "token_metrics",
 ]

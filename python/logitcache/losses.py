@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "BACKENDS",
+    "BATCH_KEYS",
     "DIVERGENCES",
+    "MAX_TEACHER_MASS",
     "REDUCTIONS",
     "TAILS",
     "TEACHER_PROB_FLOOR",
