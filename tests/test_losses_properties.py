@@ -190,7 +190,9 @@ def test_bucket_never_exceeds_dense_with_true_topk(
         teacher_temperature=temperature,
         reduction="none",
     )
-    assert bool((bucket <= dense + 1e-12).all()), (bucket, dense)
+    # Equality is possible (a rest bucket of one entry): float64 rounding of sums of terms
+    # up to ~40 in size then decides, hence the 1e-10 relative slack.
+    assert bool((bucket <= dense * (1 + 1e-10) + 1e-12).all()), (bucket, dense)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -59,7 +59,7 @@ _LOG_FLOOR = math.log(TEACHER_PROB_FLOOR)
 #: Largest total probability a row of teacher log-probabilities may carry before it is rejected
 #: as "not log-probabilities" (raw logits passed by mistake sum to far more). The slack above 1
 #: leaves room for quantized stores, whose per-entry error bound scales every p_j by at most
-#: exp(bound); a bound of 0.05 in log space still fits.
+#: exp(bound): any bound up to log(1.05) ~ 0.049 in log space fits.
 MAX_TEACHER_MASS = 1.05
 
 # Rows per chunk = these element budgets // V. On CPU a chunk of about 1 MiB of float32 stays in
@@ -105,7 +105,7 @@ def _rust_supports(student_logits: Tensor) -> bool:
 
 
 def _resolve_backend(backend: str, student_logits: Tensor) -> str:
-    """ "torch" or "rust" for this call (see docs/losses.md, "Backends")."""
+    """The backend that runs this call, "torch" or "rust" (docs/losses.md, "Backends")."""
     _check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch"
@@ -321,10 +321,6 @@ def _reduce(
 
 # --------------------------------------------------------------------------------------------
 # Per-outcome divergence terms (shared by the sparse float64 row math and the dense chunks)
-
-
-def _log_weights(weight: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.tensor(math.log(weight), dtype=dtype, device=device)
 
 
 def _divergence_terms(
