@@ -28,7 +28,7 @@ from reference_losses import DIVERGENCES
 
 from logitcache import losses
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _normalizer(reduction: str) -> float | None:
