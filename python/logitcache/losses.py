@@ -1021,12 +1021,13 @@ def sparse_kd_loss(
     norm = _check_normalizer(normalizer, reduction)
     _check_topk_teacher(ids, logprobs, valid, z.shape[1], tail, temperature, teacher_temperature)
     if _resolve_backend(backend, z) == "rust":
+        # The kernels take dense 2-D CPU tensors in the contract's dtypes (docs/losses.md).
         module, _ = _rust_kernels()
         assert module is not None
         values = module.rust_sparse_kd(
-            z,
-            ids.to(torch.int64),
-            logprobs.to(torch.float32),
+            z.contiguous(),
+            ids.to(torch.int64).contiguous(),
+            logprobs.to(torch.float32).contiguous(),
             valid,
             divergence=divergence,
             tail=tail,
@@ -1124,10 +1125,10 @@ def _sampled_values(
         module, _ = _rust_kernels()
         assert module is not None
         return module.rust_sampled_kd(
-            z,
-            ids.to(torch.int64),
-            counts.to(torch.int64),
-            None if logprobs is None else logprobs.to(torch.float32),
+            z.contiguous(),
+            ids.to(torch.int64).contiguous(),
+            counts.to(torch.int64).contiguous(),
+            None if logprobs is None else logprobs.to(torch.float32).contiguous(),
             valid,
             temperature=temperature,
             teacher_temperature=temperature,
@@ -1186,8 +1187,8 @@ def kd_loss(
         if teacher.dtype not in (torch.float32, torch.bfloat16):
             teacher = teacher.to(torch.float32)
         values = module.rust_dense_kd(
-            z,
-            teacher,
+            z.contiguous(),
+            teacher.contiguous(),
             valid,
             divergence=divergence,
             temperature=temperature,
