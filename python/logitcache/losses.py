@@ -1506,7 +1506,7 @@ def token_metrics(
       ``forward_kl`` only, the unbiased estimate of :func:`sampled_kd_loss`. Reverse KL, TVD
       and top-1 agreement have no unbiased estimate from draws, so they are not reported.
 
-    Runs on the torch path (one chunked pass over the vocabulary for all metrics).
+    Runs on the torch path (one chunked pass over the vocabulary for the three divergences).
 
     Returns:
         dict of metric name to tensor: 0-dim ("mean" over kept positions, 0.0 when none;
