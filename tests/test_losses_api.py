@@ -370,8 +370,10 @@ def test_token_metrics_all_masked_are_zero_not_nan() -> None:
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_large_vocabulary_rows_cross_chunk_boundaries(divergence: str) -> None:
-    """Rows wider than the default CPU chunk budget still work (one row per chunk)."""
+def test_rows_wider_than_the_chunk_budget(divergence: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 300k vocabulary with a 128k-element chunk budget: one row per chunk, float32 sums
+    over wide rows still match float64."""
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS_CPU", 1 << 17)
     gen = _gen(15)
     vocab = 300_000
     z = torch.randn(2, vocab, generator=gen).requires_grad_()

@@ -62,12 +62,12 @@ _LOG_FLOOR = math.log(TEACHER_PROB_FLOOR)
 #: exp(bound): any bound up to log(1.05) ~ 0.049 in log space fits.
 MAX_TEACHER_MASS = 1.05
 
-# Rows per chunk = these element budgets // V. On CPU a chunk of 4 MiB of float32 mostly stays
-# in cache across the few passes made over it, and each pass is long enough that the intra-op
-# thread pool's synchronization does not dominate (smaller chunks measured as fast on an idle
-# machine but several times slower when the cores are shared). On an accelerator larger chunks
-# amortize kernel launches while the temporary stays bounded (128 MiB of float32).
-_CHUNK_ELEMENTS_CPU = 1 << 20
+# Rows per chunk = these element budgets // V. On CPU the chunk (16 MiB of float32) is large
+# enough that each pass over it outweighs the intra-op thread pool's synchronization: 1 and
+# 4 MiB chunks measured alike on an idle 2-core machine but 2-4x slower than 16 MiB ones when
+# the cores were shared with other work. On an accelerator large chunks amortize kernel
+# launches while the temporary stays bounded (128 MiB of float32).
+_CHUNK_ELEMENTS_CPU = 1 << 22
 _CHUNK_ELEMENTS_ACCELERATOR = 1 << 25
 _DENSE_TEMPORARIES = 2
 
