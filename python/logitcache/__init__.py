@@ -1,13 +1,14 @@
 """logitcache: offline knowledge distillation stores and losses for language models.
 
 Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
-check it with :func:`verify_store`.
+check it with :func:`verify_store`; fit a student with :class:`KDLoss` and the functions of
+:mod:`logitcache.losses` (imported on first use: the store works without torch).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from logitcache import _core
 from logitcache._core import __version__, get_num_threads, set_num_threads
@@ -32,6 +33,26 @@ from logitcache.store import (
     vocab_fingerprint,
 )
 
+if TYPE_CHECKING:
+    from logitcache.losses import (
+        KDLoss,
+        kd_loss,
+        sampled_kd_loss,
+        sparse_kd_loss,
+        token_metrics,
+    )
+
+_LOSS_NAMES = ("KDLoss", "kd_loss", "sampled_kd_loss", "sparse_kd_loss", "token_metrics")
+
+
+def __getattr__(name: str) -> Any:
+    # The losses need torch; the store does not. Import them on first use.
+    if name in _LOSS_NAMES:
+        from logitcache import losses
+
+        return getattr(losses, name)
+    raise AttributeError(f"module 'logitcache' has no attribute {name!r}")
+
 
 def verify_store(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every checksum (manifest, shard files, headers, footers, chunks) and every
@@ -47,6 +68,7 @@ __all__ = [
     "DuplicateSampleError",
     "FormatVersionError",
     "InvalidRecordError",
+    "KDLoss",
     "MissingSampleError",
     "Record",
     "Store",
@@ -58,8 +80,12 @@ __all__ = [
     "__version__",
     "config_fingerprint",
     "get_num_threads",
+    "kd_loss",
     "open_store",
+    "sampled_kd_loss",
     "set_num_threads",
+    "sparse_kd_loss",
+    "token_metrics",
     "verify_store",
     "vocab_fingerprint",
 ]
