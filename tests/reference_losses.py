@@ -136,6 +136,9 @@ def target_distributions(
     p_rest = (1.0 - p_s.sum()).clamp_min(0.0)
     in_s = torch.zeros(v_s, dtype=torch.bool)
     in_s[ids] = True
+    if bool(in_s.all()):
+        # S is the whole student vocabulary: 1 - sum p_S is float rounding, not mass.
+        p_rest = torch.zeros_like(p_rest)
     log_q_s = log_q_full[ids]
     if bool(in_s.all()):
         log_q_rest = torch.tensor(float("-inf"), dtype=torch.float64)
