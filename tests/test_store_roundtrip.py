@@ -24,7 +24,8 @@ CODECS = {
 
 
 def _row_kl(want: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """KL(P || P_decoded) per row over the K entries plus the rest bucket, in float64."""
+    """KL(P || P_decoded) per row over the K entries plus the rest bucket, in float64, in the
+    generalized form sum p ln(p/q) - sum p + sum q."""
     p = np.exp(want.astype(np.float64))
     q = np.exp(got.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -32,7 +33,9 @@ def _row_kl(want: np.ndarray, got: np.ndarray) -> np.ndarray:
         p_rest = np.maximum(0.0, 1.0 - p.sum(axis=-1))
         q_rest = np.maximum(0.0, 1.0 - q.sum(axis=-1))
         rest = np.where(p_rest > 0, p_rest * np.log(p_rest / q_rest), 0.0)
-    return terms.sum(axis=-1) + rest
+    # Generalized KL: also charges decoded mass above 1 (FORMAT.md, kl codec).
+    excess = (q.sum(axis=-1) + q_rest) - (p.sum(axis=-1) + p_rest)
+    return terms.sum(axis=-1) + rest + excess
 
 
 def _check_logprobs(got: np.ndarray, want: np.ndarray, bound: float | tuple) -> None:
@@ -261,3 +264,28 @@ def test_transformers_teacher_fingerprint(tmp_path: Path) -> None:
     fp = lc.open_store(tmp_path / "s").meta["teacher"]["config_fingerprint"]
     assert fp == lc.config_fingerprint(cfg.to_dict())
     assert fp.startswith("sha256:")
+
+
+def test_abs_codec_keeps_sorted_rows_and_their_mass(tmp_path: Path) -> None:
+    """Rounding every entry on its own would push confident rows' decoded mass above 1 and
+    empty their rest bucket; the top entry's finer grid keeps the row's mass (FORMAT.md)."""
+    rng = np.random.default_rng(7)
+    k, vocab, n = 32, 5000, 400
+    inp, ids, lp = make_topk(rng, n, k, vocab, scale=9.0)  # peaked rows: top-K mass near 1
+    with lc.StoreWriter(tmp_path / "s", vocab_size=vocab, k=k, codec="abs:0.01") as w:
+        w.add(0, inp, ids, lp)
+    got = lc.open_store(tmp_path / "s")[0].topk_logprobs
+    assert np.all(np.diff(got, axis=1) <= 0), "decoded rows must stay sorted"
+    assert np.all(np.abs(got - lp) <= 2**-7)
+    true_mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+    got_mass = np.exp(got.astype(np.float64)).sum(axis=1)
+    confident = true_mass > 0.99
+    assert confident.sum() > 50
+    naive = np.round(lp.astype(np.float64) * 64) / 64  # every entry rounded on its own
+    naive_dev = np.abs(np.exp(naive).sum(axis=1) - true_mass)[confident]
+    dev = np.abs(got_mass - true_mass)[confident]
+    assert np.median(dev) * 5 < np.median(naive_dev), (np.median(dev), np.median(naive_dev))
+    assert dev.max() < 5e-3
+    assert (got_mass[confident] > 1.0).mean() < 0.5 * (
+        np.exp(naive).sum(axis=1)[confident] > 1
+    ).mean()

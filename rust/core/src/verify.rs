@@ -210,7 +210,7 @@ fn check_values(
         // Quantization may round every entry up by its error bound; under a KL bound b the
         // decoded mass can exceed the written one by at most 2 TV <= sqrt(2 b) (Pinsker).
         let slack = match p.logprobs.kl_bound() {
-            Some(b) => 1.0 + (2.0 * f64::from(b)).sqrt(),
+            Some(b) => 1.0 + (2.0 * f64::from(b)).sqrt() + f64::from(b),
             None => p.logprobs.max_abs_error().unwrap_or(0.0).exp(),
         };
         if mass > MAX_ROW_MASS * slack + 1e-6 {

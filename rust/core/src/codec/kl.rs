@@ -10,7 +10,9 @@
 //! Per row the writer picks a base step `2^-b` (b in 2..=10) and `e` extra bits for the top
 //! entry (e in {0, 4, 8, 12}), trying coarse settings first, rounds every value to the
 //! nearest point of its grid, and computes in float64 KL(P || P_decoded) over the K entries
-//! plus the rest bucket `max(0, 1 - sum)` from exactly the values a reader will decode. The
+//! plus the rest bucket `max(0, 1 - sum)` from exactly the values a reader will decode (in
+//! the generalized form `sum p ln(p/q) - sum p + sum q`, which also charges decoded mass
+//! above 1, and is the usual KL when both rows sum to 1). The
 //! first setting within the bound is kept; a row that none satisfies is stored losslessly.
 //! The guarantee is therefore checked, not estimated.
 //!
@@ -139,7 +141,10 @@ fn row_kl(row: &[f32], probs: &[f64], levels: &[u64], shift: u32, exact: bool) -
         }
         kl += p_rest * (p_rest / q_rest).ln();
     }
-    kl.max(0.0)
+    // Rounding can push a decoded row's mass above 1 (its rest bucket is then 0): the
+    // generalized divergence sum p ln(p/q) - sum p + sum q charges that excess and stays
+    // >= 0; it is the usual KL when both rows, rest bucket included, sum to 1.
+    kl - (sum_p + p_rest) + (sum_q + q_rest)
 }
 
 /// Encoded rows: per-row modes, coded numbers by group, lossless rows, finite counts.
@@ -357,7 +362,7 @@ mod tests {
         if pr > 0.0 {
             kl += pr * (pr / qr).ln();
         }
-        kl
+        kl - (sp + pr) + (sq + qr)
     }
 
     #[test]

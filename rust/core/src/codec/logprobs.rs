@@ -150,6 +150,44 @@ pub fn dequantize(q: u32, step: f32) -> f32 {
     0.0f32 - (q as f32) * step
 }
 
+/// The top entry of a sorted row is stored on a grid this many times finer than the step.
+pub const TOP_FINE: u32 = 64;
+
+/// Level of the top entry of a sorted row on the fine grid (`step / TOP_FINE`): within the
+/// codec's error bound of the written value, chosen so that the decoded row keeps the written
+/// row's total probability (so the rest bucket `1 - sum` keeps its mass). `None` when the top
+/// entry is beyond the fine grid's range (the row's probability is then 0 in float64).
+fn top_level(row: &[f32], coarse: &[u32], step: f32) -> Option<u32> {
+    let &v0 = row.first()?;
+    if coarse.is_empty() {
+        return None;
+    }
+    let fine = f64::from(step) / f64::from(TOP_FINE);
+    let y = (-f64::from(v0)).max(0.0) / fine;
+    let half = f64::from(TOP_FINE / 2);
+    let lo = (y - half).ceil().max(0.0);
+    let mut hi = (y + half).floor();
+    if hi > f64::from(MAX_LEVEL) {
+        return None;
+    }
+    if let Some(&q1) = coarse.get(1) {
+        // Keep the decoded row sorted: the top entry may not fall below the second. (The
+        // interval stays non-empty: 64 q_1 >= 64 x_1 / step - 32 >= lo.)
+        hi = hi.min(f64::from(q1) * f64::from(TOP_FINE));
+    }
+    // Probabilities only steer the choice (the error bound holds whatever it is), so the
+    // cheap exponential is enough.
+    let written: f64 =
+        row[..coarse.len()].iter().map(|&v| f64::from(crate::record::approx_exp(v))).sum();
+    let others: f64 = coarse[1..]
+        .iter()
+        .map(|&q| f64::from(crate::record::approx_exp(dequantize(q, step))))
+        .sum();
+    let target = written - others;
+    let want = if target > 0.0 { -target.ln() / fine } else { hi };
+    Some(want.round().clamp(lo, hi) as u32)
+}
+
 /// Lead bytes below this carry the value itself; 255 announces a varint extension.
 const LEAD_ESCAPE: u32 = 255;
 
@@ -208,32 +246,55 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
             Ok(out)
         }
         LogprobCodec::Abs { .. } => {
-            let inv_step = 1.0 / f64::from(p.logprobs.step());
+            let step = p.logprobs.step();
+            let inv_step = 1.0 / f64::from(step);
             let sorted = p.kind == Kind::TopK;
             let mut leads: [Vec<u8>; 4] = Default::default();
             let mut exts: [Vec<u8>; 4] = Default::default();
             let mut finite = Vec::with_capacity(rows.num_rows());
             let mut any_nonfinite = false;
+            let mut levels: Vec<u32> = Vec::new();
             rows.for_each_row(|start, n| {
-                let mut prev = 0u32;
-                let mut count = 0usize;
-                for (j, &v) in lp[start..start + n].iter().enumerate() {
-                    let g = ids::group_of(j);
-                    let (lead, ext) = (&mut leads[g], &mut exts[g]);
-                    if sorted {
-                        // -inf (and anything too negative to quantize) ends a sorted row:
-                        // the rest of the row is -inf too.
-                        let Some(q) = level(v, inv_step) else { break };
-                        // Non-increasing logprobs give non-decreasing levels.
-                        put_small(lead, ext, q - prev);
-                        prev = q;
-                    } else {
+                let row = &lp[start..start + n];
+                let count = if sorted {
+                    // -inf (and anything too negative to quantize) ends a sorted row: the
+                    // rest of the row is -inf too.
+                    levels.clear();
+                    levels.extend(row.iter().map_while(|&v| level(v, inv_step)));
+                    let mut count = levels.len();
+                    match top_level(row, &levels, step) {
+                        Some(q0) => {
+                            put_small(&mut leads[0], &mut exts[0], q0);
+                            // Ranks 1.. on the coarse grid: the first relative to the top
+                            // entry's coarse level minus one (never negative, see FORMAT.md),
+                            // then non-negative deltas (non-increasing logprobs).
+                            let mut prev = (q0 / TOP_FINE) as i64 - 1;
+                            for (j, &q) in levels.iter().enumerate().skip(1) {
+                                let g = ids::group_of(j);
+                                put_small(
+                                    &mut leads[g],
+                                    &mut exts[g],
+                                    (i64::from(q) - prev) as u32,
+                                );
+                                prev = i64::from(q);
+                            }
+                        }
+                        None => count = 0,
+                    }
+                    count
+                } else {
+                    for (j, &v) in row.iter().enumerate() {
+                        let g = ids::group_of(j);
                         // Sampled ids were drawn, so their probability is positive; a level
                         // beyond the range only means "smaller than e^-(2^24 step)".
-                        put_small(lead, ext, level(v, inv_step).unwrap_or(MAX_LEVEL));
+                        put_small(
+                            &mut leads[g],
+                            &mut exts[g],
+                            level(v, inv_step).unwrap_or(MAX_LEVEL),
+                        );
                     }
-                    count += 1;
-                }
+                    n
+                };
                 if count < n {
                     any_nonfinite = true;
                 }
@@ -312,6 +373,49 @@ pub(crate) fn decode(
     }
 }
 
+/// Decoder state along one sorted (top-K) row: the top entry's level on the fine grid, then
+/// the coarse level relative to it, then deltas.
+struct SortedRow<'a> {
+    step: f32,
+    fine: f32,
+    j: usize,
+    q: i64,
+    loc: &'a Location,
+}
+
+impl<'a> SortedRow<'a> {
+    fn new(step: f32, loc: &'a Location) -> Self {
+        SortedRow { step, fine: step / TOP_FINE as f32, j: 0, q: 0, loc }
+    }
+
+    fn start(&mut self) {
+        self.j = 0;
+    }
+
+    #[inline]
+    fn next(&mut self, v: u64) -> Result<f32> {
+        let range = |q: i64| {
+            Error::corrupt(self.loc.clone(), format!("log-probability level {q} out of range"))
+        };
+        let j = self.j;
+        self.j += 1;
+        if j == 0 {
+            let q0 = i64::try_from(v).unwrap_or(i64::MAX);
+            if q0 > i64::from(MAX_LEVEL) {
+                return Err(range(q0));
+            }
+            self.q = q0 / i64::from(TOP_FINE) - 1;
+            return Ok(dequantize(q0 as u32, self.fine));
+        }
+        let q = self.q.saturating_add(i64::try_from(v).unwrap_or(i64::MAX));
+        if !(0..=i64::from(MAX_LEVEL)).contains(&q) {
+            return Err(range(q));
+        }
+        self.q = q;
+        Ok(dequantize(q as u32, self.step))
+    }
+}
+
 /// Top-K rows without -inf: every lead stream holds exactly one byte per entry of its group,
 /// so deltas are read without per-byte checks, then summed along each row.
 fn decode_sorted_full(
@@ -353,17 +457,11 @@ fn decode_sorted_full(
         ext.finish(loc)?;
     }
     let mut out = vec![0f32; rows * k];
+    let mut sorted_row = SortedRow::new(step, loc);
     for (src, dst) in deltas.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
-        let mut q = 0u64;
+        sorted_row.start();
         for (&d, o) in src.iter().zip(dst.iter_mut()) {
-            q += u64::from(d);
-            if q > u64::from(MAX_LEVEL) {
-                return Err(Error::corrupt(
-                    loc.clone(),
-                    format!("log-probability level {q} out of range"),
-                ));
-            }
-            *o = dequantize(q as u32, step);
+            *o = sorted_row.next(u64::from(d))?;
         }
     }
     Ok(out)
@@ -390,6 +488,7 @@ fn decode_general(
         .collect();
     let mut fr = finite_raw.map(|f| ByteReader::new(f, "finite counts"));
     let mut out = vec![f32::NEG_INFINITY; num_entries];
+    let mut sorted_row = SortedRow::new(step, loc);
     rows.for_each_row(|start, n| {
         let finite = match fr.as_mut() {
             Some(f) => f.varint(loc)? as usize,
@@ -401,18 +500,21 @@ fn decode_general(
                 format!("row of {n} entries claims {finite} finite log-probabilities"),
             ));
         }
-        let mut q = 0u64;
+        sorted_row.start();
         for (j, slot) in out[start..start + finite].iter_mut().enumerate() {
             let (lead, ext) = &mut readers[ids::group_of(j)];
             let v = get_small(lead, ext, loc)?;
-            q = if sorted { q + v } else { v };
-            if q > u64::from(MAX_LEVEL) {
-                return Err(Error::corrupt(
-                    loc.clone(),
-                    format!("log-probability level {q} out of range"),
-                ));
-            }
-            *slot = dequantize(q as u32, step);
+            *slot = if sorted {
+                sorted_row.next(v)?
+            } else {
+                if v > u64::from(MAX_LEVEL) {
+                    return Err(Error::corrupt(
+                        loc.clone(),
+                        format!("log-probability level {v} out of range"),
+                    ));
+                }
+                dequantize(v as u32, step)
+            };
         }
         Ok(())
     })?;
