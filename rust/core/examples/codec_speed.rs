@@ -70,7 +70,8 @@ fn main() {
     let positions = recs.len() * chunk;
     let loc = Location::default();
     let mut best = f64::MAX;
-    for _ in 0..5 {
+    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    for _ in 0..reps {
         let t = Instant::now();
         for pl in &payloads {
             let d = codec::decode_chunk(pl, &[chunk as u32], chunk * k, &p, &loc).unwrap();

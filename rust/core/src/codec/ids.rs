@@ -47,114 +47,123 @@ pub fn put_rank(lead: &mut Vec<u8>, ext: &mut Vec<u8>, r: u32) {
     }
 }
 
-/// The rank coded by lead byte `b >= ONE_BYTE` and its extension.
-#[inline(never)]
-fn long_rank(b: u8, ext: &mut ByteReader<'_>, loc: &Location) -> Result<u32> {
-    if b != ESCAPE {
-        let lo = ext.byte(loc)?;
-        Ok(ONE_BYTE + ((u32::from(b) - ONE_BYTE) << 8 | u32::from(lo)))
-    } else {
-        let v = ext.varint(loc)?;
-        u32::try_from(v + u64::from(ONE_BYTE + TWO_BYTE_SPAN))
-            .map_err(|_| Error::corrupt(loc.clone(), "id rank does not fit 32 bits"))
-    }
-}
-
-/// A decoded table: ids in rank order, and a lookup for one-byte codes.
+/// A decoded table: ids in rank order.
 pub struct Table {
     by_rank: Vec<u32>,
-    /// `lut[c]` = id of rank c, or `NONE` where the table is shorter.
-    lut: [u32; ONE_BYTE as usize],
 }
-
-const NONE: u32 = u32::MAX;
 
 impl Table {
     fn new(by_rank: Vec<u32>) -> Table {
-        let mut lut = [NONE; ONE_BYTE as usize];
-        for (slot, &id) in lut.iter_mut().zip(&by_rank) {
-            *slot = id;
-        }
-        Table { by_rank, lut }
+        Table { by_rank }
     }
 
-    fn out_of_range(&self, r: u32, loc: &Location) -> Error {
-        Error::corrupt(
-            loc.clone(),
-            format!("id rank {r} beyond the chunk's table of {} ids", self.by_rank.len()),
-        )
-    }
-
-    /// Decode the id whose lead byte is `b`.
-    #[inline]
-    pub fn id(&self, b: u8, ext: &mut ByteReader<'_>, loc: &Location) -> Result<u32> {
-        if let Some(&id) = self.lut.get(b as usize) {
-            if id != NONE {
-                return Ok(id);
-            }
-            return Err(self.out_of_range(u32::from(b), loc));
-        }
-        let r = long_rank(b, ext, loc)?;
-        self.by_rank.get(r as usize).copied().ok_or_else(|| self.out_of_range(r, loc))
-    }
-
-    /// Decode `lead` (one byte per id) into `out[i * stride + offset]`, reading
-    /// extensions from `ext_raw`, which must be consumed exactly.
+    /// The id coded by lead byte `b`, reading any extension from `ext` at `*pos`.
     ///
     /// One- and two-byte codes are decoded without branches on the data (whether a code is
     /// long is close to random for rare ids, and mispredictions would dominate); only the
-    /// rare escape takes a branch.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode_strided(
-        &self,
-        lead: &[u8],
-        ext_raw: &[u8],
-        out: &mut [u32],
-        width: usize,
-        stride: usize,
-        offset: usize,
-        loc: &Location,
-    ) -> Result<()> {
-        let mut ext_pos = 0usize;
-        if width > 0 {
-            let n = self.by_rank.len();
-            let mut bad = false;
-            for (row, codes) in lead.chunks_exact(width).enumerate() {
-                let dst = &mut out[row * stride + offset..row * stride + offset + width];
-                for (d, &b) in dst.iter_mut().zip(codes) {
-                    let r = if b == ESCAPE {
-                        let mut ext = ByteReader::new(ext_raw, "id extension");
-                        ext.skip_to(ext_pos);
-                        let r = long_rank(b, &mut ext, loc)?;
-                        ext_pos = ext.position();
-                        r as usize
-                    } else {
-                        let long = usize::from(u32::from(b) >= ONE_BYTE);
-                        // Reads a byte even for one-byte codes (0 past the end); it is only
-                        // used, and the position only advances, for two-byte codes.
-                        let lo = ext_raw.get(ext_pos).copied().unwrap_or(0) as usize;
-                        let two = ONE_BYTE as usize
-                            + (((b as usize).saturating_sub(ONE_BYTE as usize) << 8) | lo);
-                        ext_pos += long;
-                        if long == 1 { two } else { b as usize }
-                    };
-                    bad |= r >= n;
-                    *d = self.by_rank.get(r).copied().unwrap_or(0);
+    /// rare escape takes a branch. Errors only set `*bad` (checked once per stream).
+    #[inline(always)]
+    pub fn code(&self, b: u8, ext: &[u8], pos: &mut usize, bad: &mut bool) -> u32 {
+        let r = if b == ESCAPE {
+            let mut reader = ByteReader::new(ext, "id extension");
+            reader.skip_to(*pos);
+            let v = reader.varint(&Location::default());
+            *pos = reader.position();
+            match v.ok().and_then(|v| usize::try_from(v + u64::from(ONE_BYTE + TWO_BYTE_SPAN)).ok())
+            {
+                Some(r) => r,
+                None => {
+                    *bad = true;
+                    0
                 }
             }
-            if bad || ext_pos > ext_raw.len() {
+        } else {
+            let long = usize::from(u32::from(b) >= ONE_BYTE);
+            // Reads a byte even for one-byte codes (0 past the end); it is only used, and the
+            // position only advances, for two-byte codes.
+            let lo = ext.get(*pos).copied().unwrap_or(0) as usize;
+            let two =
+                ONE_BYTE as usize + (((b as usize).saturating_sub(ONE_BYTE as usize) << 8) | lo);
+            *pos += long;
+            if long == 1 { two } else { b as usize }
+        };
+        *bad |= r >= self.by_rank.len();
+        self.by_rank.get(r).copied().unwrap_or(0)
+    }
+
+    /// Fail if any code was bad or an extension stream was not consumed exactly.
+    pub fn check_stream(&self, bad: bool, pos: usize, ext: &[u8], loc: &Location) -> Result<()> {
+        if bad || pos > ext.len() {
+            return Err(Error::corrupt(
+                loc.clone(),
+                format!(
+                    "id codes point past the chunk's table of {} ids or its extension stream",
+                    self.by_rank.len()
+                ),
+            ));
+        }
+        if pos != ext.len() {
+            return Err(Error::corrupt(loc.clone(), "id extension stream has trailing bytes"));
+        }
+        Ok(())
+    }
+
+    /// Decode `lead` (one byte per id) into a new vector, extensions from `ext`, which must
+    /// be consumed exactly.
+    pub fn decode_all(&self, lead: &[u8], ext: &[u8], loc: &Location) -> Result<Vec<u32>> {
+        let (mut pos, mut bad) = (0usize, false);
+        let out = lead.iter().map(|&b| self.code(b, ext, &mut pos, &mut bad)).collect();
+        self.check_stream(bad, pos, ext, loc)?;
+        Ok(out)
+    }
+
+    /// Decode top-K rows of width `k` from the four rank-group streams (lead stream g holds
+    /// exactly `rows` times the group's width bytes), row by row into a new vector.
+    pub fn decode_rows(
+        &self,
+        groups: &[(Vec<u8>, Vec<u8>); 4],
+        rows: usize,
+        k: usize,
+        loc: &Location,
+    ) -> Result<Vec<u32>> {
+        let widths: [usize; 4] =
+            std::array::from_fn(|g| GROUPS[g].1.min(k).saturating_sub(GROUPS[g].0));
+        for (g, (lead, _)) in groups.iter().enumerate() {
+            if lead.len() != rows * widths[g] {
                 return Err(Error::corrupt(
                     loc.clone(),
                     format!(
-                        "id codes point past the chunk's table of {n} ids or its extension stream"
+                        "target ids stream {g} has {} codes, expected {}",
+                        lead.len(),
+                        rows * widths[g]
                     ),
                 ));
             }
         }
-        if ext_pos != ext_raw.len() {
-            return Err(Error::corrupt(loc.clone(), "id extension stream has trailing bytes"));
+        let mut out = Vec::with_capacity(rows * k);
+        let mut pos = [0usize; 4];
+        let mut bad = false;
+        let mut at = [0usize; 4];
+        for _ in 0..rows {
+            for g in 0..4 {
+                let w = widths[g];
+                let (lead, ext) = &groups[g];
+                let codes = &lead[at[g]..at[g] + w];
+                at[g] += w;
+                // Locals, not pos[g]: an indexed array stays in memory and every code would
+                // wait on a store-to-load round trip.
+                let (mut p, mut b_) = (pos[g], false);
+                for &b in codes {
+                    out.push(self.code(b, ext, &mut p, &mut b_));
+                }
+                pos[g] = p;
+                bad |= b_;
+            }
         }
-        Ok(())
+        for (g, (_, ext)) in groups.iter().enumerate() {
+            self.check_stream(bad, pos[g], ext, loc)?;
+        }
+        Ok(out)
     }
 
     pub fn len(&self) -> usize {
@@ -379,14 +388,13 @@ mod tests {
         for &r in &ranks {
             put_rank(&mut lead, &mut ext, r);
         }
-        let mut out = vec![0u32; ranks.len()];
-        table.decode_strided(&lead, &ext, &mut out, 1, 1, 0, &loc).unwrap();
+        let out = table.decode_all(&lead, &ext, &loc).unwrap();
         assert_eq!(out, ranks.iter().map(|r| r * 3).collect::<Vec<_>>());
         let small = Table::new(vec![5, 6]);
-        assert!(small.decode_strided(&[2], &[], &mut out, 1, 1, 0, &loc).is_err());
+        assert!(small.decode_all(&[2], &[], &loc).is_err());
         // A two-byte code without its extension byte, and a stray extension byte.
-        assert!(table.decode_strided(&[230], &[], &mut out, 1, 1, 0, &loc).is_err());
-        assert!(table.decode_strided(&[3], &[1], &mut out, 1, 1, 0, &loc).is_err());
+        assert!(table.decode_all(&[230], &[], &loc).is_err());
+        assert!(table.decode_all(&[3], &[1], &loc).is_err());
     }
 
     #[test]

@@ -417,7 +417,7 @@ impl<'a> SortedRow<'a> {
 }
 
 /// Top-K rows without -inf: every lead stream holds exactly one byte per entry of its group,
-/// so deltas are read without per-byte checks, then summed along each row.
+/// so rows are decoded straight into the output, group by group.
 fn decode_sorted_full(
     raw: &[(Vec<u8>, Vec<u8>); 4],
     rows: usize,
@@ -425,44 +425,42 @@ fn decode_sorted_full(
     step: f32,
     loc: &Location,
 ) -> Result<Vec<f32>> {
-    let mut deltas = vec![0u32; rows * k];
-    for (g, &(a, b)) in ids::GROUPS.iter().enumerate() {
-        let w = b.min(k).saturating_sub(a);
-        let (lead, ext_raw) = &raw[g];
-        if lead.len() != rows * w {
+    let widths: [usize; 4] =
+        std::array::from_fn(|g| ids::GROUPS[g].1.min(k).saturating_sub(ids::GROUPS[g].0));
+    for (g, (lead, _)) in raw.iter().enumerate() {
+        if lead.len() != rows * widths[g] {
             return Err(Error::corrupt(
                 loc.clone(),
                 format!(
                     "log-probability stream {g} has {} codes, expected {}",
                     lead.len(),
-                    rows * w
+                    rows * widths[g]
                 ),
             ));
         }
-        if w == 0 {
-            continue;
-        }
-        let mut ext = ByteReader::new(ext_raw, "log-probability extension");
-        for (row, codes) in lead.chunks_exact(w).enumerate() {
-            let dst = &mut deltas[row * k + a..row * k + a + w];
-            for (d, &c) in dst.iter_mut().zip(codes) {
-                *d = if u32::from(c) < LEAD_ESCAPE {
-                    u32::from(c)
-                } else {
-                    let v = ext.varint(loc)? + u64::from(LEAD_ESCAPE);
-                    u32::try_from(v).unwrap_or(u32::MAX)
-                };
-            }
-        }
-        ext.finish(loc)?;
     }
-    let mut out = vec![0f32; rows * k];
+    let mut exts: Vec<ByteReader<'_>> =
+        raw.iter().map(|(_, e)| ByteReader::new(e, "log-probability extension")).collect();
+    let mut out = Vec::with_capacity(rows * k);
     let mut sorted_row = SortedRow::new(step, loc);
-    for (src, dst) in deltas.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+    let mut at = [0usize; 4];
+    for _ in 0..rows {
         sorted_row.start();
-        for (&d, o) in src.iter().zip(dst.iter_mut()) {
-            *o = sorted_row.next(u64::from(d))?;
+        for (g, (lead, _)) in raw.iter().enumerate() {
+            let w = widths[g];
+            for &c in &lead[at[g]..at[g] + w] {
+                let v = if u32::from(c) < LEAD_ESCAPE {
+                    u64::from(c)
+                } else {
+                    exts[g].varint(loc)? + u64::from(LEAD_ESCAPE)
+                };
+                out.push(sorted_row.next(v)?);
+            }
+            at[g] += w;
         }
+    }
+    for e in &exts {
+        e.finish(loc)?;
     }
     Ok(out)
 }

@@ -430,37 +430,6 @@ pub struct DecodedChunk {
     pub entry_offsets: Vec<usize>,
 }
 
-/// Decode one id group whose lead stream holds exactly `rows * width` bytes into
-/// `out[row * stride + offset ..][..width]`.
-#[allow(clippy::too_many_arguments)]
-fn decode_group(
-    table: &ids::Table,
-    s: &mut Streams,
-    lead_tag: u8,
-    ext_tag: u8,
-    out: &mut [u32],
-    rows: usize,
-    width: usize,
-    stride: usize,
-    offset: usize,
-    loc: &Location,
-) -> Result<()> {
-    let lead = s.optional(lead_tag);
-    let ext_raw = s.optional(ext_tag);
-    if lead.len() != rows * width {
-        return Err(Error::corrupt(
-            loc.clone(),
-            format!(
-                "{} stream has {} codes, expected {}",
-                tag_name(lead_tag),
-                lead.len(),
-                rows * width
-            ),
-        ));
-    }
-    table.decode_strided(&lead, &ext_raw, out, width, stride, offset, loc)
-}
-
 /// Decode a chunk payload holding records of `lengths` positions and `num_entries` target
 /// entries. Every count is checked against the footer's figures before use.
 pub fn decode_chunk(
@@ -501,19 +470,14 @@ pub fn decode_chunk(
         p.vocab_size,
         loc,
     )?;
-    let mut input_ids = vec![0u32; positions];
-    decode_group(
-        &table,
-        &mut s,
-        tag::INPUT_LEAD,
-        tag::INPUT_EXT,
-        &mut input_ids,
-        positions,
-        1,
-        1,
-        0,
-        loc,
-    )?;
+    let input_lead = s.optional(tag::INPUT_LEAD);
+    if input_lead.len() != positions {
+        return Err(Error::corrupt(
+            loc.clone(),
+            format!("input ids stream has {} codes, expected {positions}", input_lead.len()),
+        ));
+    }
+    let input_ids = table.decode_all(&input_lead, &s.optional(tag::INPUT_EXT), loc)?;
 
     let mut out = DecodedChunk { input_ids, ..Default::default() };
     let mut offs = Vec::with_capacity(lengths.len() + 1);
@@ -582,52 +546,40 @@ pub fn decode_chunk(
         RowShape::Fixed { rows: positions, k: p.k as usize }
     };
 
-    let mut ids_out = vec![0u32; num_entries];
+    let mut ids_out = Vec::new();
     match &shape {
         RowShape::Fixed { rows, k } => {
-            for (g, &(a, b)) in ids::GROUPS.iter().enumerate() {
-                let w = b.min(*k).saturating_sub(a);
-                let gt = g as u8;
-                decode_group(
-                    &table,
-                    &mut s,
-                    tag::ID_LEAD + gt,
-                    tag::ID_EXT + gt,
-                    &mut ids_out,
-                    *rows,
-                    w,
-                    *k,
-                    a,
-                    loc,
-                )?;
-            }
+            let groups: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
+                (s.optional(tag::ID_LEAD + g as u8), s.optional(tag::ID_EXT + g as u8))
+            });
+            ids_out = table.decode_rows(&groups, *rows, *k, loc)?;
         }
         RowShape::Ragged(_) => {
             let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
                 (s.optional(tag::ID_LEAD + g as u8), s.optional(tag::ID_EXT + g as u8))
             });
-            let mut readers: Vec<(bytes::ByteReader<'_>, bytes::ByteReader<'_>)> = raw
-                .iter()
-                .map(|(l, e)| {
-                    (
-                        bytes::ByteReader::new(l, "target ids"),
-                        bytes::ByteReader::new(e, "target ids"),
-                    )
-                })
-                .collect();
-            let mut i = 0usize;
+            ids_out.reserve(num_entries);
+            let (mut at, mut pos, mut bad) = ([0usize; 4], [0usize; 4], false);
             shape.for_each_row(|_, n| {
                 for j in 0..n {
-                    let (lead, ext) = &mut readers[ids::group_of(j)];
-                    let b = lead.byte(loc)?;
-                    ids_out[i] = table.id(b, ext, loc)?;
-                    i += 1;
+                    let g = ids::group_of(j);
+                    let (lead, ext) = &raw[g];
+                    let Some(&b) = lead.get(at[g]) else {
+                        return Err(Error::corrupt(loc.clone(), "target ids stream ends early"));
+                    };
+                    at[g] += 1;
+                    ids_out.push(table.code(b, ext, &mut pos[g], &mut bad));
                 }
                 Ok(())
             })?;
-            for (lead, ext) in &readers {
-                lead.finish(loc)?;
-                ext.finish(loc)?;
+            for (g, (lead, ext)) in raw.iter().enumerate() {
+                if at[g] != lead.len() {
+                    return Err(Error::corrupt(
+                        loc.clone(),
+                        "target ids stream has trailing bytes",
+                    ));
+                }
+                table.check_stream(bad, pos[g], ext, loc)?;
             }
         }
     }
