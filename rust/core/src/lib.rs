@@ -2,6 +2,7 @@
 //! and the CPU loss kernels. This crate knows nothing of Python.
 
 pub mod error;
+pub mod kernels;
 pub mod threads;
 
 pub use error::{Error, Location, Result};

@@ -1,0 +1,343 @@
+//! Row kernels of the sparse targets: top-K with the `bucket` or `renormalize` tail, and
+//! sampled ids (forward KL estimator).
+//!
+//! Bucket: the outcomes are the K ids and the rest `C` (the complement of the ids). With
+//! `s = z / T`, `lse` the log-sum-exp of the row and `lse_C` that of the complement,
+//! `log Q_j = s_j - lse` and `log Q_rest = lse_C - lse`. For a logit `i` in `C`,
+//! `d log Q_rest / d s_i = exp(s_i - lse_C) - q_i` and `d log Q_j / d s_i = -q_i`, so with
+//! `g` and `G = sum g` as in `divergence.rs`:
+//! * `dD/ds_i = exp(s_i - lse_C) (g_rest - G Q_rest)` for `i` in `C`,
+//! * `dD/ds_i = g_j - G Q_j` for `i = id_j`,
+//!
+//! and `dD/dz = dD/ds / T`. So one pass computes `lse_C` (the K ids are skipped, which gives
+//! `Q_rest` stably, never as `1 - sum`), the K+1 outcomes cost O(K), and a second pass writes
+//! `c exp(s_i - lse_C)` over the row before the K id entries are set.
+
+use super::divergence::{Divergence, outcomes};
+use super::rowops::{
+    OnlineLse, check_row_lse, has_nan_or_pos_inf, logaddexp, logsumexp, write_scaled_exp,
+};
+use super::simd::{Elem, Kernel, Simd};
+use crate::error::{Error, Result};
+
+/// The `tail` mode of top-K targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tail {
+    /// K+1 outcomes: the K ids and one bucket holding the rest of the vocabulary.
+    Bucket,
+    /// The K ids alone, both distributions renormalized over them.
+    Renormalize,
+}
+
+impl Tail {
+    /// "bucket" or "renormalize".
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "bucket" => Ok(Tail::Bucket),
+            "renormalize" => Ok(Tail::Renormalize),
+            other => Err(Error::invalid_argument(
+                "tail",
+                format!("unknown tail {other:?}; expected \"bucket\" or \"renormalize\""),
+            )),
+        }
+    }
+}
+
+/// Per-thread buffers reused from row to row.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// `(id, j)` of the row's targets, sorted by id.
+    order: Vec<(usize, usize)>,
+    /// Student values `s_j = z_id / T` by target position `j`.
+    s: Vec<f64>,
+    p: Vec<f64>,
+    lq: Vec<f64>,
+    g: Vec<f64>,
+}
+
+/// Convert `ids[j]` (for `j` in `keep`) to indices below `vocab`, sort them into
+/// `order`, and reject out-of-range and repeated ids.
+fn sorted_ids(
+    ids: &[i64],
+    keep: impl Iterator<Item = usize>,
+    vocab: usize,
+    row: usize,
+    order: &mut Vec<(usize, usize)>,
+) -> Result<()> {
+    order.clear();
+    for j in keep {
+        let id = ids[j];
+        match usize::try_from(id) {
+            Ok(i) if i < vocab => order.push((i, j)),
+            _ => {
+                return Err(Error::invalid_argument(
+                    "ids",
+                    format!(
+                        "row {row}, position {j}: id {id} is outside [0, {vocab}) (the student vocabulary)"
+                    ),
+                ));
+            }
+        }
+    }
+    order.sort_unstable();
+    for w in order.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(Error::invalid_argument(
+                "ids",
+                format!(
+                    "row {row}: id {} appears twice (positions {} and {}); ids must be distinct",
+                    w[0].0, w[0].1, w[1].1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_teacher_logprob(lp: f32, row: usize, j: usize, allow_neg_inf: bool) -> Result<()> {
+    if lp.is_nan() || lp == f32::INFINITY || (!allow_neg_inf && lp == f32::NEG_INFINITY) {
+        let expected = if allow_neg_inf {
+            "NaN and +inf are not log-probabilities"
+        } else {
+            "log-probabilities of sampled ids must be finite"
+        };
+        return Err(Error::invalid_argument(
+            "logprobs",
+            format!("row {row}, position {j}: {lp} ({expected})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Gather `s_j = z[id_j] / T` for the sorted targets into `s` (indexed by `j`).
+fn gather<E: Elem>(z: &[E], order: &[(usize, usize)], temperature: f64, s: &mut Vec<f64>) {
+    s.clear();
+    s.resize(order.len(), 0.0);
+    for &(i, j) in order {
+        s[j] = f64::from(z[i].to_f32()) / temperature;
+    }
+}
+
+/// Settings of a top-K row, validated by the caller.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TopKSettings {
+    pub divergence: Divergence,
+    pub tail: Tail,
+    pub temperature: f64,
+    pub teacher_temperature: f64,
+}
+
+/// One top-K row.
+pub(crate) struct TopKRow<'a, E: Elem> {
+    pub row: usize,
+    pub z: &'a [E],
+    pub ids: &'a [i64],
+    pub logprobs: &'a [f32],
+    pub grad: Option<&'a mut [E]>,
+    pub settings: TopKSettings,
+    pub scratch: &'a mut Scratch,
+}
+
+impl<E: Elem> Kernel for TopKRow<'_, E> {
+    type Output = Result<f64>;
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> Result<f64> {
+        let TopKRow {
+            row,
+            z,
+            ids,
+            logprobs,
+            grad,
+            settings,
+            scratch: sc,
+        } = self;
+        let k = ids.len();
+        sorted_ids(ids, 0..k, z.len(), row, &mut sc.order)?;
+        for (j, &lp) in logprobs.iter().enumerate() {
+            check_teacher_logprob(lp, row, j, true)?;
+        }
+        let t = settings.temperature;
+        let inv_t = 1.0 / t;
+        let inv_t32 = inv_t as f32;
+        gather(z, &sc.order, t, &mut sc.s);
+        sc.p.clear();
+        sc.lq.clear();
+        sc.g.clear();
+        sc.g.resize(k + 1, 0.0);
+
+        match settings.tail {
+            Tail::Bucket => {
+                let mut rest = OnlineLse::new();
+                let mut start = 0;
+                for &(i, _) in &sc.order {
+                    rest.push(s, &z[start..i], inv_t32);
+                    start = i + 1;
+                }
+                rest.push(s, &z[start..], inv_t32);
+                let lse_rest = rest.lse();
+                let lse = logaddexp(lse_rest, logsumexp(&sc.s));
+                check_row_lse(lse, "student_logits", row)?;
+
+                let mut p_sum = 0.0;
+                for &lp in logprobs {
+                    let p = f64::from(lp).exp();
+                    p_sum += p;
+                    sc.p.push(p);
+                }
+                sc.p.push((1.0 - p_sum).max(0.0));
+                sc.lq.extend(sc.s.iter().map(|&sj| sj - lse));
+                sc.lq.push(lse_rest - lse);
+                let (d, g_sum) = outcomes(settings.divergence, &sc.p, &sc.lq, &mut sc.g);
+
+                if let Some(grad) = grad {
+                    if lse_rest == f64::NEG_INFINITY {
+                        // No complement (K == V) or a fully masked one: nothing flows there.
+                        grad.fill(E::from_f32(0.0));
+                    } else {
+                        let q_rest = (lse_rest - lse).exp();
+                        let shift = lse_rest as f32;
+                        // exp(s_i - shift) * exp(shift - lse_rest) = exp(s_i - lse_rest) with
+                        // the f64 remainder of the shift folded into the coefficient.
+                        let coef = (sc.g[k] - g_sum * q_rest)
+                            * inv_t
+                            * (f64::from(shift) - lse_rest).exp();
+                        write_scaled_exp(s, z, inv_t32, shift, coef as f32, grad);
+                    }
+                    for &(i, j) in &sc.order {
+                        let gi = (sc.g[j] - g_sum * sc.lq[j].exp()) * inv_t;
+                        grad[i] = E::from_f32(gi as f32);
+                    }
+                }
+                Ok(d)
+            }
+            Tail::Renormalize => {
+                // Only the K logits enter the loss, but a NaN elsewhere in the row is still
+                // a broken input: one read-only scan catches it.
+                if has_nan_or_pos_inf(s, z) {
+                    return Err(Error::invalid_argument(
+                        "student_logits",
+                        format!("row {row} contains NaN or +inf"),
+                    ));
+                }
+                let lse_s = logsumexp(&sc.s);
+                if lse_s == f64::NEG_INFINITY {
+                    return Err(Error::invalid_argument(
+                        "student_logits",
+                        format!(
+                            "row {row}: every logit at the target ids is -inf, so the \
+                             renormalized student distribution is undefined"
+                        ),
+                    ));
+                }
+                let scale = settings.teacher_temperature / t;
+                // The scaled teacher values go in `p` first, then become probabilities.
+                sc.p.extend(logprobs.iter().map(|&lp| f64::from(lp) * scale));
+                let lse_p = logsumexp(&sc.p);
+                if lse_p == f64::NEG_INFINITY {
+                    return Err(Error::invalid_argument(
+                        "logprobs",
+                        format!(
+                            "row {row}: every log-probability is -inf, so the renormalized \
+                             teacher distribution is undefined"
+                        ),
+                    ));
+                }
+                for a in sc.p.iter_mut() {
+                    *a = (*a - lse_p).exp();
+                }
+                sc.lq.extend(sc.s.iter().map(|&sj| sj - lse_s));
+                let (d, g_sum) = outcomes(settings.divergence, &sc.p, &sc.lq, &mut sc.g[..k]);
+                if let Some(grad) = grad {
+                    grad.fill(E::from_f32(0.0));
+                    for &(i, j) in &sc.order {
+                        let gi = (sc.g[j] - g_sum * sc.lq[j].exp()) * inv_t;
+                        grad[i] = E::from_f32(gi as f32);
+                    }
+                }
+                Ok(d)
+            }
+        }
+    }
+}
+
+/// One row of sampled targets.
+pub(crate) struct SampledRow<'a, E: Elem> {
+    pub row: usize,
+    pub z: &'a [E],
+    pub ids: &'a [i64],
+    pub counts: &'a [i64],
+    pub logprobs: Option<&'a [f32]>,
+    pub grad: Option<&'a mut [E]>,
+    pub temperature: f64,
+    pub scratch: &'a mut Scratch,
+}
+
+impl<E: Elem> Kernel for SampledRow<'_, E> {
+    type Output = Result<f64>;
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> Result<f64> {
+        let SampledRow {
+            row,
+            z,
+            ids,
+            counts,
+            logprobs,
+            grad,
+            temperature: t,
+            scratch: sc,
+        } = self;
+        let mut total: u128 = 0;
+        for (j, &c) in counts.iter().enumerate() {
+            if c < 0 {
+                return Err(Error::invalid_argument(
+                    "counts",
+                    format!("row {row}, position {j}: count {c} is negative"),
+                ));
+            }
+            total += c.unsigned_abs() as u128;
+            if let (Some(lps), true) = (logprobs, c > 0) {
+                check_teacher_logprob(lps[j], row, j, false)?;
+            }
+        }
+        if total == 0 {
+            return Err(Error::invalid_argument(
+                "counts",
+                format!("row {row}: the counts of a valid row sum to 0"),
+            ));
+        }
+        let kept = counts.iter().enumerate().filter(|&(_, &c)| c > 0);
+        sorted_ids(ids, kept.map(|(j, _)| j), z.len(), row, &mut sc.order)?;
+
+        let inv_t = 1.0 / t;
+        let inv_t32 = inv_t as f32;
+        let mut full = OnlineLse::new();
+        full.push(s, z, inv_t32);
+        let lse = full.lse();
+        check_row_lse(lse, "student_logits", row)?;
+
+        let n = total as f64;
+        let mut d = 0.0;
+        for &(i, j) in &sc.order {
+            let w = counts[j] as f64 / n;
+            let log_p = match logprobs {
+                Some(lps) => f64::from(lps[j]),
+                None => w.ln(),
+            };
+            let lq = f64::from(z[i].to_f32()) / t - lse;
+            d += w * (log_p - lq);
+        }
+        if let Some(grad) = grad {
+            let shift = lse as f32;
+            let coef = inv_t * (f64::from(shift) - lse).exp();
+            write_scaled_exp(s, z, inv_t32, shift, coef as f32, grad);
+            for &(i, j) in &sc.order {
+                let w = counts[j] as f64 / n;
+                let q = (f64::from(z[i].to_f32()) / t - lse).exp();
+                grad[i] = E::from_f32(((q - w) * inv_t) as f32);
+            }
+        }
+        Ok(d)
+    }
+}
