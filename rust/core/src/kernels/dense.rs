@@ -7,7 +7,9 @@
 
 use super::divergence::{Divergence, PROB_FLOOR};
 use super::rowops::{OnlineLse, check_row_lse, split_f64};
-use super::simd::{Elem, Kernel, LANES, Simd, exp, ln, padded, split_lanes, split_lanes_mut};
+use super::simd::{
+    Elem, Kernel, LANES, Simd, exp_le_max, ln, padded, split_lanes, split_lanes_mut,
+};
 use crate::error::Result;
 
 /// One dense row: student `z` (`V_s`), teacher `t` (`V_t <= V_s`).
@@ -52,8 +54,9 @@ impl From<Divergence> for Div32 {
 fn terms<S: Simd>(s: S, div: Div32, lp: S::F, lq: S::F) -> (S::F, S::F, S::F) {
     let zero = s.splat(0.0);
     let half = s.splat(0.5);
-    let p = exp(s, lp);
-    let q = exp(s, lq);
+    // lp, lq <= ~0 (log-probabilities), within the domain of exp_le_max.
+    let p = exp_le_max(s, lp);
+    let q = exp_le_max(s, lq);
     let lpf = s.max(s.splat(PROB_FLOOR.ln() as f32), lp);
     let p_pos = s.gt(p, zero);
     let q_pos = s.gt(q, zero);

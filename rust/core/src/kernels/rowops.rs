@@ -1,7 +1,9 @@
 //! Passes over one row of logits shared by the kernels: the online log-sum-exp, the scaled
 //! exponential that writes a gradient row, the NaN/+inf scan, and small `f64` helpers.
 
-use super::simd::{Elem, LANES, Simd, exp, padded, split_lanes, split_lanes_mut};
+use std::ops::Range;
+
+use super::simd::{Elem, LANES, Simd, exp_le_max, padded, split_lanes, split_lanes_mut};
 use crate::error::{Error, Result};
 
 /// Elements per block of the online log-sum-exp: a block is read twice (its max, then its
@@ -30,12 +32,22 @@ impl OnlineLse {
     #[inline(always)]
     pub(crate) fn push<S: Simd, E: Elem>(&mut self, s: S, x: &[E], inv_t: f32) {
         for block in x.chunks(BLOCK) {
-            self.push_block(s, block, inv_t);
+            self.push_block(s, block, inv_t, None);
         }
     }
 
+    /// Add one block of at most [`BLOCK`] values; with `out`, also store each
+    /// `exp(x * inv_t - shift)` there, for the caller to rescale once the log-sum-exp of the
+    /// row is known ([`block_factor`]). Returns this block's shift: the running max, -inf
+    /// while every value so far is -inf.
     #[inline(always)]
-    fn push_block<S: Simd, E: Elem>(&mut self, s: S, x: &[E], inv_t: f32) {
+    pub(crate) fn push_block<S: Simd, E: Elem>(
+        &mut self,
+        s: S,
+        x: &[E],
+        inv_t: f32,
+        out: Option<&mut [f32]>,
+    ) -> f32 {
         let (body, tail) = split_lanes(x);
         let tail = padded(tail, E::NEG_INF);
         // max(acc, x) may skip a NaN lane; the exponential below turns it into a NaN sum.
@@ -54,11 +66,30 @@ impl OnlineLse {
         let vinv = s.splat(inv_t);
         let vneg = s.splat(-shift);
         let mut acc = s.splat(0.0);
-        for a in body {
-            acc = s.add(acc, exp(s, s.mul_add(E::load(s, a), vinv, vneg)));
+        match out {
+            None => {
+                for a in body {
+                    acc = s.add(acc, exp_le_max(s, s.mul_add(E::load(s, a), vinv, vneg)));
+                }
+                acc = s.add(acc, exp_le_max(s, s.mul_add(E::load(s, &tail), vinv, vneg)));
+            }
+            Some(out) => {
+                let (ob, ot) = split_lanes_mut(out);
+                for (a, o) in body.iter().zip(ob.iter_mut()) {
+                    let e = exp_le_max(s, s.mul_add(E::load(s, a), vinv, vneg));
+                    acc = s.add(acc, e);
+                    s.store(e, o);
+                }
+                let e = exp_le_max(s, s.mul_add(E::load(s, &tail), vinv, vneg));
+                acc = s.add(acc, e);
+                let mut o = [0.0f32; LANES];
+                s.store(e, &mut o);
+                let n = ot.len();
+                ot.copy_from_slice(&o[..n]);
+            }
         }
-        acc = s.add(acc, exp(s, s.mul_add(E::load(s, &tail), vinv, vneg)));
         self.sum += s.sum_f64(acc);
+        self.max
     }
 
     fn shift(&self) -> f32 {
@@ -80,34 +111,58 @@ impl OnlineLse {
     }
 }
 
-/// `out[i] = coef * exp(x[i] * inv_t - shift)`.
+/// Ranges of `0..len` that skip the sorted distinct positions `holes` (each `.0`), cut into
+/// blocks of at most [`BLOCK`]: the blocks a row's complement is processed in.
+pub(crate) fn blocks_between(
+    len: usize,
+    holes: &[(usize, usize)],
+) -> impl Iterator<Item = Range<usize>> + '_ {
+    let starts = std::iter::once(0).chain(holes.iter().map(|&(i, _)| i + 1));
+    let ends = holes.iter().map(|&(i, _)| i).chain(std::iter::once(len));
+    starts
+        .zip(ends)
+        .flat_map(|(a, b)| (a..b).step_by(BLOCK).map(move |lo| lo..(lo + BLOCK).min(b)))
+}
+
+/// The factor that turns a block's stored `exp(x * inv_t - shift)` into
+/// `coef * exp(x * inv_t - lse)`; 0 for a block whose shift is -inf (all its values are -inf).
 #[inline(always)]
-pub(crate) fn write_scaled_exp<S: Simd, E: Elem>(
-    s: S,
-    x: &[E],
-    inv_t: f32,
-    shift: f32,
-    coef: f32,
-    out: &mut [E],
-) {
-    let (xb, xt) = split_lanes(x);
-    let (ob, ot) = split_lanes_mut(out);
-    let vinv = s.splat(inv_t);
-    let vneg = s.splat(-shift);
-    let vcoef = s.splat(coef);
-    for (a, o) in xb.iter().zip(ob.iter_mut()) {
-        let e = exp(s, s.mul_add(E::load(s, a), vinv, vneg));
-        E::store(s, s.mul(vcoef, e), o);
+pub(crate) fn block_factor(coef: f64, shift: f32, lse: f64) -> f32 {
+    if shift == f32::NEG_INFINITY {
+        0.0
+    } else {
+        (coef * (f64::from(shift) - lse).exp()) as f32
     }
-    if !xt.is_empty() {
-        let e = exp(
-            s,
-            s.mul_add(E::load(s, &padded(xt, E::NEG_INF)), vinv, vneg),
-        );
+}
+
+/// `dst[i] = factor * src[i]`, converted to `E` (`src` and `dst` have the same length).
+#[inline(always)]
+pub(crate) fn rescale_block<S: Simd, E: Elem>(s: S, src: &[f32], factor: f32, dst: &mut [E]) {
+    let (sb, st) = split_lanes(src);
+    let (db, dt) = split_lanes_mut(dst);
+    let f = s.splat(factor);
+    for (a, o) in sb.iter().zip(db.iter_mut()) {
+        E::store(s, s.mul(f, s.load(a)), o);
+    }
+    if !st.is_empty() {
         let mut o = [E::NEG_INF; LANES];
-        E::store(s, s.mul(vcoef, e), &mut o);
-        let n = ot.len().min(xt.len());
-        ot[..n].copy_from_slice(&o[..n]);
+        E::store(s, s.mul(f, s.load(&padded(st, 0.0))), &mut o);
+        let n = dt.len();
+        dt.copy_from_slice(&o[..n]);
+    }
+}
+
+/// `x[i] *= factor` in place.
+#[inline(always)]
+pub(crate) fn rescale_in_place<S: Simd>(s: S, x: &mut [f32], factor: f32) {
+    let (xb, xt) = split_lanes_mut(x);
+    let f = s.splat(factor);
+    for a in xb.iter_mut() {
+        let v = s.mul(f, s.load(a));
+        s.store(v, a);
+    }
+    for v in xt.iter_mut() {
+        *v *= factor;
     }
 }
 

@@ -42,10 +42,9 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// `if a < b { a } else { b }` per lane: a NaN in `b` propagates, a NaN in `a` does not.
     fn min(self, a: Self::F, b: Self::F) -> Self::F;
     fn abs(self, a: Self::F) -> Self::F;
-    /// Round to the nearest integer, ties to even.
-    fn round(self, a: Self::F) -> Self::F;
-    /// `2^n` for integral `n` in `[-126, 127]`.
-    fn pow2(self, n: Self::F) -> Self::F;
+    /// The bits of each lane shifted left by 23, as `f32` (builds a power of two from an
+    /// integer held in the low mantissa bits).
+    fn shl23(self, t: Self::F) -> Self::F;
     /// `(m, e)` with `x = m * 2^e`, `m` in `[1, 2)`, for positive normal finite `x`.
     fn split_exponent(self, x: Self::F) -> (Self::F, Self::F);
 
@@ -66,43 +65,51 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn max_lane(self, v: Self::F) -> f32;
 }
 
-// exp: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2 so that n * LN2_HI is
-// exact), e^r = 1 + r + r^2 h(r) with h a degree-4 polynomial fitted (weighted least squares
-// on Chebyshev nodes, relative error of e^r 3.8e-9 with these f32 coefficients, far below
-// f32 rounding), and e^x = (2 e^r) 2^(n-1) so that n = 128 near the overflow bound still has
-// a normal 2^(n-1).
+// exp: x = n ln2 + r with |r| <= ln2 / 2 and n = round(x log2 e), e^x = (2 e^r) 2^(n-1).
+// * n is rounded by adding a magic constant (1.5 * 2^23 + 126) in one FMA: the sum's low
+//   mantissa bits are then n + 126, so shifting its bits left by 23 builds 2^(n-1) directly
+//   (no round or float-to-int conversion). 2^(n-1) keeps n = 128 (near the overflow bound)
+//   representable, and n = -126 gives a zero exponent field, i.e. exactly 0: clamping x at
+//   EXP_LO flushes results below 2^-125.5 (~1.7e-38, the subnormal edge) to 0, exp(-inf) too.
+// * r = x - n ln2 with ln2 split in two (Cody-Waite) so that n * LN2_HI is exact.
+// * 2 e^r = 2 + r (E0 + r (E1 + ... + r E5)), coefficients fitted (iteratively reweighted
+//   least squares towards minimax of the relative error, then rounded to f32): relative error
+//   1.7e-8 on |r| <= ln2 / 2, well under f32 rounding.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// 1.5 * 2^23 + 126.
+const EXP_MAGIC: f32 = 12_583_038.0;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_C2: f32 = 0.499_999_88;
-const EXP_C3: f32 = 0.166_665_18;
-const EXP_C4: f32 = 0.041_669_533;
-const EXP_C5: f32 = 0.008_368_916;
-const EXP_C6: f32 = 0.001_375_140_7;
-/// Largest argument with a finite result (f32 below ln(f32::MAX)); above it exp is +inf.
+const EXP_E0: f32 = 2.0;
+const EXP_E1: f32 = 0.999_999_9;
+const EXP_E2: f32 = 0.333_328_63;
+const EXP_E3: f32 = 0.083_336;
+const EXP_E4: f32 = 0.016_748_311;
+const EXP_E5: f32 = 0.002_768_730_7;
+/// Largest argument with a finite result (the f32 below ln(f32::MAX)).
 const EXP_HI: f32 = 88.722_83;
-/// Below this exp returns 0: results under ~1.8e-38 (the subnormal range) are flushed,
-/// which keeps 2^(n-1) normal.
-const EXP_LO: f32 = -86.9;
+/// Clamp below: round(EXP_LO * log2(e)) = -126, the n whose 2^(n-1) is 0.
+const EXP_LO: f32 = -87.0;
 
-/// `e^x` per lane: +inf above 88.72283, 0 below -86.9, NaN for NaN; see `tests` for the
-/// measured error.
+/// `e^x` per lane for `x <= 88.72283`: larger `x` (+inf included) give `e^88.72283` instead
+/// of +inf, which the kernels never meet (their arguments are logits minus the row's max or
+/// log-sum-exp, so at most ~0) and so need no overflow select. 0 below -125.5 ln 2 (about
+/// -86.99), NaN for NaN; see `tests` for the measured error.
 #[inline(always)]
-pub(crate) fn exp<S: Simd>(s: S, x: S::F) -> S::F {
+pub(crate) fn exp_le_max<S: Simd>(s: S, x: S::F) -> S::F {
     // Clamp with the NaN-propagating operand order so that NaN stays NaN.
     let xc = s.min(s.splat(EXP_HI), s.max(s.splat(EXP_LO), x));
-    let n = s.round(s.mul(xc, s.splat(LOG2E)));
+    let t = s.mul_add(xc, s.splat(LOG2E), s.splat(EXP_MAGIC));
+    let n = s.sub(t, s.splat(EXP_MAGIC));
     let r = s.mul_add(n, s.splat(-LN2_HI), xc);
     let r = s.mul_add(n, s.splat(-LN2_LO), r);
-    let mut h = s.mul_add(s.splat(EXP_C6), r, s.splat(EXP_C5));
-    h = s.mul_add(h, r, s.splat(EXP_C4));
-    h = s.mul_add(h, r, s.splat(EXP_C3));
-    h = s.mul_add(h, r, s.splat(EXP_C2));
-    let r2 = s.mul(r, r);
-    let p = s.add(s.mul_add(h, r2, r), s.splat(1.0));
-    let y = s.mul(s.add(p, p), s.pow2(s.sub(n, s.splat(1.0))));
-    let y = s.select(s.lt(x, s.splat(EXP_LO)), s.splat(0.0), y);
-    s.select(s.gt(x, s.splat(EXP_HI)), s.splat(f32::INFINITY), y)
+    let mut p = s.mul_add(s.splat(EXP_E5), r, s.splat(EXP_E4));
+    p = s.mul_add(p, r, s.splat(EXP_E3));
+    p = s.mul_add(p, r, s.splat(EXP_E2));
+    p = s.mul_add(p, r, s.splat(EXP_E1));
+    p = s.mul_add(p, r, s.splat(EXP_E0));
+    p = s.mul_add(p, r, s.splat(2.0));
+    s.mul(p, s.shl23(t))
 }
 
 // ln: x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(u) with u = (m - 1) / (m + 1),
@@ -150,6 +157,10 @@ pub(crate) fn ln<S: Simd>(s: S, x: S::F) -> S::F {
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// The value that pads a partial vector where it must not count (-inf).
     const NEG_INF: Self;
+    /// Whether `Self` is `f32` (then [`Elem::as_f32_mut`] returns `Some`).
+    const IS_F32: bool;
+    /// The slice as `f32` when `Self` is `f32`.
+    fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]>;
     fn load<S: Simd>(s: S, x: &[Self; LANES]) -> S::F;
     fn store<S: Simd>(s: S, v: S::F, out: &mut [Self; LANES]);
     fn to_f32(self) -> f32;
@@ -158,6 +169,11 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
 
 impl Elem for f32 {
     const NEG_INF: Self = f32::NEG_INFINITY;
+    const IS_F32: bool = true;
+    #[inline(always)]
+    fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]> {
+        Some(x)
+    }
     #[inline(always)]
     fn load<S: Simd>(s: S, x: &[Self; LANES]) -> S::F {
         s.load(x)
@@ -178,6 +194,11 @@ impl Elem for f32 {
 
 impl Elem for u16 {
     const NEG_INF: Self = 0xFF80;
+    const IS_F32: bool = false;
+    #[inline(always)]
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
     #[inline(always)]
     fn load<S: Simd>(s: S, x: &[Self; LANES]) -> S::F {
         s.load_bf16(x)
@@ -370,16 +391,10 @@ impl Simd for Portable {
         map1(a, f32::abs)
     }
     #[inline(always)]
-    fn round(self, a: Self::F) -> Self::F {
-        map1(a, f32::round_ties_even)
-    }
-    #[inline(always)]
-    fn pow2(self, n: Self::F) -> Self::F {
+    fn shl23(self, t: Self::F) -> Self::F {
         let mut out = [0.0; LANES];
         for i in 0..LANES {
-            // `as` saturates (NaN -> 0); only finite integral n in range reach here in use.
-            let e = (n[i] as i32).wrapping_add(127) as u32;
-            out[i] = f32::from_bits(e.wrapping_shl(23));
+            out[i] = f32::from_bits(t[i].to_bits() << 23);
         }
         out
     }
@@ -558,15 +573,8 @@ mod avx2 {
             unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), a) }
         }
         #[inline(always)]
-        fn round(self, a: Self::F) -> Self::F {
-            unsafe { _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(a) }
-        }
-        #[inline(always)]
-        fn pow2(self, n: Self::F) -> Self::F {
-            unsafe {
-                let e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(e))
-            }
+        fn shl23(self, t: Self::F) -> Self::F {
+            unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_castps_si256(t))) }
         }
         #[inline(always)]
         fn split_exponent(self, x: Self::F) -> (Self::F, Self::F) {

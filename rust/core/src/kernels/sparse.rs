@@ -10,12 +10,16 @@
 //! * `dD/ds_i = g_j - G Q_j` for `i = id_j`,
 //!
 //! and `dD/dz = dD/ds / T`. So one pass computes `lse_C` (the K ids are skipped, which gives
-//! `Q_rest` stably, never as `1 - sum`), the K+1 outcomes cost O(K), and a second pass writes
-//! `c exp(s_i - lse_C)` over the row before the K id entries are set.
+//! `Q_rest` stably, never as `1 - sum`) and stores each `exp(s_i - shift)` (the shift of its
+//! block) in the gradient row (f32) or a per-thread f32 row (bf16); the K+1 outcomes cost
+//! O(K); a second pass over the row, still in cache, multiplies each block by
+//! `c exp(shift - lse_C)` with `c = (g_rest - G Q_rest) / T`, and the K id entries are set.
+//! One exponential per logit, the logits read from memory once, the gradient written once.
 
 use super::divergence::{Divergence, outcomes};
 use super::rowops::{
-    OnlineLse, check_row_lse, has_nan_or_pos_inf, logaddexp, logsumexp, write_scaled_exp,
+    OnlineLse, block_factor, blocks_between, check_row_lse, has_nan_or_pos_inf, logaddexp,
+    logsumexp, rescale_block, rescale_in_place,
 };
 use super::simd::{Elem, Kernel, Simd};
 use crate::error::{Error, Result};
@@ -53,6 +57,72 @@ pub(crate) struct Scratch {
     p: Vec<f64>,
     lq: Vec<f64>,
     g: Vec<f64>,
+    /// Shift of each block of the log-sum-exp pass.
+    shifts: Vec<f32>,
+    /// Staged exponentials of a bf16 row (an f32 gradient row stages them itself).
+    stage: Vec<f32>,
+}
+
+/// Pass 1: the log-sum-exp of `z / T` over the blocks that skip `holes`; with `grad`, each
+/// block's `exp(s_i - shift)` is staged (in `grad` itself for f32) and its shift recorded.
+#[inline(always)]
+fn lse_pass<S: Simd, E: Elem>(
+    s: S,
+    z: &[E],
+    holes: &[(usize, usize)],
+    inv_t: f32,
+    grad: Option<&mut [E]>,
+    shifts: &mut Vec<f32>,
+    stage: &mut Vec<f32>,
+) -> f64 {
+    let mut acc = OnlineLse::new();
+    shifts.clear();
+    match grad {
+        None => {
+            for r in blocks_between(z.len(), holes) {
+                acc.push_block(s, &z[r], inv_t, None);
+            }
+        }
+        Some(grad) => {
+            let out: &mut [f32] = match E::as_f32_mut(grad) {
+                Some(g) => g,
+                None => {
+                    stage.resize(z.len(), 0.0);
+                    stage
+                }
+            };
+            for r in blocks_between(z.len(), holes) {
+                let shift = acc.push_block(s, &z[r.clone()], inv_t, Some(&mut out[r]));
+                shifts.push(shift);
+            }
+        }
+    }
+    acc.lse()
+}
+
+/// Pass 2: turn the staged blocks into `coef * exp(s_i - lse)` in `grad`.
+#[inline(always)]
+fn scale_pass<S: Simd, E: Elem>(
+    s: S,
+    holes: &[(usize, usize)],
+    coef: f64,
+    lse: f64,
+    grad: &mut [E],
+    sc: &Scratch,
+) {
+    let blocks = blocks_between(grad.len(), holes).zip(&sc.shifts);
+    if E::IS_F32 {
+        if let Some(g) = E::as_f32_mut(grad) {
+            for (r, &shift) in blocks {
+                rescale_in_place(s, &mut g[r], block_factor(coef, shift, lse));
+            }
+        }
+    } else {
+        for (r, &shift) in blocks {
+            let f = block_factor(coef, shift, lse);
+            rescale_block(s, &sc.stage[r.clone()], f, &mut grad[r]);
+        }
+    }
 }
 
 /// Convert `ids[j]` (for `j` in `keep`) to indices below `vocab`, sort them into
@@ -168,14 +238,16 @@ impl<E: Elem> Kernel for TopKRow<'_, E> {
 
         match settings.tail {
             Tail::Bucket => {
-                let mut rest = OnlineLse::new();
-                let mut start = 0;
-                for &(i, _) in &sc.order {
-                    rest.push(s, &z[start..i], inv_t32);
-                    start = i + 1;
-                }
-                rest.push(s, &z[start..], inv_t32);
-                let lse_rest = rest.lse();
+                let mut grad = grad;
+                let lse_rest = lse_pass(
+                    s,
+                    z,
+                    &sc.order,
+                    inv_t32,
+                    grad.as_deref_mut(),
+                    &mut sc.shifts,
+                    &mut sc.stage,
+                );
                 let lse = logaddexp(lse_rest, logsumexp(&sc.s));
                 check_row_lse(lse, "student_logits", row)?;
 
@@ -191,19 +263,11 @@ impl<E: Elem> Kernel for TopKRow<'_, E> {
                 let (d, g_sum) = outcomes(settings.divergence, &sc.p, &sc.lq, &mut sc.g);
 
                 if let Some(grad) = grad {
-                    if lse_rest == f64::NEG_INFINITY {
-                        // No complement (K == V) or a fully masked one: nothing flows there.
-                        grad.fill(E::from_f32(0.0));
-                    } else {
-                        let q_rest = (lse_rest - lse).exp();
-                        let shift = lse_rest as f32;
-                        // exp(s_i - shift) * exp(shift - lse_rest) = exp(s_i - lse_rest) with
-                        // the f64 remainder of the shift folded into the coefficient.
-                        let coef = (sc.g[k] - g_sum * q_rest)
-                            * inv_t
-                            * (f64::from(shift) - lse_rest).exp();
-                        write_scaled_exp(s, z, inv_t32, shift, coef as f32, grad);
-                    }
+                    // With lse_rest = -inf (K == V, or a fully masked complement) every block
+                    // factor is 0: nothing flows to the complement.
+                    let q_rest = (lse_rest - lse).exp();
+                    let coef = (sc.g[k] - g_sum * q_rest) * inv_t;
+                    scale_pass(s, &sc.order, coef, lse_rest, grad, sc);
                     for &(i, j) in &sc.order {
                         let gi = (sc.g[j] - g_sum * sc.lq[j].exp()) * inv_t;
                         grad[i] = E::from_f32(gi as f32);
@@ -311,10 +375,16 @@ impl<E: Elem> Kernel for SampledRow<'_, E> {
         sorted_ids(ids, kept.map(|(j, _)| j), z.len(), row, &mut sc.order)?;
 
         let inv_t = 1.0 / t;
-        let inv_t32 = inv_t as f32;
-        let mut full = OnlineLse::new();
-        full.push(s, z, inv_t32);
-        let lse = full.lse();
+        let mut grad = grad;
+        let lse = lse_pass(
+            s,
+            z,
+            &[],
+            inv_t as f32,
+            grad.as_deref_mut(),
+            &mut sc.shifts,
+            &mut sc.stage,
+        );
         check_row_lse(lse, "student_logits", row)?;
 
         let n = total as f64;
@@ -329,9 +399,7 @@ impl<E: Elem> Kernel for SampledRow<'_, E> {
             d += w * (log_p - lq);
         }
         if let Some(grad) = grad {
-            let shift = lse as f32;
-            let coef = inv_t * (f64::from(shift) - lse).exp();
-            write_scaled_exp(s, z, inv_t32, shift, coef as f32, grad);
+            scale_pass(s, &[], inv_t, lse, grad, sc);
             for &(i, j) in &sc.order {
                 let w = counts[j] as f64 / n;
                 let q = (f64::from(z[i].to_f32()) / t - lse).exp();
