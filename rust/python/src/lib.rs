@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod losses;
 
 use errors::IntoPyResult;
 
@@ -23,6 +24,7 @@ fn get_num_threads(py: Python<'_>) -> PyResult<usize> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", logitcache_core::VERSION)?;
     errors::register(m)?;
+    losses::register(m)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     Ok(())
