@@ -316,20 +316,27 @@ def test_bucket_needs_equal_temperatures_and_renormalize_does_not() -> None:
     assert torch.allclose(values.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5)
 
 
-def test_grad_output_scales_rows_and_masked_rows_get_nothing() -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_output_scales_rows_and_masked_rows_get_nothing(dtype) -> None:
     g = torch.Generator().manual_seed(2)
-    z = torch.randn(4, 30, generator=g)
+    z = (torch.randn(4, 30, generator=g) * 3).to(dtype)
     logp, ids = torch.log_softmax(torch.randn(4, 30, generator=g), -1).topk(5, -1)
     valid = torch.tensor([True, False, True, True])
     weights = torch.tensor([0.5, 3.0, -2.0, 0.0])
     leaf = z.clone().requires_grad_(True)
     (rust_sparse_kd(leaf, ids, logp, valid, **_sparse_kw()) * weights).sum().backward()
+    assert leaf.grad.dtype == dtype
     for r in range(4):
         if not valid[r]:
             assert (leaf.grad[r] == 0).all()
             continue
         _, want = _reference(z[r], TopK(ids[r], logp[r].double()))
-        assert torch.allclose(leaf.grad[r].double(), weights[r] * want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            leaf.grad[r].double(),
+            weights[r] * want,
+            atol=GRAD_ATOL,
+            rtol=GRAD_RTOL[dtype],
+        )
 
 
 def test_autograd_integration() -> None:

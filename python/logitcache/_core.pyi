@@ -61,3 +61,6 @@ def dense_kd(
     beta: float,
     alpha: float,
 ) -> None: ...
+def scale_rows(
+    grad: NDArray[np.float32] | NDArray[np.uint16], factors: NDArray[np.float32]
+) -> None: ...

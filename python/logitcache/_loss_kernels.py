@@ -22,7 +22,7 @@ import torch
 try:
     from logitcache import _core
 
-    _KERNELS = (_core.sparse_kd, _core.sampled_kd, _core.dense_kd)
+    _KERNELS = (_core.sparse_kd, _core.sampled_kd, _core.dense_kd, _core.scale_rows)
 except (ImportError, AttributeError):  # an extension built without the loss kernels
     _KERNELS = None
 
@@ -145,7 +145,10 @@ class _PrecomputedGrad(torch.autograd.Function):
             )
         ctx.grad = None
         if not bool((grad_output == 1).all()):
-            grad.mul_(grad_output.to(torch.float32).unsqueeze(1))
+            # In place, in parallel, bf16 rows scaled in f32 and rounded once: torch's
+            # mixed-dtype mul_ would make an [N, V] float32 temporary for bf16 gradients.
+            factors = grad_output.detach().to(torch.float32).contiguous()
+            _core.scale_rows(_np(grad), _np(factors))
         return grad, None
 
 

@@ -214,10 +214,32 @@ fn dense_kd<'py>(
         .py_err()
 }
 
+/// Multiply row `r` of `grad` by `factors[r]` in place (the backward of per-row values).
+#[pyfunction]
+fn scale_rows<'py>(
+    py: Python<'py>,
+    grad: &Bound<'py, PyAny>,
+    factors: PyReadonlyArray1<'py, f32>,
+) -> PyResult<()> {
+    let mut grad = GradArray::extract(Some(grad))?;
+    let vocab = match &grad {
+        Some(GradArray::F32(a)) => a.shape()[1],
+        Some(GradArray::Bf16(a)) => a.shape()[1],
+        None => 0,
+    };
+    let factors = factors.as_slice().map_err(contiguous("factors"))?;
+    let Some(grad) = grad.as_mut().map(GradArray::slice).transpose()? else {
+        return Err(bad("grad", "is required"));
+    };
+    py.detach(|| kernels::scale_rows(grad, vocab, factors))
+        .py_err()
+}
+
 /// Add the loss kernels to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparse_kd, m)?)?;
     m.add_function(wrap_pyfunction!(sampled_kd, m)?)?;
     m.add_function(wrap_pyfunction!(dense_kd, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_rows, m)?)?;
     Ok(())
 }

@@ -34,7 +34,8 @@ pub use sparse::Tail;
 use crate::error::{Error, Result};
 use crate::threads;
 use dense::DenseRow;
-use simd::{Elem, dispatch};
+use rowops::scale_in_place;
+use simd::{Elem, Kernel, Simd, dispatch};
 use sparse::{SampledRow, Scratch, TopKRow, TopKSettings};
 
 /// Row-major logits: `f32`, or bfloat16 given as its 16-bit patterns.
@@ -471,5 +472,45 @@ pub fn dense_kd(
             with_teacher(z, vocab, teacher, tv, valid, config, values, Some(g))
         }
         (Logits::Bf16(z), _) => with_teacher(z, vocab, teacher, tv, valid, config, values, None),
+    }
+}
+
+/// One gradient row scaled in place.
+struct ScaleRow<'a, E: Elem> {
+    row: &'a mut [E],
+    factor: f32,
+}
+
+impl<E: Elem> Kernel for ScaleRow<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        scale_in_place(s, self.row, self.factor);
+    }
+}
+
+/// Multiply row `r` of `grad` (`[N, vocab]`) by `factors[r]` in place, rows in parallel on
+/// the shared pool: the backward of the per-row values, `grad_output[:, None] * grad`,
+/// without a second `[N, vocab]` buffer (bf16 rows are scaled in f32 and rounded once).
+pub fn scale_rows(grad: GradOut<'_>, vocab: usize, factors: &[f32]) -> Result<()> {
+    check_cols("grad", vocab, "the vocabulary")?;
+    check_len("grad", grad.len(), factors.len(), vocab, "the vocabulary")?;
+    fn go<E: Elem>(grad: &mut [E], vocab: usize, factors: &[f32]) -> Result<()> {
+        let min_len = (MIN_TASK_ELEMS / vocab).max(1);
+        threads::install(|| {
+            grad.par_chunks_mut(vocab)
+                .zip(factors.par_iter())
+                .with_min_len(min_len)
+                .for_each(|(row, &factor)| {
+                    if factor != 1.0 {
+                        dispatch(ScaleRow { row, factor });
+                    }
+                });
+        })
+    }
+    match grad {
+        GradOut::F32(g) => go(g, vocab, factors),
+        GradOut::Bf16(g) => go(g, vocab, factors),
     }
 }

@@ -1,9 +1,9 @@
 //! Passes over one row of logits shared by the kernels: the online log-sum-exp, the scaled
 //! exponential that writes a gradient row, the NaN/+inf scan, and small `f64` helpers.
 
-use std::ops::Range;
-
-use super::simd::{Elem, LANES, Simd, exp_le_max, padded, split_lanes, split_lanes_mut};
+use super::simd::{
+    Elem, LANES, Simd, exp_le_max, exp_le_max2, padded, split_lanes, split_lanes_mut,
+};
 use crate::error::{Error, Result};
 
 /// Elements per block of the online log-sum-exp: a block is read twice (its max, then its
@@ -20,6 +20,33 @@ pub(crate) struct OnlineLse {
     sum: f64,
 }
 
+/// The vector of `a` (the elements at `pos..pos + LANES`) with the positions in `holes`
+/// (sorted `(position, _)` pairs, from `*next` on) replaced by -inf, which then count for
+/// nothing in a max or a sum of exponentials. Advances `*next` past them.
+#[inline(always)]
+fn load_skipping<S: Simd, E: Elem>(
+    s: S,
+    a: &[E; LANES],
+    pos: usize,
+    holes: &[(usize, usize)],
+    next: &mut usize,
+) -> S::F {
+    match holes.get(*next) {
+        Some(&(h, _)) if h < pos + LANES => {
+            let mut c = *a;
+            while let Some(&(h, _)) = holes.get(*next) {
+                if h >= pos + LANES {
+                    break;
+                }
+                c[h - pos] = E::NEG_INF;
+                *next += 1;
+            }
+            E::load(s, &c)
+        }
+        _ => E::load(s, a),
+    }
+}
+
 impl OnlineLse {
     pub(crate) fn new() -> Self {
         OnlineLse {
@@ -32,30 +59,35 @@ impl OnlineLse {
     #[inline(always)]
     pub(crate) fn push<S: Simd, E: Elem>(&mut self, s: S, x: &[E], inv_t: f32) {
         for block in x.chunks(BLOCK) {
-            self.push_block(s, block, inv_t, None);
+            self.push_block(s, block, inv_t, 0, &[], None);
         }
     }
 
-    /// Add one block of at most [`BLOCK`] values; with `out`, also store each
-    /// `exp(x * inv_t - shift)` there, for the caller to rescale once the log-sum-exp of the
-    /// row is known ([`block_factor`]). Returns this block's shift: the running max, -inf
-    /// while every value so far is -inf.
+    /// Add one block of at most [`BLOCK`] values that starts at row position `base`, leaving
+    /// out the positions in `holes` (sorted, all within the block). With `out`, also store
+    /// each `exp(x * inv_t - shift)` there (0 at the holes), for the caller to rescale once
+    /// the log-sum-exp of the row is known ([`block_factor`]). Returns this block's shift:
+    /// the running max, -inf while every value so far is -inf.
     #[inline(always)]
     pub(crate) fn push_block<S: Simd, E: Elem>(
         &mut self,
         s: S,
         x: &[E],
         inv_t: f32,
+        base: usize,
+        holes: &[(usize, usize)],
         out: Option<&mut [f32]>,
     ) -> f32 {
         let (body, tail) = split_lanes(x);
         let tail = padded(tail, E::NEG_INF);
+        let tail_pos = base + body.len() * LANES;
         // max(acc, x) may skip a NaN lane; the exponential below turns it into a NaN sum.
         let mut m = s.splat(f32::NEG_INFINITY);
-        for a in body {
-            m = s.max(m, E::load(s, a));
+        let mut next = 0;
+        for (b, a) in body.iter().enumerate() {
+            m = s.max(m, load_skipping(s, a, base + b * LANES, holes, &mut next));
         }
-        m = s.max(m, E::load(s, &tail));
+        m = s.max(m, load_skipping(s, &tail, tail_pos, holes, &mut next));
         // Scaling by inv_t > 0 is monotonic, so the max of the scaled values is this.
         let block_max = s.max_lane(m) * inv_t;
         if block_max > self.max {
@@ -66,21 +98,55 @@ impl OnlineLse {
         let vinv = s.splat(inv_t);
         let vneg = s.splat(-shift);
         let mut acc = s.splat(0.0);
+        let mut next = 0;
         match out {
             None => {
-                for a in body {
-                    acc = s.add(acc, exp_le_max(s, s.mul_add(E::load(s, a), vinv, vneg)));
+                let mut acc1 = s.splat(0.0);
+                let pairs = body.chunks_exact(2);
+                let odd = pairs.remainder();
+                for (b, pair) in pairs.enumerate() {
+                    let pos = base + 2 * b * LANES;
+                    let v0 = load_skipping(s, &pair[0], pos, holes, &mut next);
+                    let v1 = load_skipping(s, &pair[1], pos + LANES, holes, &mut next);
+                    let (e0, e1) =
+                        exp_le_max2(s, s.mul_add(v0, vinv, vneg), s.mul_add(v1, vinv, vneg));
+                    acc = s.add(acc, e0);
+                    acc1 = s.add(acc1, e1);
                 }
-                acc = s.add(acc, exp_le_max(s, s.mul_add(E::load(s, &tail), vinv, vneg)));
+                acc = s.add(acc, acc1);
+                if let Some(a) = odd.first() {
+                    let pos = base + (body.len() - 1) * LANES;
+                    let v = load_skipping(s, a, pos, holes, &mut next);
+                    acc = s.add(acc, exp_le_max(s, s.mul_add(v, vinv, vneg)));
+                }
+                let v = load_skipping(s, &tail, tail_pos, holes, &mut next);
+                acc = s.add(acc, exp_le_max(s, s.mul_add(v, vinv, vneg)));
             }
             Some(out) => {
                 let (ob, ot) = split_lanes_mut(out);
-                for (a, o) in body.iter().zip(ob.iter_mut()) {
-                    let e = exp_le_max(s, s.mul_add(E::load(s, a), vinv, vneg));
-                    acc = s.add(acc, e);
-                    s.store(e, o);
+                let mut acc1 = s.splat(0.0);
+                let pairs = body.chunks_exact(2).zip(ob.chunks_exact_mut(2));
+                for (b, (pair, o)) in pairs.enumerate() {
+                    let pos = base + 2 * b * LANES;
+                    let v0 = load_skipping(s, &pair[0], pos, holes, &mut next);
+                    let v1 = load_skipping(s, &pair[1], pos + LANES, holes, &mut next);
+                    let (e0, e1) =
+                        exp_le_max2(s, s.mul_add(v0, vinv, vneg), s.mul_add(v1, vinv, vneg));
+                    acc = s.add(acc, e0);
+                    acc1 = s.add(acc1, e1);
+                    s.store(e0, &mut o[0]);
+                    s.store(e1, &mut o[1]);
                 }
-                let e = exp_le_max(s, s.mul_add(E::load(s, &tail), vinv, vneg));
+                acc = s.add(acc, acc1);
+                if body.len() % 2 == 1 {
+                    let last = body.len() - 1;
+                    let v = load_skipping(s, &body[last], base + last * LANES, holes, &mut next);
+                    let e = exp_le_max(s, s.mul_add(v, vinv, vneg));
+                    acc = s.add(acc, e);
+                    s.store(e, &mut ob[last]);
+                }
+                let v = load_skipping(s, &tail, tail_pos, holes, &mut next);
+                let e = exp_le_max(s, s.mul_add(v, vinv, vneg));
                 acc = s.add(acc, e);
                 let mut o = [0.0f32; LANES];
                 s.store(e, &mut o);
@@ -111,18 +177,8 @@ impl OnlineLse {
     }
 }
 
-/// Ranges of `0..len` that skip the sorted distinct positions `holes` (each `.0`), cut into
-/// blocks of at most [`BLOCK`]: the blocks a row's complement is processed in.
-pub(crate) fn blocks_between(
-    len: usize,
-    holes: &[(usize, usize)],
-) -> impl Iterator<Item = Range<usize>> + '_ {
-    let starts = std::iter::once(0).chain(holes.iter().map(|&(i, _)| i + 1));
-    let ends = holes.iter().map(|&(i, _)| i).chain(std::iter::once(len));
-    starts
-        .zip(ends)
-        .flat_map(|(a, b)| (a..b).step_by(BLOCK).map(move |lo| lo..(lo + BLOCK).min(b)))
-}
+/// Elements per block of [`OnlineLse::push_block`].
+pub(crate) const LSE_BLOCK: usize = BLOCK;
 
 /// The factor that turns a block's stored `exp(x * inv_t - shift)` into
 /// `coef * exp(x * inv_t - lse)`; 0 for a block whose shift is -inf (all its values are -inf).
@@ -152,17 +208,17 @@ pub(crate) fn rescale_block<S: Simd, E: Elem>(s: S, src: &[f32], factor: f32, ds
     }
 }
 
-/// `x[i] *= factor` in place.
+/// `x[i] *= factor` in place (computed in f32, rounded once to `E`).
 #[inline(always)]
-pub(crate) fn rescale_in_place<S: Simd>(s: S, x: &mut [f32], factor: f32) {
+pub(crate) fn scale_in_place<S: Simd, E: Elem>(s: S, x: &mut [E], factor: f32) {
     let (xb, xt) = split_lanes_mut(x);
     let f = s.splat(factor);
     for a in xb.iter_mut() {
-        let v = s.mul(f, s.load(a));
-        s.store(v, a);
+        let v = s.mul(f, E::load(s, a));
+        E::store(s, v, a);
     }
     for v in xt.iter_mut() {
-        *v *= factor;
+        *v = E::from_f32(v.to_f32() * factor);
     }
 }
 

@@ -112,6 +112,39 @@ pub(crate) fn exp_le_max<S: Simd>(s: S, x: S::F) -> S::F {
     s.mul(p, s.shl23(t))
 }
 
+/// Two [`exp_le_max`] with their instructions interleaved: two independent dependency chains
+/// keep the FP pipes busy where one chain would wait on latencies.
+#[inline(always)]
+pub(crate) fn exp_le_max2<S: Simd>(s: S, x0: S::F, x1: S::F) -> (S::F, S::F) {
+    let hi = s.splat(EXP_HI);
+    let lo = s.splat(EXP_LO);
+    let l2e = s.splat(LOG2E);
+    let magic = s.splat(EXP_MAGIC);
+    let c0 = s.min(hi, s.max(lo, x0));
+    let c1 = s.min(hi, s.max(lo, x1));
+    let t0 = s.mul_add(c0, l2e, magic);
+    let t1 = s.mul_add(c1, l2e, magic);
+    let n0 = s.sub(t0, magic);
+    let n1 = s.sub(t1, magic);
+    let r0 = s.mul_add(n0, s.splat(-LN2_HI), c0);
+    let r1 = s.mul_add(n1, s.splat(-LN2_HI), c1);
+    let r0 = s.mul_add(n0, s.splat(-LN2_LO), r0);
+    let r1 = s.mul_add(n1, s.splat(-LN2_LO), r1);
+    let mut p0 = s.mul_add(s.splat(EXP_E5), r0, s.splat(EXP_E4));
+    let mut p1 = s.mul_add(s.splat(EXP_E5), r1, s.splat(EXP_E4));
+    p0 = s.mul_add(p0, r0, s.splat(EXP_E3));
+    p1 = s.mul_add(p1, r1, s.splat(EXP_E3));
+    p0 = s.mul_add(p0, r0, s.splat(EXP_E2));
+    p1 = s.mul_add(p1, r1, s.splat(EXP_E2));
+    p0 = s.mul_add(p0, r0, s.splat(EXP_E1));
+    p1 = s.mul_add(p1, r1, s.splat(EXP_E1));
+    p0 = s.mul_add(p0, r0, s.splat(EXP_E0));
+    p1 = s.mul_add(p1, r1, s.splat(EXP_E0));
+    p0 = s.mul_add(p0, r0, s.splat(2.0));
+    p1 = s.mul_add(p1, r1, s.splat(2.0));
+    (s.mul(p0, s.shl23(t0)), s.mul(p1, s.shl23(t1)))
+}
+
 // ln: x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(u) with u = (m - 1) / (m + 1),
 // |u| <= 0.1716, 2 atanh(u) = 2u + u^3 (2/3 + 2/5 u^2 + 2/7 u^4 + 2/9 u^6) + O(u^11)
 // (truncation below 1e-9 relative). m - 1 is exact, so ln stays accurate near 1.

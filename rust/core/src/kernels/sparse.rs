@@ -18,8 +18,8 @@
 
 use super::divergence::{Divergence, outcomes};
 use super::rowops::{
-    OnlineLse, block_factor, blocks_between, check_row_lse, has_nan_or_pos_inf, logaddexp,
-    logsumexp, rescale_block, rescale_in_place,
+    LSE_BLOCK, OnlineLse, block_factor, check_row_lse, has_nan_or_pos_inf, logaddexp, logsumexp,
+    rescale_block, scale_in_place,
 };
 use super::simd::{Elem, Kernel, Simd};
 use crate::error::{Error, Result};
@@ -63,8 +63,24 @@ pub(crate) struct Scratch {
     stage: Vec<f32>,
 }
 
-/// Pass 1: the log-sum-exp of `z / T` over the blocks that skip `holes`; with `grad`, each
-/// block's `exp(s_i - shift)` is staged (in `grad` itself for f32) and its shift recorded.
+/// The blocks of a row of `len` values, each with the sorted `holes` inside it.
+#[inline(always)]
+fn blocks_with_holes(
+    len: usize,
+    holes: &[(usize, usize)],
+) -> impl Iterator<Item = (usize, usize, &[(usize, usize)])> {
+    let mut rest = holes;
+    (0..len).step_by(LSE_BLOCK).map(move |start| {
+        let end = (start + LSE_BLOCK).min(len);
+        let n = rest.iter().take_while(|&&(h, _)| h < end).count();
+        let (inside, after) = rest.split_at(n);
+        rest = after;
+        (start, end, inside)
+    })
+}
+
+/// Pass 1: the log-sum-exp of `z / T` leaving out the positions in `holes`; with `grad`,
+/// each block's `exp(s_i - shift)` is staged (in `grad` itself for f32) and its shift kept.
 #[inline(always)]
 fn lse_pass<S: Simd, E: Elem>(
     s: S,
@@ -79,8 +95,8 @@ fn lse_pass<S: Simd, E: Elem>(
     shifts.clear();
     match grad {
         None => {
-            for r in blocks_between(z.len(), holes) {
-                acc.push_block(s, &z[r], inv_t, None);
+            for (a, b, h) in blocks_with_holes(z.len(), holes) {
+                acc.push_block(s, &z[a..b], inv_t, a, h, None);
             }
         }
         Some(grad) => {
@@ -91,8 +107,8 @@ fn lse_pass<S: Simd, E: Elem>(
                     stage
                 }
             };
-            for r in blocks_between(z.len(), holes) {
-                let shift = acc.push_block(s, &z[r.clone()], inv_t, Some(&mut out[r]));
+            for (a, b, h) in blocks_with_holes(z.len(), holes) {
+                let shift = acc.push_block(s, &z[a..b], inv_t, a, h, Some(&mut out[a..b]));
                 shifts.push(shift);
             }
         }
@@ -102,25 +118,21 @@ fn lse_pass<S: Simd, E: Elem>(
 
 /// Pass 2: turn the staged blocks into `coef * exp(s_i - lse)` in `grad`.
 #[inline(always)]
-fn scale_pass<S: Simd, E: Elem>(
-    s: S,
-    holes: &[(usize, usize)],
-    coef: f64,
-    lse: f64,
-    grad: &mut [E],
-    sc: &Scratch,
-) {
-    let blocks = blocks_between(grad.len(), holes).zip(&sc.shifts);
+fn scale_pass<S: Simd, E: Elem>(s: S, coef: f64, lse: f64, grad: &mut [E], sc: &Scratch) {
+    let len = grad.len();
+    let blocks = (0..len).step_by(LSE_BLOCK).zip(&sc.shifts);
     if E::IS_F32 {
         if let Some(g) = E::as_f32_mut(grad) {
-            for (r, &shift) in blocks {
-                rescale_in_place(s, &mut g[r], block_factor(coef, shift, lse));
+            for (a, &shift) in blocks {
+                let b = (a + LSE_BLOCK).min(len);
+                scale_in_place(s, &mut g[a..b], block_factor(coef, shift, lse));
             }
         }
     } else {
-        for (r, &shift) in blocks {
+        for (a, &shift) in blocks {
+            let b = (a + LSE_BLOCK).min(len);
             let f = block_factor(coef, shift, lse);
-            rescale_block(s, &sc.stage[r.clone()], f, &mut grad[r]);
+            rescale_block(s, &sc.stage[a..b], f, &mut grad[a..b]);
         }
     }
 }
@@ -267,7 +279,7 @@ impl<E: Elem> Kernel for TopKRow<'_, E> {
                     // factor is 0: nothing flows to the complement.
                     let q_rest = (lse_rest - lse).exp();
                     let coef = (sc.g[k] - g_sum * q_rest) * inv_t;
-                    scale_pass(s, &sc.order, coef, lse_rest, grad, sc);
+                    scale_pass(s, coef, lse_rest, grad, sc);
                     for &(i, j) in &sc.order {
                         let gi = (sc.g[j] - g_sum * sc.lq[j].exp()) * inv_t;
                         grad[i] = E::from_f32(gi as f32);
@@ -399,7 +411,7 @@ impl<E: Elem> Kernel for SampledRow<'_, E> {
             d += w * (log_p - lq);
         }
         if let Some(grad) = grad {
-            scale_pass(s, &[], inv_t, lse, grad, sc);
+            scale_pass(s, inv_t, lse, grad, sc);
             for &(i, j) in &sc.order {
                 let w = counts[j] as f64 / n;
                 let q = (f64::from(z[i].to_f32()) / t - lse).exp();

@@ -1089,3 +1089,32 @@ fn bf16_round_trip() {
         }
     }
 }
+
+#[test]
+fn scale_rows_matches_scalar_products() {
+    let mut rng = Rng(21);
+    let (n, v) = (5, 37);
+    let x: Vec<f32> = (0..n * v).map(|_| rng.range(-3.0, 3.0) as f32).collect();
+    let factors = [0.5f32, 1.0, -2.25, 0.0, 1e-3];
+    let mut g = x.clone();
+    scale_rows(GradOut::F32(&mut g), v, &factors).unwrap();
+    for (i, (&got, &orig)) in g.iter().zip(&x).enumerate() {
+        assert_eq!(got, orig * factors[i / v]);
+    }
+    let mut b = bits(&x);
+    scale_rows(GradOut::Bf16(&mut b), v, &factors).unwrap();
+    let orig = bits(&x);
+    for (i, (&got, &o)) in b.iter().zip(&orig).enumerate() {
+        let want = simd::bf16_bits(f32::from_bits(u32::from(o) << 16) * factors[i / v]);
+        assert_eq!(got, want, "entry {i}");
+    }
+    let mut short = vec![0.0f32; n * v - 1];
+    assert_eq!(
+        err_arg(scale_rows(GradOut::F32(&mut short), v, &factors)),
+        "grad"
+    );
+    assert_eq!(
+        err_arg(scale_rows(GradOut::F32(&mut g), 0, &factors)),
+        "grad"
+    );
+}
