@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -122,11 +121,19 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], z, ids, logprobs) -> tuple[float, f
     return t1 - t0, t2 - t1
 
 
-def time_path(fn, z, ids, logprobs, repeats: int) -> tuple[float, float]:
-    """Median forward and forward+backward seconds after one warm-up run."""
-    fwd_bwd(fn, z, ids, logprobs)
-    runs = [fwd_bwd(fn, z, ids, logprobs) for _ in range(repeats)]
-    return statistics.median(f for f, _ in runs), statistics.median(f + b for f, b in runs)
+def time_paths(
+    fns: dict[str, Callable[..., torch.Tensor]], z, ids, logprobs, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Fastest forward and forward+backward seconds of each path over `repeats` rounds,
+    after one warm-up each. The paths alternate within a round, so that load from other
+    processes falls on all of them alike; the minimum is the least disturbed run."""
+    for fn in fns.values():
+        fwd_bwd(fn, z, ids, logprobs)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(fwd_bwd(fn, z, ids, logprobs))
+    return {name: (min(f for f, _ in r), min(f + b for f, b in r)) for name, r in runs.items()}
 
 
 def copy_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
@@ -222,7 +229,7 @@ def fmt_ms(seconds: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small configuration")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--probe", nargs=4, metavar=("PATH", "V", "DTYPE", "THREADS"))
     args = parser.parse_args()
@@ -236,6 +243,7 @@ def main() -> None:
     thread_counts = sorted({1, all_threads})
     vocabs = (4096,) if args.quick else VOCABS
     print(f"machine: {machine()}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print(f"N = {N_ROWS} rows, K = {K}, forward KL, bucket tail, values.mean().backward()")
     bandwidth = {t: copy_bandwidth(t) for t in thread_counts}
     for t, bw in bandwidth.items():
@@ -254,11 +262,13 @@ def main() -> None:
             z, ids, logprobs = make_inputs(N_ROWS, v, K, dtype)
             for threads in thread_counts:
                 set_threads(threads)
-                _, ref = time_path(torch_ref, z, ids, logprobs, args.repeats)
-                lc = None
+                fns = {"torch_ref": torch_ref, "rust": rust}
                 if lc_losses is not None:
-                    _, lc = time_path(lc_torch, z, ids, logprobs, args.repeats)
-                rust_fwd, rust_total = time_path(rust, z, ids, logprobs, args.repeats)
+                    fns["lc_torch"] = lc_torch
+                times = time_paths(fns, z, ids, logprobs, args.repeats)
+                ref = times["torch_ref"][1]
+                lc = times["lc_torch"][1] if "lc_torch" in times else None
+                rust_fwd, rust_total = times["rust"]
                 roofline = 2 * z.numel() * z.element_size() / bandwidth[threads]
                 mem_ref = mem_lc = mem_rust = "n/a"
                 if not args.no_memory:
@@ -276,6 +286,7 @@ def main() -> None:
                 )
             del z, ids, logprobs
             gc.collect()
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
