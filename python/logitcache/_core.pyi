@@ -1,6 +1,7 @@
 """Type stubs of the Rust extension module. Only logitcache's own modules import it."""
 
 import numpy as np
+from numpy.typing import NDArray
 
 __version__: str
 
@@ -82,3 +83,50 @@ class Store:
     def read_batch(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]: ...
 
 def verify(path: str) -> dict[str, object]: ...
+
+# Loss kernels (python/logitcache/_loss_kernels.py is their only user). Arrays are zero-copy
+# numpy views of contiguous CPU tensors; bfloat16 arrays are uint16 views of their bits.
+# Results are written into `values` ([N] float32) and, when not None, `grad` (the dtype and
+# shape of `student_logits`). Bad arguments raise ValueError naming them.
+def sparse_kd(
+    student_logits: NDArray[np.float32] | NDArray[np.uint16],
+    ids: NDArray[np.int64],
+    logprobs: NDArray[np.float32],
+    valid: NDArray[np.bool_],
+    values: NDArray[np.float32],
+    grad: NDArray[np.float32] | NDArray[np.uint16] | None,
+    *,
+    divergence: str,
+    tail: str,
+    temperature: float,
+    teacher_temperature: float,
+    beta: float,
+    alpha: float,
+) -> None: ...
+def sampled_kd(
+    student_logits: NDArray[np.float32] | NDArray[np.uint16],
+    ids: NDArray[np.int64],
+    counts: NDArray[np.int64],
+    logprobs: NDArray[np.float32] | None,
+    valid: NDArray[np.bool_],
+    values: NDArray[np.float32],
+    grad: NDArray[np.float32] | NDArray[np.uint16] | None,
+    *,
+    temperature: float,
+    teacher_temperature: float,
+) -> None: ...
+def dense_kd(
+    student_logits: NDArray[np.float32] | NDArray[np.uint16],
+    teacher_logits: NDArray[np.float32] | NDArray[np.uint16],
+    valid: NDArray[np.bool_],
+    values: NDArray[np.float32],
+    grad: NDArray[np.float32] | NDArray[np.uint16] | None,
+    *,
+    divergence: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+) -> None: ...
+def scale_rows(
+    grad: NDArray[np.float32] | NDArray[np.uint16], factors: NDArray[np.float32]
+) -> None: ...

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod error;
 pub mod format;
+pub mod kernels;
 pub mod manifest;
 pub mod reader;
 pub mod record;
