@@ -93,11 +93,8 @@ fn terms<S: Simd>(s: S, div: Div32, lp: S::F, lq: S::F) -> (S::F, S::F, S::F) {
             let ok = s.gt(s.select(q_pos, m, zero), zero);
             let r = s.sub(lq, ln(s, m));
             let d = s.select(ok, s.mul(q, r), zero);
-            let g = s.select(
-                ok,
-                s.mul(q, s.sub(s.add(r, s.splat(1.0)), s.div(s.mul(a, q), m))),
-                zero,
-            );
+            let g =
+                s.select(ok, s.mul(q, s.sub(s.add(r, s.splat(1.0)), s.div(s.mul(a, q), m))), zero);
             (d, g)
         }
         Div32::Tvd => {
@@ -208,14 +205,7 @@ impl<E: Elem, T: Elem> Kernel for DenseRow<'_, E, T> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Result<f64> {
-        let DenseRow {
-            row,
-            z,
-            t,
-            grad,
-            divergence,
-            temperature,
-        } = self;
+        let DenseRow { row, z, t, grad, divergence, temperature } = self;
         let inv_t = (1.0 / temperature) as f32;
         let mut lse_s = OnlineLse::new();
         lse_s.push(s, z, inv_t);

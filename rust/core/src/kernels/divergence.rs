@@ -46,24 +46,14 @@ pub enum Divergence {
 }
 
 /// Names accepted by [`Divergence::parse`].
-pub const DIVERGENCE_NAMES: [&str; 7] = [
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "jeffreys",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "tvd",
-];
+pub const DIVERGENCE_NAMES: [&str; 7] =
+    ["forward_kl", "reverse_kl", "jsd", "jeffreys", "skew_forward_kl", "skew_reverse_kl", "tvd"];
 
 fn open_unit(arg: &str, x: f64) -> Result<f64> {
     if x > 0.0 && x < 1.0 {
         Ok(x)
     } else {
-        Err(Error::invalid_argument(
-            arg,
-            format!("must be in the open interval (0, 1), got {x}"),
-        ))
+        Err(Error::invalid_argument(arg, format!("must be in the open interval (0, 1), got {x}")))
     }
 }
 
@@ -74,16 +64,10 @@ impl Divergence {
         Ok(match name {
             "forward_kl" => Divergence::ForwardKl,
             "reverse_kl" => Divergence::ReverseKl,
-            "jsd" => Divergence::Jsd {
-                beta: open_unit("beta", beta)?,
-            },
+            "jsd" => Divergence::Jsd { beta: open_unit("beta", beta)? },
             "jeffreys" => Divergence::Jeffreys,
-            "skew_forward_kl" => Divergence::SkewForwardKl {
-                alpha: open_unit("alpha", alpha)?,
-            },
-            "skew_reverse_kl" => Divergence::SkewReverseKl {
-                alpha: open_unit("alpha", alpha)?,
-            },
+            "skew_forward_kl" => Divergence::SkewForwardKl { alpha: open_unit("alpha", alpha)? },
+            "skew_reverse_kl" => Divergence::SkewReverseKl { alpha: open_unit("alpha", alpha)? },
             "tvd" => Divergence::Tvd,
             other => {
                 return Err(Error::invalid_argument(
@@ -163,20 +147,12 @@ pub(crate) fn outcome_term(div: Divergence, p: f64, lq: f64) -> (f64, f64) {
 
 #[inline]
 fn forward(p: f64, lp: f64, lq: f64) -> (f64, f64) {
-    if p > 0.0 {
-        (p * (lp - lq), -p)
-    } else {
-        (0.0, 0.0)
-    }
+    if p > 0.0 { (p * (lp - lq), -p) } else { (0.0, 0.0) }
 }
 
 #[inline]
 fn reverse(lp: f64, q: f64, lq: f64) -> (f64, f64) {
-    if q > 0.0 {
-        (q * (lq - lp), q * (lq - lp + 1.0))
-    } else {
-        (0.0, 0.0)
-    }
+    if q > 0.0 { (q * (lq - lp), q * (lq - lp + 1.0)) } else { (0.0, 0.0) }
 }
 
 /// `D` and, in `g`, `dD/d log Q_k` for the outcomes `(p[k], lq[k])`; returns `(D, sum g)`.

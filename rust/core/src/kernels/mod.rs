@@ -68,10 +68,7 @@ fn check_temperature(arg: &str, t: f64) -> Result<()> {
     if t.is_finite() && t > 0.0 {
         Ok(())
     } else {
-        Err(Error::invalid_argument(
-            arg,
-            format!("must be a finite number > 0, got {t}"),
-        ))
+        Err(Error::invalid_argument(arg, format!("must be a finite number > 0, got {t}")))
     }
 }
 
@@ -87,10 +84,7 @@ fn check_len(arg: &str, len: usize, rows: usize, cols: usize, what: &str) -> Res
 
 fn check_cols(arg: &str, cols: usize, what: &str) -> Result<()> {
     if cols == 0 {
-        Err(Error::invalid_argument(
-            arg,
-            format!("needs at least one column ({what})"),
-        ))
+        Err(Error::invalid_argument(arg, format!("needs at least one column ({what})")))
     } else {
         Ok(())
     }
@@ -152,9 +146,7 @@ where
             .zip(grad.par_chunks_mut(vocab))
             .enumerate()
             .with_min_len(min_len)
-            .map_init(Scratch::default, |sc, (row, (val, g))| {
-                one(sc, row, val, Some(g))
-            })
+            .map_init(Scratch::default, |sc, (row, (val, g))| one(sc, row, val, Some(g)))
             .flatten()
             .min_by_key(|(row, _)| *row),
         None => values
@@ -178,10 +170,7 @@ fn check_grad(grad: &Option<GradOut<'_>>, student: &Logits<'_>) -> Result<()> {
             (GradOut::F32(_), Logits::F32(_)) | (GradOut::Bf16(_), Logits::Bf16(_))
         );
         if !same_dtype {
-            return Err(Error::invalid_argument(
-                "grad",
-                "must have the dtype of student_logits",
-            ));
+            return Err(Error::invalid_argument("grad", "must have the dtype of student_logits"));
         }
         if g.len() != student.len() {
             return Err(Error::invalid_argument(
@@ -347,31 +336,13 @@ pub fn sampled_kd(
     }
     let t = temperature;
     match (student, grad) {
-        (Logits::F32(z), Some(GradOut::F32(g))) => go(
-            z,
-            vocab,
-            ids,
-            counts,
-            logprobs,
-            m,
-            valid,
-            t,
-            values,
-            Some(g),
-        ),
+        (Logits::F32(z), Some(GradOut::F32(g))) => {
+            go(z, vocab, ids, counts, logprobs, m, valid, t, values, Some(g))
+        }
         (Logits::F32(z), _) => go(z, vocab, ids, counts, logprobs, m, valid, t, values, None),
-        (Logits::Bf16(z), Some(GradOut::Bf16(g))) => go(
-            z,
-            vocab,
-            ids,
-            counts,
-            logprobs,
-            m,
-            valid,
-            t,
-            values,
-            Some(g),
-        ),
+        (Logits::Bf16(z), Some(GradOut::Bf16(g))) => {
+            go(z, vocab, ids, counts, logprobs, m, valid, t, values, Some(g))
+        }
         (Logits::Bf16(z), _) => go(z, vocab, ids, counts, logprobs, m, valid, t, values, None),
     }
 }
@@ -411,13 +382,7 @@ pub fn dense_kd(
             ),
         ));
     }
-    check_len(
-        "teacher_logits",
-        teacher.len(),
-        n,
-        teacher_vocab,
-        "the teacher vocabulary",
-    )?;
+    check_len("teacher_logits", teacher.len(), n, teacher_vocab, "the teacher vocabulary")?;
     check_len("values", values.len(), n, 1, "one value")?;
     check_grad(&grad, &student)?;
     check_temperature("temperature", config.temperature)?;
@@ -499,14 +464,13 @@ pub fn scale_rows(grad: GradOut<'_>, vocab: usize, factors: &[f32]) -> Result<()
     fn go<E: Elem>(grad: &mut [E], vocab: usize, factors: &[f32]) -> Result<()> {
         let min_len = (MIN_TASK_ELEMS / vocab).max(1);
         threads::install(|| {
-            grad.par_chunks_mut(vocab)
-                .zip(factors.par_iter())
-                .with_min_len(min_len)
-                .for_each(|(row, &factor)| {
+            grad.par_chunks_mut(vocab).zip(factors.par_iter()).with_min_len(min_len).for_each(
+                |(row, &factor)| {
                     if factor != 1.0 {
                         dispatch(ScaleRow { row, factor });
                     }
-                });
+                },
+            );
         })
     }
     match grad {

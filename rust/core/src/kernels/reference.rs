@@ -9,20 +9,9 @@ use super::sparse::Tail;
 /// One row's teacher target.
 #[derive(Clone, Debug)]
 pub(crate) enum Target {
-    TopK {
-        ids: Vec<usize>,
-        logprobs: Vec<f64>,
-        tail: Tail,
-        teacher_temperature: f64,
-    },
-    Dense {
-        logits: Vec<f64>,
-    },
-    Sampled {
-        ids: Vec<i64>,
-        counts: Vec<i64>,
-        logprobs: Option<Vec<f64>>,
-    },
+    TopK { ids: Vec<usize>, logprobs: Vec<f64>, tail: Tail, teacher_temperature: f64 },
+    Dense { logits: Vec<f64> },
+    Sampled { ids: Vec<i64>, counts: Vec<i64>, logprobs: Option<Vec<f64>> },
 }
 
 fn log_softmax(x: &[f64]) -> Vec<f64> {
@@ -32,25 +21,16 @@ fn log_softmax(x: &[f64]) -> Vec<f64> {
 }
 
 fn xlogy_floor(p: f64) -> f64 {
-    if p > 0.0 {
-        p * p.max(PROB_FLOOR).ln()
-    } else {
-        0.0
-    }
+    if p > 0.0 { p * p.max(PROB_FLOOR).ln() } else { 0.0 }
 }
 
 /// `sum a * lb` over the entries where `a > 0`.
 fn plogq(a: &[f64], lb: &[f64]) -> f64 {
-    a.iter()
-        .zip(lb)
-        .map(|(&x, &l)| if x > 0.0 { x * l } else { 0.0 })
-        .sum()
+    a.iter().zip(lb).map(|(&x, &l)| if x > 0.0 { x * l } else { 0.0 }).sum()
 }
 
 fn log_or_zero(m: &[f64]) -> Vec<f64> {
-    m.iter()
-        .map(|&x| if x > 0.0 { x.ln() } else { 0.0 })
-        .collect()
+    m.iter().map(|&x| if x > 0.0 { x.ln() } else { 0.0 }).collect()
 }
 
 /// `D(P, Q)` from the definitions.
@@ -64,11 +44,8 @@ pub(crate) fn divergence_between(p: &[f64], lq: &[f64], div: Divergence) -> f64 
             plogq(&q, lq) - plogq(&q, &lpf)
         }
         Divergence::Jsd { beta } => {
-            let m: Vec<f64> = p
-                .iter()
-                .zip(&q)
-                .map(|(&a, &b)| beta * a + (1.0 - beta) * b)
-                .collect();
+            let m: Vec<f64> =
+                p.iter().zip(&q).map(|(&a, &b)| beta * a + (1.0 - beta) * b).collect();
             let lm = log_or_zero(&m);
             beta * (p_logp - plogq(p, &lm)) + (1.0 - beta) * (plogq(&q, lq) - plogq(&q, &lm))
         }
@@ -77,19 +54,13 @@ pub(crate) fn divergence_between(p: &[f64], lq: &[f64], div: Divergence) -> f64 
                 + 0.5 * divergence_between(p, lq, Divergence::ReverseKl)
         }
         Divergence::SkewForwardKl { alpha } => {
-            let m: Vec<f64> = p
-                .iter()
-                .zip(&q)
-                .map(|(&a, &b)| alpha * a + (1.0 - alpha) * b)
-                .collect();
+            let m: Vec<f64> =
+                p.iter().zip(&q).map(|(&a, &b)| alpha * a + (1.0 - alpha) * b).collect();
             p_logp - plogq(p, &log_or_zero(&m))
         }
         Divergence::SkewReverseKl { alpha } => {
-            let m: Vec<f64> = p
-                .iter()
-                .zip(&q)
-                .map(|(&a, &b)| (1.0 - alpha) * a + alpha * b)
-                .collect();
+            let m: Vec<f64> =
+                p.iter().zip(&q).map(|(&a, &b)| (1.0 - alpha) * a + alpha * b).collect();
             plogq(&q, lq) - plogq(&q, &log_or_zero(&m))
         }
         Divergence::Tvd => 0.5 * p.iter().zip(&q).map(|(a, b)| (a - b).abs()).sum::<f64>(),
@@ -110,33 +81,19 @@ pub(crate) fn distributions(z: &[f64], target: &Target, temperature: f64) -> (Ve
             (p, lq_full)
         }
         Target::Sampled { .. } => (Vec::new(), Vec::new()),
-        Target::TopK {
-            ids,
-            logprobs,
-            tail: Tail::Renormalize,
-            teacher_temperature,
-        } => {
-            let scaled: Vec<f64> = logprobs
-                .iter()
-                .map(|l| l * teacher_temperature / temperature)
-                .collect();
+        Target::TopK { ids, logprobs, tail: Tail::Renormalize, teacher_temperature } => {
+            let scaled: Vec<f64> =
+                logprobs.iter().map(|l| l * teacher_temperature / temperature).collect();
             let p: Vec<f64> = log_softmax(&scaled).iter().map(|l| l.exp()).collect();
             let lq = log_softmax(&ids.iter().map(|&i| s[i]).collect::<Vec<_>>());
             (p, lq)
         }
-        Target::TopK {
-            ids,
-            logprobs,
-            tail: Tail::Bucket,
-            ..
-        } => {
+        Target::TopK { ids, logprobs, tail: Tail::Bucket, .. } => {
             let mut p: Vec<f64> = logprobs.iter().map(|l| l.exp()).collect();
             p.push((1.0 - p.iter().sum::<f64>()).max(0.0));
             let mut lq: Vec<f64> = ids.iter().map(|&i| lq_full[i]).collect();
-            let rest: Vec<f64> = (0..z.len())
-                .filter(|i| !ids.contains(i))
-                .map(|i| lq_full[i])
-                .collect();
+            let rest: Vec<f64> =
+                (0..z.len()).filter(|i| !ids.contains(i)).map(|i| lq_full[i]).collect();
             let m = rest.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             lq.push(if m == f64::NEG_INFINITY {
                 m
@@ -150,12 +107,7 @@ pub(crate) fn distributions(z: &[f64], target: &Target, temperature: f64) -> (Ve
 
 /// The per-row loss in f64.
 pub(crate) fn loss(z: &[f64], target: &Target, div: Divergence, temperature: f64) -> f64 {
-    if let Target::Sampled {
-        ids,
-        counts,
-        logprobs,
-    } = target
-    {
+    if let Target::Sampled { ids, counts, logprobs } = target {
         let lq_full = log_softmax(&z.iter().map(|v| v / temperature).collect::<Vec<_>>());
         let n: i64 = counts.iter().filter(|&&c| c > 0).sum();
         let mut d = 0.0;
@@ -195,8 +147,5 @@ pub(crate) fn grad_fd(z: &[f64], target: &Target, div: Divergence, temperature: 
 /// difference across a kink means nothing.
 pub(crate) fn min_gap_pq(z: &[f64], target: &Target, temperature: f64) -> f64 {
     let (p, lq) = distributions(z, target, temperature);
-    p.iter()
-        .zip(&lq)
-        .map(|(a, l)| (a - l.exp()).abs())
-        .fold(f64::INFINITY, f64::min)
+    p.iter().zip(&lq).map(|(a, l)| (a - l.exp()).abs()).fold(f64::INFINITY, f64::min)
 }

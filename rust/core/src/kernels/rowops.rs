@@ -49,10 +49,7 @@ fn load_skipping<S: Simd, E: Elem>(
 
 impl OnlineLse {
     pub(crate) fn new() -> Self {
-        OnlineLse {
-            max: f32::NEG_INFINITY,
-            sum: 0.0,
-        }
+        OnlineLse { max: f32::NEG_INFINITY, sum: 0.0 }
     }
 
     /// Add the values `x * inv_t` (`inv_t > 0`).
@@ -159,21 +156,13 @@ impl OnlineLse {
     }
 
     fn shift(&self) -> f32 {
-        if self.max == f32::NEG_INFINITY {
-            0.0
-        } else {
-            self.max
-        }
+        if self.max == f32::NEG_INFINITY { 0.0 } else { self.max }
     }
 
     /// The log-sum-exp: -inf when every value is -inf (or none was pushed), NaN when a value
     /// is NaN or +inf.
     pub(crate) fn lse(&self) -> f64 {
-        if self.sum == 0.0 {
-            f64::NEG_INFINITY
-        } else {
-            f64::from(self.shift()) + self.sum.ln()
-        }
+        if self.sum == 0.0 { f64::NEG_INFINITY } else { f64::from(self.shift()) + self.sum.ln() }
     }
 }
 
@@ -184,11 +173,7 @@ pub(crate) const LSE_BLOCK: usize = BLOCK;
 /// `coef * exp(x * inv_t - lse)`; 0 for a block whose shift is -inf (all its values are -inf).
 #[inline(always)]
 pub(crate) fn block_factor(coef: f64, shift: f32, lse: f64) -> f32 {
-    if shift == f32::NEG_INFINITY {
-        0.0
-    } else {
-        (coef * (f64::from(shift) - lse).exp()) as f32
-    }
+    if shift == f32::NEG_INFINITY { 0.0 } else { (coef * (f64::from(shift) - lse).exp()) as f32 }
 }
 
 /// `dst[i] = factor * src[i]`, converted to `E` (`src` and `dst` have the same length).
@@ -262,10 +247,7 @@ pub(crate) fn logaddexp(a: f64, b: f64) -> f64 {
 /// are invalid arguments.
 pub(crate) fn check_row_lse(lse: f64, arg: &str, row: usize) -> Result<()> {
     if lse.is_nan() || lse == f64::INFINITY {
-        Err(Error::invalid_argument(
-            arg,
-            format!("row {row} contains NaN or +inf"),
-        ))
+        Err(Error::invalid_argument(arg, format!("row {row} contains NaN or +inf")))
     } else if lse == f64::NEG_INFINITY {
         Err(Error::invalid_argument(
             arg,

@@ -176,11 +176,7 @@ pub(crate) fn ln<S: Simd>(s: S, x: S::F) -> S::F {
     let y = s.add(s.mul_add(e, s.splat(LN2_HI), s.add(u, u)), small);
     // Special inputs: x <= 0 or NaN, and +inf.
     let nonpositive = s.not_lt(s.splat(0.0), x);
-    let special = s.select(
-        s.eq(x, s.splat(0.0)),
-        s.splat(f32::NEG_INFINITY),
-        s.splat(f32::NAN),
-    );
+    let special = s.select(s.eq(x, s.splat(0.0)), s.splat(f32::NEG_INFINITY), s.splat(f32::NAN));
     let y = s.select(nonpositive, special, y);
     s.select(s.eq(x, s.splat(f32::INFINITY)), x, y)
 }

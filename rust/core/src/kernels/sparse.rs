@@ -225,15 +225,7 @@ impl<E: Elem> Kernel for TopKRow<'_, E> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Result<f64> {
-        let TopKRow {
-            row,
-            z,
-            ids,
-            logprobs,
-            grad,
-            settings,
-            scratch: sc,
-        } = self;
+        let TopKRow { row, z, ids, logprobs, grad, settings, scratch: sc } = self;
         let k = ids.len();
         sorted_ids(ids, 0..k, z.len(), row, &mut sc.order)?;
         for (j, &lp) in logprobs.iter().enumerate() {
@@ -354,16 +346,7 @@ impl<E: Elem> Kernel for SampledRow<'_, E> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Result<f64> {
-        let SampledRow {
-            row,
-            z,
-            ids,
-            counts,
-            logprobs,
-            grad,
-            temperature: t,
-            scratch: sc,
-        } = self;
+        let SampledRow { row, z, ids, counts, logprobs, grad, temperature: t, scratch: sc } = self;
         let mut total: u128 = 0;
         for (j, &c) in counts.iter().enumerate() {
             if c < 0 {
@@ -388,15 +371,8 @@ impl<E: Elem> Kernel for SampledRow<'_, E> {
 
         let inv_t = 1.0 / t;
         let mut grad = grad;
-        let lse = lse_pass(
-            s,
-            z,
-            &[],
-            inv_t as f32,
-            grad.as_deref_mut(),
-            &mut sc.shifts,
-            &mut sc.stage,
-        );
+        let lse =
+            lse_pass(s, z, &[], inv_t as f32, grad.as_deref_mut(), &mut sc.shifts, &mut sc.stage);
         check_row_lse(lse, "student_logits", row)?;
 
         let n = total as f64;

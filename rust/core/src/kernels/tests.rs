@@ -56,10 +56,7 @@ impl Rng {
 fn all_divergences(rng: &mut Rng) -> Vec<Divergence> {
     let beta = rng.range(0.05, 0.95);
     let alpha = rng.range(0.05, 0.95);
-    DIVERGENCE_NAMES
-        .iter()
-        .map(|name| Divergence::parse(name, beta, alpha).unwrap())
-        .collect()
+    DIVERGENCE_NAMES.iter().map(|name| Divergence::parse(name, beta, alpha).unwrap()).collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -123,10 +120,7 @@ impl Buf {
     fn to_f32(&self) -> Vec<f32> {
         match self {
             Buf::F32(x) => x.clone(),
-            Buf::Bf16(x) => x
-                .iter()
-                .map(|&b| f32::from_bits(u32::from(b) << 16))
-                .collect(),
+            Buf::Bf16(x) => x.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect(),
         }
     }
 }
@@ -183,11 +177,7 @@ fn topk_case(seed: u64, max_v: usize) -> TopKCase {
         let keep = order.get(k).copied();
         for i in 0..v {
             let masked = !top.contains(&i) && Some(i) != keep && rng.chance(0.15);
-            z.push(if masked {
-                f32::NEG_INFINITY
-            } else {
-                rng.range(-8.0, 8.0) as f32
-            });
+            z.push(if masked { f32::NEG_INFINITY } else { rng.range(-8.0, 8.0) as f32 });
         }
         if row_valid {
             ids.extend(top.iter().map(|&i| i as i64));
@@ -198,15 +188,7 @@ fn topk_case(seed: u64, max_v: usize) -> TopKCase {
             logprobs.extend((0..k).map(|_| f32::NAN));
         }
     }
-    TopKCase {
-        n,
-        v,
-        k,
-        z,
-        ids,
-        logprobs,
-        valid,
-    }
+    TopKCase { n, v, k, z, ids, logprobs, valid }
 }
 
 fn run_sparse(
@@ -220,21 +202,8 @@ fn run_sparse(
     let mut grad = Buf::zeros(dtype, c.n * c.v);
     let mut values = vec![f32::NAN; c.n];
     let g = if with_grad { Some(grad.grad()) } else { None };
-    sparse_kd(
-        student.logits(),
-        c.v,
-        &c.ids,
-        &c.logprobs,
-        c.k,
-        &c.valid,
-        config,
-        &mut values,
-        g,
-    )?;
-    Ok(Out {
-        values,
-        grad: grad.to_f32(),
-    })
+    sparse_kd(student.logits(), c.v, &c.ids, &c.logprobs, c.k, &c.valid, config, &mut values, g)?;
+    Ok(Out { values, grad: grad.to_f32() })
 }
 
 fn grad_rtol(dtype: Dtype) -> f64 {
@@ -259,36 +228,21 @@ fn check_rows(
     temperature: f64,
 ) {
     for r in 0..n {
-        let zr: Vec<f64> = z[r * v..(r + 1) * v]
-            .iter()
-            .map(|&x| f64::from(x))
-            .collect();
+        let zr: Vec<f64> = z[r * v..(r + 1) * v].iter().map(|&x| f64::from(x)).collect();
         let got_g = &out.grad[r * v..(r + 1) * v];
         if !valid[r] {
             assert_eq!(out.values[r], 0.0, "{what}: invalid row {r} value");
-            assert!(
-                got_g.iter().all(|&g| g == 0.0),
-                "{what}: invalid row {r} grad"
-            );
+            assert!(got_g.iter().all(|&g| g == 0.0), "{what}: invalid row {r} grad");
             continue;
         }
         let target = target_of(r);
         let want = reference::loss(&zr, &target, div, temperature);
-        assert_close(
-            &format!("{what} row {r} value"),
-            f64::from(out.values[r]),
-            want,
-            1e-5,
-            2e-5,
-        );
+        assert_close(&format!("{what} row {r} value"), f64::from(out.values[r]), want, 1e-5, 2e-5);
         // An infinite loss (a teacher outcome the student gives probability 0, e.g. a rest
         // bucket with rounding mass when K == V) has no finite difference; its gradient must
         // still be finite.
         if !want.is_finite() {
-            assert!(
-                got_g.iter().all(|g| g.is_finite()),
-                "{what} row {r}: grad not finite"
-            );
+            assert!(got_g.iter().all(|g| g.is_finite()), "{what} row {r}: grad not finite");
             continue;
         }
         if div == Divergence::Tvd && reference::min_gap_pq(&zr, &target, temperature) < 1e-3 {
@@ -499,11 +453,7 @@ fn long_rows_match_reference() {
             logprobs: logprobs.clone(),
             valid: vec![true],
         };
-        let config = SparseKdConfig {
-            divergence: div,
-            tail,
-            ..fwd_bucket()
-        };
+        let config = SparseKdConfig { divergence: div, tail, ..fwd_bucket() };
         let out = run_sparse(&c, Dtype::F32, &z, &config, true).unwrap();
         let target = Target::TopK {
             ids: ids.clone(),
@@ -522,13 +472,7 @@ fn long_rows_match_reference() {
             x[i] -= 2.0 * h;
             let down = reference::loss(&x, &target, div, 1.0);
             let fd = (up - down) / (2.0 * h);
-            assert_close(
-                &format!("long row grad[{i}]"),
-                f64::from(out.grad[i]),
-                fd,
-                1e-7,
-                1e-4,
-            );
+            assert_close(&format!("long row grad[{i}]"), f64::from(out.grad[i]), fd, 1e-7, 1e-4);
         }
         assert!(out.grad[5000..5400].iter().all(|&g| g == 0.0));
     }
@@ -597,22 +541,10 @@ fn portable_and_dispatched_agree() {
             };
             results.push((d, grad));
         }
-        assert_close(
-            "portable dense value",
-            results[1].0,
-            results[0].0,
-            1e-6,
-            1e-5,
-        );
+        assert_close("portable dense value", results[1].0, results[0].0, 1e-6, 1e-5);
         for i in 0..v {
             let (a, b) = (results[0].1[i], results[1].1[i]);
-            assert_close(
-                "portable dense grad",
-                f64::from(b),
-                f64::from(a),
-                1e-8,
-                1e-5,
-            );
+            assert_close("portable dense grad", f64::from(b), f64::from(a), 1e-8, 1e-5);
         }
     }
 }
@@ -629,15 +561,7 @@ fn thread_count_does_not_change_results() {
     }
     let logprobs: Vec<f32> = (0..n * k).map(|j| -1.0 - (j % k) as f32 * 0.2).collect();
     let valid: Vec<bool> = (0..n).map(|r| r % 7 != 3).collect();
-    let c = TopKCase {
-        n,
-        v,
-        k,
-        z: z.clone(),
-        ids,
-        logprobs,
-        valid,
-    };
+    let c = TopKCase { n, v, k, z: z.clone(), ids, logprobs, valid };
     let mut runs = Vec::new();
     for threads_n in [1, 2, 3] {
         crate::threads::set_num_threads(threads_n).unwrap();
@@ -647,11 +571,7 @@ fn thread_count_does_not_change_results() {
     for out in &runs[1..] {
         assert_eq!(
             out.values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            runs[0]
-                .values
-                .iter()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>()
+            runs[0].values.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         );
         assert_eq!(
             out.grad.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
@@ -675,10 +595,7 @@ fn topk_edge_cases() {
         valid: vec![true],
     };
     for div in all_divergences(&mut Rng(5)) {
-        let config = SparseKdConfig {
-            divergence: div,
-            ..fwd_bucket()
-        };
+        let config = SparseKdConfig { divergence: div, ..fwd_bucket() };
         let out = run_sparse(&c, Dtype::F32, &z, &config, true).unwrap();
         let zr: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
         let target = Target::TopK {
@@ -746,14 +663,8 @@ fn bad_sparse_arguments_name_the_argument() {
     assert_eq!(err_arg(call(&z, &[1, 4, 0, 1], &lp, 2, &ok)), "ids");
     assert_eq!(err_arg(call(&z, &[1, -1, 0, 1], &lp, 2, &ok)), "ids");
     assert_eq!(err_arg(call(&z, &[1, 2, 3, 3], &lp, 2, &ok)), "ids");
-    assert_eq!(
-        err_arg(call(&z, &ids, &[-1.0, f32::NAN, -1.0, -1.0], 2, &ok)),
-        "logprobs"
-    );
-    assert_eq!(
-        err_arg(call(&z, &ids, &[-1.0, f32::INFINITY, -1.0, -1.0], 2, &ok)),
-        "logprobs"
-    );
+    assert_eq!(err_arg(call(&z, &ids, &[-1.0, f32::NAN, -1.0, -1.0], 2, &ok)), "logprobs");
+    assert_eq!(err_arg(call(&z, &ids, &[-1.0, f32::INFINITY, -1.0, -1.0], 2, &ok)), "logprobs");
     let mut nan_z = z.clone();
     nan_z[6] = f32::NAN;
     assert_eq!(err_arg(call(&nan_z, &ids, &lp, 2, &ok)), "student_logits");
@@ -761,38 +672,16 @@ fn bad_sparse_arguments_name_the_argument() {
     inf_z[1] = f32::INFINITY;
     assert_eq!(err_arg(call(&inf_z, &ids, &lp, 2, &ok)), "student_logits");
     let all_masked = vec![f32::NEG_INFINITY; 8];
-    assert_eq!(
-        err_arg(call(&all_masked, &ids, &lp, 2, &ok)),
-        "student_logits"
-    );
-    let renorm = SparseKdConfig {
-        tail: Tail::Renormalize,
-        ..ok
-    };
-    assert_eq!(
-        err_arg(call(&nan_z, &ids, &lp, 2, &renorm)),
-        "student_logits"
-    );
-    assert_eq!(
-        err_arg(call(&z, &ids, &[f32::NEG_INFINITY; 4], 2, &renorm)),
-        "logprobs"
-    );
-    let hot = SparseKdConfig {
-        temperature: 2.0,
-        ..ok
-    };
+    assert_eq!(err_arg(call(&all_masked, &ids, &lp, 2, &ok)), "student_logits");
+    let renorm = SparseKdConfig { tail: Tail::Renormalize, ..ok };
+    assert_eq!(err_arg(call(&nan_z, &ids, &lp, 2, &renorm)), "student_logits");
+    assert_eq!(err_arg(call(&z, &ids, &[f32::NEG_INFINITY; 4], 2, &renorm)), "logprobs");
+    let hot = SparseKdConfig { temperature: 2.0, ..ok };
     assert_eq!(err_arg(call(&z, &ids, &lp, 2, &hot)), "temperature");
     for bad_t in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-        let c = SparseKdConfig {
-            temperature: bad_t,
-            teacher_temperature: bad_t,
-            ..renorm
-        };
+        let c = SparseKdConfig { temperature: bad_t, teacher_temperature: bad_t, ..renorm };
         assert_eq!(err_arg(call(&z, &ids, &lp, 2, &c)), "temperature");
-        let c = SparseKdConfig {
-            teacher_temperature: bad_t,
-            ..renorm
-        };
+        let c = SparseKdConfig { teacher_temperature: bad_t, ..renorm };
         assert_eq!(err_arg(call(&z, &ids, &lp, 2, &c)), "teacher_temperature");
     }
     // The grad buffer must match the student logits.
@@ -833,24 +722,12 @@ fn bad_sparse_arguments_name_the_argument() {
 
 #[test]
 fn bad_names_and_parameters() {
-    assert_eq!(
-        err_arg(Divergence::parse("kl", 0.5, 0.1).map(|_| ())),
-        "divergence"
-    );
+    assert_eq!(err_arg(Divergence::parse("kl", 0.5, 0.1).map(|_| ())), "divergence");
     assert_eq!(err_arg(Tail::parse("drop").map(|_| ())), "tail");
     for bad in [0.0, 1.0, -0.5, f64::NAN] {
-        assert_eq!(
-            err_arg(Divergence::parse("jsd", bad, 0.1).map(|_| ())),
-            "beta"
-        );
-        assert_eq!(
-            err_arg(Divergence::parse("skew_forward_kl", 0.5, bad).map(|_| ())),
-            "alpha"
-        );
-        assert_eq!(
-            err_arg(Divergence::parse("skew_reverse_kl", 0.5, bad).map(|_| ())),
-            "alpha"
-        );
+        assert_eq!(err_arg(Divergence::parse("jsd", bad, 0.1).map(|_| ())), "beta");
+        assert_eq!(err_arg(Divergence::parse("skew_forward_kl", 0.5, bad).map(|_| ())), "alpha");
+        assert_eq!(err_arg(Divergence::parse("skew_reverse_kl", 0.5, bad).map(|_| ())), "alpha");
         // Parameters of other divergences are not read.
         assert!(Divergence::parse("forward_kl", bad, bad).is_ok());
     }
@@ -885,27 +762,12 @@ fn bad_sampled_arguments_name_the_argument() {
     assert_eq!(err_arg(call(&ids[..3], &counts, None, 1.0, 1.0)), "ids");
     assert_eq!(err_arg(call(&ids, &counts[..3], None, 1.0, 1.0)), "counts");
     assert_eq!(err_arg(call(&ids, &[3, 0, 0, 0], None, 1.0, 1.0)), "counts");
-    assert_eq!(
-        err_arg(call(&ids, &[3, -1, 1, 1], None, 1.0, 1.0)),
-        "counts"
-    );
-    assert_eq!(
-        err_arg(call(&[0, -1, 4, 3], &counts, None, 1.0, 1.0)),
-        "ids"
-    );
-    assert_eq!(
-        err_arg(call(&[0, -1, 3, 3], &counts, None, 1.0, 1.0)),
-        "ids"
-    );
-    assert_eq!(
-        err_arg(call(&ids, &counts, Some(&[-1.0; 3]), 1.0, 1.0)),
-        "logprobs"
-    );
+    assert_eq!(err_arg(call(&ids, &[3, -1, 1, 1], None, 1.0, 1.0)), "counts");
+    assert_eq!(err_arg(call(&[0, -1, 4, 3], &counts, None, 1.0, 1.0)), "ids");
+    assert_eq!(err_arg(call(&[0, -1, 3, 3], &counts, None, 1.0, 1.0)), "ids");
+    assert_eq!(err_arg(call(&ids, &counts, Some(&[-1.0; 3]), 1.0, 1.0)), "logprobs");
     let neg_inf = [f32::NEG_INFINITY, -1.0, -1.0, -1.0];
-    assert_eq!(
-        err_arg(call(&ids, &counts, Some(&neg_inf), 1.0, 1.0)),
-        "logprobs"
-    );
+    assert_eq!(err_arg(call(&ids, &counts, Some(&neg_inf), 1.0, 1.0)), "logprobs");
 }
 
 #[test]
@@ -915,10 +777,7 @@ fn bad_dense_arguments_name_the_argument() {
     let call = |t: &[f32], tv: usize| {
         let mut values = vec![0.0; 2];
         let mut grad = vec![0.0; 8];
-        let config = DenseKdConfig {
-            divergence: Divergence::ReverseKl,
-            temperature: 1.0,
-        };
+        let config = DenseKdConfig { divergence: Divergence::ReverseKl, temperature: 1.0 };
         dense_kd(
             Logits::F32(&z),
             4,
@@ -934,10 +793,7 @@ fn bad_dense_arguments_name_the_argument() {
     assert_eq!(err_arg(call(&[0.0; 10], 5)), "teacher_logits");
     assert_eq!(err_arg(call(&[0.0; 5], 3)), "teacher_logits");
     assert_eq!(err_arg(call(&[], 0)), "teacher_logits");
-    assert_eq!(
-        err_arg(call(&[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], 3)),
-        "teacher_logits"
-    );
+    assert_eq!(err_arg(call(&[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], 3)), "teacher_logits");
     assert_eq!(err_arg(call(&[f32::NEG_INFINITY; 6], 3)), "teacher_logits");
 }
 
@@ -996,64 +852,22 @@ fn measure_exp_ln<S: Simd>(s: S, name: &str) {
     assert!(lu <= 2.0 && lsu <= 2.0, "{name} ln error {lu} / {lsu} ulp");
 
     let mut out = [0.0f32; LANES];
-    let special = [
-        f32::NEG_INFINITY,
-        -100.0,
-        0.0,
-        -87.0,
-        f32::NAN,
-        -86.98,
-        -0.0,
-        88.7,
-    ];
+    let special = [f32::NEG_INFINITY, -100.0, 0.0, -87.0, f32::NAN, -86.98, -0.0, 88.7];
     s.store(simd::exp_le_max(s, s.load(&special)), &mut out);
     assert_eq!(out[..4], [0.0, 0.0, 1.0, 0.0]);
     assert!(out[4].is_nan());
-    assert_close(
-        "exp(-86.98)",
-        f64::from(out[5]),
-        f64::from(-86.98f32).exp(),
-        0.0,
-        1e-6,
-    );
+    assert_close("exp(-86.98)", f64::from(out[5]), f64::from(-86.98f32).exp(), 0.0, 1e-6);
     assert_eq!(out[6], 1.0);
-    assert_close(
-        "exp(88.7)",
-        f64::from(out[7]),
-        f64::from(88.7f32).exp(),
-        0.0,
-        1e-6,
-    );
-    let special = [
-        0.0,
-        -1.0,
-        f32::INFINITY,
-        f32::NAN,
-        1.0,
-        -0.0,
-        1e-45,
-        f32::MAX,
-    ];
+    assert_close("exp(88.7)", f64::from(out[7]), f64::from(88.7f32).exp(), 0.0, 1e-6);
+    let special = [0.0, -1.0, f32::INFINITY, f32::NAN, 1.0, -0.0, 1e-45, f32::MAX];
     s.store(simd::ln(s, s.load(&special)), &mut out);
     assert_eq!(out[0], f32::NEG_INFINITY);
     assert!(out[1].is_nan());
     assert_eq!(out[2], f32::INFINITY);
     assert!(out[3].is_nan());
     assert_eq!(out[4..6], [0.0, f32::NEG_INFINITY]);
-    assert_close(
-        "ln(1e-45)",
-        f64::from(out[6]),
-        f64::from(1e-45f32).ln(),
-        0.0,
-        1e-6,
-    );
-    assert_close(
-        "ln(max)",
-        f64::from(out[7]),
-        f64::from(f32::MAX).ln(),
-        0.0,
-        1e-6,
-    );
+    assert_close("ln(1e-45)", f64::from(out[6]), f64::from(1e-45f32).ln(), 0.0, 1e-6);
+    assert_close("ln(max)", f64::from(out[7]), f64::from(f32::MAX).ln(), 0.0, 1e-6);
 }
 
 /// exp and ln against f64, for both implementations (every 127th f32 for exp, ~15M inputs; every 509th for ln, ~4M).
@@ -1109,12 +923,6 @@ fn scale_rows_matches_scalar_products() {
         assert_eq!(got, want, "entry {i}");
     }
     let mut short = vec![0.0f32; n * v - 1];
-    assert_eq!(
-        err_arg(scale_rows(GradOut::F32(&mut short), v, &factors)),
-        "grad"
-    );
-    assert_eq!(
-        err_arg(scale_rows(GradOut::F32(&mut g), 0, &factors)),
-        "grad"
-    );
+    assert_eq!(err_arg(scale_rows(GradOut::F32(&mut short), v, &factors)), "grad");
+    assert_eq!(err_arg(scale_rows(GradOut::F32(&mut g), 0, &factors)), "grad");
 }
