@@ -34,10 +34,7 @@ impl<'py> LogitsArray<'py> {
         if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, u16>>() {
             return Ok(LogitsArray::Bf16(a));
         }
-        Err(bad(
-            arg,
-            "must be a 2-D float32 array or a uint16 view of a bfloat16 one",
-        ))
+        Err(bad(arg, "must be a 2-D float32 array or a uint16 view of a bfloat16 one"))
     }
 
     fn cols(&self) -> usize {
@@ -70,10 +67,7 @@ impl<'py> GradArray<'py> {
         if let Ok(a) = obj.extract::<PyReadwriteArray2<'py, u16>>() {
             return Ok(Some(GradArray::Bf16(a)));
         }
-        Err(bad(
-            "grad",
-            "must be a writable 2-D float32 array or a uint16 view of a bfloat16 one",
-        ))
+        Err(bad("grad", "must be a writable 2-D float32 array or a uint16 view of a bfloat16 one"))
     }
 
     fn slice(&mut self) -> PyResult<GradOut<'_>> {
@@ -153,10 +147,8 @@ fn sampled_kd<'py>(
     let z = student.slice("student_logits")?;
     let ids = ids.as_slice().map_err(contiguous("ids"))?;
     let counts = counts.as_slice().map_err(contiguous("counts"))?;
-    let logprobs = logprobs
-        .as_ref()
-        .map(|a| a.as_slice().map_err(contiguous("logprobs")))
-        .transpose()?;
+    let logprobs =
+        logprobs.as_ref().map(|a| a.as_slice().map_err(contiguous("logprobs"))).transpose()?;
     let valid = valid.as_slice().map_err(contiguous("valid"))?;
     let values = values.as_slice_mut().map_err(contiguous("values"))?;
     let grad = grad.as_mut().map(GradArray::slice).transpose()?;
@@ -231,8 +223,7 @@ fn scale_rows<'py>(
     let Some(grad) = grad.as_mut().map(GradArray::slice).transpose()? else {
         return Err(bad("grad", "is required"));
     };
-    py.detach(|| kernels::scale_rows(grad, vocab, factors))
-        .py_err()
+    py.detach(|| kernels::scale_rows(grad, vocab, factors)).py_err()
 }
 
 /// Add the loss kernels to the module.
