@@ -90,7 +90,10 @@ pub(crate) fn distributions(z: &[f64], target: &Target, temperature: f64) -> (Ve
         }
         Target::TopK { ids, logprobs, tail: Tail::Bucket, .. } => {
             let mut p: Vec<f64> = logprobs.iter().map(|l| l.exp()).collect();
-            p.push((1.0 - p.iter().sum::<f64>()).max(0.0));
+            // Ids covering the whole vocabulary leave only float rounding for the rest.
+            let rest_p =
+                if ids.len() == z.len() { 0.0 } else { (1.0 - p.iter().sum::<f64>()).max(0.0) };
+            p.push(rest_p);
             let mut lq: Vec<f64> = ids.iter().map(|&i| lq_full[i]).collect();
             let rest: Vec<f64> =
                 (0..z.len()).filter(|i| !ids.contains(i)).map(|i| lq_full[i]).collect();

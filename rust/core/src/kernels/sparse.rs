@@ -261,7 +261,10 @@ impl<E: Elem> Kernel for TopKRow<'_, E> {
                     p_sum += p;
                     sc.p.push(p);
                 }
-                sc.p.push((1.0 - p_sum).max(0.0));
+                // When the ids cover the whole student vocabulary, 1 - sum p is float rounding
+                // of the teacher's softmax, not mass the student could place anywhere.
+                let p_rest = if k == z.len() { 0.0 } else { (1.0 - p_sum).max(0.0) };
+                sc.p.push(p_rest);
                 sc.lq.extend(sc.s.iter().map(|&sj| sj - lse));
                 sc.lq.push(lse_rest - lse);
                 let (d, g_sum) = outcomes(settings.divergence, &sc.p, &sc.lq, &mut sc.g);
