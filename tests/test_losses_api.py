@@ -92,8 +92,10 @@ def test_auto_falls_back_to_torch_when_the_kernels_do_not_import(
 ) -> None:
     losses._rust_kernels.cache_clear()
     try:
-        # None in sys.modules makes `from logitcache import _loss_kernels` raise ImportError.
+        # None in sys.modules makes `from logitcache import _loss_kernels` raise ImportError
+        # (once the package no longer holds the submodule as an attribute).
         monkeypatch.setitem(sys.modules, "logitcache._loss_kernels", None)
+        monkeypatch.delattr(logitcache, "_loss_kernels", raising=False)
         module, reason = losses._rust_kernels()
         assert module is None and "_loss_kernels" in reason
         assert losses._resolve_backend("auto", torch.zeros(2, 3)) == "torch"
