@@ -8,6 +8,8 @@ verified and read back.
 3. Run it over held-out text and keep, for every token, its top-K ids and log-probabilities in
    a logitcache store (``StoreWriter.add_logits``: log-softmax and top-K in Rust).
 4. Verify every checksum, reopen the store and read a padded batch back; print a summary.
+5. Fit a smaller student on the stored targets for a few steps with ``KDLoss`` (top-K
+   forward KL mixed with cross-entropy) and print its loss.
 
 Run: ``python examples/quickstart.py [--out DIR] [--steps N]`` (about a minute on 2 cores).
 """
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="store directory (default: temp)")
     parser.add_argument("--steps", type=int, default=150, help="teacher training steps")
     parser.add_argument("--k", type=int, default=32, help="top-K kept per token")
+    parser.add_argument("--student-steps", type=int, default=30, help="distillation steps")
     args = parser.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -133,6 +136,40 @@ def main() -> None:
         f"  teacher top-1 = next token on {acc:.1%} of positions; "
         f"top-{store.k} mass {mass:.3f} on average"
     )
+
+    # 5. A few distillation steps of a smaller student, straight from the store.
+    student = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    loss_fn = lc.KDLoss(divergence="forward_kl", kd_weight=0.5)
+    ids_all = store.sample_ids()
+    for step in range(args.student_steps):
+        b = store.read_batch(ids_all[(step * 8) % len(ids_all) :][:8])
+        input_ids = torch.from_numpy(b.input_ids).long()
+        # Row t of the targets predicts token t+1: labels are the inputs shifted left.
+        labels = torch.full_like(input_ids, -100)
+        labels[:, :-1] = input_ids[:, 1:]
+        labels[~torch.from_numpy(b.mask)] = -100
+        batch = {
+            "labels": labels,
+            "topk_ids": torch.from_numpy(b.topk_ids).long(),
+            "topk_logprobs": torch.from_numpy(b.topk_logprobs),
+        }
+        loss = loss_fn(student(input_ids=input_ids).logits, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == args.student_steps - 1:
+            print(f"student step {step:3d}  KD+CE loss {loss.item():.3f}")
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 
