@@ -5,14 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv --system-site-packages .venv
-fi
-VPY=.venv/bin/python
-# torch from PyPI is several GB: install it only when it cannot be imported.
-if ! "$VPY" -c "import torch" 2>/dev/null; then
-    "$VPY" -m pip install --quiet "torch>=2.1"
-fi
+source scripts/venv.sh
 "$VPY" -m pip install --quiet -e ".[capture]"
 exec "$VPY" examples/quickstart.py "$@"
