@@ -85,9 +85,12 @@ RANK_VARINT_BASE = 224 + 31 * 256  # 8160: the rank of lead 255 with varint 0
 # Level codes (section 4.2): lead byte v < 255, else 255 and the varint v - 255.
 LEVEL_ESCAPE = 255
 MAX_LEVEL = 2**24
+MAX_CODED = 2**42
+TOP_FINE = 64  # the top entry of an abs top-K row is on the grid step / 64
 
 KL_LOSSLESS_MODE = 255
-KL_MODES = range(4, 13)
+KL_BASE_EXPONENTS = range(2, 11)  # b, the low nibble of a row mode
+KL_TOP_EXTRA = np.array([0, 4, 8, 12], np.int64)  # e, by the high nibble
 
 
 def group_of(j: np.ndarray) -> np.ndarray:
@@ -291,14 +294,10 @@ def _check_shard_entry(shard: Any, where: Where) -> None:
     match = SHARD_FILE_RE.fullmatch(name) if isinstance(name, str) else None
     _require(match is not None, where, f"shard file name {name!r} is not allowed")
     assert match is not None
+    # Reading: the uid member is "16 hex digits" (case unstated); the file name holds "the
+    # shard's uid as 16 lower-case hex digits", so the member must be that same string.
     uid = shard["uid"]
-    _require(
-        isinstance(uid, str) and re.fullmatch(r"[0-9a-fA-F]{16}", uid) is not None,
-        where,
-        f"shard uid {uid!r} is not 16 hex digits",
-    )
-    # Reading: the uid in the file name is "the shard's uid", so it must equal the entry's.
-    _require(int(uid, 16) == int(match.group(1), 16), where, f"uid {uid} does not match {name}")
+    _require(uid == match.group(1), where, f"shard uid {uid!r} does not match its file {name}")
     for key in ("num_samples", "num_positions", "num_chunks", "bytes"):
         _require(_is_int(shard[key]) and shard[key] >= 0, where, f"bad shard {key}")
     checksum = shard["checksum"]
@@ -627,9 +626,10 @@ def decode_level_codes(lead: bytes, ext: Cursor, where: Where) -> np.ndarray:
     values = np.frombuffer(lead, np.uint8).astype(np.int64)
     for i in np.flatnonzero(values == LEVEL_ESCAPE):
         v = LEVEL_ESCAPE + ext.varint()
-        # No coded number (a level, a level difference or a kl step count) exceeds 2^24.
-        if v > MAX_LEVEL:
-            raise where.error(f"stream {ext.name}: coded number {v} exceeds 2^24")
+        # No valid coded number exceeds 2^42 (a kl top level at 2^-22 nats); the codecs check
+        # their own, tighter ranges.
+        if v > MAX_CODED:
+            raise where.error(f"stream {ext.name}: coded number {v} exceeds 2^42")
         values[i] = v
     ext.expect_end()
     return values
@@ -711,10 +711,9 @@ def unzstd(stored: bytes, raw_len: int, tag: int, offset: int, where: Where) -> 
         # Bounded first: never produce more than raw_len + 1 bytes.
         head = dctx.stream_reader(stored, read_across_frames=False).read(raw_len + 1)
         if len(head) != raw_len:
-            raise where.error(
-                f"chunk: stream tag {tag} decompresses to {len(head)}+ bytes, not {raw_len}",
-                offset,
-            )
+            size = "more than" if len(head) > raw_len else f"{len(head)}, not"
+            message = f"chunk: stream tag {tag} decompresses to {size} {raw_len} bytes"
+            raise where.error(message, offset)
         # Then whole: the frame must end exactly at the end of the stored bytes.
         obj = dctx.decompressobj()
         raw = obj.decompress(stored)
@@ -905,8 +904,10 @@ def decode_logprobs(
         if len(modes) != positions:
             raise where.error(f"row modes: {len(modes)} bytes for {positions} rows")
         lossy = modes != KL_LOSSLESS_MODE
-        if np.any(lossy & ((modes < KL_MODES.start) | (modes >= KL_MODES.stop))):
-            raise where.error("row modes: a mode is neither 4..=12 nor 255")
+        base, top_index = modes & 15, modes >> 4
+        bad = (base < KL_BASE_EXPONENTS.start) | (base >= KL_BASE_EXPONENTS.stop)
+        if np.any(lossy & (bad | (top_index > 3))):
+            raise where.error("row modes: a mode byte is not defined")
         if np.any(~lossy & (finite != k)):
             raise where.error("finite counts: a lossless row's entry is not K")
     else:
@@ -918,23 +919,43 @@ def decode_logprobs(
         level_codes,
     )  # fmt: skip
 
-    if modes is None:  # abs: the codes are a row's first level, then differences
+    if modes is None:
+        # abs: the first code is the top entry's level Q0 on the grid s/64; the second is
+        # q_1 - floor(Q0 / 64) + 1, each further one q_j - q_{j-1}.
+        if np.any(coded & (codes > MAX_LEVEL + 1)):  # also keeps the sums small
+            raise where.error("log-probabilities: a coded number exceeds 2^24 + 1")
+        top_fine = codes[:, 0].copy()
+        if np.any(top_fine > MAX_LEVEL):
+            raise where.error("log-probabilities: a top level exceeds 2^24")
+        codes[:, 0] = top_fine // TOP_FINE - 1
         levels = np.cumsum(codes, axis=1)
-        row_step: np.ndarray | np.float32 = step
-    else:  # kl: the grid step doubles every further 11/8 nat
-        e = np.where(lossy, modes, KL_MODES.start).astype(np.int64)
+        levels[:, 0] = 0  # decoded from the fine level below
+    else:  # kl: the top entry on the grid u = 2^-(b+e), then 2^-b doubling every 1.5 nats
+        extra = np.where(lossy, KL_TOP_EXTRA[np.minimum(top_index, 3)], 0)
+        shift = np.where(lossy, base.astype(np.int64) + extra, 0)
+        max_level = np.left_shift(np.int64(1), 20 + shift)
         levels = np.zeros((positions, k), np.int64)
         level = np.zeros(positions, np.int64)
         for j in range(k):
-            band = np.minimum(12, (8 * level) // (11 * 2**e))
-            level = level + (codes[:, j] << band)
+            band = np.minimum(12, (2 * level) // (3 * np.left_shift(np.int64(1), shift)))
+            scale = np.zeros(positions, np.int64) if j == 0 else extra + band
+            # Checked before the shift, so that every value stays below 2^44.
+            if np.any(coded[:, j] & (codes[:, j] > (max_level - level) >> scale)):
+                raise where.error("log-probabilities: a kl level exceeds 2^(20+b+e)")
+            level = level + (codes[:, j] << scale)
             levels[:, j] = level
-            if np.any(level > MAX_LEVEL):  # checked each step: keeps the values small
-                break
-        row_step = np.ldexp(np.float32(1.0), -e)[:, None].astype(np.float32)
-    if np.any(levels > MAX_LEVEL):
-        raise where.error("log-probabilities: a level exceeds 2^24")
-    values = np.where(coded, levels_to_float(levels, row_step), np.float32(-np.inf))
+        levels = np.where(coded, levels, 0)
+    if modes is None:
+        if np.any(coded & ((levels > MAX_LEVEL) | (levels < 0))):
+            raise where.error("log-probabilities: a level is outside [0, 2^24]")
+        decoded = levels_to_float(levels, step)
+    else:  # -(L u) in float64 (exact), rounded to the nearest float32
+        unit = np.ldexp(1.0, -shift)[:, None]
+        decoded = (-(levels.astype(np.float64) * unit)).astype(np.float32)
+    values = np.where(coded, decoded, np.float32(-np.inf))
+    if modes is None and k:
+        top = levels_to_float(top_fine, np.float32(step / TOP_FINE))
+        values[:, 0] = np.where(coded[:, 0], top, np.float32(-np.inf))
 
     if modes is not None:  # kl rows kept losslessly: K words each, concatenated in tag 24
         n_rows = int((~lossy).sum())
@@ -977,7 +998,8 @@ def read_store(path: str | os.PathLike[str]) -> dict[str, Any]:
     for index, entry in enumerate(manifest["shards"]):
         for sample_id, record in read_shard(store, index, entry, manifest):
             if sample_id in records:
-                raise Where(entry["file"], shard=index, sample_id=sample_id).error(
+                file = os.path.join(store, entry["file"])
+                raise Where(file, shard=index, sample_id=sample_id).error(
                     "sample id appears twice in the store"
                 )
             records[sample_id] = record

@@ -4,8 +4,10 @@ reader on random stores, and rejects damaged ones."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 from conftest import make_sampled, make_topk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from independent_reader import read_store
+from independent_reader import CHUNK_ENTRY, KNOWN_TAGS, Where, read_chunk_streams, read_store
 
 import logitcache as lc
 
@@ -22,7 +24,31 @@ TOPK_CODECS = ["lossless", "abs:0.01", "abs:0.1", "abs:1e-4", "kl:1e-4", "kl:1e-
 SAMPLED_CODECS = ["none", "lossless", "abs:0.01", "abs:0.1", "abs:1e-4"]
 # Log-probabilities far below every quantization grid (-2^24 s is at most -2^21 nats here).
 VERY_NEGATIVE = [-3.0e5, -1.0e6, -2.5e6, -1.0e7, -1.0e20, -3.0e38]
+# The kl writer turns a value near the float32 limit after a finite one into a level above
+# 2^24 that no reader accepts (test_kl_writer_float32_extreme_tail): kept out of kl stores.
+KL_SAFE_VERY_NEGATIVE = [-3.0e5, -1.0e6, -2.5e6, -1.0e7, -1.0e20]
 DENSE_VOCAB = 3000  # up to here, records come from a real softmax over the whole vocabulary
+
+
+def abs_step(codec: str) -> float | None:
+    """The quantization step of an ``abs:<bound>`` codec: the largest power of two s with
+    s / 2 <= bound (None for other codecs)."""
+    if not codec.startswith("abs:"):
+        return None
+    return float(2.0 ** np.floor(np.log2(2 * float(codec[4:]))))
+
+
+def very_negative_pool(codec: str) -> list[float]:
+    """Very negative log-probabilities for a codec: for abs, also -2^24 s (the lowest finite
+    value) and the next float32 below it (level 2^24 + 2: -inf in top-K stores)."""
+    if codec.startswith("kl"):
+        return KL_SAFE_VERY_NEGATIVE
+    step = abs_step(codec)
+    if step is None:
+        return VERY_NEGATIVE
+    lowest = np.float32(-(2**24) * step)
+    return [*VERY_NEGATIVE, float(lowest), float(np.nextafter(lowest, np.float32(-np.inf)))]
+
 
 PROPERTY = settings(
     max_examples=25,
@@ -60,7 +86,13 @@ def distinct_ids_near_top(
 
 
 def random_topk(
-    rng: np.random.Generator, length: int, k: int, vocab: int, special: bool, span: int = 5000
+    rng: np.random.Generator,
+    length: int,
+    k: int,
+    vocab: int,
+    special: bool,
+    span: int = 5000,
+    very_negative: list[float] = VERY_NEGATIVE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A valid top-K record; with ``special``, some rows end in very negative values and -inf
     (a masked vocabulary), and some rows are certain (-0.0 then -inf)."""
@@ -75,7 +107,7 @@ def random_topk(
             choice = rng.integers(0, 4)
             if choice == 1:  # a tail of very negative values, then -inf
                 start = rng.integers(0, k + 1)
-                pool = np.array([*VERY_NEGATIVE, -np.inf], dtype=np.float32)
+                pool = np.array([*very_negative, -np.inf], dtype=np.float32)
                 tail = np.sort(rng.choice(pool, size=k - start))[::-1]
                 lp[row, start:] = np.minimum(tail, lp[row, start - 1] if start else 0.0)
             elif choice == 2:  # certain: probability 1 on the first id
@@ -85,7 +117,13 @@ def random_topk(
 
 
 def random_sampled(
-    rng: np.random.Generator, length: int, n: int, vocab: int, special: bool, span: int = 5000
+    rng: np.random.Generator,
+    length: int,
+    n: int,
+    vocab: int,
+    special: bool,
+    span: int = 5000,
+    very_negative: list[float] = VERY_NEGATIVE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A valid sampled record (ids / counts / logprobs padded with -1 / 0 / 0)."""
     if vocab <= DENSE_VOCAB:
@@ -103,7 +141,7 @@ def random_sampled(
             lp[row, :w] = -rng.exponential(4.0, size=w)
     if special and length:
         mask = counts > 0
-        pool = np.array([*VERY_NEGATIVE, -0.0], dtype=np.float32)
+        pool = np.array([*very_negative, -0.0], dtype=np.float32)
         pick = mask & (rng.random(size=mask.shape) < 0.2)
         lp[pick] = rng.choice(pool, size=int(pick.sum()))
     return input_ids, ids, counts, lp
@@ -150,10 +188,32 @@ def assert_same_as_rust(path: Path) -> dict[int, dict[str, Any]]:
     return records
 
 
+def assert_abs_rule(got: np.ndarray, want: np.ndarray, step: float, kind: str) -> None:
+    """FORMAT.md 4.2 for the abs codec: every decoded value is within s/2 of the written one
+    (+0.0 for level 0); a level above 2^24 is -inf in top-K rows and 2^24 in sampled rows,
+    and a top-K row whose top entry is beyond the fine grid (2^24 s/64 nats) is all -inf."""
+    level = -want.astype(np.float64) / step
+    finite = level < 2**24 + 0.5  # (an exact tie at 2^24 + 0.5 is left to the writer)
+    above = level > 2**24 + 0.5
+    if kind == "topk" and want.size:
+        top_fine = level[:, 0] * 64
+        dead = top_fine > 2**24 + 0.5
+        assert np.all(np.isneginf(got[dead]))
+        finite &= (top_fine < 2**24 - 0.5)[:, None]
+    assert np.all(np.abs(got[finite] - want[finite].astype(np.float64)) <= step / 2)
+    if kind == "topk":
+        assert np.all(np.isneginf(got[above]))
+    else:
+        assert np.all(got[above] == np.float32(-(2**24) * step))
+    zeros = got == 0
+    assert np.all(got[zeros].view(np.uint32) == 0), "abs decodes level 0 as +0.0"
+
+
 def assert_matches_written(
     records: dict[int, dict[str, Any]], written: dict[int, tuple], kind: str, codec: str
 ) -> None:
-    """The independent reader returns the ids that were written (and lossless values)."""
+    """The independent reader returns the ids that were written, lossless values bit for bit
+    and abs values as FORMAT.md 4.2 says."""
     assert set(records) == set(written)
     for sample_id, arrays in written.items():
         rec = records[sample_id]
@@ -171,6 +231,28 @@ def assert_matches_written(
             assert np.array_equal(
                 rec["logprobs"].reshape(want_lp.shape).view(np.uint32), want_lp.view(np.uint32)
             )
+        step = abs_step(codec)
+        if step is not None:
+            assert_abs_rule(rec["logprobs"].reshape(want_lp.shape), want_lp, step, kind)
+        if codec.startswith("kl:"):
+            assert_kl_rule(rec["logprobs"], want_lp, float(np.float32(codec[3:])))
+
+
+def assert_kl_rule(got: np.ndarray, want: np.ndarray, bound: float) -> None:
+    """FORMAT.md 4.2 for the kl codec: per position, the generalized KL divergence between
+    the written row (plus its rest bucket) and the decoded one is at most the bound."""
+    p = np.exp(want.astype(np.float64))
+    q = np.exp(got.astype(np.float64))
+    p_rest = np.maximum(0.0, 1.0 - p.sum(axis=1))
+    q_rest = np.maximum(0.0, 1.0 - q.sum(axis=1))
+
+    def plogpq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0)
+
+    kl = plogpq(p, q).sum(axis=1) + plogpq(p_rest, q_rest)
+    kl += q.sum(axis=1) + q_rest - p.sum(axis=1) - p_rest
+    assert np.all(kl <= bound * (1 + 1e-6) + 1e-12), kl.max()
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +289,7 @@ def test_topk_agrees_with_rust(
 ) -> None:
     rng = np.random.default_rng(seed)
     vocab = max(vocab, k)
+    pool = very_negative_pool(codec)
     path = tmp_path_factory.mktemp("topk") / "store"
     written: dict[int, tuple] = {}
     options: dict[str, Any] = dict(
@@ -221,15 +304,16 @@ def test_topk_agrees_with_rust(
         **options,
     ) as w:
         for sid, length in zip(sids, lengths, strict=False):
-            written[sid] = random_topk(rng, length, k, vocab, special)
+            written[sid] = random_topk(rng, length, k, vocab, special, very_negative=pool)
             w.add(sid, *written[sid])
     if appended:
         more = sids[len(lengths) : len(lengths) + len(appended)]
         with lc.StoreWriter(path, mode="a", temperature=temperature, **options) as w:
             for sid, length in zip(more, appended, strict=False):
-                written[sid] = random_topk(rng, length, k, vocab, special)
+                written[sid] = random_topk(rng, length, k, vocab, special, very_negative=pool)
                 w.add(sid, *written[sid])
     records = assert_same_as_rust(path)
+    assert read_store(path)["manifest"]["codec"]["step"] == abs_step(codec)
     assert_matches_written(records, written, "topk", codec)
 
 
@@ -260,6 +344,7 @@ def test_sampled_agrees_with_rust(
     seed: int,
 ) -> None:
     rng = np.random.default_rng(seed)
+    pool = very_negative_pool(codec)
     path = tmp_path_factory.mktemp("sampled") / "store"
     written: dict[int, tuple] = {}
     options: dict[str, Any] = dict(
@@ -268,7 +353,7 @@ def test_sampled_agrees_with_rust(
     )  # fmt: skip
 
     def add(w: lc.StoreWriter, sid: int, length: int) -> None:
-        written[sid] = random_sampled(rng, length, n, vocab, special)
+        written[sid] = random_sampled(rng, length, n, vocab, special, 5000, pool)
         input_ids, ids, counts, lp = written[sid]
         w.add_sampled(sid, input_ids, ids, counts, None if codec == "none" else lp)
 
@@ -297,11 +382,23 @@ def test_many_distinct_ids_in_one_chunk(tmp_path: Path, kind: str, codec: str) -
     path = tmp_path / "store"
     with lc.StoreWriter(path, vocab_size=vocab, k=width, kind=kind, codec=codec) as w:
         if kind == "topk":
-            w.add(2**64 - 1, *random_topk(rng, length, width, vocab, True, span=10**6))
+            record = random_topk(rng, length, width, vocab, True, 10**6, very_negative_pool(codec))
+            w.add(2**64 - 1, *record)
         else:
             w.add_sampled(0, *random_sampled(rng, length, width, vocab, True, span=10**6))
     (record,) = assert_same_as_rust(path).values()
     assert len(np.unique(np.concatenate([record["input_ids"], record["ids"].ravel()]))) > 8160
+
+
+@pytest.mark.parametrize("codec", ["kl:1e-4", "kl:1e-2"])
+def test_kl_writer_float32_extreme_tail(tmp_path: Path, codec: str) -> None:
+    """A row (-1e4, -3e38): the second value is beyond the kl codec's range (2^20 nats), so
+    FORMAT.md 4.2 stores it as -inf (this once overflowed the writer's level arithmetic)."""
+    path = tmp_path / "store"
+    with lc.StoreWriter(path, vocab_size=45, k=2, codec=codec) as w:
+        w.add(1, np.array([1]), np.array([[3, 4]]), np.array([[-1.0e4, -3.0e38]], np.float32))
+    (record,) = assert_same_as_rust(path).values()
+    assert record["logprobs"][0, 0] == -1.0e4 and record["logprobs"][0, 1] == -np.inf
 
 
 def test_empty_store_and_empty_records(tmp_path: Path) -> None:
@@ -314,6 +411,86 @@ def test_empty_store_and_empty_records(tmp_path: Path) -> None:
             w.add(sid, np.zeros(0, np.int64), np.zeros((0, 3), np.int64), np.zeros((0, 3)))
     records = assert_same_as_rust(path)
     assert all(rec["ids"].shape == (0, 3) for rec in records.values())
+
+
+def rewrite_chunks(
+    path: Path, transform: Callable[[dict[int, bytes]], list[tuple[int, bytes]]]
+) -> None:
+    """Re-encode every chunk of a store: ``transform`` maps a chunk's raw streams by tag to the
+    directory to store (every stream uncompressed, method 0); offsets, CRCs, footer, trailer
+    and manifest are rewritten to match."""
+    body = json.loads((path / "manifest.json").read_bytes()[40:-2])
+    for entry in body["shards"]:
+        file = path / entry["file"]
+        data = file.read_bytes()
+        footer_offset, footer_len = struct.unpack_from("<QQ", data, len(data) - 32)
+        footer = data[footer_offset : footer_offset + footer_len]
+        (num_chunks,) = struct.unpack_from("<Q", footer)
+        chunks = np.frombuffer(footer, CHUNK_ENTRY, count=num_chunks, offset=24).copy()
+        out = bytearray(data[:64])
+        for chunk in chunks:
+            start, stored_len = int(chunk["offset"]), int(chunk["stored_len"])
+            positions, entries = int(chunk["num_positions"]), int(chunk["num_entries"])
+            raw = read_chunk_streams(
+                data[start : start + stored_len], positions, entries, start, Where(str(file))
+            )
+            streams = transform(raw)
+            directory = b"".join(struct.pack("<BBII", t, 0, len(b), len(b)) for t, b in streams)
+            new = bytes([1, len(streams)]) + directory + b"".join(b for _, b in streams)
+            chunk["offset"] = len(out)
+            chunk["stored_len"] = len(new)
+            chunk["crc32"] = zlib.crc32(new)
+            out += new
+        new_footer = (
+            footer[:24] + chunks.tobytes() + footer[24 + CHUNK_ENTRY.itemsize * num_chunks :]
+        )
+        trailer = struct.pack("<QQI", len(out), len(new_footer), zlib.crc32(new_footer))
+        out += new_footer + trailer + struct.pack("<I", zlib.crc32(trailer)) + b"LCSHEND\0"
+        file.write_bytes(bytes(out))
+        entry["bytes"], entry["checksum"] = len(out), f"crc32:{zlib.crc32(out):08x}"
+    write_manifest(path, body)
+
+
+def stored_reversed_padded(raw: dict[int, bytes]) -> list[tuple[int, bytes]]:
+    """The same streams, in decreasing tag order, plus an empty stream for every known tag the
+    chunk left out (except tag 25: whether an empty tag 25 means "absent" is not settled)."""
+    padding = [(tag, b"") for tag in sorted(KNOWN_TAGS - set(raw) - {25})]
+    return sorted(raw.items(), reverse=True) + padding
+
+
+@pytest.mark.parametrize(
+    ("kind", "codec"),
+    [("topk", "abs:0.01"), ("topk", "kl:1e-4"), ("topk", "lossless"), ("sampled", "abs:0.1"),
+     ("sampled", "lossless"), ("sampled", "none")],
+)  # fmt: skip
+def test_other_valid_encodings_of_the_same_store(tmp_path: Path, kind: str, codec: str) -> None:
+    """FORMAT.md leaves writers free to store a stream uncompressed, to order the directory
+    and to list empty streams: both readers decode such a re-encoding to the same values."""
+    rng = np.random.default_rng(11)
+    path = tmp_path / "store"
+    pool = very_negative_pool(codec)
+    vocab = 2**20
+    with lc.StoreWriter(
+        path, vocab_size=vocab, k=20, kind=kind, codec=codec, chunk_positions=9
+    ) as w:
+        for sid in range(4):
+            if kind == "topk":
+                w.add(sid, *random_topk(rng, 7, 20, vocab, True, very_negative=pool))
+            else:
+                input_ids, ids, counts, lp = random_sampled(rng, 7, 20, vocab, True, 5000, pool)
+                w.add_sampled(sid, input_ids, ids, counts, None if codec == "none" else lp)
+    original = assert_same_as_rust(path)
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    rewrite_chunks(copy, stored_reversed_padded)
+    assert (copy / "manifest.json").read_bytes() != (path / "manifest.json").read_bytes()
+    again = assert_same_as_rust(copy)
+    for sid, rec in original.items():
+        for key, value in rec.items():
+            if value is None:
+                assert again[sid][key] is None
+            else:
+                assert np.array_equal(again[sid][key].view(np.uint8), value.view(np.uint8)), key
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,13 +560,18 @@ def test_every_flipped_byte_is_rejected(tmp_path: Path) -> None:
     assert_same_as_rust(path)
 
 
+def write_manifest(path: Path, body: dict[str, Any]) -> None:
+    """Write a manifest body with a valid envelope CRC."""
+    text = json.dumps(body, separators=(",", ":")).encode()
+    envelope = b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(text), text)
+    (path / "manifest.json").write_bytes(envelope)
+
+
 def rewrite_manifest(path: Path, edit: Any) -> None:
     """Apply ``edit`` to the manifest body and write it back with a valid envelope CRC."""
     body = json.loads((path / "manifest.json").read_bytes()[40:-2])
     edit(body)
-    text = json.dumps(body, separators=(",", ":")).encode()
-    envelope = b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(text), text)
-    (path / "manifest.json").write_bytes(envelope)
+    write_manifest(path, body)
 
 
 def duplicate_first_shard(m: dict[str, Any]) -> None:

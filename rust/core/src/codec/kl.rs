@@ -91,6 +91,11 @@ fn quantize_row(row: &[f32], b: u8, e: u8, levels: &mut Vec<u64>, numbers: &mut 
             break;
         }
         let x = (-f64::from(v)).max(0.0) * inv_u;
+        // Beyond the largest level (probability 0 in float64) the row ends here; checking
+        // before rounding keeps the integer arithmetic below from saturating or wrapping.
+        if x > top as f64 {
+            break;
+        }
         let (l, n) = if j == 0 {
             let l = round_nonneg(x);
             (l, l)
@@ -386,6 +391,31 @@ mod tests {
             for (orig, got) in lp.chunks_exact(k).zip(dec.chunks_exact(k)) {
                 let kl = kl_of(orig, got);
                 assert!(kl <= bound * (1.0 + 1e-9) + 1e-15, "kl {kl} > {bound}");
+            }
+        }
+    }
+
+    #[test]
+    fn values_beyond_the_range_end_the_row() {
+        // Finite but astronomically negative entries (probability 0 in float64) must not
+        // overflow the level arithmetic: they decode to -inf.
+        let loc = Location::default();
+        let k = 6;
+        let mut lp = Vec::new();
+        for far in [-1.5e6f32, -1e30, -3.0e38, f32::MIN] {
+            lp.extend([-0.01f32, -5.0, -9.0, far, f32::MIN, f32::NEG_INFINITY]);
+        }
+        let rows = lp.len() / k;
+        for bound in [1e-1, 1e-2, 1e-4] {
+            let enc = encode(&lp, k, bound);
+            assert!(enc.modes.iter().all(|&m| m != LOSSLESS_ROW));
+            let planes = bytes::u32_planes(&enc.lossless);
+            let finite = enc.any_nonfinite.then_some(&enc.finite[..]);
+            let dec =
+                decode(&enc.modes, &enc.leads, &enc.exts, &planes, finite, rows, k, &loc).unwrap();
+            for (orig, got) in lp.chunks_exact(k).zip(dec.chunks_exact(k)) {
+                assert!(got[3..].iter().all(|&v| v == f32::NEG_INFINITY), "{got:?}");
+                assert!(kl_of(orig, got) <= bound);
             }
         }
     }
