@@ -66,6 +66,7 @@ class Result:
     max_abs_err: float
     median_kl: float
     max_kl: float
+    rest_lost: float  # fraction of positions whose decoded row lost all its rest mass
 
 
 def _dir_bytes(path: Path) -> int:
@@ -83,10 +84,10 @@ def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def _kl_stats(decoded: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+def _kl_stats(decoded: np.ndarray, want: np.ndarray) -> tuple[float, float, float]:
     """(median, max) over positions of KL(P || P_decoded), P = (top-K probabilities, rest
-    bucket max(0, 1 - sum)). The max is inf when rounding pushed a decoded row's mass to 1
-    while the written row kept some rest mass."""
+    bucket max(0, 1 - sum)), and the fraction of positions whose KL is infinite: rounding
+    pushed the decoded row's mass to 1 or above while the written row kept some rest mass."""
     kls = []
     for a in range(0, len(want), 65536):
         w = want[a : a + 65536].astype(np.float64)
@@ -99,7 +100,7 @@ def _kl_stats(decoded: np.ndarray, want: np.ndarray) -> tuple[float, float]:
             rest = np.where(pr > 0, pr * np.log(pr / qr), 0.0)
         kls.append(terms + rest)
     all_kl = np.concatenate(kls) if kls else np.zeros(1)
-    return float(np.median(all_kl)), float(np.max(all_kl))
+    return float(np.median(all_kl)), float(np.max(all_kl)), float(np.mean(np.isinf(all_kl)))
 
 
 def _max_err(decoded: np.ndarray, want: np.ndarray) -> float:
@@ -298,14 +299,15 @@ def main() -> None:
         )
         print(
             f"{'method':34} {'bytes/token':>11} {'vs best':>8} {'encode pos/s':>13} "
-            f"{'decode pos/s':>13} {'max abs err':>12} {'median KL':>9} {'max KL':>9}"
+            f"{'decode pos/s':>13} {'max abs err':>12} {'median KL':>9} {'max KL':>9} "
+            f"{'KL inf':>7}"
         )
         for r in results:
             ratio = best_baseline / r.bytes_per_token
             print(
                 f"{r.method:34} {r.bytes_per_token:11.1f} {ratio:7.2f}x "
                 f"{r.encode_pos_s:13,.0f} {r.decode_pos_s:13,.0f} {r.max_abs_err:12.2e} "
-                f"{r.median_kl:9.1e} {r.max_kl:9.1e}"
+                f"{r.median_kl:9.1e} {r.max_kl:9.1e} {100 * r.rest_lost:6.2f}%"
             )
         all_results[vocab] = [r.__dict__ for r in results]
     if args.json:
