@@ -113,7 +113,23 @@ impl ShardReader {
         if len < (HEADER_LEN + TRAILER_LEN) as u64 {
             return Err(Error::corrupt(loc, format!("shard of {len} bytes is too short")));
         }
-        let header = ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc)?;
+        let header = match ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc) {
+            Ok(h) => h,
+            // The manifest, already checked, has a version this build reads, and a store's
+            // shards share its version: a shard claiming another one is damaged (a flipped
+            // bit in the version field), not newer. Say so, and say which shard.
+            Err(Error::UnsupportedVersion { found, .. }) => {
+                return Err(Error::corrupt(
+                    loc.offset(8),
+                    format!(
+                        "shard header says format version {found}, but the manifest's version \
+                         is one this build reads (up to {}): the header is damaged",
+                        format::FORMAT_VERSION
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         check_header(&header, info, p, &loc)?;
         let trailer_at = len - TRAILER_LEN as u64;
         let trailer = Trailer::decode(&source.read(trailer_at, TRAILER_LEN, &loc)?, len, &loc)?;
