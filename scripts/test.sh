@@ -18,6 +18,11 @@ else
     cargo test --workspace --exclude logitcache-python --quiet
 fi
 
+# tests/test_reliability.py traces a commit's syscalls with strace (and fails without it).
+if ! command -v strace >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
+fi
+
 echo "== python: ruff, pytest"
 "$VPY" -m ruff check python tests benches
 "$VPY" -m ruff format --check python tests benches

@@ -312,3 +312,22 @@ def test_missing_sample_is_a_key_error(committed: Path) -> None:
     with pytest.raises(lc.MissingSampleError, match="12345"):
         s.read_batch([0, 12345])
     assert 12345 not in s and "0" not in s and 0 in s
+
+
+def test_damaged_shard_version_is_corruption_naming_the_shard(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """A flipped bit in a shard header's version field of a version-1 store is damage (the
+    manifest's version is known), not a newer format: CorruptStoreError naming the shard."""
+    with lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, chunk_positions=2, shard_size=200) as w:
+        for sid in range(6):
+            w.add(sid, *make_topk(rng, 3, K, V))
+    shards = lc.open_store(tmp_path / "s").meta["shards"]
+    assert len(shards) >= 2
+    path = tmp_path / "s" / shards[1]["file"]
+    data = bytearray(path.read_bytes())
+    data[9] ^= 0x20  # format version 1 -> 8193
+    path.write_bytes(bytes(data))
+    with pytest.raises(lc.CorruptStoreError, match=r"shard 1.*format version 8193.*damaged"):
+        lc.open_store(tmp_path / "s")
+    assert not lc.verify_store(tmp_path / "s")["ok"]

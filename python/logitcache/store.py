@@ -461,8 +461,16 @@ class Store:
 
     @property
     def uses_mmap(self) -> bool:
-        """Whether shards are memory-mapped (else read with positioned reads)."""
+        """Whether shards are memory-mapped (else read with positioned reads); says so of the
+        first shard, see :attr:`mapped_shards`."""
         return bool(self._s.uses_mmap)
+
+    @property
+    def mapped_shards(self) -> int:
+        """How many shards are memory-mapped; the others are read with positioned reads (all
+        of them with ``mmap=False`` or on network file systems, those beyond half of the
+        address space left at open, less 256 MiB, under ``ulimit -v``)."""
+        return int(self._s.mapped_shards)
 
     def __getitem__(self, sample_id: int) -> Record:
         raw = self._s.get(_sample_id(sample_id))
@@ -544,7 +552,9 @@ def open_store(
             tokenizer: a tokenizer object (its vocabulary fingerprint is compared), a name, or a
             dict ``{"name", "vocab_fingerprint"}``.
         mmap: Memory-map shards; ``None`` (default) does so except on network file systems,
-            where positioned reads are used.
+            where positioned reads are used, and, under an address-space limit (``ulimit -v``),
+            for shards beyond half of the address space left at open minus 256 MiB (maps
+            count against the limit; the heap needs the rest). ``True`` maps every shard it can.
         cache_chunks: Decoded chunks kept for reuse by single-record reads.
 
     Every shard's header, trailer and footer (with their checksums) are checked at open; chunk

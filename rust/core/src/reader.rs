@@ -113,7 +113,23 @@ impl ShardReader {
         if len < (HEADER_LEN + TRAILER_LEN) as u64 {
             return Err(Error::corrupt(loc, format!("shard of {len} bytes is too short")));
         }
-        let header = ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc)?;
+        let header = match ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc) {
+            Ok(h) => h,
+            // The manifest, already checked, has a version this build reads, and a store's
+            // shards share its version: a shard claiming another one is damaged (a flipped
+            // bit in the version field), not newer. Say so, and say which shard.
+            Err(Error::UnsupportedVersion { found, .. }) => {
+                return Err(Error::corrupt(
+                    loc.offset(8),
+                    format!(
+                        "shard header says format version {found}, but the manifest's version \
+                         is one this build reads (up to {}): the header is damaged",
+                        format::FORMAT_VERSION
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         check_header(&header, info, p, &loc)?;
         let trailer_at = len - TRAILER_LEN as u64;
         let trailer = Trailer::decode(&source.read(trailer_at, TRAILER_LEN, &loc)?, len, &loc)?;
@@ -319,11 +335,32 @@ impl Store {
             check_tokenizer(dir, t, manifest.tokenizer.as_ref())?;
         }
         let use_mmap = opts.mmap.unwrap_or_else(|| source::mmap_is_safe(dir));
+        // Under an address-space limit (`ulimit -v`) maps count like allocations, and a map
+        // that took the last of it would leave decoding to fail an allocation (an abort, not
+        // an error; the allocator reserves address space in large segments). So by default
+        // shards are mapped only while their total stays within half of what is left at open
+        // beyond MAP_RESERVE; the others are read with positioned reads.
+        let mut map_budget = match opts.mmap {
+            None if use_mmap => source::address_space_left()
+                .map(|left| left.saturating_sub(source::MAP_RESERVE) / 2),
+            _ => None,
+        };
         let shards = manifest
             .shards
             .iter()
             .enumerate()
-            .map(|(i, info)| ShardReader::open(dir, i as u32, info, &params, use_mmap))
+            .map(|(i, info)| {
+                let map = use_mmap
+                    && match map_budget.as_mut() {
+                        None => true,
+                        Some(left) if info.bytes <= *left => {
+                            *left -= info.bytes;
+                            true
+                        }
+                        Some(_) => false,
+                    };
+                ShardReader::open(dir, i as u32, info, &params, map)
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut index = Vec::with_capacity(manifest.num_samples as usize);
         for s in &shards {

@@ -187,6 +187,8 @@ pub struct StoreWriter {
     manifest: Manifest,
     ever_committed: bool,
     created_dir: bool,
+    /// Directories created by this writer, deepest first; emptied by the first commit.
+    new_dirs: Vec<PathBuf>,
     params: CodecParams,
     opts: WriterOptions,
     known: HashSet<u64>,
@@ -374,7 +376,16 @@ impl StoreWriter {
                 ),
             ));
         }
+        // Directories this writer creates (the store and any missing parents): their entries
+        // in their parents are fsynced at the first commit, or a power loss could drop a
+        // committed store whole.
+        let mut new_dirs = Vec::new();
         if !exists {
+            let mut d = Some(dir);
+            while let Some(p) = d.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+                new_dirs.push(p.to_path_buf());
+                d = p.parent();
+            }
             fs::create_dir_all(dir).io_ctx("create store directory", dir)?;
             created_dir = true;
         }
@@ -462,6 +473,7 @@ impl StoreWriter {
             manifest,
             ever_committed: mode == Mode::Append,
             created_dir,
+            new_dirs,
             params,
             opts,
             known,
@@ -604,7 +616,12 @@ impl StoreWriter {
         }
         m.updated_by = tool();
         manifest::sync_dir(&self.dir.join(SHARDS_DIR))?;
+        for d in &self.new_dirs {
+            let parent = d.parent().filter(|p| !p.as_os_str().is_empty());
+            manifest::sync_dir(parent.unwrap_or(Path::new(".")))?;
+        }
         m.commit(&self.dir)?;
+        self.new_dirs.clear();
         self.manifest = m;
         self.finished.clear();
         self.uncommitted_files.clear();

@@ -382,6 +382,11 @@ impl PyStore {
         self.inner.shards.first().is_some_and(|s| s.source.is_mmap())
     }
 
+    #[getter]
+    fn mapped_shards(&self) -> usize {
+        self.inner.shards.iter().filter(|s| s.source.is_mmap()).count()
+    }
+
     fn sample_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
         PyArray1::from_vec(py, self.inner.sample_ids())
     }
