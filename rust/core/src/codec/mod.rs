@@ -269,10 +269,18 @@ fn frame(streams: Vec<(u8, Vec<u8>)>, level: i32) -> Result<Vec<u8>> {
         } else {
             (METHOD_RAW, raw.clone())
         };
+        let len32 = |n: usize| {
+            u32::try_from(n).map_err(|_| {
+                Error::invalid_argument(
+                    "chunk_positions",
+                    format!("a chunk stream of {n} bytes does not fit the format's u32 length; use smaller chunks"),
+                )
+            })
+        };
         dir.push(t);
         dir.push(method);
-        dir.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-        dir.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+        dir.extend_from_slice(&len32(stored.len())?.to_le_bytes());
+        dir.extend_from_slice(&len32(raw.len())?.to_le_bytes());
         body.extend_from_slice(&stored);
     }
     dir.extend_from_slice(&body);
