@@ -19,6 +19,6 @@ else
 fi
 
 echo "== python: ruff, pytest"
-"$VPY" -m ruff check python tests benches
-"$VPY" -m ruff format --check python tests benches
+"$VPY" -m ruff check python tests benches fuzz
+"$VPY" -m ruff format --check python tests benches fuzz
 "$VPY" -m pytest -q
