@@ -24,6 +24,6 @@ if ! command -v strace >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-g
 fi
 
 echo "== python: ruff, pytest"
-"$VPY" -m ruff check python tests benches
-"$VPY" -m ruff format --check python tests benches
+"$VPY" -m ruff check python tests benches fuzz
+"$VPY" -m ruff format --check python tests benches fuzz
 "$VPY" -m pytest -q

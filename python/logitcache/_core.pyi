@@ -5,7 +5,15 @@ from numpy.typing import NDArray
 
 __version__: str
 
-class StoreError(Exception): ...
+class StoreError(Exception):
+    """Where the error happened (None where not known)."""
+
+    file: str | None
+    shard: int | None
+    chunk: int | None
+    offset: int | None
+    sample_id: int | None
+
 class CorruptStoreError(StoreError): ...
 class FormatVersionError(StoreError): ...
 class StoreMismatchError(StoreError, ValueError): ...

@@ -127,6 +127,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// Where the error happened, as far as it is known: the `Corrupt` location, else the path
+    /// and sample id a variant carries (a store directory, a manifest or a shard file).
+    /// Bindings expose these fields on the exceptions they raise.
+    pub fn location(&self) -> Location {
+        match self {
+            Error::Corrupt { location, .. } => location.clone(),
+            Error::MissingSample { sample_id, path } => Location::file(path).sample(*sample_id),
+            Error::InvalidRecord { sample_id, .. } | Error::DuplicateSample { sample_id, .. } => {
+                Location { sample_id: Some(*sample_id), ..Default::default() }
+            }
+            Error::UnsupportedVersion { path, .. }
+            | Error::Mismatch { path, .. }
+            | Error::StoreExists { path }
+            | Error::Locked { path, .. }
+            | Error::Io { path, .. } => Location::file(path),
+            Error::InvalidArgument { .. } | Error::State(_) => Location::default(),
+        }
+    }
+
     pub fn invalid_argument(arg: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::InvalidArgument { arg: arg.into(), msg: msg.into() }
     }
@@ -146,5 +165,54 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn io_ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| Error::io(op, path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_reports_what_it_knows_of_its_location() {
+        let p = || PathBuf::from("/s");
+        let corrupt = Location::file("/s/x.lcs").shard(1).chunk(2).offset(3).sample(4);
+        let cases: Vec<(Error, Location)> = vec![
+            (Error::corrupt(corrupt.clone(), "m"), corrupt),
+            (Error::MissingSample { sample_id: 9, path: p() }, Location::file("/s").sample(9)),
+            (
+                Error::InvalidRecord { sample_id: 5, msg: "m".into() },
+                Location { sample_id: Some(5), ..Default::default() },
+            ),
+            (
+                Error::DuplicateSample { sample_id: 6, msg: "m".into() },
+                Location { sample_id: Some(6), ..Default::default() },
+            ),
+            (Error::UnsupportedVersion { path: p(), found: 2, supported: 1 }, Location::file("/s")),
+            (
+                Error::Mismatch {
+                    path: p(),
+                    field: "k".into(),
+                    expected: "1".into(),
+                    found: "2".into(),
+                },
+                Location::file("/s"),
+            ),
+            (Error::StoreExists { path: p() }, Location::file("/s")),
+            (Error::Locked { path: p(), msg: "m".into() }, Location::file("/s")),
+            (Error::io("open", "/s", std::io::ErrorKind::NotFound.into()), Location::file("/s")),
+            (Error::invalid_argument("a", "m"), Location::default()),
+            (Error::State("m".into()), Location::default()),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.location(), want, "{e}");
+            // The message names every field that is known.
+            let msg = e.to_string();
+            if let Some(f) = &want.file {
+                assert!(msg.contains(&f.display().to_string()), "{msg}");
+            }
+            if let Some(s) = want.sample_id {
+                assert!(msg.contains(&s.to_string()), "{msg}");
+            }
+        }
     }
 }

@@ -173,6 +173,13 @@ impl ShardHeader {
     }
 
     pub fn decode(bytes: &[u8], loc: &Location) -> Result<ShardHeader> {
+        if bytes.len() != HEADER_LEN {
+            // The checksum below is read at fixed offsets: a shorter slice must not reach it.
+            return Err(Error::corrupt(
+                loc.clone().offset(0),
+                format!("shard header of {} bytes, expected {HEADER_LEN}", bytes.len()),
+            ));
+        }
         let mut c = Cursor::new(bytes, loc, "shard header");
         let magic: [u8; 8] = c.array()?;
         if magic != SHARD_MAGIC {
@@ -462,6 +469,68 @@ impl Trailer {
     }
 }
 
+/// A shard's checked footer and the chunk of every record: what a reader needs to find a
+/// record. Built from the footer bytes the trailer points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardIndex {
+    pub footer: Footer,
+    /// Chunk of every record, in record order.
+    pub record_chunk: Vec<u32>,
+}
+
+impl ShardIndex {
+    /// Check `footer_bytes` against the trailer's checksum, parse and cross-check them
+    /// ([`Footer::decode`]) and map every record to its chunk. The footer starts at
+    /// `trailer.footer_offset`, so every chunk must end before it.
+    pub fn parse(footer_bytes: &[u8], trailer: &Trailer, loc: &Location) -> Result<ShardIndex> {
+        if footer_bytes.len() as u64 != trailer.footer_len {
+            return Err(Error::corrupt(
+                loc.clone().offset(trailer.footer_offset),
+                format!(
+                    "footer holds {} bytes, the trailer says {}",
+                    footer_bytes.len(),
+                    trailer.footer_len
+                ),
+            ));
+        }
+        let crc = crc32(footer_bytes);
+        if crc != trailer.footer_crc32 {
+            return Err(Error::corrupt(
+                loc.clone().offset(trailer.footer_offset),
+                format!(
+                    "footer checksum mismatch: stored {:#010x}, computed {crc:#010x}",
+                    trailer.footer_crc32
+                ),
+            ));
+        }
+        let footer = Footer::decode(footer_bytes, trailer.footer_offset, loc)?;
+        // The chunks' record counts were checked to add up to the record table's length.
+        let mut record_chunk = Vec::with_capacity(footer.records.len());
+        for (ci, c) in footer.chunks.iter().enumerate() {
+            let ci = u32::try_from(ci)
+                .map_err(|_| Error::corrupt(loc.clone(), "more than 2^32 chunks in a shard"))?;
+            record_chunk.extend(std::iter::repeat_n(ci, c.num_records as usize));
+        }
+        Ok(ShardIndex { footer, record_chunk })
+    }
+
+    /// Chunk of record `record` and the record's index inside that chunk.
+    pub fn locate(&self, record: usize) -> Option<(usize, usize)> {
+        locate_record(&self.footer, &self.record_chunk, record)
+    }
+}
+
+/// Chunk of record `record` and its index inside that chunk, from a record -> chunk map.
+pub fn locate_record(
+    footer: &Footer,
+    record_chunk: &[u32],
+    record: usize,
+) -> Option<(usize, usize)> {
+    let c = *record_chunk.get(record)? as usize;
+    let first = footer.chunks.get(c)?.first_record as usize;
+    Some((c, record.checked_sub(first)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,6 +563,17 @@ mod tests {
                 c[byte] ^= 1 << bit;
                 assert!(ShardHeader::decode(&c, &loc).is_err(), "flip {byte}:{bit} undetected");
             }
+        }
+    }
+
+    #[test]
+    fn short_header_slices_are_errors() {
+        // A 16..63-byte slice used to pass the magic/version/length reads and then index the
+        // checksum at bytes 60..64 out of bounds.
+        let b = header().encode();
+        let loc = Location::file("x");
+        for len in 0..HEADER_LEN {
+            assert!(ShardHeader::decode(&b[..len], &loc).is_err(), "{len}");
         }
     }
 

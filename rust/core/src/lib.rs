@@ -4,6 +4,8 @@
 pub mod codec;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod kernels;
 pub mod manifest;
 pub mod reader;

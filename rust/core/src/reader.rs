@@ -10,7 +10,9 @@ use rayon::prelude::*;
 
 use crate::codec::{self, CodecParams, DecodedChunk, LogprobCodec, Record};
 use crate::error::{Error, Location, Result};
-use crate::format::{self, Footer, HEADER_LEN, Kind, ShardHeader, TRAILER_LEN, Trailer};
+use crate::format::{
+    self, Footer, HEADER_LEN, Kind, ShardHeader, ShardIndex, TRAILER_LEN, Trailer,
+};
 use crate::manifest::{Manifest, ShardInfo, TokenizerInfo};
 use crate::source::{self, Source};
 
@@ -54,11 +56,8 @@ pub fn params_from_manifest(m: &Manifest, path: &Path) -> Result<CodecParams> {
         }
         other => return Err(corrupt(format!("unknown log-probability codec {other:?}"))),
     };
-    if kind == Kind::TopK && logprobs == LogprobCodec::None {
-        return Err(corrupt("a top-K store must keep log-probabilities".into()));
-    }
-    if kind == Kind::Sampled && matches!(logprobs, LogprobCodec::Kl { .. }) {
-        return Err(corrupt("the kl codec is for top-K stores".into()));
+    if let Some(msg) = combination_error(kind, logprobs) {
+        return Err(corrupt(msg.into()));
     }
     if m.codec.ids != codec::ID_CODEC_NAME {
         return Err(corrupt(format!("unknown id codec {:?}", m.codec.ids)));
@@ -70,6 +69,41 @@ pub fn params_from_manifest(m: &Manifest, path: &Path) -> Result<CodecParams> {
         logprobs,
         zstd_level: m.codec.zstd_level,
     })
+}
+
+/// Why a store of `kind` cannot use `logprobs`, if it cannot.
+fn combination_error(kind: Kind, logprobs: LogprobCodec) -> Option<&'static str> {
+    match (kind, logprobs) {
+        (Kind::TopK, LogprobCodec::None) => Some("a top-K store must keep log-probabilities"),
+        (Kind::Sampled, LogprobCodec::Kl { .. }) => Some("the kl codec is for top-K stores"),
+        _ => None,
+    }
+}
+
+/// Codec parameters described by a shard header (a shard read without its manifest). The
+/// same rules as [`params_from_manifest`] apply; `zstd_level` is informational and set to 0.
+pub fn params_from_header(h: &ShardHeader, loc: &Location) -> Result<CodecParams> {
+    let corrupt = |msg: String| Error::corrupt(loc.clone(), msg);
+    let logprobs =
+        LogprobCodec::from_header(h.logprob_codec, h.step, h.kl_bound).ok_or_else(|| {
+            corrupt(format!(
+                "log-probability codec {} with step {} and KL bound {} is not defined",
+                h.logprob_codec, h.step, h.kl_bound
+            ))
+        })?;
+    if let Some(msg) = combination_error(h.kind, logprobs) {
+        return Err(corrupt(msg.into()));
+    }
+    if h.id_codec != codec::ID_CODEC_V1 {
+        return Err(corrupt(format!("unknown id codec {}", h.id_codec)));
+    }
+    if h.k == 0 || h.vocab_size == 0 {
+        return Err(corrupt(format!(
+            "k = {} and vocab_size = {} must be positive",
+            h.k, h.vocab_size
+        )));
+    }
+    Ok(CodecParams { kind: h.kind, k: h.k, vocab_size: h.vocab_size, logprobs, zstd_level: 0 })
 }
 
 /// One open shard.
@@ -98,10 +132,43 @@ impl ShardReader {
         use_mmap: bool,
     ) -> Result<ShardReader> {
         let path = dir.join(&info.file);
-        let loc = Location::file(&path).shard(index);
         let source = Source::open(&path, use_mmap)?;
+        ShardReader::from_source(source, path, index, Some(info), p)
+    }
+
+    /// Open a shard from bytes already in memory, on its own: the store configuration comes
+    /// from its header ([`params_from_header`]) instead of a manifest. Every check that does
+    /// not need a manifest is made, as in [`ShardReader::open`]; `path` only names the shard
+    /// in error messages. Used by the fuzz targets and for shards received from elsewhere.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<(ShardReader, CodecParams)> {
+        let loc = Location::file(path).shard(0);
+        let source = Source::from_bytes(bytes);
+        if source.len() < HEADER_LEN as u64 {
+            return Err(Error::corrupt(
+                loc,
+                format!("shard of {} bytes is too short", source.len()),
+            ));
+        }
+        let header = ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc)?;
+        let p = params_from_header(&header, &loc)?;
+        let shard = ShardReader::from_source(source, path.to_path_buf(), 0, None, &p)?;
+        Ok((shard, p))
+    }
+
+    /// Check a shard's header, trailer and footer, against `expect` (its manifest entry) when
+    /// given. `path` names the shard in errors.
+    pub fn from_source(
+        source: Source,
+        path: PathBuf,
+        index: u32,
+        expect: Option<&ShardInfo>,
+        p: &CodecParams,
+    ) -> Result<ShardReader> {
+        let loc = Location::file(&path).shard(index);
         let len = source.len();
-        if len != info.bytes {
+        if let Some(info) = expect
+            && len != info.bytes
+        {
             return Err(Error::corrupt(
                 loc,
                 format!(
@@ -117,8 +184,9 @@ impl ShardReader {
             Ok(h) => h,
             // The manifest, already checked, has a version this build reads, and a store's
             // shards share its version: a shard claiming another one is damaged (a flipped
-            // bit in the version field), not newer. Say so, and say which shard.
-            Err(Error::UnsupportedVersion { found, .. }) => {
+            // bit in the version field), not newer. Say so, and say which shard. (A shard
+            // opened on its own, without a manifest, may really be newer.)
+            Err(Error::UnsupportedVersion { found, .. }) if expect.is_some() => {
                 return Err(Error::corrupt(
                     loc.offset(8),
                     format!(
@@ -130,45 +198,47 @@ impl ShardReader {
             }
             Err(e) => return Err(e),
         };
-        check_header(&header, info, p, &loc)?;
+        let uid = format!("{:016x}", header.uid);
+        check_header(&header, expect.map_or(uid.as_str(), |i| i.uid.as_str()), p, &loc)?;
         let trailer_at = len - TRAILER_LEN as u64;
         let trailer = Trailer::decode(&source.read(trailer_at, TRAILER_LEN, &loc)?, len, &loc)?;
         let footer_len = usize::try_from(trailer.footer_len)
             .map_err(|_| Error::corrupt(loc.clone(), "footer length does not fit in memory"))?;
         let footer_bytes = source.read(trailer.footer_offset, footer_len, &loc)?;
-        let crc = format::crc32(&footer_bytes);
-        if crc != trailer.footer_crc32 {
-            return Err(Error::corrupt(
-                loc.offset(trailer.footer_offset),
-                format!(
-                    "footer checksum mismatch: stored {:#010x}, computed {crc:#010x}",
-                    trailer.footer_crc32
-                ),
-            ));
-        }
-        let footer = Footer::decode(&footer_bytes, trailer.footer_offset, &loc)?;
-        if footer.records.len() as u64 != info.num_samples
-            || footer.num_positions != info.num_positions
-            || footer.chunks.len() as u64 != info.num_chunks
-        {
-            return Err(Error::corrupt(
-                loc,
-                format!(
-                    "shard holds {} samples, {} positions, {} chunks; the manifest says {}, {}, {}",
-                    footer.records.len(),
-                    footer.num_positions,
-                    footer.chunks.len(),
-                    info.num_samples,
-                    info.num_positions,
-                    info.num_chunks
-                ),
-            ));
-        }
-        let mut record_chunk = Vec::with_capacity(footer.records.len());
-        for (ci, c) in footer.chunks.iter().enumerate() {
-            record_chunk.extend(std::iter::repeat_n(ci as u32, c.num_records as usize));
-        }
-        Ok(ShardReader { index, path, info: info.clone(), source, header, footer, record_chunk })
+        let ShardIndex { footer, record_chunk } = ShardIndex::parse(&footer_bytes, &trailer, &loc)?;
+        drop(footer_bytes);
+        let info = match expect {
+            Some(info) => {
+                if footer.records.len() as u64 != info.num_samples
+                    || footer.num_positions != info.num_positions
+                    || footer.chunks.len() as u64 != info.num_chunks
+                {
+                    return Err(Error::corrupt(
+                        loc,
+                        format!(
+                            "shard holds {} samples, {} positions, {} chunks; the manifest says {}, {}, {}",
+                            footer.records.len(),
+                            footer.num_positions,
+                            footer.chunks.len(),
+                            info.num_samples,
+                            info.num_positions,
+                            info.num_chunks
+                        ),
+                    ));
+                }
+                info.clone()
+            }
+            None => ShardInfo {
+                file: path.to_string_lossy().into_owned(),
+                uid,
+                num_samples: footer.records.len() as u64,
+                num_positions: footer.num_positions,
+                num_chunks: footer.chunks.len() as u64,
+                bytes: len,
+                checksum: String::new(),
+            },
+        };
+        Ok(ShardReader { index, path, info, source, header, footer, record_chunk })
     }
 
     pub fn num_chunks(&self) -> usize {
@@ -209,17 +279,15 @@ impl ShardReader {
 
     /// Chunk of record `record` and the record's index inside that chunk.
     pub fn locate(&self, record: usize) -> Option<(usize, usize)> {
-        let c = *self.record_chunk.get(record)? as usize;
-        let first = self.footer.chunks.get(c)?.first_record as usize;
-        Some((c, record - first))
+        format::locate_record(&self.footer, &self.record_chunk, record)
     }
 }
 
-fn check_header(h: &ShardHeader, info: &ShardInfo, p: &CodecParams, loc: &Location) -> Result<()> {
+fn check_header(h: &ShardHeader, want_uid: &str, p: &CodecParams, loc: &Location) -> Result<()> {
     let uid = format!("{:016x}", h.uid);
     let mut problems = Vec::new();
-    if uid != info.uid {
-        problems.push(format!("uid {uid} (manifest: {})", info.uid));
+    if uid != want_uid {
+        problems.push(format!("uid {uid} (manifest: {want_uid})"));
     }
     if h.kind != p.kind {
         problems.push(format!("kind {} (manifest: {})", h.kind.name(), p.kind.name()));
@@ -570,7 +638,7 @@ fn entry_range(chunk: &DecodedChunk, p0: usize, p1: usize, p: &CodecParams) -> (
     }
 }
 
-fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> Batch {
+pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> Batch {
     let b = sources.len();
     let lens: Vec<usize> =
         sources.iter().map(|(c, r)| c.pos_offsets[r + 1] - c.pos_offsets[*r]).collect();

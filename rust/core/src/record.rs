@@ -170,6 +170,10 @@ pub fn append_topk(
     if logprobs_shape != [l, k] {
         return Err(shape_err("topk_logprobs", logprobs_shape, &want));
     }
+    let l32 = u32::try_from(l).map_err(|_| Error::InvalidRecord {
+        sample_id,
+        msg: format!("{l} positions; a record holds at most 2^32 - 1"),
+    })?;
     let mark = buf.mark();
     let r = (|| {
         append_ids(&mut buf.input_ids, sample_id, input_ids, vocab, "input id", 0)?;
@@ -181,7 +185,7 @@ pub fn append_topk(
         Ok(()) => {
             buf.logprobs.extend_from_slice(logprobs);
             buf.sample_ids.push(sample_id);
-            buf.lengths.push(l as u32);
+            buf.lengths.push(l32);
             Ok(())
         }
         Err(e) => {
@@ -301,6 +305,10 @@ pub fn append_sampled(
         }
         _ => {}
     }
+    let l32 = u32::try_from(l).map_err(|_| Error::InvalidRecord {
+        sample_id,
+        msg: format!("{l} positions; a record holds at most 2^32 - 1"),
+    })?;
     let mark = buf.mark();
     let r = append_sampled_rows(
         buf, seen, sample_id, input_ids, ids, m, counts, logprobs, n_draws, vocab,
@@ -308,7 +316,7 @@ pub fn append_sampled(
     match r {
         Ok(()) => {
             buf.sample_ids.push(sample_id);
-            buf.lengths.push(l as u32);
+            buf.lengths.push(l32);
             Ok(())
         }
         Err(e) => {

@@ -10,7 +10,12 @@ use crate::error::{Error, IoContext, Location, Result};
 
 pub enum Source {
     Mmap(memmap2::Mmap),
-    File { file: File, len: u64 },
+    File {
+        file: File,
+        len: u64,
+    },
+    /// A shard held in memory (tests, fuzz targets, bytes received from elsewhere).
+    Bytes(Vec<u8>),
 }
 
 impl Source {
@@ -35,10 +40,16 @@ impl Source {
         }
     }
 
+    /// A shard whose bytes are already in memory: read with the same bounds checks as a file.
+    pub fn from_bytes(bytes: Vec<u8>) -> Source {
+        Source::Bytes(bytes)
+    }
+
     pub fn len(&self) -> u64 {
         match self {
             Source::Mmap(m) => m.len() as u64,
             Source::File { len, .. } => *len,
+            Source::Bytes(b) => b.len() as u64,
         }
     }
 
@@ -63,6 +74,10 @@ impl Source {
             Source::Mmap(m) => {
                 let start = offset as usize;
                 Ok(Cow::Borrowed(&m[start..start + len]))
+            }
+            Source::Bytes(b) => {
+                let start = offset as usize;
+                Ok(Cow::Borrowed(&b[start..start + len]))
             }
             Source::File { file, .. } => {
                 let mut buf = vec![0u8; len];
@@ -199,5 +214,17 @@ mod tests {
             assert!(s.read(u64::MAX, 2, &loc).is_err());
         }
         assert!(filesystem_type(dir.path()).is_some() || !cfg!(target_os = "linux"));
+    }
+
+    #[test]
+    fn in_memory_bytes_are_bounds_checked() {
+        let s = Source::from_bytes(b"0123456789".to_vec());
+        let loc = Location::default();
+        assert_eq!(s.len(), 10);
+        assert!(!s.is_mmap());
+        assert_eq!(&*s.read(7, 3, &loc).unwrap(), b"789");
+        assert!(s.read(8, 3, &loc).is_err());
+        assert!(s.read(u64::MAX, 2, &loc).is_err());
+        assert!(matches!(s.read(8, 3, &loc), Err(Error::Corrupt { .. })));
     }
 }

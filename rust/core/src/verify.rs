@@ -67,7 +67,10 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
             .map(|(i, info)| verify_shard(dir, i as u32, info, &p))
             .collect()
     })?;
-    let mut seen_ids: HashSet<u64> = HashSet::with_capacity(manifest.num_samples as usize);
+    // Sized from the ids actually read, not from the manifest's count (untrusted until the
+    // shards agree with it: a corrupt count must not drive an allocation).
+    let read: usize = results.iter().map(|r| r.2.len()).sum();
+    let mut seen_ids: HashSet<u64> = HashSet::with_capacity(read);
     for (i, (problems, chunks, ids)) in results.into_iter().enumerate() {
         report.problems.extend(problems);
         report.chunks += chunks;

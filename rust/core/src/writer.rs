@@ -131,15 +131,24 @@ impl ShardWriter {
     fn add_chunk(&mut self, payload: &[u8], buf: &ChunkBuf) -> Result<()> {
         let positions = buf.positions();
         let entries = buf.entries();
+        // The footer's fields are u32: a count that does not fit is refused, never truncated
+        // into a footer that disagrees with its chunk.
+        let field = |what: &str, v: usize| {
+            u32::try_from(v).map_err(|_| {
+                Error::invalid_argument(
+                    "chunk_positions",
+                    format!("a chunk of {v} {what} does not fit the format's u32 field; use smaller chunks or shards"),
+                )
+            })
+        };
         let entry = ChunkEntry {
             offset: self.len,
-            stored_len: u32::try_from(payload.len())
-                .map_err(|_| Error::State("chunk larger than 4 GiB".into()))?,
+            stored_len: field("stored bytes", payload.len())?,
             crc32: crc32(payload),
-            first_record: self.footer.records.len() as u32,
-            num_records: buf.num_records() as u32,
-            num_positions: positions as u32,
-            num_entries: entries as u32,
+            first_record: field("records before it in the shard", self.footer.records.len())?,
+            num_records: field("records", buf.num_records())?,
+            num_positions: field("positions", positions)?,
+            num_entries: field("target entries", entries)?,
         };
         self.write(payload)?;
         self.footer.chunks.push(entry);

@@ -59,7 +59,10 @@ fn classes(py: Python<'_>) -> PyResult<&Classes> {
         let store_error = make_class(
             py,
             "StoreError",
-            "Base class of every error logitcache raises about a store.",
+            "Base class of every error logitcache raises about a store.\n\n\
+             Attributes (None where not known): file (the store directory, manifest or shard \
+             file), shard (index in the manifest), chunk, offset (byte offset in the file), \
+             sample_id.",
             PyTuple::new(py, [py.get_type::<PyException>()])?,
         )?;
         let mut sub = Vec::with_capacity(SUBCLASSES.len());
@@ -102,8 +105,43 @@ fn raise(name: &str, msg: String) -> PyErr {
     })
 }
 
+/// Set `file`, `shard`, `chunk`, `offset` and `sample_id` on a `StoreError` (None where not
+/// known), and `filename` / `errno` on an `OSError`, so that callers need not parse messages.
+fn with_location(err: PyErr, core: &Error) -> PyErr {
+    Python::attach(|py| {
+        let value = err.value(py);
+        let loc = core.location();
+        let file = loc.file.as_ref().map(|f| f.to_string_lossy().into_owned());
+        let set = || -> PyResult<()> {
+            if let Error::Io { source, .. } = core {
+                value.setattr("filename", file.clone())?;
+                value.setattr("errno", source.raw_os_error())?;
+                return Ok(());
+            }
+            if !value.is_instance(classes(py)?.store_error.bind(py))? {
+                return Ok(());
+            }
+            value.setattr("file", file.clone())?;
+            value.setattr("shard", loc.shard)?;
+            value.setattr("chunk", loc.chunk)?;
+            value.setattr("offset", loc.offset)?;
+            value.setattr("sample_id", loc.sample_id)?;
+            Ok(())
+        };
+        match set() {
+            Ok(()) => err,
+            Err(e) => e,
+        }
+    })
+}
+
 /// Convert a core error into the Python exception a user expects.
 pub fn to_py(err: Error) -> PyErr {
+    let py_err = to_py_class(&err);
+    with_location(py_err, &err)
+}
+
+fn to_py_class(err: &Error) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::InvalidArgument { .. } => PyValueError::new_err(msg),

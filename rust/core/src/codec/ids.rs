@@ -69,7 +69,11 @@ impl Table {
             reader.skip_to(*pos);
             let v = reader.varint(&Location::default());
             *pos = reader.position();
-            match v.ok().and_then(|v| usize::try_from(v + u64::from(ONE_BYTE + TWO_BYTE_SPAN)).ok())
+            // Checked: a varint near 2^64 must not wrap around to a small, valid rank.
+            match v
+                .ok()
+                .and_then(|v| v.checked_add(u64::from(ONE_BYTE + TWO_BYTE_SPAN)))
+                .and_then(|r| usize::try_from(r).ok())
             {
                 Some(r) => r,
                 None => {
@@ -395,6 +399,16 @@ mod tests {
         // A two-byte code without its extension byte, and a stray extension byte.
         assert!(table.decode_all(&[230], &[], &loc).is_err());
         assert!(table.decode_all(&[3], &[1], &loc).is_err());
+    }
+
+    #[test]
+    fn escaped_rank_near_2_pow_64_is_an_error_not_a_wrapped_rank() {
+        // 255 + varint(2^64 - 8160) used to wrap to rank 0 and decode as a valid id.
+        let loc = Location::default();
+        let table = Table::new(vec![5, 6]);
+        let mut ext = Vec::new();
+        put_varint(&mut ext, u64::MAX - u64::from(ONE_BYTE + TWO_BYTE_SPAN) + 1);
+        assert!(table.decode_all(&[ESCAPE], &ext, &loc).is_err());
     }
 
     #[test]

@@ -201,14 +201,19 @@ fn put_small(lead: &mut Vec<u8>, ext: &mut Vec<u8>, v: u32) {
     }
 }
 
+/// The number coded by an escape lead byte and extension varint `v`: `v + 255`, which a
+/// corrupt varint near 2^64 must not wrap around to a small, valid-looking level.
+#[inline]
+fn escaped(v: u64, loc: &Location) -> Result<u64> {
+    v.checked_add(u64::from(LEAD_ESCAPE)).ok_or_else(|| {
+        Error::corrupt(loc.clone(), format!("log-probability code 255 + {v} overflows"))
+    })
+}
+
 #[inline]
 fn get_small(lead: &mut ByteReader<'_>, ext: &mut ByteReader<'_>, loc: &Location) -> Result<u64> {
     let b = lead.byte(loc)?;
-    if u32::from(b) < LEAD_ESCAPE {
-        Ok(u64::from(b))
-    } else {
-        Ok(ext.varint(loc)? + u64::from(LEAD_ESCAPE))
-    }
+    if u32::from(b) < LEAD_ESCAPE { Ok(u64::from(b)) } else { escaped(ext.varint(loc)?, loc) }
 }
 
 /// Encode the log-probabilities of a chunk's rows into (tag, stream) pairs.
@@ -452,7 +457,7 @@ fn decode_sorted_full(
                 let v = if u32::from(c) < LEAD_ESCAPE {
                     u64::from(c)
                 } else {
-                    exts[g].varint(loc)? + u64::from(LEAD_ESCAPE)
+                    escaped(exts[g].varint(loc)?, loc)?
                 };
                 out.push(sorted_row.next(v)?);
             }
@@ -551,6 +556,20 @@ mod tests {
             let c = LogprobCodec::parse(&format!("abs:{b}")).unwrap();
             assert!(c.max_abs_error().unwrap() <= b, "{b}");
         }
+    }
+
+    #[test]
+    fn escaped_level_near_2_pow_64_is_an_error_not_a_wrapped_level() {
+        // Lead byte 255 + varint(2^64 - 255) used to wrap to level 0, a valid -0.0.
+        let loc = Location::default();
+        let mut ext = Vec::new();
+        bytes::put_varint(&mut ext, u64::MAX - 254);
+        let raw: [(Vec<u8>, Vec<u8>); 4] =
+            [(vec![255], ext.clone()), (vec![], vec![]), (vec![], vec![]), (vec![], vec![])];
+        assert!(decode_sorted_full(&raw, 1, 1, 0.5, &loc).is_err());
+        let rows = RowShape::Fixed { rows: 1, k: 1 };
+        assert!(decode_general(&raw, None, &rows, 1, 0.5, true, &loc).is_err());
+        assert!(decode_general(&raw, None, &rows, 1, 0.5, false, &loc).is_err());
     }
 
     #[test]

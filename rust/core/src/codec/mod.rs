@@ -171,7 +171,52 @@ fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
         .map_err(|e| Error::State(format!("zstd compression failed: {e}")))
 }
 
+/// Largest ratio of decoded to stored bytes a zstd frame can reach: a block decodes to at most
+/// 128 KiB and costs at least 4 stored bytes (a 3-byte block header and one byte of an RLE
+/// block), so a declared size above this is impossible, whatever the frame holds.
+const MAX_ZSTD_RATIO: usize = (128 << 10) / 4;
+/// Streams up to this size are decompressed into a buffer allocated up front; larger ones
+/// (rare: a chunk holds about 4096 positions) grow with the bytes actually decoded, so that a
+/// corrupt size field cannot make a reader allocate gigabytes before failing.
+const PREALLOC_MAX: usize = 16 << 20;
+
 fn decompress(stored: &[u8], raw_len: usize, loc: &Location, what: &str) -> Result<Vec<u8>> {
+    if raw_len > stored.len().saturating_mul(MAX_ZSTD_RATIO) {
+        return Err(Error::corrupt(
+            loc.clone(),
+            format!(
+                "{what} stream declares {raw_len} decoded bytes, more than a zstd frame of {} bytes can hold",
+                stored.len()
+            ),
+        ));
+    }
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(stored)
+        && n != raw_len as u64
+    {
+        return Err(Error::corrupt(
+            loc.clone(),
+            format!("{what} stream's zstd frame holds {n} bytes, directory says {raw_len}"),
+        ));
+    }
+    let undecodable = |e: std::io::Error| {
+        Error::corrupt(loc.clone(), format!("{what} stream does not decompress: {e}"))
+    };
+    if raw_len > PREALLOC_MAX {
+        let mut out = Vec::new();
+        let dec = zstd::stream::read::Decoder::with_buffer(stored).map_err(undecodable)?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(dec, raw_len as u64 + 1), &mut out)
+            .map_err(undecodable)?;
+        if out.len() != raw_len {
+            return Err(Error::corrupt(
+                loc.clone(),
+                format!(
+                    "{what} stream decompresses to {} bytes, directory says {raw_len}",
+                    out.len()
+                ),
+            ));
+        }
+        return Ok(out);
+    }
     DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -183,9 +228,7 @@ fn decompress(stored: &[u8], raw_len: usize, loc: &Location, what: &str) -> Resu
             return Err(Error::State("zstd context missing".into()));
         };
         let mut out = Vec::with_capacity(raw_len);
-        let n = d.decompress_to_buffer(stored, &mut out).map_err(|e| {
-            Error::corrupt(loc.clone(), format!("{what} stream does not decompress: {e}"))
-        })?;
+        let n = d.decompress_to_buffer(stored, &mut out).map_err(undecodable)?;
         if n != raw_len {
             return Err(Error::corrupt(
                 loc.clone(),
@@ -226,10 +269,18 @@ fn frame(streams: Vec<(u8, Vec<u8>)>, level: i32) -> Result<Vec<u8>> {
         } else {
             (METHOD_RAW, raw.clone())
         };
+        let len32 = |n: usize| {
+            u32::try_from(n).map_err(|_| {
+                Error::invalid_argument(
+                    "chunk_positions",
+                    format!("a chunk stream of {n} bytes does not fit the format's u32 length; use smaller chunks"),
+                )
+            })
+        };
         dir.push(t);
         dir.push(method);
-        dir.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-        dir.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+        dir.extend_from_slice(&len32(stored.len())?.to_le_bytes());
+        dir.extend_from_slice(&len32(raw.len())?.to_le_bytes());
         body.extend_from_slice(&stored);
     }
     dir.extend_from_slice(&body);
@@ -593,4 +644,32 @@ pub fn decode_chunk(
     out.ids = ids_out;
     out.logprobs = logprobs;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_stream_sizes_are_checked_against_the_frame_before_allocating() {
+        let loc = Location::default();
+        let raw = vec![7u8; 1000];
+        let packed = compress(&raw, 1).unwrap();
+        assert_eq!(decompress(&packed, 1000, &loc, "t").unwrap(), raw);
+        // The frame records 1000 bytes: any other size is refused up front.
+        assert!(decompress(&packed, 999, &loc, "t").is_err());
+        assert!(decompress(&packed, 1001, &loc, "t").is_err());
+        // No frame of this size can hold 4 GiB: refused without allocating it.
+        assert!(decompress(&packed, u32::MAX as usize, &loc, "t").is_err());
+        assert!(decompress(&[0u8; 4], 1 << 20, &loc, "t").is_err());
+    }
+
+    #[test]
+    fn large_streams_decode_through_the_growing_path() {
+        let loc = Location::default();
+        let raw: Vec<u8> = (0..PREALLOC_MAX + 12345).map(|i| (i % 251) as u8).collect();
+        let packed = compress(&raw, 1).unwrap();
+        assert_eq!(decompress(&packed, raw.len(), &loc, "t").unwrap(), raw);
+        assert!(decompress(&packed[..packed.len() - 1], raw.len(), &loc, "t").is_err());
+    }
 }
