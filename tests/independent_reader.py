@@ -672,7 +672,7 @@ def read_chunk_streams(
     data_at = 2 + STREAM_DIR_ENTRY.size * num_streams
     if data_at > len(chunk_bytes):
         raise where.error(f"chunk: directory of {num_streams} streams is truncated", offset)
-    raw_limit = 20 * (entries + positions) + 64
+    raw_limit = 10 * (2 * entries + positions) + 64
     directory = []
     for i in range(num_streams):
         at = 2 + STREAM_DIR_ENTRY.size * i
