@@ -199,7 +199,7 @@ impl ShardReader {
             Err(e) => return Err(e),
         };
         let uid = format!("{:016x}", header.uid);
-        check_header(&header, expect.map_or(uid.as_str(), |i| i.uid.as_str()), p, &loc)?;
+        check_header(&header, &uid, expect.map(|i| i.uid.as_str()), p, &loc)?;
         let trailer_at = len - TRAILER_LEN as u64;
         let trailer = Trailer::decode(&source.read(trailer_at, TRAILER_LEN, &loc)?, len, &loc)?;
         let footer_len = usize::try_from(trailer.footer_len)
@@ -283,11 +283,20 @@ impl ShardReader {
     }
 }
 
-fn check_header(h: &ShardHeader, want_uid: &str, p: &CodecParams, loc: &Location) -> Result<()> {
-    let uid = format!("{:016x}", h.uid);
+/// `uid` is the header's uid as hex, `want_uid` the manifest entry's; a shard opened on its
+/// own has none to match.
+fn check_header(
+    h: &ShardHeader,
+    uid: &str,
+    want_uid: Option<&str>,
+    p: &CodecParams,
+    loc: &Location,
+) -> Result<()> {
     let mut problems = Vec::new();
-    if uid != want_uid {
-        problems.push(format!("uid {uid} (manifest: {want_uid})"));
+    if let Some(want) = want_uid
+        && uid != want
+    {
+        problems.push(format!("uid {uid} (manifest: {want})"));
     }
     if h.kind != p.kind {
         problems.push(format!("kind {} (manifest: {})", h.kind.name(), p.kind.name()));
