@@ -446,23 +446,45 @@ fn decode_sorted_full(
     }
     let mut exts: Vec<ByteReader<'_>> =
         raw.iter().map(|(_, e)| ByteReader::new(e, "log-probability extension")).collect();
-    let mut out = Vec::with_capacity(rows * k);
-    let mut sorted_row = SortedRow::new(step, loc);
+    let mut out = vec![0f32; rows * k];
+    let fine = step / TOP_FINE as f32;
+    // Levels stay in 0..=MAX_LEVEL along a valid row; any other value sets `bad` and fails
+    // the chunk after the loop, so the per-entry work has no early exit. Deltas are never
+    // negative, so a level that left the range cannot come back into it, and escaped values
+    // are capped (a larger one is out of range whatever follows) so sums cannot overflow.
+    let mut bad = false;
     let mut at = [0usize; 4];
-    for _ in 0..rows {
-        sorted_row.start();
+    for row in out.chunks_exact_mut(k) {
+        let mut q: i64 = 0;
+        let mut j = 0usize;
         for (g, (lead, _)) in raw.iter().enumerate() {
             let w = widths[g];
-            for &c in &lead[at[g]..at[g] + w] {
-                let v = if u32::from(c) < LEAD_ESCAPE {
-                    u64::from(c)
-                } else {
-                    escaped(exts[g].varint(loc)?, loc)?
-                };
-                out.push(sorted_row.next(v)?);
-            }
+            let codes = lead.get(at[g]..at[g] + w).unwrap_or_default();
             at[g] += w;
+            for (slot, &c) in row[j..j + w].iter_mut().zip(codes) {
+                let v = if c != LEAD_ESCAPE as u8 {
+                    i64::from(c)
+                } else {
+                    let v = escaped(exts[g].varint(loc)?, loc)?;
+                    i64::try_from(v).unwrap_or(i64::MAX).min(2 * i64::from(MAX_LEVEL))
+                };
+                if g == 0 {
+                    // The top entry, on the fine grid; the next level counts from its coarse
+                    // level minus one.
+                    bad |= v > i64::from(MAX_LEVEL);
+                    *slot = dequantize(v as u32, fine);
+                    q = v / i64::from(TOP_FINE) - 1;
+                } else {
+                    q += v;
+                    bad |= (q as u64) > u64::from(MAX_LEVEL);
+                    *slot = dequantize(q as u32, step);
+                }
+            }
+            j += w;
         }
+    }
+    if bad {
+        return Err(Error::corrupt(loc.clone(), "log-probability level out of range"));
     }
     for e in &exts {
         e.finish(loc)?;
@@ -534,6 +556,96 @@ fn decode_general(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// The top-K fast path against the entry-at-a-time decoder, on streams of random
+        /// codes (escapes included, many out of range) and on corrupted encoder output:
+        /// same values, same verdict.
+        #[test]
+        fn fast_sorted_decoder_agrees_with_the_general_one(
+            k in 1usize..70,
+            rows in 0usize..12,
+            seed in proptest::prelude::any::<u64>(),
+            escapes in 0u32..4,
+        ) {
+            let loc = Location::default();
+            let mut x = seed | 1;
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut raw: [(Vec<u8>, Vec<u8>); 4] = Default::default();
+            for j in 0..rows * k {
+                let g = ids::group_of(j % k);
+                let r = next();
+                if (r % 16) < u64::from(escapes) {
+                    raw[g].0.push(LEAD_ESCAPE as u8);
+                    let v = match r % 3 {
+                        0 => (r >> 8) % 1000,
+                        1 => (r >> 8) % (1 << 26),
+                        _ => r >> 2,
+                    };
+                    bytes::put_varint(&mut raw[g].1, v);
+                } else {
+                    raw[g].0.push((r >> 8) as u8 % if j % k == 0 { 255 } else { 8 });
+                }
+            }
+            // Occasionally a stray extension byte.
+            if next() % 8 == 0 {
+                raw[3].1.push(1);
+            }
+            let shape = RowShape::Fixed { rows, k };
+            let fast = decode_sorted_full(&raw, rows, k, 2f32.powi(-6), &loc);
+            let plain = decode_general(&raw, None, &shape, rows * k, 2f32.powi(-6), true, &loc);
+            proptest::prop_assert_eq!(fast.is_ok(), plain.is_ok());
+            if let (Ok(a), Ok(b)) = (fast, plain) {
+                proptest::prop_assert_eq!(
+                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn level_range_edges_are_checked_by_both_decoders() {
+        let loc = Location::default();
+        let step = 2f32.powi(-6);
+        // One row of K = 2: the top entry's fine level, then the delta of the second entry
+        // from (top / 64 - 1).
+        let row = |q0: u64, d: u64| -> [(Vec<u8>, Vec<u8>); 4] {
+            let (mut l0, mut e0, mut l1, mut e1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (v, l, e) in [(q0, &mut l0, &mut e0), (d, &mut l1, &mut e1)] {
+                if v < 255 {
+                    l.push(v as u8);
+                } else {
+                    l.push(255);
+                    bytes::put_varint(e, v - 255);
+                }
+            }
+            [(l0, e0), (l1, e1), Default::default(), Default::default()]
+        };
+        let max = u64::from(MAX_LEVEL);
+        for (q0, d, ok) in [
+            (0, 1, true),
+            (0, 0, false),
+            (64, 0, true),
+            (max, 1, true),
+            (max + 1, 1, false),
+            (0, max + 1, true),
+            (0, max + 2, false),
+        ] {
+            let raw = row(q0, d);
+            let shape = RowShape::Fixed { rows: 1, k: 2 };
+            let fast = decode_sorted_full(&raw, 1, 2, step, &loc);
+            let plain = decode_general(&raw, None, &shape, 2, step, true, &loc);
+            assert_eq!(fast.is_ok(), ok, "q0 {q0} d {d}");
+            assert_eq!(plain.is_ok(), ok, "q0 {q0} d {d}");
+        }
+    }
 
     #[test]
     fn parse_and_steps() {
