@@ -3,6 +3,7 @@
 //! padded batches in parallel.
 
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -667,73 +668,114 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> B
             .unwrap_or(0),
     };
     let sampled = p.kind == Kind::Sampled;
-    let has_lp = p.has_logprobs();
     let per = max_len * width;
-    let mut out = Batch {
+    let k = p.k as usize;
+    // Rows of one record: (first entry, entries) in the chunk's flat arrays.
+    let rows = |c: &DecodedChunk, pos: usize| {
+        if sampled {
+            (c.entry_offsets[pos], c.entry_offsets[pos + 1] - c.entry_offsets[pos])
+        } else {
+            (pos * k, k)
+        }
+    };
+    // Writes each record's entries, then the padding of each row (sampled rows are ragged)
+    // or of the record's tail (top-K rows are full, so a record is one contiguous copy).
+    let fill = |src: &(dyn Fn(&DecodedChunk) -> &[u32] + Sync), pad: i32| {
+        padded_parts(b, per, pad, |i, part: &mut Part<'_, i32>| {
+            let (c, r) = sources[i];
+            let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
+            let data = src(c);
+            if sampled {
+                for (row, pos) in (p0..p1).enumerate() {
+                    let (e0, n) = rows(c, pos);
+                    part.put_map(&data[e0..e0 + n], |&v| v as i32);
+                    part.pad_to((row + 1) * width, pad);
+                }
+            } else {
+                part.put_map(&data[p0 * k..p1 * k], |&v| v as i32);
+            }
+        })
+    };
+    Batch {
         batch: b,
         max_len,
         width,
         lengths: lens.iter().map(|&l| l as u32).collect(),
-        input_ids: vec![0; b * max_len],
-        ids: vec![if sampled { -1 } else { 0 }; b * per],
-        logprobs: if has_lp { vec![f32::NEG_INFINITY; b * per] } else { Vec::new() },
-        counts: if sampled { vec![0; b * per] } else { Vec::new() },
-    };
-    if max_len == 0 {
-        return out;
-    }
-    let k = p.k as usize;
-    out.input_ids.par_chunks_mut(max_len).zip(sources.par_iter()).for_each(|(dst, (c, r))| {
-        let src = &c.input_ids[c.pos_offsets[*r]..c.pos_offsets[r + 1]];
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = *s as i32;
-        }
-    });
-    if per == 0 {
-        return out;
-    }
-    let fill_rows = |dst_ids: &mut [i32],
-                     dst_lp: &mut [f32],
-                     dst_counts: &mut [i32],
-                     c: &DecodedChunk,
-                     r: usize| {
-        let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
-        for (row, pos) in (p0..p1).enumerate() {
-            let (e0, e1) = if sampled {
-                (c.entry_offsets[pos], c.entry_offsets[pos + 1])
-            } else {
-                (pos * k, pos * k + k)
-            };
-            let d0 = row * width;
-            let n = e1 - e0;
-            for (d, s) in dst_ids[d0..d0 + n].iter_mut().zip(&c.ids[e0..e1]) {
-                *d = *s as i32;
-            }
-            if !dst_lp.is_empty() {
-                dst_lp[d0..d0 + n].copy_from_slice(&c.logprobs[e0..e1]);
-            }
-            if !dst_counts.is_empty() {
-                for (d, s) in dst_counts[d0..d0 + n].iter_mut().zip(&c.counts[e0..e1]) {
-                    *d = *s as i32;
+        input_ids: padded_parts(b, max_len, 0, |i, part| {
+            let (c, r) = sources[i];
+            part.put_map(&c.input_ids[c.pos_offsets[r]..c.pos_offsets[r + 1]], |&v| v as i32);
+        }),
+        ids: fill(&|c| &c.ids, if sampled { -1 } else { 0 }),
+        logprobs: if p.has_logprobs() {
+            padded_parts(b, per, f32::NEG_INFINITY, |i, part| {
+                let (c, r) = sources[i];
+                let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
+                if sampled {
+                    for (row, pos) in (p0..p1).enumerate() {
+                        let (e0, n) = rows(c, pos);
+                        part.put_map(&c.logprobs[e0..e0 + n], |&v| v);
+                        part.pad_to((row + 1) * width, f32::NEG_INFINITY);
+                    }
+                } else {
+                    part.put_map(&c.logprobs[p0 * k..p1 * k], |&v| v);
                 }
-            }
+            })
+        } else {
+            Vec::new()
+        },
+        counts: if sampled { fill(&|c| &c.counts, 0) } else { Vec::new() },
+    }
+}
+
+/// The front of an uninitialized part of an output array, written in order.
+struct Part<'a, T> {
+    slots: &'a mut [MaybeUninit<T>],
+    len: usize,
+}
+
+impl<T: Copy> Part<'_, T> {
+    /// Append `f` of each of `src` (as many as fit).
+    #[inline]
+    fn put_map<S>(&mut self, src: &[S], f: impl Fn(&S) -> T) {
+        let n = src.len().min(self.slots.len() - self.len);
+        for (d, s) in self.slots[self.len..self.len + n].iter_mut().zip(src) {
+            d.write(f(s));
         }
-    };
-    let lp_chunks: Vec<&mut [f32]> = if has_lp {
-        out.logprobs.chunks_mut(per).collect()
-    } else {
-        (0..b).map(|_| &mut [][..]).collect()
-    };
-    let count_chunks: Vec<&mut [i32]> = if sampled {
-        out.counts.chunks_mut(per).collect()
-    } else {
-        (0..b).map(|_| &mut [][..]).collect()
-    };
-    out.ids
-        .par_chunks_mut(per)
-        .zip(lp_chunks.into_par_iter())
-        .zip(count_chunks.into_par_iter())
-        .zip(sources.par_iter())
-        .for_each(|(((ids, lp), counts), (c, r))| fill_rows(ids, lp, counts, c, *r));
+        self.len += n;
+    }
+
+    /// Append `v` up to length `to` (capped at the part's size).
+    fn pad_to(&mut self, to: usize, v: T) {
+        let to = to.min(self.slots.len());
+        if to > self.len {
+            for d in &mut self.slots[self.len..to] {
+                d.write(v);
+            }
+            self.len = to;
+        }
+    }
+}
+
+/// `parts * per` values, part `i` written by `fill(i, ..)` in parallel and the rest of each
+/// part padded with `pad`: every value is written once (a padded batch is tens of MB, and
+/// filling it with the padding before copying the records in doubled the writes).
+fn padded_parts<T, F>(parts: usize, per: usize, pad: T, fill: F) -> Vec<T>
+where
+    T: Copy + Send + Sync,
+    F: Fn(usize, &mut Part<'_, T>) + Sync + Send,
+{
+    let n = parts * per;
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    if per > 0 {
+        out.spare_capacity_mut()[..n].par_chunks_mut(per).enumerate().for_each(|(i, slots)| {
+            let mut part = Part { slots, len: 0 };
+            fill(i, &mut part);
+            part.pad_to(per, pad);
+        });
+    }
+    // SAFETY: the n slots are the parts' slots (n / per chunks of `per`), and each part ends
+    // with pad_to(per), so every slot was written: `Part` only writes at `len`, moving it up,
+    // and pad_to writes everything from `len` to the part's end.
+    unsafe { out.set_len(n) };
     out
 }

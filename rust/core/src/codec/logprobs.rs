@@ -446,7 +446,13 @@ fn decode_sorted_full(
     }
     let mut exts: Vec<ByteReader<'_>> =
         raw.iter().map(|(_, e)| ByteReader::new(e, "log-probability extension")).collect();
-    let mut out = vec![0f32; rows * k];
+    // Written without zeroing first (see ids::Table::decode_rows).
+    let n = rows * k;
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let widths_sum: usize = widths.iter().sum();
+    if widths_sum != k {
+        return Err(Error::State(format!("log-prob groups cover {widths_sum} of {k} ranks")));
+    }
     let fine = step / TOP_FINE as f32;
     // Levels stay in 0..=MAX_LEVEL along a valid row; any other value sets `bad` and fails
     // the chunk after the loop, so the per-entry work has no early exit. Deltas are never
@@ -454,14 +460,17 @@ fn decode_sorted_full(
     // are capped (a larger one is out of range whatever follows) so sums cannot overflow.
     let mut bad = false;
     let mut at = [0usize; 4];
-    for row in out.chunks_exact_mut(k) {
+    for row in out.spare_capacity_mut()[..n].chunks_exact_mut(k.max(1)) {
         let mut q: i64 = 0;
         let mut j = 0usize;
         for (g, (lead, _)) in raw.iter().enumerate() {
             let w = widths[g];
-            let codes = lead.get(at[g]..at[g] + w).unwrap_or_default();
+            let (Some(codes), Some(slots)) = (lead.get(at[g]..at[g] + w), row.get_mut(j..j + w))
+            else {
+                return Err(Error::corrupt(loc.clone(), "log-probability stream ends early"));
+            };
             at[g] += w;
-            for (slot, &c) in row[j..j + w].iter_mut().zip(codes) {
+            for (slot, &c) in slots.iter_mut().zip(codes) {
                 let v = if c != LEAD_ESCAPE as u8 {
                     i64::from(c)
                 } else {
@@ -472,12 +481,12 @@ fn decode_sorted_full(
                     // The top entry, on the fine grid; the next level counts from its coarse
                     // level minus one.
                     bad |= v > i64::from(MAX_LEVEL);
-                    *slot = dequantize(v as u32, fine);
+                    slot.write(dequantize(v as u32, fine));
                     q = v / i64::from(TOP_FINE) - 1;
                 } else {
                     q += v;
                     bad |= (q as u64) > u64::from(MAX_LEVEL);
-                    *slot = dequantize(q as u32, step);
+                    slot.write(dequantize(q as u32, step));
                 }
             }
             j += w;
@@ -489,6 +498,10 @@ fn decode_sorted_full(
     for e in &exts {
         e.finish(loc)?;
     }
+    // SAFETY: the widths add up to k (checked above), every row of k slots (n / k of them,
+    // k > 0 when n > 0) went through the four groups, and each group wrote its w slots
+    // (codes and slots both hold exactly w, or the loop returned an error).
+    unsafe { out.set_len(n) };
     Ok(out)
 }
 
