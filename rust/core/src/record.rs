@@ -44,19 +44,18 @@ impl IdArray<'_> {
 /// from something that is not one, at a fraction of the cost of `expf`.
 #[inline]
 pub fn approx_exp(x: f32) -> f32 {
-    if x < -87.0 {
-        return 0.0;
-    }
+    // Selects, not branches, so that loops over rows vectorize. NaN stays NaN (no compare
+    // with it holds, and NaN as i32 is 0).
+    let xc = if x < -87.0 { -87.0 } else { x };
     // 2^t with t = x log2(e): exponent bits from floor(t), a cubic for 2^frac.
-    let t = x * std::f32::consts::LOG2_E;
+    let t = xc * std::f32::consts::LOG2_E;
     // floor(t) without a libm call: truncate, then step down for negative non-integers.
-    let mut fl = t as i32 as f32;
-    if fl > t {
-        fl -= 1.0;
-    }
+    let tr = t as i32 as f32;
+    let fl = if tr > t { tr - 1.0 } else { tr };
     let f = t - fl;
     let p = 1.0 + f * (0.695_036 + f * (0.228_308_76 + f * 0.076_325));
-    f32::from_bits(((fl as i32 + 127) as u32) << 23) * p
+    let e = f32::from_bits(((fl as i32 + 127) as u32) << 23) * p;
+    if x < -87.0 { 0.0 } else { e }
 }
 
 /// Per-thread scratch for the distinct-ids check: one stamp per vocabulary entry, so that

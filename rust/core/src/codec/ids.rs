@@ -37,7 +37,8 @@ pub fn group_of(rank: usize) -> usize {
     }
 }
 
-/// Append the code of `r`: the lead byte to `lead`, any extension to `ext`.
+/// Append the code of `r`: the lead byte to `lead`, any extension to `ext` (the plain
+/// definition of the code; the encoder uses [`RankWriter`]).
 #[inline]
 pub fn put_rank(lead: &mut Vec<u8>, ext: &mut Vec<u8>, r: u32) {
     if r < ONE_BYTE {
@@ -49,6 +50,63 @@ pub fn put_rank(lead: &mut Vec<u8>, ext: &mut Vec<u8>, r: u32) {
     } else {
         lead.push(ESCAPE);
         put_varint(ext, u64::from(r - ONE_BYTE - TWO_BYTE_SPAN));
+    }
+}
+
+/// Writes rank codes like [`put_rank`], without branches on the data for one- and
+/// two-byte codes (whether a code is long is close to random for rare ids): every code
+/// stores a byte at the extension's end, which only long codes keep.
+#[derive(Default)]
+pub struct RankWriter {
+    pub lead: Vec<u8>,
+    ext: Vec<u8>,
+    /// Bytes of `ext` in use (the rest is slack for the next store).
+    used: usize,
+}
+
+impl RankWriter {
+    pub fn with_capacity(codes: usize) -> RankWriter {
+        RankWriter { lead: Vec::with_capacity(codes), ext: vec![0; codes / 2 + 64], used: 0 }
+    }
+
+    #[inline]
+    /// Append the codes of `ranks`.
+    pub fn put_all(&mut self, ranks: impl IntoIterator<Item = u32>) {
+        for r in ranks {
+            if self.used + 16 > self.ext.len() {
+                self.ext.resize(self.ext.len() * 2 + 64, 0);
+            }
+            if r >= ONE_BYTE + TWO_BYTE_SPAN {
+                self.lead.push(ESCAPE);
+                let mut v = u64::from(r - ONE_BYTE - TWO_BYTE_SPAN);
+                // A u32 rank takes at most 5 varint bytes; 16 are free.
+                while v >= 0x80 {
+                    if let Some(b) = self.ext.get_mut(self.used) {
+                        *b = (v as u8) | 0x80;
+                    }
+                    self.used += 1;
+                    v >>= 7;
+                }
+                if let Some(b) = self.ext.get_mut(self.used) {
+                    *b = v as u8;
+                }
+                self.used += 1;
+                continue;
+            }
+            let long = r >= ONE_BYTE;
+            let v = r.wrapping_sub(ONE_BYTE);
+            self.lead.push(if long { (ONE_BYTE + (v >> 8)) as u8 } else { r as u8 });
+            if let Some(b) = self.ext.get_mut(self.used) {
+                *b = v as u8;
+            }
+            self.used += usize::from(long);
+        }
+    }
+
+    /// The lead and extension streams.
+    pub fn finish(mut self) -> (Vec<u8>, Vec<u8>) {
+        self.ext.truncate(self.used);
+        (self.lead, self.ext)
     }
 }
 
@@ -546,6 +604,12 @@ mod tests {
             for &r in &ranks {
                 put_rank(&mut lead, &mut ext, r);
             }
+            // The encoder's branch-free writer, in pieces, writes the same streams.
+            let mut w = RankWriter::with_capacity(0);
+            for part in ranks.chunks(7) {
+                w.put_all(part.iter().copied());
+            }
+            proptest::prop_assert_eq!(w.finish(), (lead.clone(), ext.clone()));
             if let Some((at, bit, in_lead)) = flip {
                 let target = if in_lead { &mut lead } else { &mut ext };
                 if !target.is_empty() {

@@ -144,6 +144,19 @@ pub fn level(logprob: f32, inv_step: f64) -> Option<u32> {
     Some(if f64::from(q) - x > 0.5 { q - 1 } else { q })
 }
 
+/// [`level`] without branches (so that a row's levels vectorize): the level, or `u32::MAX`
+/// where `level` gives `None`. Same arithmetic in float64 (`x + 0.5` is exact there for a
+/// float32 times a power of two below 2^24, and the correction undoes a round-up).
+#[inline]
+pub fn level_or_max(logprob: f32, inv_step: f64) -> u32 {
+    let x = -f64::from(logprob) * inv_step;
+    let ok = x <= f64::from(MAX_LEVEL);
+    let x = if x > 0.0 { x } else { 0.0 };
+    let q = (x + 0.5) as u32;
+    let q = q - u32::from(f64::from(q) - x > 0.5);
+    if ok { q } else { u32::MAX }
+}
+
 /// The decoded value of a level: `0 - q * step` in float32 (exact for q <= 2^24).
 #[inline]
 pub fn dequantize(q: u32, step: f32) -> f32 {
@@ -175,15 +188,30 @@ fn top_level(row: &[f32], coarse: &[u32], step: f32) -> Option<u32> {
         // interval stays non-empty: 64 q_1 >= 64 x_1 / step - 32 >= lo.)
         hi = hi.min(f64::from(q1) * f64::from(TOP_FINE));
     }
-    // Probabilities only steer the choice (the error bound holds whatever it is), so the
-    // cheap exponential is enough.
-    let written: f64 =
-        row[..coarse.len()].iter().map(|&v| f64::from(crate::record::approx_exp(v))).sum();
-    let others: f64 = coarse[1..]
-        .iter()
-        .map(|&q| f64::from(crate::record::approx_exp(dequantize(q, step))))
-        .sum();
-    let target = written - others;
+    // The top entry's probability that keeps the row's mass: p_0 + sum_{j>=1} (p_j - p^_j)
+    // = p_0 - sum p_j (e^d_j - 1) with d_j = (decoded - written) log-prob, |d_j| <= s/2.
+    // e^d - 1 is taken as d + d^2/2 (relative error below d^2/6 <= 3e-6 for s <= 2^-6, and
+    // the error bound holds whatever the choice), so each entry needs one exponential, and
+    // probabilities only steer the choice, so the cheap one is enough.
+    // Float32 is ample: the fine grid needs the target to about 1e-4 relative. Eight
+    // running sums, so that the loop vectorizes.
+    let correction = |v: f32, q: u32| {
+        let d = dequantize(q, step) - v;
+        crate::record::approx_exp(v) * (d + 0.5 * d * d)
+    };
+    let (vs, qs) = (&row[1..coarse.len()], &coarse[1..]);
+    let mut acc = [0f32; 8];
+    for (v8, q8) in vs.chunks_exact(8).zip(qs.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += correction(v8[i], q8[i]);
+        }
+    }
+    let tail = vs.len() / 8 * 8;
+    let mut sum: f32 = acc.iter().sum();
+    for (&v, &q) in vs[tail..].iter().zip(&qs[tail..]) {
+        sum += correction(v, q);
+    }
+    let target = f64::from(crate::record::approx_exp(v0)) - f64::from(sum);
     let want = if target > 0.0 { -target.ln() / fine } else { hi };
     Some(want.round().clamp(lo, hi) as u32)
 }
@@ -259,14 +287,17 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
             let mut finite = Vec::with_capacity(rows.num_rows());
             let mut any_nonfinite = false;
             let mut levels: Vec<u32> = Vec::new();
+            let mut deltas: Vec<u32> = Vec::new();
             rows.for_each_row(|start, n| {
                 let row = &lp[start..start + n];
                 let count = if sorted {
                     // -inf (and anything too negative to quantize) ends a sorted row: the
                     // rest of the row is -inf too.
                     levels.clear();
-                    levels.extend(row.iter().map_while(|&v| level(v, inv_step)));
-                    let mut count = levels.len();
+                    levels.extend(row.iter().map(|&v| level_or_max(v, inv_step)));
+                    let mut count =
+                        levels.iter().position(|&q| q == u32::MAX).unwrap_or(levels.len());
+                    levels.truncate(count);
                     match top_level(row, &levels, step) {
                         Some(q0) => {
                             put_small(&mut leads[0], &mut exts[0], q0);
@@ -274,14 +305,26 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
                             // entry's coarse level minus one (never negative, see FORMAT.md),
                             // then non-negative deltas (non-increasing logprobs).
                             let mut prev = (q0 / TOP_FINE) as i64 - 1;
-                            for (j, &q) in levels.iter().enumerate().skip(1) {
-                                let g = ids::group_of(j);
-                                put_small(
-                                    &mut leads[g],
-                                    &mut exts[g],
-                                    (i64::from(q) - prev) as u32,
-                                );
+                            deltas.clear();
+                            let mut largest = 0u32;
+                            for &q in &levels[1..] {
+                                let d = (i64::from(q) - prev) as u32;
+                                largest = largest.max(d);
+                                deltas.push(d);
                                 prev = i64::from(q);
+                            }
+                            for (g, &(a, b)) in ids::GROUPS.iter().enumerate().skip(1) {
+                                let Some(part) = deltas.get(a - 1..b.min(count).max(a) - 1) else {
+                                    continue;
+                                };
+                                if largest < LEAD_ESCAPE {
+                                    // The common case: one byte per delta, no extensions.
+                                    leads[g].extend(part.iter().map(|&d| d as u8));
+                                } else {
+                                    for &d in part {
+                                        put_small(&mut leads[g], &mut exts[g], d);
+                                    }
+                                }
                             }
                         }
                         None => count = 0,
@@ -695,6 +738,41 @@ mod tests {
         let rows = RowShape::Fixed { rows: 1, k: 1 };
         assert!(decode_general(&raw, None, &rows, 1, 0.5, true, &loc).is_err());
         assert!(decode_general(&raw, None, &rows, 1, 0.5, false, &loc).is_err());
+    }
+
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        /// The branch-free level is `level` bit for bit, at every step and over the whole
+        /// float32 range (the random bit patterns include NaN, infinities and subnormals).
+        #[test]
+        fn branch_free_level_is_level(
+            v in proptest::prop_oneof![
+                proptest::prelude::any::<u32>().prop_map(f32::from_bits),
+                -100f32..1e-3,
+            ],
+            e in 1i32..=20,
+        ) {
+            let inv = 2f64.powi(e);
+            proptest::prop_assert_eq!(
+                level_or_max(v, inv),
+                level(v, inv).unwrap_or(u32::MAX),
+                "{}", v
+            );
+        }
+    }
+
+    #[test]
+    fn branch_free_level_at_the_rounding_edges() {
+        for q in [0u32, 1, 2, (1 << 23) - 1, 1 << 23, (1 << 23) + 1, (1 << 24) - 1, 1 << 24] {
+            for x in [q as f32, q as f32 + 0.5, q as f32 - 0.5] {
+                for v in
+                    [-x, f32::from_bits((-x).to_bits() + 1), f32::from_bits((-x).to_bits() - 1)]
+                {
+                    assert_eq!(level_or_max(v, 1.0), level(v, 1.0).unwrap_or(u32::MAX), "{v}");
+                }
+            }
+        }
     }
 
     #[test]

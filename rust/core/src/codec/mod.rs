@@ -379,21 +379,31 @@ pub fn encode_chunk(
     let table =
         ids::TableEncoder::new(&[&buf.input_ids, &buf.ids], p.vocab_size, &mut scratch.table);
     let ts = &scratch.table;
-    let (mut input_lead, mut input_ext) = (Vec::with_capacity(buf.positions()), Vec::new());
-    for &t in &buf.input_ids {
-        ids::put_rank(&mut input_lead, &mut input_ext, table.rank(t, ts));
-    }
-    let mut leads: [Vec<u8>; 4] =
-        std::array::from_fn(|_| Vec::with_capacity(buf.entries() / 2 + 16));
-    let mut exts: [Vec<u8>; 4] = Default::default();
+    let mut input = ids::RankWriter::with_capacity(buf.positions());
+    input.put_all(buf.input_ids.iter().map(|&t| table.rank(t, ts)));
+    let (input_lead, input_ext) = input.finish();
+    let mut groups: [ids::RankWriter; 4] =
+        std::array::from_fn(|_| ids::RankWriter::with_capacity(buf.entries() / 2 + 16));
     let rows = RowShape::of(buf, p);
-    rows.for_each_row(|start, n| {
-        for (j, &id) in buf.ids[start..start + n].iter().enumerate() {
-            let g = ids::group_of(j);
-            ids::put_rank(&mut leads[g], &mut exts[g], table.rank(id, ts));
+    match &rows {
+        RowShape::Fixed { rows: n, k } => {
+            // Group by group: each writer's state stays in registers over its loop.
+            for (g, w) in groups.iter_mut().enumerate() {
+                let (a, b) = (ids::GROUPS[g].0.min(*k), ids::GROUPS[g].1.min(*k));
+                for r in 0..*n {
+                    w.put_all(buf.ids[r * k + a..r * k + b].iter().map(|&id| table.rank(id, ts)));
+                }
+            }
         }
-        Ok(())
-    })?;
+        RowShape::Ragged(_) => rows.for_each_row(|start, n| {
+            for (j, &id) in buf.ids[start..start + n].iter().enumerate() {
+                groups[ids::group_of(j)].put_all([table.rank(id, ts)]);
+            }
+            Ok(())
+        })?,
+    }
+    let (leads, exts): (Vec<Vec<u8>>, Vec<Vec<u8>>) =
+        groups.into_iter().map(|w| w.finish()).unzip();
     let table_streams = (table.ids_stream.clone(), table.counts_stream.clone());
     table.reset(&mut scratch.table);
     let mut streams = vec![
