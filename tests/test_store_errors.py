@@ -311,6 +311,13 @@ def test_missing_sample_is_a_key_error(committed: Path) -> None:
         s[12345]
     with pytest.raises(lc.MissingSampleError, match="12345"):
         s.read_batch([0, 12345])
+    with pytest.raises(lc.MissingSampleError, match="12345"):
+        s.read_packed([0, 12345])
+    for bad in ([[0, 1]], np.array([0.5]), [-1]):
+        with pytest.raises(ValueError, match=r"sample_ids? must"):
+            s.read_packed(bad)
+    empty = s.read_packed([])
+    assert empty.input_ids.shape == (0,) and empty.offsets.tolist() == [0]
     assert 12345 not in s and "0" not in s and 0 in s
 
 

@@ -111,6 +111,17 @@ def test_topk_roundtrip_property(
         assert np.all(batch.input_ids[b, n:] == 0)
         assert np.all(batch.topk_ids[b, n:] == 0)
         assert np.all(np.isneginf(batch.topk_logprobs[b, n:]))
+    # The packed read holds the same records back to back, and duplicates are allowed.
+    order = order + order[:1]
+    packed = store.read_packed(order)
+    assert packed.offsets.tolist() == [0, *np.cumsum([len(data[s][0]) for s in order])]
+    assert packed.topk_ids.shape == (packed.offsets[-1], k)
+    for b, sid in enumerate(order):
+        inp, ids, lp = data[sid]
+        a, e = packed.offsets[b], packed.offsets[b + 1]
+        assert np.array_equal(packed.input_ids[a:e], inp)
+        assert np.array_equal(packed.topk_ids[a:e], ids)
+        _check_logprobs(packed.topk_logprobs[a:e], lp, CODECS[codec])
     assert lc.verify_store(path)["ok"]
 
 
@@ -146,6 +157,19 @@ def test_sampled_roundtrip(tmp_path: Path, rng: np.random.Generator, codec: str)
     assert batch.topk_ids.shape[2] == max((data[s][2] > 0).sum(axis=1).max() for s in (0, 5))
     assert np.all(batch.counts.sum(axis=2)[batch.mask] == n)
     assert np.all(batch.topk_ids[~batch.mask] == -1)
+    packed = store.read_packed([5, 0])
+    w = batch.topk_ids.shape[2]
+    assert packed.topk_ids.shape == (batch.lengths.sum(), w)
+    for b in range(2):
+        a, e = packed.offsets[b], packed.offsets[b + 1]
+        n = batch.lengths[b]
+        assert np.array_equal(packed.topk_ids[a:e], batch.topk_ids[b, :n])
+        assert np.array_equal(packed.counts[a:e], batch.counts[b, :n])
+        assert np.array_equal(packed.input_ids[a:e], batch.input_ids[b, :n])
+        if codec == "none":
+            assert packed.topk_logprobs is None
+        else:
+            assert np.array_equal(packed.topk_logprobs[a:e], batch.topk_logprobs[b, :n])
 
 
 def test_extreme_but_valid_values(tmp_path: Path) -> None:

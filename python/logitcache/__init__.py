@@ -25,6 +25,7 @@ from logitcache.errors import (
 )
 from logitcache.store import (
     Batch,
+    PackedBatch,
     Record,
     Store,
     StoreWriter,
@@ -70,6 +71,7 @@ __all__ = [
     "InvalidRecordError",
     "KDLoss",
     "MissingSampleError",
+    "PackedBatch",
     "Record",
     "Store",
     "StoreError",

@@ -422,6 +422,44 @@ class Batch:
         return int(self.sample_ids.shape[0])
 
 
+def _sample_id_array(sample_ids: Sequence[int] | npt.ArrayLike) -> np.ndarray:
+    """Sample ids as a 1-D uint64 array, refusing what is not one."""
+    if isinstance(sample_ids, (list, tuple, range)):
+        # Python ints may exceed int64; numpy would turn a mix into float64.
+        return np.fromiter((_sample_id(x) for x in sample_ids), dtype=np.uint64)
+    sids = np.asarray(sample_ids)
+    if sids.ndim != 1:
+        raise ValueError(f"sample_ids must be 1-D, got shape {sids.shape}")
+    if sids.dtype.kind not in "iu":
+        raise ValueError(f"sample_ids must be integers, got dtype {sids.dtype}")
+    if sids.dtype.kind == "i" and sids.size and sids.min() < 0:
+        raise ValueError("sample_ids must be non-negative")
+    return np.ascontiguousarray(sids, dtype=np.uint64)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Records one after the other, without padding between them (the layout of packed
+    training with variable-length attention, e.g. ``cu_seqlens``).
+
+    ``input_ids`` is ``[N]`` with N = ``sum(lengths)``; ``topk_ids`` / ``topk_logprobs`` /
+    ``counts`` are ``[N, W]`` with W = K (top-K) or the widest sampled row (sampled rows are
+    padded to it with id -1, log-probability -inf and count 0). Record ``i`` is rows
+    ``offsets[i]:offsets[i + 1]``.
+    """
+
+    sample_ids: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray
+    input_ids: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray | None
+    counts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.sample_ids.shape[0])
+
+
 class Store:
     """An open store (see :func:`open_store`). Safe to share between threads; a store opened
     before ``fork()`` keeps working in the child (e.g. DataLoader workers)."""
@@ -499,22 +537,30 @@ class Store:
     def read_batch(self, sample_ids: Sequence[int] | npt.ArrayLike) -> Batch:
         """Decode many records into padded arrays, with the GIL released and chunks decoded in
         parallel on the shared pool. Raises ``MissingSampleError`` for an unknown id."""
-        if isinstance(sample_ids, (list, tuple, range)):
-            # Python ints may exceed int64; numpy would turn a mix into float64.
-            sids = np.fromiter((_sample_id(x) for x in sample_ids), dtype=np.uint64)
-        else:
-            sids = np.asarray(sample_ids)
-        if sids.ndim != 1:
-            raise ValueError(f"sample_ids must be 1-D, got shape {sids.shape}")
-        if sids.dtype.kind not in "iu":
-            raise ValueError(f"sample_ids must be integers, got dtype {sids.dtype}")
-        if sids.dtype.kind == "i" and sids.size and sids.min() < 0:
-            raise ValueError("sample_ids must be non-negative")
-        sids = np.ascontiguousarray(sids, dtype=np.uint64)
+        sids = _sample_id_array(sample_ids)
         raw = self._s.read_batch(sids)
         return Batch(
             sample_ids=sids,
             lengths=raw["lengths"].astype(np.int64),
+            input_ids=raw["input_ids"],
+            topk_ids=raw["ids"],
+            topk_logprobs=raw.get("logprobs"),
+            counts=raw.get("counts"),
+        )
+
+    def read_packed(self, sample_ids: Sequence[int] | npt.ArrayLike) -> PackedBatch:
+        """Like :meth:`read_batch`, but the records follow one another without padding
+        (``offsets`` gives where each starts): no memory or copying is spent on padding,
+        which for records of mixed lengths is often most of a padded batch."""
+        sids = _sample_id_array(sample_ids)
+        raw = self._s.read_packed(sids)
+        lengths = raw["lengths"].astype(np.int64)
+        offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return PackedBatch(
+            sample_ids=sids,
+            lengths=lengths,
+            offsets=offsets,
             input_ids=raw["input_ids"],
             topk_ids=raw["ids"],
             topk_logprobs=raw.get("logprobs"),

@@ -147,8 +147,17 @@ pub fn shard_decoder(data: &[u8]) {
             assert!(rec.ids.iter().chain(&rec.input_ids).all(|&t| t < vocab), "id >= vocab");
             sources.push((&chunk, r));
         }
-        if let Ok(batch) = crate::threads::install(|| assemble(&sources, &p)) {
-            assert_eq!(batch.batch, sources.len(), "batch size");
+        for packed in [false, true] {
+            if let Ok(batch) = crate::threads::install(|| assemble(&sources, &p, packed)) {
+                assert_eq!(batch.batch, sources.len(), "batch size");
+                let rows: usize = if packed {
+                    batch.lengths.iter().map(|&l| l as usize).sum()
+                } else {
+                    batch.batch * batch.max_len
+                };
+                assert_eq!(batch.input_ids.len(), rows, "input ids");
+                assert_eq!(batch.ids.len(), rows * batch.width, "ids");
+            }
         }
     }
     assert_eq!(shard.locate(shard.footer.records.len()), None, "record past the end");

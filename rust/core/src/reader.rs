@@ -375,12 +375,15 @@ pub struct Store {
     cache: Mutex<ChunkCache>,
 }
 
-/// Records of a batch padded to common shapes, row-major.
+/// Records of a batch, row-major: padded to common shapes, or packed one after the other.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub batch: usize,
-    /// Longest record of the batch.
+    /// Longest record of the batch (0 when packed).
     pub max_len: usize,
+    /// Records one after the other: the arrays below are `[sum(lengths)]` and
+    /// `[sum(lengths), width]` instead of `[batch, max_len]` and `[batch, max_len, width]`.
+    pub packed: bool,
     /// Entries per position: K for top-K, the widest sampled row of the batch for sampled.
     pub width: usize,
     pub lengths: Vec<u32>,
@@ -549,6 +552,16 @@ impl Store {
 
     /// Decode many records into padded arrays, in parallel on the shared pool.
     pub fn read_batch(&self, sample_ids: &[u64]) -> Result<Batch> {
+        self.read_records(sample_ids, false)
+    }
+
+    /// Decode many records into arrays holding them one after the other (no padding between
+    /// records; sampled rows are still padded to the widest row).
+    pub fn read_packed(&self, sample_ids: &[u64]) -> Result<Batch> {
+        self.read_records(sample_ids, true)
+    }
+
+    fn read_records(&self, sample_ids: &[u64], packed: bool) -> Result<Batch> {
         let mut places = Vec::with_capacity(sample_ids.len());
         for &sid in sample_ids {
             let e = self.lookup(sid).ok_or_else(|| self.missing(sid))?;
@@ -575,7 +588,7 @@ impl Store {
             keys.iter().copied().zip(decoded.iter().map(|d| &**d)).collect();
         let sources: Vec<(&DecodedChunk, usize)> =
             places.iter().map(|p| (by_key[&(p.0, p.1)], p.2)).collect();
-        crate::threads::install(|| assemble(&sources, &self.params))
+        crate::threads::install(|| assemble(&sources, &self.params, packed))
     }
 }
 
@@ -648,7 +661,9 @@ fn entry_range(chunk: &DecodedChunk, p0: usize, p1: usize, p: &CodecParams) -> (
     }
 }
 
-pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> Batch {
+/// Copy the records into a [`Batch`]: padded to the longest record, or packed one after the
+/// other (`packed`, then `max_len` is 0 and arrays are `[sum(lengths), ...]`).
+pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams, packed: bool) -> Batch {
     let b = sources.len();
     let lens: Vec<usize> =
         sources.iter().map(|(c, r)| c.pos_offsets[r + 1] - c.pos_offsets[*r]).collect();
@@ -668,8 +683,10 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> B
             .unwrap_or(0),
     };
     let sampled = p.kind == Kind::Sampled;
-    let per = max_len * width;
     let k = p.k as usize;
+    // Positions reserved for each record.
+    let slots: Vec<usize> = if packed { lens.clone() } else { vec![max_len; b] };
+    let entry_slots: Vec<usize> = slots.iter().map(|&l| l * width).collect();
     // Rows of one record: (first entry, entries) in the chunk's flat arrays.
     let rows = |c: &DecodedChunk, pos: usize| {
         if sampled {
@@ -681,7 +698,7 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> B
     // Writes each record's entries, then the padding of each row (sampled rows are ragged)
     // or of the record's tail (top-K rows are full, so a record is one contiguous copy).
     let fill = |src: &(dyn Fn(&DecodedChunk) -> &[u32] + Sync), pad: i32| {
-        padded_parts(b, per, pad, |i, part: &mut Part<'_, i32>| {
+        padded_parts(&entry_slots, pad, |i, part: &mut Part<'_, i32>| {
             let (c, r) = sources[i];
             let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
             let data = src(c);
@@ -698,16 +715,17 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams) -> B
     };
     Batch {
         batch: b,
-        max_len,
+        max_len: if packed { 0 } else { max_len },
         width,
+        packed,
         lengths: lens.iter().map(|&l| l as u32).collect(),
-        input_ids: padded_parts(b, max_len, 0, |i, part| {
+        input_ids: padded_parts(&slots, 0, |i, part| {
             let (c, r) = sources[i];
             part.put_map(&c.input_ids[c.pos_offsets[r]..c.pos_offsets[r + 1]], |&v| v as i32);
         }),
         ids: fill(&|c| &c.ids, if sampled { -1 } else { 0 }),
         logprobs: if p.has_logprobs() {
-            padded_parts(b, per, f32::NEG_INFINITY, |i, part| {
+            padded_parts(&entry_slots, f32::NEG_INFINITY, |i, part| {
                 let (c, r) = sources[i];
                 let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
                 if sampled {
@@ -756,26 +774,32 @@ impl<T: Copy> Part<'_, T> {
     }
 }
 
-/// `parts * per` values, part `i` written by `fill(i, ..)` in parallel and the rest of each
-/// part padded with `pad`: every value is written once (a padded batch is tens of MB, and
-/// filling it with the padding before copying the records in doubled the writes).
-fn padded_parts<T, F>(parts: usize, per: usize, pad: T, fill: F) -> Vec<T>
+/// Parts of the given sizes, one after the other: part `i` written by `fill(i, ..)` in
+/// parallel and the rest of each part padded with `pad`, so every value is written once (a
+/// padded batch is tens of MB, and filling it with the padding before copying the records
+/// in doubled the writes).
+fn padded_parts<T, F>(sizes: &[usize], pad: T, fill: F) -> Vec<T>
 where
     T: Copy + Send + Sync,
     F: Fn(usize, &mut Part<'_, T>) + Sync + Send,
 {
-    let n = parts * per;
+    let n: usize = sizes.iter().sum();
     let mut out: Vec<T> = Vec::with_capacity(n);
-    if per > 0 {
-        out.spare_capacity_mut()[..n].par_chunks_mut(per).enumerate().for_each(|(i, slots)| {
-            let mut part = Part { slots, len: 0 };
-            fill(i, &mut part);
-            part.pad_to(per, pad);
-        });
+    let mut rest = &mut out.spare_capacity_mut()[..n];
+    let mut parts = Vec::with_capacity(sizes.len());
+    for &size in sizes {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(size);
+        parts.push(part);
+        rest = tail;
     }
-    // SAFETY: the n slots are the parts' slots (n / per chunks of `per`), and each part ends
-    // with pad_to(per), so every slot was written: `Part` only writes at `len`, moving it up,
-    // and pad_to writes everything from `len` to the part's end.
+    parts.into_par_iter().enumerate().for_each(|(i, slots)| {
+        let mut part = Part { slots, len: 0 };
+        fill(i, &mut part);
+        part.pad_to(usize::MAX, pad);
+    });
+    // SAFETY: the parts tile the first n slots (their sizes add up to n), and each part ends
+    // with pad_to(its size), so every slot was written: `Part` only writes at `len`, moving
+    // it up, and pad_to writes everything from `len` to the part's end.
     unsafe { out.set_len(n) };
     out
 }

@@ -414,19 +414,49 @@ impl PyStore {
         py: Python<'py>,
         sample_ids: PyReadonlyArray1<'py, u64>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        self.read_records(py, sample_ids, false)
+    }
+
+    /// Records one after the other, as a dict of numpy arrays (zero-copy, like read_batch).
+    fn read_packed<'py>(
+        &self,
+        py: Python<'py>,
+        sample_ids: PyReadonlyArray1<'py, u64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        self.read_records(py, sample_ids, true)
+    }
+}
+
+impl PyStore {
+    fn read_records<'py>(
+        &self,
+        py: Python<'py>,
+        sample_ids: PyReadonlyArray1<'py, u64>,
+        packed: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let ids = contiguous(sample_ids.as_slice(), "sample_ids")?.to_vec();
         let store = Arc::clone(&self.inner);
-        let b = py.detach(move || store.read_batch(&ids)).py_err()?;
-        let (n, l, w) = (b.batch, b.max_len, b.width);
+        let b = py
+            .detach(move || if packed { store.read_packed(&ids) } else { store.read_batch(&ids) })
+            .py_err()?;
+        let w = b.width;
+        // Leading shape: [batch, max_len] padded, [positions] packed.
+        let lead: Vec<usize> =
+            if packed { vec![b.input_ids.len()] } else { vec![b.batch, b.max_len] };
+        let with_width: Vec<usize> = lead.iter().copied().chain([w]).collect();
+        let n_entries = b.ids.len();
         let d = PyDict::new(py);
         d.set_item("lengths", PyArray1::from_vec(py, b.lengths))?;
-        d.set_item("input_ids", PyArray1::from_vec(py, b.input_ids).reshape([n, l])?)?;
-        d.set_item("ids", PyArray1::from_vec(py, b.ids).reshape([n, l, w])?)?;
-        if !b.logprobs.is_empty() || (n * l * w == 0 && self.inner.params.has_logprobs()) {
-            d.set_item("logprobs", PyArray1::from_vec(py, b.logprobs).reshape([n, l, w])?)?;
+        d.set_item("input_ids", PyArray1::from_vec(py, b.input_ids).reshape(lead)?)?;
+        d.set_item("ids", PyArray1::from_vec(py, b.ids).reshape(with_width.clone())?)?;
+        if !b.logprobs.is_empty() || (n_entries == 0 && self.inner.params.has_logprobs()) {
+            d.set_item(
+                "logprobs",
+                PyArray1::from_vec(py, b.logprobs).reshape(with_width.clone())?,
+            )?;
         }
         if self.inner.params.kind == Kind::Sampled {
-            d.set_item("counts", PyArray1::from_vec(py, b.counts).reshape([n, l, w])?)?;
+            d.set_item("counts", PyArray1::from_vec(py, b.counts).reshape(with_width)?)?;
         }
         Ok(d)
     }

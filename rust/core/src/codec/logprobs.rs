@@ -304,15 +304,15 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
                             // Ranks 1.. on the coarse grid: the first relative to the top
                             // entry's coarse level minus one (never negative, see FORMAT.md),
                             // then non-negative deltas (non-increasing logprobs).
-                            let mut prev = (q0 / TOP_FINE) as i64 - 1;
+                            // (q_1 >= q0 / 64 - 1 by the choice of q0, so nothing wraps.)
                             deltas.clear();
-                            let mut largest = 0u32;
-                            for &q in &levels[1..] {
-                                let d = (i64::from(q) - prev) as u32;
-                                largest = largest.max(d);
-                                deltas.push(d);
-                                prev = i64::from(q);
+                            if let Some(&q1) = levels.get(1) {
+                                deltas.push((i64::from(q1) - (q0 / TOP_FINE) as i64 + 1) as u32);
+                                deltas.extend(
+                                    levels[1..].windows(2).map(|w| w[1].wrapping_sub(w[0])),
+                                );
                             }
+                            let largest = deltas.iter().copied().max().unwrap_or(0);
                             for (g, &(a, b)) in ids::GROUPS.iter().enumerate().skip(1) {
                                 let Some(part) = deltas.get(a - 1..b.min(count).max(a) - 1) else {
                                     continue;
