@@ -45,8 +45,15 @@ impl IdArray<'_> {
 #[inline]
 pub fn approx_exp(x: f32) -> f32 {
     // Selects, not branches, so that loops over rows vectorize. NaN stays NaN (no compare
-    // with it holds, and NaN as i32 is 0).
-    let xc = if x < -87.0 { -87.0 } else { x };
+    // with it holds, and NaN as i32 is 0). Inputs above 88 (not log-probabilities, but
+    // record checks may see them) give e^88 instead of overflowing the exponent bits.
+    let xc = if x < -87.0 {
+        -87.0
+    } else if x > 88.0 {
+        88.0
+    } else {
+        x
+    };
     // 2^t with t = x log2(e): exponent bits from floor(t), a cubic for 2^frac.
     let t = xc * std::f32::consts::LOG2_E;
     // floor(t) without a libm call: truncate, then step down for negative non-integers.
@@ -464,6 +471,11 @@ mod tests {
         }
         assert_eq!(approx_exp(-100.0), 0.0);
         assert_eq!(approx_exp(f32::NEG_INFINITY), 0.0);
+        // Not log-probabilities, but the record check's quick pass sees them: no overflow.
+        for x in [88.0f32, 1e3, f32::INFINITY] {
+            assert!(approx_exp(x) > 1e38 && approx_exp(x).is_finite(), "{x}");
+        }
+        assert!(approx_exp(f32::NAN).is_nan());
     }
 
     #[test]

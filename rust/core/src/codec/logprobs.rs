@@ -497,10 +497,10 @@ fn decode_sorted_full(
         return Err(Error::State(format!("log-prob groups cover {widths_sum} of {k} ranks")));
     }
     let fine = step / TOP_FINE as f32;
-    // Levels stay in 0..=MAX_LEVEL along a valid row; any other value sets `bad` and fails
-    // the chunk after the loop, so the per-entry work has no early exit. Deltas are never
-    // negative, so a level that left the range cannot come back into it, and escaped values
-    // are capped (a larger one is out of range whatever follows) so sums cannot overflow.
+    // Levels stay in 0..=MAX_LEVEL along a valid row; an entry outside sets `bad`, which
+    // fails the chunk after the loop, so the per-entry work has no early exit. Escaped
+    // values are capped at 2 MAX_LEVEL (deltas are never negative, so a larger one leaves
+    // the range whatever came before), so the sums cannot overflow.
     let mut bad = false;
     let mut at = [0usize; 4];
     for row in out.spare_capacity_mut()[..n].chunks_exact_mut(k.max(1)) {
