@@ -44,16 +44,10 @@ impl IdArray<'_> {
 /// from something that is not one, at a fraction of the cost of `expf`.
 #[inline]
 pub fn approx_exp(x: f32) -> f32 {
-    // Selects, not branches, so that loops over rows vectorize. NaN stays NaN (no compare
-    // with it holds, and NaN as i32 is 0). Inputs above 88 (not log-probabilities, but
+    // Selects, not branches, so that loops over rows vectorize. NaN stays NaN (clamp keeps
+    // it, and NaN as i32 is 0). Inputs above 88 (not log-probabilities, but
     // record checks may see them) give e^88 instead of overflowing the exponent bits.
-    let xc = if x < -87.0 {
-        -87.0
-    } else if x > 88.0 {
-        88.0
-    } else {
-        x
-    };
+    let xc = x.clamp(-87.0, 88.0);
     // 2^t with t = x log2(e): exponent bits from floor(t), a cubic for 2^frac.
     let t = xc * std::f32::consts::LOG2_E;
     // floor(t) without a libm call: truncate, then step down for negative non-integers.
