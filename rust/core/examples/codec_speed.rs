@@ -2,7 +2,8 @@
 //! thread (CPU time of this thread). Used to tune the codec; the user-facing benchmark is
 //! benches/store_bench.py.
 //!
-//! usage: codec_speed DIR K VOCAB CODEC    (DIR holds input.u32, ids.u32, lp.f32)
+//! usage: codec_speed DIR K VOCAB CODEC [ZSTD_LEVEL [CHUNK_POSITIONS]]
+//! (DIR holds input.u32, ids.u32, lp.f32; REPS=n in the environment: best of n, default 5)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
