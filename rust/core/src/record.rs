@@ -114,25 +114,33 @@ fn append_ids(
     what: &str,
     k: usize,
 ) -> Result<()> {
-    fn run<T: Copy + Into<i128>>(out: &mut Vec<u32>, a: &[T], vocab: u32) -> Option<usize> {
-        out.reserve(a.len());
-        let v = i128::from(vocab);
-        for (i, &x) in a.iter().enumerate() {
-            let x: i128 = x.into();
-            if x < 0 || x >= v {
-                return Some(i);
-            }
-            out.push(x as u32);
+    /// Index of the first id outside [0, vocab), or None after appending all as u32. The
+    /// check is one unsigned compare per id (negative ids wrap to huge values) in a loop
+    /// without early exit, so it vectorizes; the index is only searched for on failure.
+    fn run<T: Copy + Into<i128>>(
+        out: &mut Vec<u32>,
+        a: &[T],
+        vocab: u32,
+        wide: impl Fn(T) -> u64,
+    ) -> Option<usize> {
+        let v = u64::from(vocab);
+        if a.iter().fold(false, |bad, &x| bad | (wide(x) >= v)) {
+            let v = i128::from(vocab);
+            return a.iter().position(|&x| {
+                let x: i128 = x.into();
+                x < 0 || x >= v
+            });
         }
+        out.extend(a.iter().map(|&x| wide(x) as u32));
         None
     }
     let start = out.len();
     let bad = match arr {
-        IdArray::I64(a) => run(out, a, vocab),
-        IdArray::I32(a) => run(out, a, vocab),
-        IdArray::U32(a) => run(out, a, vocab),
-        IdArray::U16(a) => run(out, a, vocab),
-        IdArray::U64(a) => run(out, a, vocab),
+        IdArray::I64(a) => run(out, a, vocab, |x| x as u64),
+        IdArray::I32(a) => run(out, a, vocab, |x| i64::from(x) as u64),
+        IdArray::U32(a) => run(out, a, vocab, u64::from),
+        IdArray::U16(a) => run(out, a, vocab, u64::from),
+        IdArray::U64(a) => run(out, a, vocab, |x| x),
     };
     let Some(i) = bad else { return Ok(()) };
     out.truncate(start);
@@ -453,6 +461,33 @@ mod tests {
             100,
         )?;
         Ok(buf)
+    }
+
+    #[test]
+    fn id_range_check_of_every_dtype_names_the_first_bad_entry() {
+        let vocab = 300u32;
+        let run = |arr: IdArray<'_>| {
+            let mut out = vec![7u32];
+            let r = append_ids(&mut out, 1, arr, vocab, "id", 2);
+            (r.err().map(|e| e.to_string()), out)
+        };
+        let (err, out) = run(IdArray::I64(&[0, 299, 5]));
+        assert!(err.is_none());
+        assert_eq!(out, vec![7, 0, 299, 5]);
+        for (arr, at) in [
+            (IdArray::I64(&[0, 1, -1, 300]), "id -1 at position 1, rank 0"),
+            (IdArray::I64(&[0, i64::MIN]), "id -9223372036854775808 at position 0, rank 1"),
+            (IdArray::I32(&[3, 300]), "id 300 at position 0, rank 1"),
+            (IdArray::I32(&[-2]), "id -2 at position 0, rank 0"),
+            (IdArray::U32(&[1, 2, 4_000_000_000]), "id 4000000000 at position 1, rank 0"),
+            (IdArray::U16(&[65535]), "id 65535 at position 0, rank 0"),
+            (IdArray::U64(&[1, u64::MAX]), "id 18446744073709551615 at position 0, rank 1"),
+        ] {
+            let (err, out) = run(arr);
+            let err = err.unwrap_or_default();
+            assert!(err.contains(at), "{err}");
+            assert_eq!(out, vec![7], "nothing appended on error");
+        }
     }
 
     #[test]
