@@ -379,11 +379,10 @@ pub struct Store {
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub batch: usize,
-    /// Longest record of the batch (0 when packed).
+    /// Longest record of the batch; 0 for a packed batch (`Store::read_packed`), whose
+    /// arrays are `[sum(lengths)]` and `[sum(lengths), width]` instead of `[batch, max_len]`
+    /// and `[batch, max_len, width]`.
     pub max_len: usize,
-    /// Records one after the other: the arrays below are `[sum(lengths)]` and
-    /// `[sum(lengths), width]` instead of `[batch, max_len]` and `[batch, max_len, width]`.
-    pub packed: bool,
     /// Entries per position: K for top-K, the widest sampled row of the batch for sampled.
     pub width: usize,
     pub lengths: Vec<u32>,
@@ -717,7 +716,6 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams, pack
         batch: b,
         max_len: if packed { 0 } else { max_len },
         width,
-        packed,
         lengths: lens.iter().map(|&l| l as u32).collect(),
         input_ids: padded_parts(&slots, 0, |i, part| {
             let (c, r) = sources[i];

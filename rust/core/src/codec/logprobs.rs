@@ -133,27 +133,20 @@ fn step_from_log2(step_log2: i32) -> f32 {
 /// represent (their probability is exactly 0 in float32 and float64).
 #[inline]
 pub fn level(logprob: f32, inv_step: f64) -> Option<u32> {
-    let x = -f64::from(logprob) * inv_step;
-    if x.is_nan() || x > f64::from(MAX_LEVEL) {
-        return None;
-    }
-    let x = x.max(0.0);
-    // Round half up by truncation (no libm call); x + 0.5 can round up across an integer
-    // when x is just below n + 0.5, which the correction undoes.
-    let q = (x + 0.5) as u32;
-    Some(if f64::from(q) - x > 0.5 { q - 1 } else { q })
+    let q = level_or_max(logprob, inv_step);
+    (q != u32::MAX).then_some(q)
 }
 
 /// [`level`] without branches (so that a row's levels vectorize): the level, or `u32::MAX`
-/// where `level` gives `None`. Same arithmetic in float64 (`x + 0.5` is exact there for a
-/// float32 times a power of two below 2^24, and the correction undoes a round-up).
+/// where `level` gives `None`.
 #[inline]
 pub fn level_or_max(logprob: f32, inv_step: f64) -> u32 {
     let x = -f64::from(logprob) * inv_step;
     let ok = x <= f64::from(MAX_LEVEL);
     let x = if x > 0.0 { x } else { 0.0 };
+    // Round half up by truncation (no libm call): x + 0.5 is exact in float64 for a float32
+    // times a power of two up to 2^24, so truncating it is floor(x + 1/2).
     let q = (x + 0.5) as u32;
-    let q = q - u32::from(f64::from(q) - x > 0.5);
     if ok { q } else { u32::MAX }
 }
 
@@ -743,10 +736,11 @@ mod tests {
     use proptest::strategy::Strategy;
 
     proptest::proptest! {
-        /// The branch-free level is `level` bit for bit, at every step and over the whole
-        /// float32 range (the random bit patterns include NaN, infinities and subnormals).
+        /// The level is round-half-up of -logprob / step (floor(x + 1/2) with libm, exact in
+        /// float64 here), over the whole float32 range (the random bit patterns include NaN,
+        /// infinities and subnormals), and `level` is its Option form.
         #[test]
-        fn branch_free_level_is_level(
+        fn level_is_round_half_up(
             v in proptest::prop_oneof![
                 proptest::prelude::any::<u32>().prop_map(f32::from_bits),
                 -100f32..1e-3,
@@ -754,22 +748,31 @@ mod tests {
             e in 1i32..=20,
         ) {
             let inv = 2f64.powi(e);
-            proptest::prop_assert_eq!(
-                level_or_max(v, inv),
-                level(v, inv).unwrap_or(u32::MAX),
-                "{}", v
-            );
+            let x = -f64::from(v) * inv;
+            let want = if x.is_nan() || x > f64::from(MAX_LEVEL) {
+                u32::MAX
+            } else {
+                (x.max(0.0) + 0.5).floor() as u32
+            };
+            proptest::prop_assert_eq!(level_or_max(v, inv), want, "{}", v);
+            proptest::prop_assert_eq!(level(v, inv), (want != u32::MAX).then_some(want));
         }
     }
 
     #[test]
-    fn branch_free_level_at_the_rounding_edges() {
+    fn level_at_the_rounding_edges() {
         for q in [0u32, 1, 2, (1 << 23) - 1, 1 << 23, (1 << 23) + 1, (1 << 24) - 1, 1 << 24] {
             for x in [q as f32, q as f32 + 0.5, q as f32 - 0.5] {
                 for v in
                     [-x, f32::from_bits((-x).to_bits() + 1), f32::from_bits((-x).to_bits() - 1)]
                 {
-                    assert_eq!(level_or_max(v, 1.0), level(v, 1.0).unwrap_or(u32::MAX), "{v}");
+                    let x = -f64::from(v);
+                    let want = if x.is_nan() || x > f64::from(MAX_LEVEL) {
+                        u32::MAX
+                    } else {
+                        (x.max(0.0) + 0.5).floor() as u32
+                    };
+                    assert_eq!(level_or_max(v, 1.0), want, "{v}");
                 }
             }
         }
