@@ -86,6 +86,10 @@ RANK_VARINT_BASE = 224 + 31 * 256  # 8160: the rank of lead 255 with varint 0
 LEVEL_ESCAPE = 255
 MAX_LEVEL = 2**24
 MAX_CODED = 2**42
+# Top-K rows (abs and kl): the coded numbers of entries j >= 16 go two per lead byte.
+PAIRED_FROM = GROUP_STARTS[3]
+PAIR_BASE = 15  # a pair (a, b) with both below this is the lead byte 15 a + b
+PAIR_ESCAPE = 225  # then a and b are varints in the extension; larger lead bytes are errors
 TOP_FINE = 64  # the top entry of an abs top-K row is on the grid step / 64
 
 KL_LOSSLESS_MODE = 255
@@ -635,6 +639,36 @@ def decode_level_codes(lead: bytes, ext: Cursor, where: Where) -> np.ndarray:
     return values
 
 
+def decode_pair_codes(lead: bytes, ext: Cursor, per_row: np.ndarray, where: Where) -> np.ndarray:
+    """Coded numbers of the entries j >= 16 of top-K rows, in row order (section 4.2).
+
+    ``per_row``: how many such entries each row codes. A row's numbers come in pairs, each
+    one lead byte (``15 a + b``, or 225 and then a and b as varints in the extension); a row
+    with an odd count pads its last pair with b = 0."""
+    pairs_per_row = (per_row + 1) // 2
+    codes = np.frombuffer(lead, np.uint8).astype(np.int64)
+    if len(codes) != int(pairs_per_row.sum()):
+        raise where.error(
+            f"stream {ext.name}: {len(codes)} pair bytes, expected {pairs_per_row.sum()}"
+        )
+    if np.any(codes > PAIR_ESCAPE):
+        raise where.error(f"pair byte {codes.max()} is above {PAIR_ESCAPE}")
+    first, second = codes // PAIR_BASE, codes % PAIR_BASE
+    for i in np.flatnonzero(codes == PAIR_ESCAPE):  # extensions are read in pair order
+        a, b = ext.varint(), ext.varint()
+        if max(a, b) > MAX_CODED:
+            raise where.error(f"stream {ext.name}: coded number {max(a, b)} exceeds 2^42")
+        first[i], second[i] = a, b
+    ext.expect_end()
+    values = np.stack([first, second], axis=1).reshape(-1)
+    row = np.repeat(np.arange(len(per_row)), 2 * pairs_per_row)
+    starts = np.cumsum(2 * pairs_per_row) - 2 * pairs_per_row
+    keep = np.arange(len(values)) - starts[row] < per_row[row]
+    if np.any(values[~keep] != 0):
+        raise where.error("an odd row's pair pad is not 0")
+    return values[keep]
+
+
 class Streams:
     """A chunk's streams by tag. A missing stream reads as empty; at the end every stream must
     have been used (a stream the kind and codec do not use must be empty)."""
@@ -829,12 +863,14 @@ def read_grouped(
     entry_j: np.ndarray,
     where: Where,
     decode: Callable[[bytes, Cursor], np.ndarray],
+    num_groups: int = NUM_GROUPS,
 ) -> np.ndarray:
     """Values of entries (given by their in-row index j, in row order) whose codes are split
-    by group: group g's lead bytes in tag lead_tag + g, extensions in tag ext_tag + g."""
+    by group: group g's lead bytes in tag lead_tag + g, extensions in tag ext_tag + g, for g
+    below ``num_groups`` (every entry must be in one of these groups)."""
     values = np.zeros(len(entry_j), np.int64)
     groups = group_of(entry_j)
-    for g in range(NUM_GROUPS):
+    for g in range(num_groups):
         in_group = groups == g  # boolean selection keeps row order
         lead = streams.take(lead_tag + g)
         if len(lead) != int(in_group.sum()):
@@ -914,9 +950,15 @@ def decode_logprobs(
         lossy = np.ones(positions, bool)
     coded = (np.arange(k)[None, :] < finite[:, None]) & lossy[:, None]  # [P, K]
     codes = np.zeros((positions, k), np.int64)
-    codes[coded] = read_grouped(
-        streams, TAG_LEVEL_LEAD, TAG_LEVEL_EXT, entry_j.reshape(positions, k)[coded], where,
-        level_codes,
+    shallow = coded & (np.arange(k)[None, :] < PAIRED_FROM)
+    codes[shallow] = read_grouped(
+        streams, TAG_LEVEL_LEAD, TAG_LEVEL_EXT, entry_j.reshape(positions, k)[shallow], where,
+        level_codes, num_groups=NUM_GROUPS - 1,
+    )  # fmt: skip
+    deep = coded & ~shallow
+    codes[deep] = decode_pair_codes(
+        streams.take(TAG_LEVEL_LEAD + 3), streams.cursor(TAG_LEVEL_EXT + 3), deep.sum(axis=1),
+        where,
     )  # fmt: skip
 
     if modes is None:

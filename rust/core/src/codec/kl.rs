@@ -21,6 +21,8 @@
 //! platform).
 
 use crate::codec::bytes::{self, ByteReader};
+use crate::codec::logprobs::PAIRED_GROUP;
+use crate::codec::pairs::{self, PairReader};
 use crate::error::{Error, Location, Result};
 
 /// Base step exponents b tried, coarse first.
@@ -223,10 +225,13 @@ pub fn encode(lp: &[f32], k: usize, bound: f64) -> Encoded {
                 let finite = quantize_row(row, b, TOP_EXTRA[ei], &mut levels, &mut numbers);
                 out.modes.push(mode(b, ei));
                 prev_b = b;
-                for (j, &n) in numbers.iter().enumerate() {
+                let paired = super::ids::GROUPS[PAIRED_GROUP].0.min(numbers.len());
+                for (j, &n) in numbers[..paired].iter().enumerate() {
                     let g = super::ids::group_of(j);
                     put_number(&mut out.leads[g], &mut out.exts[g], n);
                 }
+                let (lead, ext) = (&mut out.leads[PAIRED_GROUP], &mut out.exts[PAIRED_GROUP]);
+                pairs::put_row(lead, ext, &numbers[paired..]);
                 if finite < row.len() {
                     out.any_nonfinite = true;
                 }
@@ -256,6 +261,13 @@ fn put_number(lead: &mut Vec<u8>, ext: &mut Vec<u8>, v: u64) {
     }
 }
 
+/// The level after `prev` for coded number `n` (entries j >= 1); `None` on overflow.
+#[inline(always)]
+fn next_level(prev: u64, n: u64, e: u8, shift: u32) -> Option<u64> {
+    let step = 1u64 << (u32::from(e) + band(prev, shift));
+    n.checked_mul(step).and_then(|x| x.checked_add(prev))
+}
+
 /// Decode `rows` rows of width `k`.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
@@ -281,6 +293,7 @@ pub fn decode(
         leads.iter().map(|l| ByteReader::new(l, "log-probabilities")).collect();
     let mut ext_r: Vec<ByteReader<'_>> =
         exts.iter().map(|l| ByteReader::new(l, "log-probability extension")).collect();
+    let mut paired = PairReader::new(&leads[PAIRED_GROUP], &exts[PAIRED_GROUP]);
     let mut fr = finite_raw.map(|f| ByteReader::new(f, "finite counts"));
     let mut out = vec![f32::NEG_INFINITY; rows * k];
     let out_of_range = || Error::corrupt(loc.clone(), "log-probability level out of range");
@@ -310,7 +323,11 @@ pub fn decode(
         let shift = u32::from(b) + u32::from(e);
         let top = max_level(shift);
         let mut prev = 0u64;
-        for (j, d) in dst.iter_mut().take(finite).enumerate() {
+        let Some(dst) = dst.get_mut(..finite) else {
+            return Err(Error::State("finite count past the row".into()));
+        };
+        let (shallow, deep) = dst.split_at_mut(finite.min(super::ids::GROUPS[PAIRED_GROUP].0));
+        for (j, d) in shallow.iter_mut().enumerate() {
             let g = super::ids::group_of(j);
             let c = lead_r[g].byte(loc)?;
             let n = if c < 255 {
@@ -318,22 +335,38 @@ pub fn decode(
             } else {
                 ext_r[g].varint(loc)?.checked_add(255).ok_or_else(out_of_range)?
             };
-            let l = if j == 0 {
-                n
-            } else {
-                let step = 1u64 << (u32::from(e) + band(prev, shift));
-                n.checked_mul(step).and_then(|x| x.checked_add(prev)).ok_or_else(out_of_range)?
-            };
-            if l > top {
-                return Err(out_of_range());
+            prev = if j == 0 { Some(n) } else { next_level(prev, n, e, shift) }
+                .filter(|&l| l <= top)
+                .ok_or_else(out_of_range)?;
+            *d = dequantize(prev, shift);
+        }
+        // Group 3 two numbers at a time (pairs; an odd row's last pad must be 0).
+        let mut deep = deep.iter_mut();
+        while let Some(d) = deep.next() {
+            let (a, b) = paired.pair(loc)?;
+            prev = next_level(prev, a, e, shift).filter(|&l| l <= top).ok_or_else(out_of_range)?;
+            *d = dequantize(prev, shift);
+            match deep.next() {
+                Some(d) => {
+                    prev = next_level(prev, b, e, shift)
+                        .filter(|&l| l <= top)
+                        .ok_or_else(out_of_range)?;
+                    *d = dequantize(prev, shift);
+                }
+                None if b != 0 => {
+                    return Err(Error::corrupt(loc.clone(), format!("pair padding is {b}, not 0")));
+                }
+                None => {}
             }
-            *d = dequantize(l, shift);
-            prev = l;
         }
     }
-    for r in lead_r.iter().chain(&ext_r) {
-        r.finish(loc)?;
+    for (g, (lead, ext)) in lead_r.iter().zip(&ext_r).enumerate() {
+        if g != PAIRED_GROUP {
+            lead.finish(loc)?;
+            ext.finish(loc)?;
+        }
     }
+    paired.finish(loc)?;
     if let Some(f) = fr {
         f.finish(loc)?;
     }

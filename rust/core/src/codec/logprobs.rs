@@ -5,11 +5,12 @@
 //!   `s <= 2 * bound`, round to nearest, so every decoded value is within `s / 2 <= bound`
 //!   of the original. Decoding is exact binary arithmetic (`0 - q * s` in float32 with
 //!   `q < 2^24`), identical on every platform. Top-K rows are non-increasing, so their
-//!   quantized levels are coded as a first value and non-negative deltas.
+//!   quantized levels are coded as a first value and non-negative deltas (those of ranks
+//!   16 and up two per byte, see [`super::pairs`]).
 //! * `none`: sampled stores that keep only ids and counts.
 
 use crate::codec::bytes::{self, ByteReader};
-use crate::codec::{CodecParams, RowShape, Streams, ids, kl, tag};
+use crate::codec::{CodecParams, RowShape, Streams, ids, kl, pairs, tag};
 use crate::error::{Error, Location, Result};
 use crate::format::Kind;
 
@@ -209,6 +210,10 @@ fn top_level(row: &[f32], coarse: &[u32], step: f32) -> Option<u32> {
     Some(want.round().clamp(lo, hi) as u32)
 }
 
+/// Top-K rows store the numbers of this group (ranks 16 and up) two per lead byte
+/// ([`pairs`]); groups 0 to 2, and every group of sampled rows, one per lead byte.
+pub const PAIRED_GROUP: usize = 3;
+
 /// Lead bytes below this carry the value itself; 255 announces a varint extension.
 const LEAD_ESCAPE: u32 = 255;
 
@@ -310,7 +315,9 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
                                 let Some(part) = deltas.get(a - 1..b.min(count).max(a) - 1) else {
                                     continue;
                                 };
-                                if largest < LEAD_ESCAPE {
+                                if g == PAIRED_GROUP {
+                                    pairs::put_row(&mut leads[g], &mut exts[g], part);
+                                } else if largest < LEAD_ESCAPE {
                                     // The common case: one byte per delta, no extensions.
                                     leads[g].extend(part.iter().map(|&d| d as u8));
                                 } else {
@@ -468,14 +475,18 @@ fn decode_sorted_full(
 ) -> Result<Vec<f32>> {
     let widths: [usize; 4] =
         std::array::from_fn(|g| ids::GROUPS[g].1.min(k).saturating_sub(ids::GROUPS[g].0));
+    // Lead bytes per row: one per entry, or one per pair in the paired group.
+    let codes_per_row: [usize; 4] = std::array::from_fn(|g| {
+        if g == PAIRED_GROUP { pairs::lead_bytes(widths[g]) } else { widths[g] }
+    });
     for (g, (lead, _)) in raw.iter().enumerate() {
-        if lead.len() != rows * widths[g] {
+        if lead.len() != rows * codes_per_row[g] {
             return Err(Error::corrupt(
                 loc.clone(),
                 format!(
                     "log-probability stream {g} has {} codes, expected {}",
                     lead.len(),
-                    rows * widths[g]
+                    rows * codes_per_row[g]
                 ),
             ));
         }
@@ -494,18 +505,55 @@ fn decode_sorted_full(
     // fails the chunk after the loop, so the per-entry work has no early exit. Escaped
     // values are capped at 2 MAX_LEVEL (deltas are never negative, so a larger one leaves
     // the range whatever came before), so the sums cannot overflow.
-    let mut bad = false;
+    let (mut bad, mut bad_pair) = (false, false);
     let mut at = [0usize; 4];
     for row in out.spare_capacity_mut()[..n].chunks_exact_mut(k.max(1)) {
         let mut q: i64 = 0;
         let mut j = 0usize;
         for (g, (lead, _)) in raw.iter().enumerate() {
-            let w = widths[g];
-            let (Some(codes), Some(slots)) = (lead.get(at[g]..at[g] + w), row.get_mut(j..j + w))
+            let (w, nc) = (widths[g], codes_per_row[g]);
+            let (Some(codes), Some(slots)) = (lead.get(at[g]..at[g] + nc), row.get_mut(j..j + w))
             else {
                 return Err(Error::corrupt(loc.clone(), "log-probability stream ends early"));
             };
-            at[g] += w;
+            at[g] += nc;
+            if g == PAIRED_GROUP {
+                let mut slots = slots.iter_mut();
+                for &c in codes {
+                    let (a, b) = match pairs::UNPAIR[usize::from(c)] {
+                        pairs::ESCAPED => {
+                            let mut big = || -> Result<i64> {
+                                let v = exts[g].varint(loc)?;
+                                Ok(i64::try_from(v)
+                                    .unwrap_or(i64::MAX)
+                                    .min(2 * i64::from(MAX_LEVEL)))
+                            };
+                            (big()?, big()?)
+                        }
+                        pairs::INVALID => {
+                            bad_pair = true;
+                            (0, 0)
+                        }
+                        ab => (i64::from(ab & 0xFF), i64::from(ab >> 8)),
+                    };
+                    q += a;
+                    bad |= (q as u64) > u64::from(MAX_LEVEL);
+                    if let Some(slot) = slots.next() {
+                        slot.write(dequantize(q as u32, step));
+                    }
+                    match slots.next() {
+                        Some(slot) => {
+                            q += b;
+                            bad |= (q as u64) > u64::from(MAX_LEVEL);
+                            slot.write(dequantize(q as u32, step));
+                        }
+                        // The pad of an odd row.
+                        None => bad_pair |= b != 0,
+                    }
+                }
+                j += w;
+                continue;
+            }
             for (slot, &c) in slots.iter_mut().zip(codes) {
                 let v = if c != LEAD_ESCAPE as u8 {
                     i64::from(c)
@@ -528,6 +576,12 @@ fn decode_sorted_full(
             j += w;
         }
     }
+    if bad_pair {
+        return Err(Error::corrupt(
+            loc.clone(),
+            "log-probability pair byte above 225, or an odd row's pad is not 0",
+        ));
+    }
     if bad {
         return Err(Error::corrupt(loc.clone(), "log-probability level out of range"));
     }
@@ -536,7 +590,9 @@ fn decode_sorted_full(
     }
     // SAFETY: the widths add up to k (checked above), every row of k slots (n / k of them,
     // k > 0 when n > 0) went through the four groups, and each group wrote its w slots
-    // (codes and slots both hold exactly w, or the loop returned an error).
+    // (codes and slots both hold exactly w, or the loop returned an error; in the paired
+    // group ceil(w / 2) codes each write the next slot and then the one after it if any,
+    // so 2 ceil(w / 2) >= w slots in order).
     unsafe { out.set_len(n) };
     Ok(out)
 }
@@ -560,6 +616,7 @@ fn decode_general(
             )
         })
         .collect();
+    let mut paired = pairs::PairReader::new(&raw[PAIRED_GROUP].0, &raw[PAIRED_GROUP].1);
     let mut fr = finite_raw.map(|f| ByteReader::new(f, "finite counts"));
     let mut out = vec![f32::NEG_INFINITY; num_entries];
     let mut sorted_row = SortedRow::new(step, loc);
@@ -576,8 +633,13 @@ fn decode_general(
         }
         sorted_row.start();
         for (j, slot) in out[start..start + finite].iter_mut().enumerate() {
-            let (lead, ext) = &mut readers[ids::group_of(j)];
-            let v = get_small(lead, ext, loc)?;
+            let g = ids::group_of(j);
+            let v = if sorted && g == PAIRED_GROUP {
+                paired.next(loc)?
+            } else {
+                let (lead, ext) = &mut readers[g];
+                get_small(lead, ext, loc)?
+            };
             *slot = if sorted {
                 sorted_row.next(v)?
             } else {
@@ -590,11 +652,18 @@ fn decode_general(
                 dequantize(v as u32, step)
             };
         }
+        if sorted {
+            paired.end_row(loc)?;
+        }
         Ok(())
     })?;
-    for (lead, ext) in &readers {
-        lead.finish(loc)?;
-        ext.finish(loc)?;
+    for (g, (lead, ext)) in readers.iter().enumerate() {
+        if sorted && g == PAIRED_GROUP {
+            paired.finish(loc)?;
+        } else {
+            lead.finish(loc)?;
+            ext.finish(loc)?;
+        }
     }
     if let Some(f) = fr {
         f.finish(loc)?;
@@ -627,9 +696,37 @@ mod tests {
                 x
             };
             let mut raw: [(Vec<u8>, Vec<u8>); 4] = Default::default();
+            let w3 = k.saturating_sub(ids::GROUPS[PAIRED_GROUP].0);
             for j in 0..rows * k {
                 let g = ids::group_of(j % k);
                 let r = next();
+                if g == PAIRED_GROUP {
+                    // Pair codes, one per two entries: small pairs, escapes (whose numbers
+                    // may leave the range), rarely a byte past the escape; an odd row's
+                    // pad is whatever the byte says (usually 0: small second numbers).
+                    if (j % k - ids::GROUPS[PAIRED_GROUP].0) % 2 == 1 {
+                        continue;
+                    }
+                    let c = if (r % 16) < u64::from(escapes) {
+                        for shift in [8, 30] {
+                            let v = match r % 3 {
+                                0 => (r >> shift) % 40,
+                                1 => (r >> shift) % (1 << 26),
+                                _ => r >> 2,
+                            };
+                            bytes::put_varint(&mut raw[g].1, v);
+                        }
+                        pairs::PAIR_ESCAPE
+                    } else if r % 97 == 0 {
+                        pairs::PAIR_ESCAPE + 1 + (r >> 8) as u8 % 30
+                    } else if w3 % 2 == 1 && j % k == k - 1 && r % 5 != 0 {
+                        (r >> 8) as u8 % 8 * pairs::PAIR_BASE
+                    } else {
+                        (r >> 8) as u8 % 8 * pairs::PAIR_BASE + (r >> 16) as u8 % 8
+                    };
+                    raw[g].0.push(c);
+                    continue;
+                }
                 if (r % 16) < u64::from(escapes) {
                     raw[g].0.push(LEAD_ESCAPE as u8);
                     let v = match r % 3 {

@@ -8,6 +8,7 @@ pub mod bytes;
 pub mod ids;
 pub mod kl;
 pub mod logprobs;
+pub mod pairs;
 
 use std::cell::RefCell;
 
