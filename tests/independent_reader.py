@@ -84,7 +84,10 @@ RANK_ESCAPE = 255  # lead byte announcing a varint
 RANK_VARINT_BASE = 224 + 31 * 256  # 8160: the rank of lead 255 with varint 0
 # Level codes (section 4.2): lead byte v < 255, else 255 and the varint v - 255.
 LEVEL_ESCAPE = 255
-MAX_LEVEL = 2**24
+MAX_LEVEL = 2**24  # abs levels: q m <= 2^24 for the step m 2^-e
+ABS_STEPS = {
+    m * 2.0**-e: m for m in (1, 3, 5, 7) for e in range(1, 23) if 2**-20 <= m * 2.0**-e <= 2
+}
 MAX_CODED = 2**42
 # Top-K rows (abs and kl): the coded numbers of entries j >= 16 go two per lead byte.
 PAIRED_FROM = GROUP_STARTS[3]
@@ -272,9 +275,9 @@ def _check_codec(codec: Any, kind: str, where: Where) -> None:
     if name == "abs":
         _require(_is_number(step), where, "codec.step is missing for abs")
         _require(
-            any(step == 2.0**-e for e in range(1, 21)),
+            step in ABS_STEPS,
             where,
-            f"codec.step {step!r} is not a power of two in 2^-20 ... 2^-1",
+            f"codec.step {step!r} is not m 2^-e (m in 1, 3, 5, 7) in 2^-20 ... 2",
         )
         _require(max_err == step / 2, where, f"codec.max_abs_error {max_err!r} != step / 2")
     else:
@@ -908,7 +911,7 @@ def check_sampled_rows(
 
 
 def levels_to_float(levels: np.ndarray, step: np.ndarray | np.float32) -> np.ndarray:
-    """The float32 value 0 - level * step (exact: level <= 2^24, step a power of two)."""
+    """The float32 value 0 - level * step (exact: level * m <= 2^24 for the step m 2^-e)."""
     return np.float32(0.0) - levels.astype(np.float32) * step
 
 
@@ -927,8 +930,12 @@ def decode_logprobs(
         return decode_level_codes(lead, ext, where)
 
     step = np.float32(header.step)
-    if header.kind == "sampled":  # abs: one level per entry, each <= 2^24
+    # abs: levels (on both grids) are at most 2^24 / m for the step m 2^-e.
+    max_abs_level = MAX_LEVEL // ABS_STEPS.get(float(header.step), 1)
+    if header.kind == "sampled":  # abs: one level per entry
         levels = read_grouped(streams, TAG_LEVEL_LEAD, TAG_LEVEL_EXT, entry_j, where, level_codes)
+        if np.any(levels > max_abs_level):
+            raise where.error(f"log-probabilities: a level exceeds {max_abs_level}")
         return levels_to_float(levels, step)
 
     # Top-K, abs or kl: rows of K entries, finite entries first.
@@ -967,8 +974,8 @@ def decode_logprobs(
         if np.any(coded & (codes > MAX_LEVEL + 1)):  # also keeps the sums small
             raise where.error("log-probabilities: a coded number exceeds 2^24 + 1")
         top_fine = codes[:, 0].copy()
-        if np.any(top_fine > MAX_LEVEL):
-            raise where.error("log-probabilities: a top level exceeds 2^24")
+        if np.any(top_fine > max_abs_level):
+            raise where.error(f"log-probabilities: a top level exceeds {max_abs_level}")
         codes[:, 0] = top_fine // TOP_FINE - 1
         levels = np.cumsum(codes, axis=1)
         levels[:, 0] = 0  # decoded from the fine level below
@@ -988,8 +995,8 @@ def decode_logprobs(
             levels[:, j] = level
         levels = np.where(coded, levels, 0)
     if modes is None:
-        if np.any(coded & ((levels > MAX_LEVEL) | (levels < 0))):
-            raise where.error("log-probabilities: a level is outside [0, 2^24]")
+        if np.any(coded & ((levels > max_abs_level) | (levels < 0))):
+            raise where.error(f"log-probabilities: a level is outside [0, {max_abs_level}]")
         decoded = levels_to_float(levels, step)
     else:  # -(L u) in float64 (exact), rounded to the nearest float32
         unit = np.ldexp(1.0, -shift)[:, None]

@@ -31,11 +31,19 @@ DENSE_VOCAB = 3000  # up to here, records come from a real softmax over the whol
 
 
 def abs_step(codec: str) -> float | None:
-    """The quantization step of an ``abs:<bound>`` codec: the largest power of two s with
-    s / 2 <= bound (None for other codecs)."""
+    """The quantization step of an ``abs:<bound>`` codec: the largest s = m 2^-e (m in 1, 3,
+    5, 7; 2^-20 <= s <= 2) with s / 2 <= bound (None for other codecs)."""
     if not codec.startswith("abs:"):
         return None
-    return float(2.0 ** np.floor(np.log2(2 * float(codec[4:]))))
+    bound = float(codec[4:])
+    steps = [m * 2.0**-e for m in (1, 3, 5, 7) for e in range(1, 23)]
+    return max(s for s in steps if 2**-20 <= s <= 2 and s / 2 <= bound)
+
+
+def abs_max_level(step: float) -> int:
+    """Largest level of the step m 2^-e: q m <= 2^24."""
+    m = step / 2.0 ** np.floor(np.log2(step))  # 1, 1.5, 1.25 or 1.75
+    return 2**24 // {1.0: 1, 1.5: 3, 1.25: 5, 1.75: 7}[m]
 
 
 def very_negative_pool(codec: str) -> list[float]:
@@ -46,7 +54,7 @@ def very_negative_pool(codec: str) -> list[float]:
     step = abs_step(codec)
     if step is None:
         return VERY_NEGATIVE
-    lowest = np.float32(-(2**24) * step)
+    lowest = np.float32(-abs_max_level(step) * step)
     return [*VERY_NEGATIVE, float(lowest), float(np.nextafter(lowest, np.float32(-np.inf)))]
 
 
@@ -190,21 +198,23 @@ def assert_same_as_rust(path: Path) -> dict[int, dict[str, Any]]:
 
 def assert_abs_rule(got: np.ndarray, want: np.ndarray, step: float, kind: str) -> None:
     """FORMAT.md 4.2 for the abs codec: every decoded value is within s/2 of the written one
-    (+0.0 for level 0); a level above 2^24 is -inf in top-K rows and 2^24 in sampled rows,
-    and a top-K row whose top entry is beyond the fine grid (2^24 s/64 nats) is all -inf."""
+    (+0.0 for level 0); a level above the largest (2^24 / m for the step m 2^-e) is -inf in
+    top-K rows and the largest in sampled rows, and a top-K row whose top entry is beyond the
+    fine grid (largest level times s/64 nats) is all -inf."""
+    top_level = abs_max_level(step)
     level = -want.astype(np.float64) / step
-    finite = level < 2**24 + 0.5  # (an exact tie at 2^24 + 0.5 is left to the writer)
-    above = level > 2**24 + 0.5
+    finite = level < top_level + 0.5  # (an exact tie at the edge is left to the writer)
+    above = level > top_level + 0.5
     if kind == "topk" and want.size:
         top_fine = level[:, 0] * 64
-        dead = top_fine > 2**24 + 0.5
+        dead = top_fine > top_level + 0.5
         assert np.all(np.isneginf(got[dead]))
-        finite &= (top_fine < 2**24 - 0.5)[:, None]
+        finite &= (top_fine < top_level - 0.5)[:, None]
     assert np.all(np.abs(got[finite] - want[finite].astype(np.float64)) <= step / 2)
     if kind == "topk":
         assert np.all(np.isneginf(got[above]))
     else:
-        assert np.all(got[above] == np.float32(-(2**24) * step))
+        assert np.all(got[above] == np.float32(-top_level * step))
     zeros = got == 0
     assert np.all(got[zeros].view(np.uint32) == 0), "abs decodes level 0 as +0.0"
 

@@ -103,7 +103,7 @@ def test_cli_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     _small_store(tmp_path / "s")
     assert main(["info", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
-    assert "top-K" in out and "bytes per token" in out and "max abs error 0.0078125" in out
+    assert "top-K" in out and "bytes per token" in out and "max abs error 0.00976562" in out
     assert main(["info", "--json", str(tmp_path / "s")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_samples"] == 5 and info["bytes_per_token"] > 0

@@ -163,8 +163,9 @@ class StoreWriter:
             (sampled stores).
         kind: ``"topk"`` or ``"sampled"``.
         codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (uniform
-            quantization; the default for top-K is ``"abs:0.01"``, a guaranteed maximum error of
-            2^-7 = 0.0078 nat), ``"kl:<bound>"`` (top-K only: coarser steps where probability is
+            quantization with the largest step m 2^-e, m in 1, 3, 5, 7, within twice the bound;
+            the default for top-K is ``"abs:0.01"``: step 5 x 2^-8, a guaranteed maximum error
+            of 0.0098 nat), ``"kl:<bound>"`` (top-K only: coarser steps where probability is
             small, with KL(P || P_decoded) <= bound nats guaranteed for every position, the rest
             bucket included), ``"lossless"`` (float32, bit for bit) or ``"none"`` (sampled
             stores without log-probabilities, their default). ``None`` means the default for a

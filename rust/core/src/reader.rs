@@ -44,7 +44,9 @@ pub fn params_from_manifest(m: &Manifest, path: &Path) -> Result<CodecParams> {
             LogprobCodec::from_header(2, step as f32, 0.0)
                 .filter(|c| f64::from(c.step()) == step)
                 .ok_or_else(|| {
-                corrupt(format!("codec step {step} is not a power of two in [2^-20, 2^-1]"))
+                corrupt(format!(
+                    "codec step {step} is not m 2^-e (m in 1, 3, 5, 7) between 2^-20 and 2"
+                ))
             })?
         }
         "kl" => {

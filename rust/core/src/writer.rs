@@ -84,7 +84,8 @@ impl Default for WriterOptions {
 
 pub fn default_codec(kind: Kind) -> LogprobCodec {
     match kind {
-        Kind::TopK => LogprobCodec::Abs { step_log2: 6 },
+        // abs:0.01: step 5 2^-8, max error 0.0098 nats.
+        Kind::TopK => LogprobCodec::Abs { step_log2: 8, mult: 5 },
         Kind::Sampled => LogprobCodec::None,
     }
 }

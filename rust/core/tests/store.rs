@@ -99,9 +99,11 @@ fn check_same(r: &Record, input: &[i64], ids: &[i64], lps: &[f32], max_err: f32)
 
 #[test]
 fn topk_roundtrip_every_codec_many_shards() {
-    for (codec, err) in
-        [(LogprobCodec::Lossless, 0.0), (LogprobCodec::Abs { step_log2: 6 }, 1.0 / 128.0)]
-    {
+    for (codec, err) in [
+        (LogprobCodec::Lossless, 0.0),
+        (LogprobCodec::Abs { step_log2: 6, mult: 1 }, 1.0 / 128.0),
+        (LogprobCodec::Abs { step_log2: 8, mult: 5 }, 5.0 / 512.0),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
         let mut w = StoreWriter::open(
@@ -216,7 +218,12 @@ fn second_writer_is_locked_out() {
 
 #[test]
 fn sampled_roundtrip_with_and_without_logprobs() {
-    for codec in [LogprobCodec::None, LogprobCodec::Abs { step_log2: 4 }, LogprobCodec::Lossless] {
+    for codec in [
+        LogprobCodec::None,
+        LogprobCodec::Abs { step_log2: 4, mult: 1 },
+        LogprobCodec::Abs { step_log2: 6, mult: 7 },
+        LogprobCodec::Lossless,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
         let n = 5u32;
@@ -259,8 +266,9 @@ fn sampled_roundtrip_with_and_without_logprobs() {
             assert!(r.logprobs.is_empty());
         } else {
             let want = [-0.5f32, -1.0, -0.01, -2.0, -2.5, -0.25];
+            let bound = codec.max_abs_error().unwrap();
             for (a, b) in r.logprobs.iter().zip(want) {
-                assert!((a - b).abs() <= 1.0 / 32.0);
+                assert!(f64::from((a - b).abs()) <= bound, "{codec:?} {a} {b}");
             }
         }
         let b = s.read_batch(&[77]).unwrap();

@@ -1,10 +1,12 @@
 //! Log-probability codecs.
 //!
 //! * `lossless`: float32 bit patterns.
-//! * `abs:<bound>`: uniform quantization of `x = -logprob` with a power-of-two step
-//!   `s <= 2 * bound`, round to nearest, so every decoded value is within `s / 2 <= bound`
-//!   of the original. Decoding is exact binary arithmetic (`0 - q * s` in float32 with
-//!   `q < 2^24`), identical on every platform. Top-K rows are non-increasing, so their
+//! * `abs:<bound>`: uniform quantization of `x = -logprob` with the largest step
+//!   `s = m 2^-e <= 2 * bound` (m in {1, 3, 5, 7}, so that the step can use most of the
+//!   bound: 0.01 gives 5 2^-8, max error 0.0098, where a power of two would give 2^-6 and
+//!   0.0078), round to nearest, so every decoded value is within `s / 2 <= bound` of the
+//!   original. Decoding is exact binary arithmetic (`0 - q * s` in float32 with
+//!   `q m <= 2^24`), identical on every platform. Top-K rows are non-increasing, so their
 //!   quantized levels are coded as a first value and non-negative deltas (those of ranks
 //!   16 and up two per byte, see [`super::pairs`]).
 //! * `none`: sampled stores that keep only ids and counts.
@@ -14,8 +16,14 @@ use crate::codec::{CodecParams, RowShape, Streams, ids, kl, pairs, tag};
 use crate::error::{Error, Location, Result};
 use crate::format::Kind;
 
-/// Largest quantized level: levels up to 2^24 convert to float32 exactly.
+/// Largest quantized level of a power-of-two step: `q * s` is exact in float32 up to
+/// `q m = 2^24` (see [`LogprobCodec::max_level`]).
 pub const MAX_LEVEL: u32 = 1 << 24;
+
+/// Odd step multipliers m of the abs codec (step `m 2^-e`).
+pub const STEP_MULTIPLIERS: [u32; 4] = [1, 3, 5, 7];
+/// Range of the abs step: `2^-20 <= s <= 2`, with e in 1..=22.
+const STEP_EXPONENTS: std::ops::RangeInclusive<i32> = 1..=22;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LogprobCodec {
@@ -23,8 +31,9 @@ pub enum LogprobCodec {
     None,
     /// float32, bit for bit.
     Lossless,
-    /// Uniform quantization with step `2^-step_log2` nats.
-    Abs { step_log2: i32 },
+    /// Uniform quantization with step `mult 2^-step_log2` nats (`mult` in
+    /// [`STEP_MULTIPLIERS`]).
+    Abs { step_log2: i32, mult: u32 },
     /// Steps growing along the row, with KL(P || P_decoded) <= `bound` per position
     /// (top-K stores; see `codec::kl`).
     Kl { bound: f32 },
@@ -48,12 +57,7 @@ impl LogprobCodec {
                 .then_some(LogprobCodec::Kl { bound: kl_bound }),
             0 => Some(LogprobCodec::None),
             1 => Some(LogprobCodec::Lossless),
-            2 => {
-                let e = -step.log2();
-                let step_log2 = e.round() as i32;
-                (step > 0.0 && (1..=20).contains(&step_log2) && step == step_from_log2(step_log2))
-                    .then_some(LogprobCodec::Abs { step_log2 })
-            }
+            2 => all_abs_codecs().find(|c| c.step() == step),
             _ => None,
         }
     }
@@ -82,9 +86,14 @@ impl LogprobCodec {
             if !(bound.is_finite() && (1e-6..=1.0).contains(&bound)) {
                 return bad(format!("{spec:?}: the bound must be between 1e-6 and 1 nat"));
             }
-            // Largest power-of-two step whose half is within the bound.
-            let step_log2 = (-(2.0 * bound).log2()).ceil() as i32;
-            return Ok(LogprobCodec::Abs { step_log2: step_log2.clamp(1, 20) });
+            // The largest step whose half is within the bound (bound >= 1e-6 > 2^-20 / 2,
+            // so there is one).
+            let best = all_abs_codecs()
+                .filter(|c| f64::from(c.step()) / 2.0 <= bound)
+                .max_by(|a, b| a.step().total_cmp(&b.step()));
+            return best.ok_or_else(|| {
+                Error::invalid_argument("codec", format!("{spec:?}: no step fits the bound"))
+            });
         }
         bad(format!(
             "unknown codec {spec:?}; expected \"lossless\", \"abs:<max error in nats>\" (e.g. \"abs:0.01\"), \"kl:<max KL per position in nats>\" (e.g. \"kl:1e-4\") or \"none\""
@@ -94,8 +103,25 @@ impl LogprobCodec {
     /// Quantization step in nats (0 for lossless / none).
     pub fn step(self) -> f32 {
         match self {
-            LogprobCodec::Abs { step_log2 } => step_from_log2(step_log2),
+            LogprobCodec::Abs { step_log2, mult } => step_from_log2(step_log2) * mult as f32,
             _ => 0.0,
+        }
+    }
+
+    /// Largest level of the abs codec, on the step's grid and on the top entry's fine grid:
+    /// `q m <= 2^24`, so that `q * s` is exact in float32.
+    pub fn max_level(self) -> u32 {
+        match self {
+            LogprobCodec::Abs { mult, .. } => MAX_LEVEL / mult.max(1),
+            _ => MAX_LEVEL,
+        }
+    }
+
+    /// The scale and multiplier of [`level`] for this codec's step (`2^e`, `m`).
+    pub fn grid(self) -> Grid {
+        match self {
+            LogprobCodec::Abs { step_log2, mult } => Grid::new(step_log2, mult),
+            _ => Grid::new(0, 1),
         }
     }
 
@@ -130,25 +156,72 @@ fn step_from_log2(step_log2: i32) -> f32 {
     f32::from_bits(((127 - step_log2) as u32) << 23)
 }
 
-/// Quantize one value to its level, or `None` for -inf and values too negative to
-/// represent (their probability is exactly 0 in float32 and float64).
+/// Every abs codec a store may declare: steps `m 2^-e` between 2^-20 and 2.
+fn all_abs_codecs() -> impl Iterator<Item = LogprobCodec> {
+    STEP_MULTIPLIERS.into_iter().flat_map(|mult| {
+        STEP_EXPONENTS
+            .map(move |step_log2| LogprobCodec::Abs { step_log2, mult })
+            .filter(|c| (2f32.powi(-20)..=2.0).contains(&c.step()))
+    })
+}
+
+/// The step `m 2^-e` of the abs codec as the numbers [`level_or_max`] computes with.
+#[derive(Debug, Clone, Copy)]
+pub struct Grid {
+    /// `2^e`: `-logprob * scale` is exact (a float32 times a power of two).
+    pub scale: f64,
+    pub mult: f64,
+    pub inv_mult: f64,
+    pub max_level: u32,
+}
+
+impl Grid {
+    pub fn new(step_log2: i32, mult: u32) -> Grid {
+        let mult = mult.max(1);
+        Grid {
+            scale: 2f64.powi(step_log2),
+            mult: f64::from(mult),
+            inv_mult: 1.0 / f64::from(mult),
+            max_level: MAX_LEVEL / mult,
+        }
+    }
+
+    /// The same step divided by `TOP_FINE` (the top entry's grid).
+    pub fn fine(self) -> Grid {
+        Grid { scale: self.scale * f64::from(TOP_FINE), ..self }
+    }
+}
+
+/// Quantize one value to its level `floor(-logprob / s + 1/2)` (clamped at 0), or `None`
+/// for -inf and values too negative to represent (below `-max_level s` nats: probability
+/// exactly 0 in float32 and float64).
 #[inline]
-pub fn level(logprob: f32, inv_step: f64) -> Option<u32> {
-    let q = level_or_max(logprob, inv_step);
+pub fn level(logprob: f32, grid: Grid) -> Option<u32> {
+    let q = level_or_max(logprob, grid);
     (q != u32::MAX).then_some(q)
 }
 
 /// [`level`] without branches (so that a row's levels vectorize): the level, or `u32::MAX`
 /// where `level` gives `None`.
 #[inline]
-pub fn level_or_max(logprob: f32, inv_step: f64) -> u32 {
-    let x = -f64::from(logprob) * inv_step;
-    let ok = x <= f64::from(MAX_LEVEL);
-    let x = if x > 0.0 { x } else { 0.0 };
-    // Round half up by truncation (no libm call): x + 0.5 is exact in float64 for a float32
-    // times a power of two up to 2^24, so truncating it is floor(x + 1/2).
-    let q = (x + 0.5) as u32;
-    if ok { q } else { u32::MAX }
+pub fn level_or_max(logprob: f32, grid: Grid) -> u32 {
+    // y = -logprob 2^e is exact; the level is floor(y / m + 1/2).
+    let y = -f64::from(logprob) * grid.scale;
+    // (False for NaN and -inf: no level.)
+    let ok = y * grid.inv_mult <= f64::from(grid.max_level) + 1.0;
+    let y = if y > 0.0 { y } else { 0.0 };
+    // A guess by truncation (no libm call), then a correction by the remainder y - q m,
+    // which is exact in float64 (y has 24 significant bits, q m is an integer within m of
+    // it): q + 1 where the remainder reaches m/2 (round half up), q - 1 where it is below
+    // -m/2. The guess was right for every tie and its neighbours up to 2^24 that we tried
+    // (y / m is a tie exactly or 2^-25 away from one, far more than the rounding of
+    // y * (1/m)), and for m = 1 it is exact (y + 0.5 is exact below 2^25); the correction
+    // makes exactness not depend on that argument, for three vectorized operations.
+    let q = (y * grid.inv_mult + 0.5) as u32;
+    let r = y - f64::from(q) * grid.mult;
+    let half = 0.5 * grid.mult;
+    let q = q.wrapping_add(u32::from(r >= half)).wrapping_sub(u32::from(r < -half));
+    if ok && q <= grid.max_level { q } else { u32::MAX }
 }
 
 /// The decoded value of a level: `0 - q * step` in float32 (exact for q <= 2^24).
@@ -164,17 +237,33 @@ pub const TOP_FINE: u32 = 64;
 /// codec's error bound of the written value, chosen so that the decoded row keeps the written
 /// row's total probability (so the rest bucket `1 - sum` keeps its mass). `None` when the top
 /// entry is beyond the fine grid's range (the row's probability is then 0 in float64).
-fn top_level(row: &[f32], coarse: &[u32], step: f32) -> Option<u32> {
+fn top_level(row: &[f32], coarse: &[u32], step: f32, grid: Grid) -> Option<u32> {
     let &v0 = row.first()?;
     if coarse.is_empty() {
         return None;
     }
-    let fine = f64::from(step) / f64::from(TOP_FINE);
-    let y = (-f64::from(v0)).max(0.0) / fine;
-    let half = f64::from(TOP_FINE / 2);
-    let lo = (y - half).ceil().max(0.0);
-    let mut hi = (y + half).floor();
-    if hi > f64::from(MAX_LEVEL) {
+    // In units of the fine grid's 2^-e: y exact, the level Q must satisfy
+    // |Q m - y| <= (TOP_FINE / 2) m. The bounds are first guessed with 1/m (inexact), then
+    // corrected by exact comparisons (y -+ 32 m is exact in float64 wherever it matters:
+    // y has 24 significant bits; where y is too small for that, lo is 0 either way).
+    let fine = grid.fine();
+    let (m, inv_m) = (fine.mult, fine.inv_mult);
+    let y = (-f64::from(v0)).max(0.0) * fine.scale;
+    let half = f64::from(TOP_FINE / 2) * m;
+    let (below, above) = (y - half, y + half);
+    let mut lo = (below * inv_m).ceil().max(0.0);
+    if lo >= 1.0 && (lo - 1.0) * m >= below {
+        lo -= 1.0;
+    } else if lo * m < below {
+        lo += 1.0;
+    }
+    let mut hi = (above * inv_m).floor();
+    if (hi + 1.0) * m <= above {
+        hi += 1.0;
+    } else if hi * m > above {
+        hi -= 1.0;
+    }
+    if hi > f64::from(fine.max_level) {
         return None;
     }
     if let Some(&q1) = coarse.get(1) {
@@ -184,8 +273,8 @@ fn top_level(row: &[f32], coarse: &[u32], step: f32) -> Option<u32> {
     }
     // The top entry's probability that keeps the row's mass: p_0 + sum_{j>=1} (p_j - p^_j)
     // = p_0 - sum p_j (e^d_j - 1) with d_j = (decoded - written) log-prob, |d_j| <= s/2.
-    // e^d - 1 is taken as d + d^2/2 (relative error below d^2/6 <= 3e-6 for s <= 2^-6, and
-    // the error bound holds whatever the choice), so each entry needs one exponential, and
+    // e^d - 1 is taken as d + d^2/2 (relative error below d^2/6 <= 2e-5 for s/2 <= 0.01,
+    // and the error bound holds whatever the choice), so each entry needs one exponential, and
     // probabilities only steer the choice, so the cheap one is enough.
     // Float32 is ample: the fine grid needs the target to about 1e-4 relative. Eight
     // running sums, so that the loop vectorizes.
@@ -206,7 +295,7 @@ fn top_level(row: &[f32], coarse: &[u32], step: f32) -> Option<u32> {
         sum += correction(v, q);
     }
     let target = f64::from(crate::record::approx_exp(v0)) - f64::from(sum);
-    let want = if target > 0.0 { -target.ln() / fine } else { hi };
+    let want = if target > 0.0 { -target.ln() * fine.scale * inv_m } else { hi };
     Some(want.round().clamp(lo, hi) as u32)
 }
 
@@ -278,7 +367,7 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
         }
         LogprobCodec::Abs { .. } => {
             let step = p.logprobs.step();
-            let inv_step = 1.0 / f64::from(step);
+            let grid = p.logprobs.grid();
             let sorted = p.kind == Kind::TopK;
             let mut leads: [Vec<u8>; 4] = Default::default();
             let mut exts: [Vec<u8>; 4] = Default::default();
@@ -292,11 +381,11 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
                     // -inf (and anything too negative to quantize) ends a sorted row: the
                     // rest of the row is -inf too.
                     levels.clear();
-                    levels.extend(row.iter().map(|&v| level_or_max(v, inv_step)));
+                    levels.extend(row.iter().map(|&v| level_or_max(v, grid)));
                     let mut count =
                         levels.iter().position(|&q| q == u32::MAX).unwrap_or(levels.len());
                     levels.truncate(count);
-                    match top_level(row, &levels, step) {
+                    match top_level(row, &levels, step, grid) {
                         Some(q0) => {
                             put_small(&mut leads[0], &mut exts[0], q0);
                             // Ranks 1.. on the coarse grid: the first relative to the top
@@ -334,11 +423,11 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
                     for (j, &v) in row.iter().enumerate() {
                         let g = ids::group_of(j);
                         // Sampled ids were drawn, so their probability is positive; a level
-                        // beyond the range only means "smaller than e^-(2^24 step)".
+                        // beyond the range only means "smaller than e^-(max_level step)".
                         put_small(
                             &mut leads[g],
                             &mut exts[g],
-                            level(v, inv_step).unwrap_or(MAX_LEVEL),
+                            level(v, grid).unwrap_or(grid.max_level),
                         );
                     }
                     n
@@ -398,21 +487,21 @@ pub(crate) fn decode(
             kl::decode(&modes, &leads, &exts, &lossless, finite.as_deref(), *rows, *k, loc)
         }
         LogprobCodec::Abs { .. } => {
-            let step = p.logprobs.step();
+            let (step, max_level) = (p.logprobs.step(), p.logprobs.max_level());
             let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
                 (s.optional(tag::LP_LEAD + g as u8), s.optional(tag::LP_EXT + g as u8))
             });
             let finite_raw = s.take(tag::FINITE_COUNTS);
             match (rows, finite_raw) {
                 (RowShape::Fixed { rows, k }, None) => {
-                    decode_sorted_full(&raw, *rows, *k, step, loc)
+                    decode_sorted_full(&raw, *rows, *k, step, max_level, loc)
                 }
                 (rows, finite_raw) => decode_general(
                     &raw,
                     finite_raw.as_deref(),
                     rows,
                     num_entries,
-                    step,
+                    (step, max_level),
                     p.kind == Kind::TopK,
                     loc,
                 ),
@@ -426,14 +515,15 @@ pub(crate) fn decode(
 struct SortedRow<'a> {
     step: f32,
     fine: f32,
+    max_level: u32,
     j: usize,
     q: i64,
     loc: &'a Location,
 }
 
 impl<'a> SortedRow<'a> {
-    fn new(step: f32, loc: &'a Location) -> Self {
-        SortedRow { step, fine: step / TOP_FINE as f32, j: 0, q: 0, loc }
+    fn new(step: f32, max_level: u32, loc: &'a Location) -> Self {
+        SortedRow { step, fine: step / TOP_FINE as f32, max_level, j: 0, q: 0, loc }
     }
 
     fn start(&mut self) {
@@ -449,14 +539,14 @@ impl<'a> SortedRow<'a> {
         self.j += 1;
         if j == 0 {
             let q0 = i64::try_from(v).unwrap_or(i64::MAX);
-            if q0 > i64::from(MAX_LEVEL) {
+            if q0 > i64::from(self.max_level) {
                 return Err(range(q0));
             }
             self.q = q0 / i64::from(TOP_FINE) - 1;
             return Ok(dequantize(q0 as u32, self.fine));
         }
         let q = self.q.saturating_add(i64::try_from(v).unwrap_or(i64::MAX));
-        if !(0..=i64::from(MAX_LEVEL)).contains(&q) {
+        if !(0..=i64::from(self.max_level)).contains(&q) {
             return Err(range(q));
         }
         self.q = q;
@@ -471,6 +561,7 @@ fn decode_sorted_full(
     rows: usize,
     k: usize,
     step: f32,
+    max_level: u32,
     loc: &Location,
 ) -> Result<Vec<f32>> {
     let widths: [usize; 4] =
@@ -501,10 +592,11 @@ fn decode_sorted_full(
         return Err(Error::State(format!("log-prob groups cover {widths_sum} of {k} ranks")));
     }
     let fine = step / TOP_FINE as f32;
-    // Levels stay in 0..=MAX_LEVEL along a valid row; an entry outside sets `bad`, which
+    // Levels stay in 0..=max_level along a valid row; an entry outside sets `bad`, which
     // fails the chunk after the loop, so the per-entry work has no early exit. Escaped
     // values are capped at 2 MAX_LEVEL (deltas are never negative, so a larger one leaves
     // the range whatever came before), so the sums cannot overflow.
+    let max = u64::from(max_level);
     let (mut bad, mut bad_pair) = (false, false);
     let mut at = [0usize; 4];
     for row in out.spare_capacity_mut()[..n].chunks_exact_mut(k.max(1)) {
@@ -537,14 +629,14 @@ fn decode_sorted_full(
                         ab => (i64::from(ab & 0xFF), i64::from(ab >> 8)),
                     };
                     q += a;
-                    bad |= (q as u64) > u64::from(MAX_LEVEL);
+                    bad |= (q as u64) > max;
                     if let Some(slot) = slots.next() {
                         slot.write(dequantize(q as u32, step));
                     }
                     match slots.next() {
                         Some(slot) => {
                             q += b;
-                            bad |= (q as u64) > u64::from(MAX_LEVEL);
+                            bad |= (q as u64) > max;
                             slot.write(dequantize(q as u32, step));
                         }
                         // The pad of an odd row.
@@ -564,12 +656,12 @@ fn decode_sorted_full(
                 if g == 0 {
                     // The top entry, on the fine grid; the next level counts from its coarse
                     // level minus one.
-                    bad |= v > i64::from(MAX_LEVEL);
+                    bad |= v as u64 > max;
                     slot.write(dequantize(v as u32, fine));
                     q = v / i64::from(TOP_FINE) - 1;
                 } else {
                     q += v;
-                    bad |= (q as u64) > u64::from(MAX_LEVEL);
+                    bad |= (q as u64) > max;
                     slot.write(dequantize(q as u32, step));
                 }
             }
@@ -603,7 +695,7 @@ fn decode_general(
     finite_raw: Option<&[u8]>,
     rows: &RowShape<'_>,
     num_entries: usize,
-    step: f32,
+    (step, max_level): (f32, u32),
     sorted: bool,
     loc: &Location,
 ) -> Result<Vec<f32>> {
@@ -619,7 +711,7 @@ fn decode_general(
     let mut paired = pairs::PairReader::new(&raw[PAIRED_GROUP].0, &raw[PAIRED_GROUP].1);
     let mut fr = finite_raw.map(|f| ByteReader::new(f, "finite counts"));
     let mut out = vec![f32::NEG_INFINITY; num_entries];
-    let mut sorted_row = SortedRow::new(step, loc);
+    let mut sorted_row = SortedRow::new(step, max_level, loc);
     rows.for_each_row(|start, n| {
         let finite = match fr.as_mut() {
             Some(f) => f.varint(loc)? as usize,
@@ -643,7 +735,7 @@ fn decode_general(
             *slot = if sorted {
                 sorted_row.next(v)?
             } else {
-                if v > u64::from(MAX_LEVEL) {
+                if v > u64::from(max_level) {
                     return Err(Error::corrupt(
                         loc.clone(),
                         format!("log-probability level {v} out of range"),
@@ -744,8 +836,11 @@ mod tests {
                 raw[3].1.push(1);
             }
             let shape = RowShape::Fixed { rows, k };
-            let fast = decode_sorted_full(&raw, rows, k, 2f32.powi(-6), &loc);
-            let plain = decode_general(&raw, None, &shape, rows * k, 2f32.powi(-6), true, &loc);
+            // A power-of-two step, or 5 2^-8 with its lower level limit.
+            let c = LogprobCodec::Abs { step_log2: 6 + 2 * (seed & 1) as i32, mult: 1 + 4 * (seed & 1) as u32 };
+            let (step, max) = (c.step(), c.max_level());
+            let fast = decode_sorted_full(&raw, rows, k, step, max, &loc);
+            let plain = decode_general(&raw, None, &shape, rows * k, (step, max), true, &loc);
             proptest::prop_assert_eq!(fast.is_ok(), plain.is_ok());
             if let (Ok(a), Ok(b)) = (fast, plain) {
                 proptest::prop_assert_eq!(
@@ -759,7 +854,6 @@ mod tests {
     #[test]
     fn level_range_edges_are_checked_by_both_decoders() {
         let loc = Location::default();
-        let step = 2f32.powi(-6);
         // One row of K = 2: the top entry's fine level, then the delta of the second entry
         // from (top / 64 - 1).
         let row = |q0: u64, d: u64| -> [(Vec<u8>, Vec<u8>); 4] {
@@ -774,45 +868,61 @@ mod tests {
             }
             [(l0, e0), (l1, e1), Default::default(), Default::default()]
         };
-        let max = u64::from(MAX_LEVEL);
-        for (q0, d, ok) in [
-            (0, 1, true),
-            (0, 0, false),
-            (64, 0, true),
-            (max, 1, true),
-            (max + 1, 1, false),
-            (0, max + 1, true),
-            (0, max + 2, false),
+        for c in [
+            LogprobCodec::Abs { step_log2: 6, mult: 1 },
+            LogprobCodec::Abs { step_log2: 8, mult: 5 },
         ] {
-            let raw = row(q0, d);
-            let shape = RowShape::Fixed { rows: 1, k: 2 };
-            let fast = decode_sorted_full(&raw, 1, 2, step, &loc);
-            let plain = decode_general(&raw, None, &shape, 2, step, true, &loc);
-            assert_eq!(fast.is_ok(), ok, "q0 {q0} d {d}");
-            assert_eq!(plain.is_ok(), ok, "q0 {q0} d {d}");
+            let (step, max) = (c.step(), u64::from(c.max_level()));
+            assert_eq!(max, u64::from(MAX_LEVEL) / u64::from(c.grid().mult as u32));
+            for (q0, d, ok) in [
+                (0, 1, true),
+                (0, 0, false),
+                (64, 0, true),
+                (max, 1, true),
+                (max + 1, 1, false),
+                (0, max + 1, true),
+                (0, max + 2, false),
+            ] {
+                let raw = row(q0, d);
+                let shape = RowShape::Fixed { rows: 1, k: 2 };
+                let fast = decode_sorted_full(&raw, 1, 2, step, max as u32, &loc);
+                let plain = decode_general(&raw, None, &shape, 2, (step, max as u32), true, &loc);
+                assert_eq!(fast.is_ok(), ok, "{c:?} q0 {q0} d {d}");
+                assert_eq!(plain.is_ok(), ok, "{c:?} q0 {q0} d {d}");
+            }
         }
     }
 
     #[test]
     fn parse_and_steps() {
-        assert_eq!(LogprobCodec::parse("abs:0.01").unwrap(), LogprobCodec::Abs { step_log2: 6 });
-        assert_eq!(
-            LogprobCodec::parse("abs:0.0078125").unwrap(),
-            LogprobCodec::Abs { step_log2: 6 }
-        );
-        assert_eq!(LogprobCodec::parse("abs:0.5").unwrap(), LogprobCodec::Abs { step_log2: 1 });
+        let abs = |step_log2, mult| LogprobCodec::Abs { step_log2, mult };
+        assert_eq!(LogprobCodec::parse("abs:0.01").unwrap(), abs(8, 5));
+        assert_eq!(crate::writer::default_codec(Kind::TopK), abs(8, 5));
+        assert_eq!(LogprobCodec::parse("abs:0.0078125").unwrap(), abs(6, 1));
+        assert_eq!(LogprobCodec::parse("abs:0.5").unwrap(), abs(3, 7));
+        assert_eq!(LogprobCodec::parse("abs:1e-6").unwrap(), abs(19, 1));
         assert!(LogprobCodec::parse("abs:nan").is_err());
         assert!(LogprobCodec::parse("abs:0").is_err());
         assert!(LogprobCodec::parse("zip").is_err());
-        for e in 1..=20 {
-            let c = LogprobCodec::Abs { step_log2: e };
-            assert_eq!(c.step(), 2f32.powi(-e));
+        let all: Vec<LogprobCodec> = all_abs_codecs().collect();
+        let mut steps: Vec<f32> = all.iter().map(|c| c.step()).collect();
+        steps.sort_by(f32::total_cmp);
+        steps.dedup();
+        assert_eq!(steps.len(), all.len(), "every step has one (e, m)");
+        for &c in &all {
+            let LogprobCodec::Abs { step_log2, mult } = c else { unreachable!() };
+            assert_eq!(f64::from(c.step()), f64::from(mult) * 2f64.powi(-step_log2));
+            assert!((2f32.powi(-20)..=2.0).contains(&c.step()));
             assert_eq!(LogprobCodec::from_header(2, c.step(), 0.0), Some(c));
-            assert!(c.max_abs_error().unwrap() <= 2f64.powi(-e) / 2.0);
+            assert_eq!(c.max_abs_error().unwrap(), f64::from(c.step()) / 2.0);
         }
-        for b in [1e-6, 3e-4, 0.01, 0.3, 1.0] {
+        assert_eq!(LogprobCodec::from_header(2, 9.0 * 2f32.powi(-8), 0.0), None);
+        assert_eq!(LogprobCodec::from_header(2, 4.0, 0.0), None);
+        for b in [1e-6, 3e-4, 0.01, 0.0195, 0.3, 1.0] {
             let c = LogprobCodec::parse(&format!("abs:{b}")).unwrap();
             assert!(c.max_abs_error().unwrap() <= b, "{b}");
+            // The largest step that fits.
+            assert!(all.iter().all(|o| o.max_abs_error().unwrap() > b || o.step() <= c.step()));
         }
     }
 
@@ -824,52 +934,70 @@ mod tests {
         bytes::put_varint(&mut ext, u64::MAX - 254);
         let raw: [(Vec<u8>, Vec<u8>); 4] =
             [(vec![255], ext.clone()), (vec![], vec![]), (vec![], vec![]), (vec![], vec![])];
-        assert!(decode_sorted_full(&raw, 1, 1, 0.5, &loc).is_err());
+        assert!(decode_sorted_full(&raw, 1, 1, 0.5, MAX_LEVEL, &loc).is_err());
         let rows = RowShape::Fixed { rows: 1, k: 1 };
-        assert!(decode_general(&raw, None, &rows, 1, 0.5, true, &loc).is_err());
-        assert!(decode_general(&raw, None, &rows, 1, 0.5, false, &loc).is_err());
+        assert!(decode_general(&raw, None, &rows, 1, (0.5, MAX_LEVEL), true, &loc).is_err());
+        assert!(decode_general(&raw, None, &rows, 1, (0.5, MAX_LEVEL), false, &loc).is_err());
     }
 
     use proptest::strategy::Strategy;
 
+    /// floor(y / m + 1/2) for y = -v 2^e, in exact integer arithmetic (y 2^64 is an integer
+    /// below 2^94 where it matters), or u32::MAX beyond the codec's range.
+    fn exact_level(v: f32, e: i32, m: u32) -> u32 {
+        let y = -f64::from(v) * 2f64.powi(e);
+        if y.is_nan() || y * 2f64.powi(-30) > 1.0 {
+            return u32::MAX;
+        }
+        if y < 2f64.powi(-40) {
+            return 0;
+        }
+        let big = (y * 2f64.powi(64)) as u128; // exact: an integer times a power of two
+        let (one, m) = (1u128 << 64, u128::from(m));
+        let q = (2 * big + m * one) / (2 * m * one);
+        if q > u128::from(MAX_LEVEL) / m { u32::MAX } else { q as u32 }
+    }
+
     proptest::proptest! {
-        /// The level is round-half-up of -logprob / step (floor(x + 1/2) with libm, exact in
-        /// float64 here), over the whole float32 range (the random bit patterns include NaN,
-        /// infinities and subnormals), and `level` is its Option form.
+        /// The level is round-half-up of -logprob / step, exactly (against integer
+        /// arithmetic), over the whole float32 range (the random bit patterns include NaN,
+        /// infinities and subnormals) and near the rounding edges of each multiplier, and
+        /// `level` is its Option form.
         #[test]
         fn level_is_round_half_up(
-            v in proptest::prop_oneof![
-                proptest::prelude::any::<u32>().prop_map(f32::from_bits),
-                -100f32..1e-3,
+            (v, in_steps) in proptest::prop_oneof![
+                proptest::prelude::any::<u32>().prop_map(|b| (f32::from_bits(b), false)),
+                (-100f32..1e-3).prop_map(|v| (v, false)),
+                // Within 2 ulps of -(q + 1/2) steps: the ties.
+                (0u32..1 << 22, -2i32..=2).prop_map(|(q, d)| {
+                    (f32::from_bits((-(q as f32 + 0.5)).to_bits().wrapping_add(d as u32)), true)
+                }),
             ],
-            e in 1i32..=20,
+            e in 1i32..=22,
+            mi in 0usize..4,
         ) {
-            let inv = 2f64.powi(e);
-            let x = -f64::from(v) * inv;
-            let want = if x.is_nan() || x > f64::from(MAX_LEVEL) {
-                u32::MAX
-            } else {
-                (x.max(0.0) + 0.5).floor() as u32
-            };
-            proptest::prop_assert_eq!(level_or_max(v, inv), want, "{}", v);
-            proptest::prop_assert_eq!(level(v, inv), (want != u32::MAX).then_some(want));
+            let m = STEP_MULTIPLIERS[mi];
+            let v = if in_steps { v * m as f32 * 2f32.powi(-e) } else { v };
+            let grid = Grid::new(e, m);
+            let want = exact_level(v, e, m);
+            proptest::prop_assert_eq!(level_or_max(v, grid), want, "{} e {} m {}", v, e, m);
+            proptest::prop_assert_eq!(level(v, grid), (want != u32::MAX).then_some(want));
         }
     }
 
     #[test]
     fn level_at_the_rounding_edges() {
-        for q in [0u32, 1, 2, (1 << 23) - 1, 1 << 23, (1 << 23) + 1, (1 << 24) - 1, 1 << 24] {
-            for x in [q as f32, q as f32 + 0.5, q as f32 - 0.5] {
-                for v in
-                    [-x, f32::from_bits((-x).to_bits() + 1), f32::from_bits((-x).to_bits() - 1)]
-                {
-                    let x = -f64::from(v);
-                    let want = if x.is_nan() || x > f64::from(MAX_LEVEL) {
-                        u32::MAX
-                    } else {
-                        (x.max(0.0) + 0.5).floor() as u32
-                    };
-                    assert_eq!(level_or_max(v, 1.0), want, "{v}");
+        for m in STEP_MULTIPLIERS {
+            let max = MAX_LEVEL / m;
+            for q in [0u32, 1, 2, (1 << 20) - 1, 1 << 20, max - 1, max, max + 1] {
+                for x in [q as f64, q as f64 + 0.5, q as f64 - 0.5] {
+                    let x = (x * f64::from(m) * 2f64.powi(-8)) as f32;
+                    for v in
+                        [-x, f32::from_bits((-x).to_bits() + 1), f32::from_bits((-x).to_bits() - 1)]
+                    {
+                        let want = exact_level(v, 8, m);
+                        assert_eq!(level_or_max(v, Grid::new(8, m)), want, "{v} m {m}");
+                    }
                 }
             }
         }
@@ -877,19 +1005,31 @@ mod tests {
 
     #[test]
     fn level_rounds_to_nearest() {
+        let unit = Grid::new(0, 1);
         for (x, q) in [(0.0f32, 0), (0.49, 0), (0.5, 1), (1.4999, 1), (2.5, 3), (7.0, 7)] {
-            assert_eq!(level(-x, 1.0), Some(q), "{x}");
+            assert_eq!(level(-x, unit), Some(q), "{x}");
         }
-        assert_eq!(level(1e-7, 64.0), Some(0));
-        assert_eq!(level(f32::NEG_INFINITY, 64.0), None);
+        // Step 5 2^-8: 1 nat is 51.2 steps, 1.2890625 nats exactly 66 (a tie, rounded up).
+        assert_eq!(level(-1.0, Grid::new(8, 5)), Some(51));
+        assert_eq!(level(-0.998_046_9, Grid::new(8, 5)), Some(51));
+        assert_eq!(level(-(65.5 * 5.0 / 256.0), Grid::new(8, 5)), Some(66));
+        assert_eq!(level(1e-7, Grid::new(6, 1)), Some(0));
+        assert_eq!(level(f32::NEG_INFINITY, Grid::new(6, 1)), None);
+        assert_eq!(level(f32::NAN, Grid::new(8, 5)), None);
     }
 
     #[test]
     fn dequantize_is_exact() {
-        let step = LogprobCodec::Abs { step_log2: 6 }.step();
-        for q in [0u32, 1, 63, 64, 12345, MAX_LEVEL] {
-            assert_eq!(f64::from(dequantize(q, step)), -(f64::from(q) / 64.0));
+        for c in all_abs_codecs() {
+            let LogprobCodec::Abs { step_log2, mult } = c else { unreachable!() };
+            let step = c.step();
+            for q in [0u32, 1, 63, 64, 12345, c.max_level() - 1, c.max_level()] {
+                let exact = -(f64::from(q) * f64::from(mult) * 2f64.powi(-step_log2));
+                assert_eq!(f64::from(dequantize(q, step)), exact, "{c:?} {q}");
+                let fine = step / TOP_FINE as f32;
+                assert_eq!(f64::from(dequantize(q, fine)), exact / 64.0, "{c:?} {q}");
+            }
+            assert_eq!(dequantize(0, step).to_bits(), 0.0f32.to_bits());
         }
-        assert_eq!(dequantize(0, step).to_bits(), 0.0f32.to_bits());
     }
 }
