@@ -268,6 +268,13 @@ fn validate_spec(spec: &StoreSpec, codec: LogprobCodec) -> Result<()> {
             "the kl codec bounds the divergence of top-K rows; sampled stores use \"abs:<bound>\", \"lossless\" or \"none\"",
         ));
     }
+    // A codec built by hand must be one a reader accepts (e.g. an abs step m 2^-e with m
+    // in 1, 3, 5, 7 and no other spelling of the same step).
+    if LogprobCodec::from_header(codec.code(), codec.step(), codec.kl_bound().unwrap_or(0.0))
+        != Some(codec)
+    {
+        return Err(Error::invalid_argument("codec", format!("{codec:?} is not a valid codec")));
+    }
     if spec.kind == Kind::TopK && codec == LogprobCodec::None {
         return Err(Error::invalid_argument(
             "codec",

@@ -294,3 +294,28 @@ fn empty_store_and_uncommitted_directory() {
     }
     assert!(!Path::new(&p2).exists());
 }
+
+#[test]
+fn hand_built_codecs_must_be_ones_a_reader_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [
+        LogprobCodec::Abs { step_log2: 6, mult: 2 }, // 2^-5 spelled another way
+        LogprobCodec::Abs { step_log2: 6, mult: 9 },
+        LogprobCodec::Abs { step_log2: 30, mult: 1 },
+        LogprobCodec::Kl { bound: -1.0 },
+    ] {
+        let path = dir.path().join("s");
+        let r = StoreWriter::open(
+            &path,
+            spec(Kind::TopK, 4, 100, Some(bad)),
+            Mode::Create,
+            small_opts(),
+        );
+        assert!(
+            matches!(&r, Err(Error::InvalidArgument { arg, .. }) if arg == "codec"),
+            "{bad:?}: {:?}",
+            r.err()
+        );
+        assert!(!path.join("manifest.json").exists());
+    }
+}
