@@ -210,21 +210,24 @@ pub fn level_or_max(logprob: f32, grid: Grid) -> u32 {
     // (False for NaN and -inf: no level.)
     let ok = y * grid.inv_mult <= f64::from(grid.max_level) + 1.0;
     let y = if y > 0.0 { y } else { 0.0 };
-    // A guess by truncation (no libm call), then a correction by the remainder y - q m,
-    // which is exact in float64 (y has 24 significant bits, q m is an integer within m of
-    // it): q + 1 where the remainder reaches m/2 (round half up), q - 1 where it is below
-    // -m/2. The guess was right for every tie and its neighbours up to 2^24 that we tried
-    // (y / m is a tie exactly or 2^-25 away from one, far more than the rounding of
-    // y * (1/m)), and for m = 1 it is exact (y + 0.5 is exact below 2^25); the correction
-    // makes exactness not depend on that argument, for three vectorized operations.
-    let q = (y * grid.inv_mult + 0.5) as u32;
-    let r = y - f64::from(q) * grid.mult;
+    // A guess, then a correction by the remainder y - q m, which is exact in float64 (y has
+    // 24 significant bits, q m is an integer within m of it): q + 1 where the remainder
+    // reaches m/2 (round half up), q - 1 where it is below -m/2. The guess is y / m rounded
+    // to the nearest integer by adding and removing 2^52 (ties to even, and 1/m inexact:
+    // off by at most one, which the correction undoes). Everything stays in float64 and the
+    // integer is read from the low bits of q + 2^52, so that a row's loop vectorizes.
+    const ROUND: f64 = 4_503_599_627_370_496.0; // 2^52
+    let t = (y * grid.inv_mult).min(f64::from(grid.max_level) + 2.0);
+    let q = (t + ROUND) - ROUND;
+    let r = y - q * grid.mult;
     let half = 0.5 * grid.mult;
-    let q = q.wrapping_add(u32::from(r >= half)).wrapping_sub(u32::from(r < -half));
+    let q = q + f64::from(u8::from(r >= half)) - f64::from(u8::from(r < -half));
+    let q = (q + ROUND).to_bits() as u32;
     if ok && q <= grid.max_level { q } else { u32::MAX }
 }
 
-/// The decoded value of a level: `0 - q * step` in float32 (exact for q <= 2^24).
+/// The decoded value of a level: `0 - q * step` in float32 (exact for q m <= 2^24, the
+/// step being m times a power of two).
 #[inline]
 pub fn dequantize(q: u32, step: f32) -> f32 {
     0.0f32 - (q as f32) * step
