@@ -180,7 +180,11 @@ class StoreWriter:
         mode: ``"x"`` create (refuses an existing path), ``"a"`` append to a store of the same
             configuration (refuses a mismatch, naming the field; creates the store if missing),
             ``"w"`` replace (the old store stays readable until the first commit).
-        chunk_positions: Positions per compressed chunk (the unit of random access).
+        chunk_positions: A chunk (the unit of compression and of random access) is closed
+            once it holds at least this many positions. With the default 1024, a record of
+            1024 positions or more is a chunk of its own, so reading it decodes nothing else
+            (what shuffled training reads want); shorter records share chunks. Larger values
+            can compress slightly better on repetitive data (benches/README.md).
         shard_size: Bytes per shard file before a new one is started (``"1GiB"``).
         zstd_level: zstd compression level (1-22). Level 1 is the default: on top-K streams
             it compresses as well as higher levels (benches/README.md) and is the fastest.
@@ -203,7 +207,7 @@ class StoreWriter:
         temperature: float = 1.0,
         metadata: Mapping[str, Any] | None = None,
         mode: Literal["x", "a", "w"] = "x",
-        chunk_positions: int = 4096,
+        chunk_positions: int = 1024,
         shard_size: int | str = "1GiB",
         zstd_level: int = 1,
     ) -> None:

@@ -177,8 +177,9 @@ fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
 /// block), so a declared size above this is impossible, whatever the frame holds.
 const MAX_ZSTD_RATIO: usize = (128 << 10) / 4;
 /// Streams up to this size are decompressed into a buffer allocated up front; larger ones
-/// (rare: a chunk holds about 4096 positions) grow with the bytes actually decoded, so that a
-/// corrupt size field cannot make a reader allocate gigabytes before failing.
+/// (rare: a chunk holds about 1024 positions, or one record) grow with the bytes actually
+/// decoded, so that a corrupt size field cannot make a reader allocate gigabytes before
+/// failing.
 const PREALLOC_MAX: usize = 16 << 20;
 
 fn decompress(stored: &[u8], raw_len: usize, loc: &Location, what: &str) -> Result<Vec<u8>> {
