@@ -8,10 +8,14 @@ on one core, and the maximum absolute log-probability error.
 Methods:
   * logitcache with each log-probability codec (encode = StoreWriter.add, decode =
     Store.read_batch into padded numpy arrays, "packed" = Store.read_packed into arrays
-    holding the records back to back), one thread unless --threads says otherwise;
-  * raw .npy: int32 ids + float16 log-probabilities (+ int32 input ids), np.save / np.load;
-  * parquet: the same columns as fixed-size lists, zstd, via pyarrow;
-  * safetensors: the same tensors in one safetensors file.
+    holding the records back to back, "shuffled" = read_packed of the same batches with the
+    sequences in a fixed random order, as a training loader reads, with the chunk cache off),
+    one thread unless --threads says otherwise;
+  * raw .npy: int32 ids + float16 log-probabilities (+ int32 input ids), np.save / np.load
+    (shuffled: np.load with mmap_mode="r", each batch's sequences copied out);
+  * parquet: the same columns as fixed-size lists, zstd, via pyarrow (shuffled: n/a, the
+    file has no access by sequence);
+  * safetensors: the same tensors in one safetensors file (shuffled: safe_open slices).
 
 This is a benchmark, not a test: run ``python benches/store_bench.py`` and record what it
 prints in benches/README.md.
@@ -51,11 +55,20 @@ class Corpus:
     def positions(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)])
+
     def sequences(self):
-        offs = np.concatenate([[0], np.cumsum(self.lengths)])
+        offs = self.offsets
         for i in range(len(self.lengths)):
             a, b = offs[i], offs[i + 1]
             yield i, self.input_ids[a:b], self.topk_ids[a:b], self.topk_logprobs[a:b]
+
+    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(input_ids, topk_ids, topk_logprobs)`` of sequence ``i``."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[a:b], self.topk_ids[a:b], self.topk_logprobs[a:b]
 
 
 @dataclass
@@ -71,6 +84,9 @@ class Result:
     # Decode into unpadded arrays: read_packed for logitcache; the baselines' decode already
     # yields flat arrays, so theirs is the same number.
     packed_pos_s: float = 0.0
+    # Batches of sequences in a shuffled order, as a training loader reads them: the same
+    # packed arrays (None where the format has no random access by sequence).
+    shuffled_pos_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.packed_pos_s:
@@ -111,6 +127,12 @@ def _kl_stats(decoded: np.ndarray, want: np.ndarray) -> tuple[float, float, floa
     return float(np.median(all_kl)), float(np.max(all_kl)), float(np.mean(np.isinf(all_kl)))
 
 
+def _shuffled_batches(n_sequences: int, batch: int) -> list[np.ndarray]:
+    """Sequence indices in one fixed random order, cut into batches."""
+    order = np.random.default_rng(1).permutation(n_sequences)
+    return [order[i : i + batch] for i in range(0, n_sequences, batch)]
+
+
 def _max_err(decoded: np.ndarray, want: np.ndarray) -> float:
     finite = np.isfinite(want)
     if not np.array_equal(np.isfinite(decoded), finite):
@@ -144,6 +166,17 @@ def bench_logitcache(
 
     t_packed, packed = _best_of(read_packed, repeats)
     assert np.array_equal(np.concatenate([p.topk_ids for p in packed]), c.topk_ids)
+    shuffled = _shuffled_batches(len(sids), batch)
+    # Without the chunk cache: in a corpus much larger than the cache a shuffled read
+    # almost never finds its chunk decoded (here the cache would hold 8 of ~50 chunks).
+    uncached = lc.open_store(path, cache_chunks=0)
+
+    def read_shuffled() -> list[lc.PackedBatch]:
+        return [uncached.read_packed(sids[b]) for b in shuffled]
+
+    t_shuffled, out = _best_of(read_shuffled, repeats)
+    first = shuffled[0][0]
+    assert np.array_equal(out[0].topk_ids[: c.lengths[first]], c.sequence(first)[1])
     got = np.concatenate([b.topk_logprobs[b.mask] for b in batches])
     ids = np.concatenate([b.topk_ids[b.mask] for b in batches])
     assert np.array_equal(ids, c.topk_ids), "ids must round-trip exactly"
@@ -155,10 +188,11 @@ def bench_logitcache(
         _max_err(got, c.topk_logprobs),
         *_kl_stats(got, c.topk_logprobs),
         packed_pos_s=c.positions / t_packed,
+        shuffled_pos_s=c.positions / t_shuffled,
     )
 
 
-def bench_npy(c: Corpus, work: Path, repeats: int) -> Result:
+def bench_npy(c: Corpus, work: Path, repeats: int, batch: int) -> Result:
     d = work / "npy"
 
     def write() -> None:
@@ -173,8 +207,22 @@ def bench_npy(c: Corpus, work: Path, repeats: int) -> Result:
         np.load(d / "input_ids.npy")
         return np.load(d / "topk_ids.npy"), np.load(d / "topk_logprobs.npy")
 
+    def read_shuffled() -> list[tuple[np.ndarray, np.ndarray]]:
+        # Memory-mapped, each batch's sequences copied out back to back.
+        ids_m = np.load(d / "topk_ids.npy", mmap_mode="r")
+        lp_m = np.load(d / "topk_logprobs.npy", mmap_mode="r")
+        offs = c.offsets
+        return [
+            (
+                np.concatenate([ids_m[offs[i] : offs[i + 1]] for i in b]),
+                np.concatenate([lp_m[offs[i] : offs[i + 1]] for i in b]),
+            )
+            for b in _shuffled_batches(len(c.lengths), batch)
+        ]
+
     t_enc, _ = _best_of(write, repeats)
     t_dec, (ids, lp) = _best_of(read, repeats)
+    t_shuffled, _ = _best_of(read_shuffled, repeats)
     assert np.array_equal(ids, c.topk_ids)
     return Result(
         "npy int32 + float16",
@@ -183,10 +231,11 @@ def bench_npy(c: Corpus, work: Path, repeats: int) -> Result:
         c.positions / t_dec,
         _max_err(lp.astype(np.float32), c.topk_logprobs),
         *_kl_stats(lp.astype(np.float32), c.topk_logprobs),
+        shuffled_pos_s=c.positions / t_shuffled,
     )
 
 
-def bench_parquet(c: Corpus, work: Path, repeats: int) -> Result | None:
+def bench_parquet(c: Corpus, work: Path, repeats: int, batch: int) -> Result | None:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -230,8 +279,9 @@ def bench_parquet(c: Corpus, work: Path, repeats: int) -> Result | None:
     )
 
 
-def bench_safetensors(c: Corpus, work: Path, repeats: int) -> Result | None:
+def bench_safetensors(c: Corpus, work: Path, repeats: int, batch: int) -> Result | None:
     try:
+        from safetensors import safe_open
         from safetensors.numpy import load_file, save_file
     except ImportError:
         return None
@@ -251,8 +301,22 @@ def bench_safetensors(c: Corpus, work: Path, repeats: int) -> Result | None:
     def read() -> dict[str, np.ndarray]:
         return load_file(str(f))
 
+    def read_shuffled() -> list[tuple[np.ndarray, np.ndarray]]:
+        # Slices of the memory-mapped file, each batch's sequences back to back.
+        offs = c.offsets
+        with safe_open(str(f), framework="numpy") as h:
+            ids_s, lp_s = h.get_slice("topk_ids"), h.get_slice("topk_logprobs")
+            return [
+                (
+                    np.concatenate([ids_s[offs[i] : offs[i + 1]] for i in b]),
+                    np.concatenate([lp_s[offs[i] : offs[i + 1]] for i in b]),
+                )
+                for b in _shuffled_batches(len(c.lengths), batch)
+            ]
+
     t_enc, _ = _best_of(write, repeats)
     t_dec, out = _best_of(read, repeats)
+    t_shuffled, _ = _best_of(read_shuffled, repeats)
     assert np.array_equal(out["topk_ids"], c.topk_ids)
     return Result(
         "safetensors int32 + float16",
@@ -261,6 +325,7 @@ def bench_safetensors(c: Corpus, work: Path, repeats: int) -> Result | None:
         c.positions / t_dec,
         _max_err(out["topk_logprobs"].astype(np.float32), c.topk_logprobs),
         *_kl_stats(out["topk_logprobs"].astype(np.float32), c.topk_logprobs),
+        shuffled_pos_s=c.positions / t_shuffled,
     )
 
 
@@ -306,7 +371,7 @@ def main() -> None:
             for codec in args.codecs:
                 results.append(bench_logitcache(c, vocab, codec, work, args.repeats, args.batch))
             for fn in (bench_npy, bench_parquet, bench_safetensors):
-                r = fn(c, work, args.repeats)
+                r = fn(c, work, args.repeats, args.batch)
                 if r is not None:
                     results.append(r)
         best_baseline = min(
@@ -314,14 +379,17 @@ def main() -> None:
         )
         print(
             f"{'method':34} {'bytes/token':>11} {'vs best':>8} {'encode pos/s':>13} "
-            f"{'decode pos/s':>13} {'packed pos/s':>13} {'max abs err':>12} {'median KL':>9} "
+            f"{'decode pos/s':>13} {'packed pos/s':>13} {'shuffled pos/s':>14} "
+            f"{'max abs err':>12} {'median KL':>9} "
             f"{'max KL':>9} {'KL inf':>7}"
         )
         for r in results:
             ratio = best_baseline / r.bytes_per_token
+            shuffled = "n/a" if r.shuffled_pos_s is None else f"{r.shuffled_pos_s:,.0f}"
             print(
                 f"{r.method:34} {r.bytes_per_token:11.1f} {ratio:7.2f}x "
                 f"{r.encode_pos_s:13,.0f} {r.decode_pos_s:13,.0f} {r.packed_pos_s:13,.0f} "
+                f"{shuffled:>14} "
                 f"{r.max_abs_err:12.2e} "
                 f"{r.median_kl:9.1e} {r.max_kl:9.1e} {100 * r.rest_lost:6.2f}%"
             )
