@@ -86,7 +86,7 @@ RANK_VARINT_BASE = 224 + 31 * 256  # 8160: the rank of lead 255 with varint 0
 LEVEL_ESCAPE = 255
 MAX_LEVEL = 2**24  # abs levels: q m <= 2^24 for the step m 2^-e
 ABS_STEPS = {
-    m * 2.0**-e: m for m in (1, 3, 5, 7) for e in range(1, 23) if 2**-20 <= m * 2.0**-e <= 2
+    m * 2.0**-e: m for m in (1, 3, 5, 7) for e in range(1, 14) if 2**-13 <= m * 2.0**-e <= 2
 }
 MAX_CODED = 2**42
 # Top-K rows (abs and kl): the coded numbers of entries j >= 16 go two per lead byte.
@@ -277,7 +277,7 @@ def _check_codec(codec: Any, kind: str, where: Where) -> None:
         _require(
             step in ABS_STEPS,
             where,
-            f"codec.step {step!r} is not m 2^-e (m in 1, 3, 5, 7) in 2^-20 ... 2",
+            f"codec.step {step!r} is not m 2^-e (m in 1, 3, 5, 7) in 2^-13 ... 2",
         )
         _require(max_err == step / 2, where, f"codec.max_abs_error {max_err!r} != step / 2")
     else:

@@ -32,12 +32,12 @@ DENSE_VOCAB = 3000  # up to here, records come from a real softmax over the whol
 
 def abs_step(codec: str) -> float | None:
     """The quantization step of an ``abs:<bound>`` codec: the largest s = m 2^-e (m in 1, 3,
-    5, 7; 2^-20 <= s <= 2) with s / 2 <= bound (None for other codecs)."""
+    5, 7; 2^-13 <= s <= 2) with s / 2 <= bound (None for other codecs)."""
     if not codec.startswith("abs:"):
         return None
     bound = float(codec[4:])
-    steps = [m * 2.0**-e for m in (1, 3, 5, 7) for e in range(1, 23)]
-    return max(s for s in steps if 2**-20 <= s <= 2 and s / 2 <= bound)
+    steps = [m * 2.0**-e for m in (1, 3, 5, 7) for e in range(1, 14)]
+    return max(s for s in steps if 2**-13 <= s <= 2 and s / 2 <= bound)
 
 
 def abs_max_level(step: float) -> int:

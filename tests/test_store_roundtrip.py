@@ -18,7 +18,7 @@ CODECS = {
     # max errors: half the largest step m 2^-e (m in 1, 3, 5, 7) within twice the bound
     "abs:0.01": 5 * 2**-9,
     "abs:0.1": 3 * 2**-5,
-    "abs:1e-4": 3 * 2**-15,
+    "abs:1e-4": 2**-14,  # the finest step, 2^-13
     "kl:1e-4": ("kl", 1e-4),
     "kl:1e-2": ("kl", 1e-2),
 }
@@ -315,3 +315,18 @@ def test_abs_codec_keeps_sorted_rows_and_their_mass(tmp_path: Path) -> None:
     assert (got_mass[confident] > 1.0).mean() < 0.5 * (
         np.exp(naive).sum(axis=1)[confident] > 1
     ).mean()
+
+
+def test_finest_abs_codec_keeps_flat_rows(tmp_path: Path) -> None:
+    # The top entry's grid must reach -ln(V) for any V < 2^31: abs:1e-6 (step 2^-19) stored
+    # every row whose top log-probability was below -0.5 nats as all -inf. Now the finest
+    # step is 2^-13 (top entries down to -32 nats) and finer bounds are refused.
+    lp = np.array([[-1.0, -2.0, -3.0], [-21.4, -22.0, -40.0]], np.float32)
+    ids = np.array([[1, 2, 3], [4, 5, 6]])
+    with lc.StoreWriter(tmp_path / "s", vocab_size=100, k=3, codec="abs:6.2e-5") as w:
+        w.add(0, np.array([1, 2]), ids, lp)
+    store = lc.open_store(tmp_path / "s")
+    assert store.meta["codec"]["step"] == 2**-13
+    assert np.all(np.abs(store[0].topk_logprobs - lp) <= 2**-14)
+    with pytest.raises(ValueError, match="lossless"):
+        lc.StoreWriter(tmp_path / "t", vocab_size=100, k=3, codec="abs:1e-6")

@@ -22,8 +22,13 @@ pub const MAX_LEVEL: u32 = 1 << 24;
 
 /// Odd step multipliers m of the abs codec (step `m 2^-e`).
 pub const STEP_MULTIPLIERS: [u32; 4] = [1, 3, 5, 7];
-/// Range of the abs step: `2^-20 <= s <= 2`, with e in 1..=22.
-const STEP_EXPONENTS: std::ops::RangeInclusive<i32> = 1..=22;
+/// Range of the abs step: `2^-13 <= s <= 2`, with e in 1..=13. The top entry of a row
+/// lives on the grid s/64 with at most 2^24 / m levels, which covers about 2^18 s nats: at
+/// s >= 2^-13 about 32, more than -ln(1/V) for any vocabulary below 2^31 (the top
+/// probability of a distribution over V tokens is at least 1/V). Finer steps would store
+/// the rows of flat distributions as all -inf (abs:1e-6 did, for any row below -0.5 nats).
+const STEP_EXPONENTS: std::ops::RangeInclusive<i32> = 1..=13;
+const SMALLEST_STEP: f32 = 1.0 / 8192.0;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LogprobCodec {
@@ -83,11 +88,14 @@ impl LogprobCodec {
             let Ok(bound) = b.parse::<f64>() else {
                 return bad(format!("{spec:?}: the bound after \"abs:\" must be a number"));
             };
-            if !(bound.is_finite() && (1e-6..=1.0).contains(&bound)) {
-                return bad(format!("{spec:?}: the bound must be between 1e-6 and 1 nat"));
+            let finest = f64::from(SMALLEST_STEP) / 2.0;
+            if !(bound.is_finite() && (finest..=1.0).contains(&bound)) {
+                return bad(format!(
+                    "{spec:?}: the bound must be between 2^-14 = {finest:.3e} and 1 nat (finer \
+                     steps cannot hold the top entry of every row; use \"lossless\")"
+                ));
             }
-            // The largest step whose half is within the bound (bound >= 1e-6 > 2^-20 / 2,
-            // so there is one).
+            // The largest step whose half is within the bound (there is one: 2^-13).
             let best = all_abs_codecs()
                 .filter(|c| f64::from(c.step()) / 2.0 <= bound)
                 .max_by(|a, b| a.step().total_cmp(&b.step()));
@@ -156,12 +164,12 @@ fn step_from_log2(step_log2: i32) -> f32 {
     f32::from_bits(((127 - step_log2) as u32) << 23)
 }
 
-/// Every abs codec a store may declare: steps `m 2^-e` between 2^-20 and 2.
+/// Every abs codec a store may declare: steps `m 2^-e` between 2^-13 and 2.
 fn all_abs_codecs() -> impl Iterator<Item = LogprobCodec> {
     STEP_MULTIPLIERS.into_iter().flat_map(|mult| {
         STEP_EXPONENTS
             .map(move |step_log2| LogprobCodec::Abs { step_log2, mult })
-            .filter(|c| (2f32.powi(-20)..=2.0).contains(&c.step()))
+            .filter(|c| (SMALLEST_STEP..=2.0).contains(&c.step()))
     })
 }
 
@@ -903,7 +911,10 @@ mod tests {
         assert_eq!(crate::writer::default_codec(Kind::TopK), abs(8, 5));
         assert_eq!(LogprobCodec::parse("abs:0.0078125").unwrap(), abs(6, 1));
         assert_eq!(LogprobCodec::parse("abs:0.5").unwrap(), abs(3, 7));
-        assert_eq!(LogprobCodec::parse("abs:1e-6").unwrap(), abs(19, 1));
+        assert_eq!(LogprobCodec::parse("abs:1e-4").unwrap(), abs(13, 1));
+        assert_eq!(LogprobCodec::parse("abs:6.2e-5").unwrap(), abs(13, 1));
+        assert!(LogprobCodec::parse("abs:1e-6").is_err());
+        assert!(LogprobCodec::parse("abs:6e-5").is_err());
         assert!(LogprobCodec::parse("abs:nan").is_err());
         assert!(LogprobCodec::parse("abs:0").is_err());
         assert!(LogprobCodec::parse("zip").is_err());
@@ -915,13 +926,16 @@ mod tests {
         for &c in &all {
             let LogprobCodec::Abs { step_log2, mult } = c else { unreachable!() };
             assert_eq!(f64::from(c.step()), f64::from(mult) * 2f64.powi(-step_log2));
-            assert!((2f32.powi(-20)..=2.0).contains(&c.step()));
+            assert!((SMALLEST_STEP..=2.0).contains(&c.step()));
+            // The top entry's grid reaches about 32 nats (> ln 2^31 = 21.5).
+            assert!(f64::from(c.max_level()) * f64::from(c.step()) / 64.0 > 31.9, "{c:?}");
             assert_eq!(LogprobCodec::from_header(2, c.step(), 0.0), Some(c));
             assert_eq!(c.max_abs_error().unwrap(), f64::from(c.step()) / 2.0);
         }
         assert_eq!(LogprobCodec::from_header(2, 9.0 * 2f32.powi(-8), 0.0), None);
         assert_eq!(LogprobCodec::from_header(2, 4.0, 0.0), None);
-        for b in [1e-6, 3e-4, 0.01, 0.0195, 0.3, 1.0] {
+        assert_eq!(LogprobCodec::from_header(2, 2f32.powi(-14), 0.0), None);
+        for b in [6.2e-5, 3e-4, 0.01, 0.0195, 0.3, 1.0] {
             let c = LogprobCodec::parse(&format!("abs:{b}")).unwrap();
             assert!(c.max_abs_error().unwrap() <= b, "{b}");
             // The largest step that fits.
