@@ -139,7 +139,11 @@ with lc.StoreWriter(path, vocab_size={V}, k={K}, codec="lossless", mode=mode,
         w.add(sid, *make_record(sid, {V}, {K}))
         if (sid - first) % every == every - 1:
             w.commit()
-            print("committed", sid, flush=True)
+            # One write per line: with PYTHONUNBUFFERED, print() writes "committed", " ",
+            # the number and "\n" separately, and a kill between them left a bare
+            # "committed" behind.
+            sys.stdout.write(f"committed {{sid}}\n")
+            sys.stdout.flush()
 print("done", flush=True)
 """
 
@@ -224,8 +228,10 @@ def crash_trial(
     time.sleep(rng.uniform(0.0, window))
     proc.send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
-    lines = out.splitlines()
-    committed = [int(x.split()[1]) for x in lines if x.startswith("committed")]
+    # Only complete lines: text after the last newline was cut by the kill and is no promise
+    # (the writer prints each line in one write, so this is a second guard).
+    fields = [x.split() for x in out.split("\n")[:-1]]
+    committed = [int(f[1]) for f in fields if len(f) == 2 and f[0] == "committed"]
     if committed:
         promised |= set(range(first, committed[-1] + 1))
     elif kind == "create":
