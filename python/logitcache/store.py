@@ -162,10 +162,10 @@ class StoreWriter:
         k: K, the ids kept per position (top-K stores), or n, the draws per position
             (sampled stores).
         kind: ``"topk"`` or ``"sampled"``.
-        codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (uniform
-            quantization with the largest step m 2^-e, m in 1, 3, 5, 7, within twice the bound;
-            the default for top-K is ``"abs:0.01"``: step 5 x 2^-8, a guaranteed maximum error
-            of 0.0098 nat), ``"kl:<bound>"`` (top-K only: coarser steps where probability is
+        codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (6.1e-5 to 1;
+            uniform quantization with the largest step m 2^-e, m in 1, 3, 5, 7, within twice the
+            bound; the default for top-K is ``"abs:0.01"``: step 5 x 2^-8, a guaranteed maximum
+            error of 0.0098 nat), ``"kl:<bound>"`` (top-K only: coarser steps where probability is
             small, with KL(P || P_decoded) <= bound nats guaranteed for every position, the rest
             bucket included), ``"lossless"`` (float32, bit for bit) or ``"none"`` (sampled
             stores without log-probabilities, their default). ``None`` means the default for a
