@@ -45,7 +45,7 @@ pub fn params_from_manifest(m: &Manifest, path: &Path) -> Result<CodecParams> {
                 .filter(|c| f64::from(c.step()) == step)
                 .ok_or_else(|| {
                 corrupt(format!(
-                    "codec step {step} is not m 2^-e (m in 1, 3, 5, 7) between 2^-20 and 2"
+                    "codec step {step} is not m 2^-e (m in 1, 3, 5, 7) between 2^-13 and 2"
                 ))
             })?
         }
