@@ -3,7 +3,8 @@
 //! benches/store_bench.py.
 //!
 //! usage: codec_speed DIR K VOCAB CODEC [ZSTD_LEVEL [CHUNK_POSITIONS]]
-//! (DIR holds input.u32, ids.u32, lp.f32; REPS=n in the environment: best of n, default 5)
+//! (DIR holds input.u32, ids.u32, lp.f32; REPS=n in the environment: best of n, default 5;
+//! ENCODE_REPS=n overrides it for encoding, e.g. 1 to profile decoding)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -74,10 +75,12 @@ fn main() {
             b
         })
         .collect();
-    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let reps = env("REPS").unwrap_or(5);
+    let enc_reps = env("ENCODE_REPS").unwrap_or(reps);
     let mut enc = f64::MAX;
     let mut payloads: Vec<Vec<u8>> = Vec::new();
-    for _ in 0..reps.max(1) {
+    for _ in 0..enc_reps.max(1) {
         let t = cpu_time();
         payloads = bufs.iter().map(|b| codec::encode_chunk(b, &p, &mut scratch).unwrap()).collect();
         enc = enc.min(cpu_time() - t);

@@ -96,6 +96,23 @@ impl<'a> ByteReader<'a> {
     }
 }
 
+/// Every varint of `buf`, in order, as u32 values (a chunk's tables hold thousands of them:
+/// one-byte values, the common case, take a loop without the general reader's checks).
+pub fn varints_u32(buf: &[u8], what: &'static str, loc: &Location) -> Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(buf.len());
+    let mut r = ByteReader::new(buf, what);
+    while let Some(rest) = buf.get(r.pos..) {
+        let short = rest.iter().take_while(|&&b| b < 0x80).count();
+        out.extend(rest[..short].iter().map(|&b| u32::from(b)));
+        r.pos += short;
+        if r.is_empty() {
+            break;
+        }
+        out.push(r.varint_u32(loc)?);
+    }
+    Ok(out)
+}
+
 /// Split little-endian u32 values into 4 planes (all low bytes, then the next...), so that
 /// zstd sees the slowly-varying high bytes as long runs.
 pub fn u32_planes(values: &[u32]) -> Vec<u8> {
@@ -150,6 +167,43 @@ mod tests {
         assert!(ByteReader::new(&[0x80], "t").varint(&loc).is_err());
         assert!(ByteReader::new(&[0xff; 11], "t").varint(&loc).is_err());
         assert!(ByteReader::new(&[0xff, 0xff, 0xff, 0xff, 0x7f], "t").varint_u32(&loc).is_err());
+    }
+
+    proptest::proptest! {
+        /// The bulk decoder reads what the general reader reads, and fails where it fails.
+        #[test]
+        fn bulk_varints_agree_with_the_reader(
+            vals in proptest::collection::vec(
+                proptest::prop_oneof![0u64..128, 128u64..70_000, 0u64..=u64::from(u32::MAX),
+                                      0u64..=u64::MAX],
+                0..200),
+            cut in proptest::option::of(0usize..2000),
+        ) {
+            let loc = Location::default();
+            let mut b = Vec::new();
+            for &v in &vals {
+                put_varint(&mut b, v);
+            }
+            if let Some(c) = cut {
+                b.truncate(c.min(b.len()));
+            }
+            let mut r = ByteReader::new(&b, "t");
+            let mut want = Vec::new();
+            let plain = loop {
+                if r.is_empty() {
+                    break Ok(want);
+                }
+                match r.varint_u32(&loc) {
+                    Ok(v) => want.push(v),
+                    Err(e) => break Err(e),
+                }
+            };
+            let bulk = varints_u32(&b, "t", &loc);
+            proptest::prop_assert_eq!(bulk.is_ok(), plain.is_ok());
+            if let (Ok(a), Ok(w)) = (bulk, plain) {
+                proptest::prop_assert_eq!(a, w);
+            }
+        }
     }
 
     #[test]

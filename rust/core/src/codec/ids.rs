@@ -10,7 +10,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::codec::bytes::{ByteReader, put_varint};
+use crate::codec::bytes::{self, ByteReader, put_varint};
 use crate::error::{Error, Location, Result};
 
 /// Ranks below this take one byte.
@@ -121,18 +121,24 @@ fn load4(buf: &[u8], pos: usize) -> u32 {
 
 /// A decoded table: ids in rank order.
 pub struct Table {
-    by_rank: Vec<u32>,
-    /// `by_rank` padded with zeros to a power of two (at least `FAST_RANKS`), so that the
-    /// decoding loop's index mask keeps its bounds check out of the way; ranks past the
-    /// table are caught separately.
+    /// Number of ids in the table.
+    len: usize,
+    /// The ids in rank order, padded with zeros to a power of two (at least `FAST_RANKS`),
+    /// so that the decoding loop's index mask keeps its bounds check out of the way; ranks
+    /// past the table are caught separately.
     lut: Vec<u32>,
 }
 
 impl Table {
-    fn new(by_rank: Vec<u32>) -> Table {
-        let mut lut = by_rank.clone();
-        lut.resize(lut.len().next_power_of_two().max(FAST_RANKS), 0);
-        Table { by_rank, lut }
+    fn new(mut by_rank: Vec<u32>) -> Table {
+        let len = by_rank.len();
+        by_rank.resize(len.next_power_of_two().max(FAST_RANKS), 0);
+        Table { len, lut: by_rank }
+    }
+
+    /// The ids in rank order.
+    pub fn ids(&self) -> &[u32] {
+        &self.lut[..self.len]
     }
 
     /// The id coded by lead byte `b`, reading any extension from `ext` at `*pos`.
@@ -169,8 +175,8 @@ impl Table {
             *pos += long;
             if long == 1 { two } else { b as usize }
         };
-        *bad |= r >= self.by_rank.len();
-        self.by_rank.get(r).copied().unwrap_or(0)
+        *bad |= r >= self.len;
+        self.ids().get(r).copied().unwrap_or(0)
     }
 
     /// Fail if any code was bad or an extension stream was not consumed exactly.
@@ -180,7 +186,7 @@ impl Table {
                 loc.clone(),
                 format!(
                     "id codes point past the chunk's table of {} ids or its extension stream",
-                    self.by_rank.len()
+                    self.len
                 ),
             ));
         }
@@ -328,7 +334,7 @@ impl Table {
             }
         }
         if long_varint & 1 == 0 {
-            let bad = !lead.is_empty() && max_rank >= self.by_rank.len();
+            let bad = !lead.is_empty() && max_rank >= self.len;
             return self.check_stream(bad, pos, ext, loc);
         }
         let (mut pos, mut bad) = (0usize, false);
@@ -344,11 +350,11 @@ impl Table {
     }
 
     pub fn len(&self) -> usize {
-        self.by_rank.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_rank.is_empty()
+        self.len == 0
     }
 }
 
@@ -462,33 +468,66 @@ impl TableEncoder {
 }
 
 /// Indices of `distinct` (sorted by id) in rank order: decreasing count, then increasing id.
-/// A counting sort: O(distinct + largest count), stable, so ties keep id order.
 fn rank_order(distinct: &[(u32, u32)]) -> Vec<u32> {
-    let max = distinct.iter().map(|&(_, c)| c as usize).max().unwrap_or(0);
-    if max > 4 * distinct.len() + 1024 {
-        let mut keys: Vec<u64> = distinct
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, c))| (u64::from(u32::MAX - c) << 32) | i as u64)
-            .collect();
+    let ids: Vec<u32> = (0..distinct.len() as u32).collect();
+    let counts: Vec<u32> = distinct.iter().map(|&(_, c)| c).collect();
+    by_rank(&ids, &counts)
+}
+
+/// `values` (given in increasing id order) reordered by decreasing `counts`, ties kept in
+/// the given order.
+///
+/// Most ids of a chunk occur once or twice. A plain counting sort then spends its time on
+/// `starts[1] += 1`, a chain of dependent loads and stores through memory; so the ones and
+/// twos are first split off without branches (their order is the given order) and only the
+/// rest is counting-sorted.
+fn by_rank(values: &[u32], counts: &[u32]) -> Vec<u32> {
+    let n = values.len().min(counts.len());
+    let mut out = vec![0u32; n];
+    let mut twos = vec![0u32; n];
+    let mut rest: Vec<(u32, u32)> = vec![(0, 0); n];
+    let (mut n1, mut n2, mut nr) = (0usize, 0usize, 0usize);
+    for (&v, &c) in values.iter().zip(counts) {
+        // Each slot is written before its index can move past it, and indices stay below
+        // n: at most one of the three advances per value.
+        out[n1.min(n - 1)] = v;
+        twos[n2.min(n - 1)] = v;
+        rest[nr.min(n - 1)] = (v, c);
+        n1 += usize::from(c == 1);
+        n2 += usize::from(c == 2);
+        nr += usize::from(c > 2);
+    }
+    let rest = &rest[..nr];
+    // Final layout: rest (counting-sorted, decreasing), twos, ones.
+    out.copy_within(0..n1, n - n1);
+    out[nr..nr + n2].copy_from_slice(&twos[..n2]);
+    let max = rest.iter().map(|&(_, c)| c).max().unwrap_or(0) as usize;
+    if max > 4 * nr + 1024 {
+        let mut keys: Vec<(u32, usize)> =
+            rest.iter().enumerate().map(|(i, &(_, c))| (u32::MAX - c, i)).collect();
         keys.sort_unstable();
-        return keys.into_iter().map(|k| k as u32).collect();
+        for (o, (_, i)) in out.iter_mut().zip(keys) {
+            *o = rest[i].0;
+        }
+        return out;
     }
     // starts[c] = first output slot of count c, counts taken in decreasing order.
-    let mut starts = vec![0usize; max + 2];
-    for &(_, c) in distinct {
+    let mut starts = vec![0u32; max + 1];
+    for &(_, c) in rest {
         starts[c as usize] += 1;
     }
-    let mut acc = 0usize;
-    for c in (0..=max).rev() {
-        let n = starts[c];
-        starts[c] = acc;
-        acc += n;
+    let mut acc = 0u32;
+    for s in starts.iter_mut().rev() {
+        let k = *s;
+        *s = acc;
+        acc += k;
     }
-    let mut out = vec![0u32; distinct.len()];
-    for (i, &(_, c)) in distinct.iter().enumerate() {
+    for &(v, c) in rest {
         let slot = &mut starts[c as usize];
-        out[*slot] = i as u32;
+        // In bounds: the slots of count c end where those of the next smaller count begin.
+        if let Some(o) = out.get_mut(*slot as usize) {
+            *o = v;
+        }
         *slot += 1;
     }
     out
@@ -502,42 +541,39 @@ pub fn decode_table(
     vocab: u32,
     loc: &Location,
 ) -> Result<Table> {
-    let mut ir = ByteReader::new(ids_stream, "id table");
-    let mut cr = ByteReader::new(counts_stream, "id counts");
-    let mut distinct: Vec<(u32, u32)> = Vec::new();
+    let mut ids = bytes::varints_u32(ids_stream, "id table", loc)?;
+    let counts = bytes::varints_u32(counts_stream, "id counts", loc)?;
+    if ids.len() != counts.len() {
+        return Err(Error::corrupt(
+            loc.clone(),
+            format!("id table has {} ids and {} counts", ids.len(), counts.len()),
+        ));
+    }
+    // Gaps to ids in u64: the sum of the gaps of a corrupt table may pass 2^32.
     let mut next: u64 = 0;
-    let mut sum: u64 = 0;
-    while !ir.is_empty() {
-        let id = next + ir.varint(loc)?;
+    for v in &mut ids {
+        let id = next + u64::from(*v);
         if id >= u64::from(vocab) {
             return Err(Error::corrupt(
                 loc.clone(),
                 format!("id table holds {id} >= vocab_size {vocab}"),
             ));
         }
-        let c = cr.varint_u32(loc)?;
-        if c == 0 {
-            return Err(Error::corrupt(loc.clone(), "id table count of 0"));
-        }
-        sum += u64::from(c);
-        if sum > total {
-            return Err(Error::corrupt(
-                loc.clone(),
-                format!("id table counts exceed the chunk's {total} ids"),
-            ));
-        }
-        distinct.push((id as u32, c));
+        *v = id as u32;
         next = id + 1;
     }
-    cr.finish(loc)?;
+    let (sum, min) =
+        counts.iter().fold((0u64, u32::MAX), |(s, m), &c| (s + u64::from(c), m.min(c)));
+    if min == 0 {
+        return Err(Error::corrupt(loc.clone(), "id table count of 0"));
+    }
     if sum != total {
         return Err(Error::corrupt(
             loc.clone(),
             format!("id table counts add up to {sum}, the chunk has {total} ids"),
         ));
     }
-    let by_rank = rank_order(&distinct).into_iter().map(|i| distinct[i as usize].0).collect();
-    Ok(Table::new(by_rank))
+    Ok(Table::new(by_rank(&ids, &counts)))
 }
 
 #[cfg(test)]
@@ -669,7 +705,7 @@ mod tests {
             t.reset(&mut scratch);
             assert!(scratch.counts.iter().all(|&c| c == 0));
             let table = decode_table(&t.ids_stream, &t.counts_stream, 7, 10, &loc).unwrap();
-            assert_eq!(table.by_rank, vec![7, 3, 1, 9]);
+            assert_eq!(table.ids(), [7, 3, 1, 9]);
             assert!(decode_table(&t.ids_stream, &t.counts_stream, 8, 10, &loc).is_err());
             assert!(decode_table(&t.ids_stream, &t.counts_stream, 7, 9, &loc).is_err());
         }
@@ -681,7 +717,23 @@ mod tests {
         let mut want: Vec<u32> = (0..500).collect();
         want.sort_by_key(|&i| (std::cmp::Reverse(distinct[i as usize].1), distinct[i as usize].0));
         assert_eq!(rank_order(&distinct), want);
-        let skewed = vec![(1, 100_000), (2, 1), (3, 100_000)];
-        assert_eq!(rank_order(&skewed), vec![0, 2, 1]);
+        let skewed = vec![(1, 100_000), (2, 1), (3, 100_000), (4, 2), (5, 1), (6, 3)];
+        assert_eq!(rank_order(&skewed), vec![0, 2, 5, 3, 1, 4]);
+        assert_eq!(rank_order(&[]), Vec::<u32>::new());
+        assert_eq!(rank_order(&[(4, 1)]), vec![0]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rank_order_is_a_stable_sort_by_decreasing_count(
+            counts in proptest::collection::vec(
+                proptest::prop_oneof![1u32..4, 1u32..100, 1u32..1_000_000], 0..400),
+        ) {
+            let distinct: Vec<(u32, u32)> =
+                counts.iter().enumerate().map(|(i, &c)| (i as u32 * 3, c)).collect();
+            let mut want: Vec<u32> = (0..distinct.len() as u32).collect();
+            want.sort_by_key(|&i| std::cmp::Reverse(distinct[i as usize].1));
+            proptest::prop_assert_eq!(rank_order(&distinct), want);
+        }
     }
 }
