@@ -50,12 +50,17 @@ pub fn approx_exp(x: f32) -> f32 {
     let xc = x.clamp(-87.0, 88.0);
     // 2^t with t = x log2(e): exponent bits from floor(t), a cubic for 2^frac.
     let t = xc * std::f32::consts::LOG2_E;
-    // floor(t) without a libm call: truncate, then step down for negative non-integers.
-    let tr = t as i32 as f32;
-    let fl = if tr > t { tr - 1.0 } else { tr };
+    // floor(t) in float arithmetic only (a float-to-int cast kept the loops scalar): adding
+    // and removing 1.5 2^23 rounds |t| < 2^22 to an integer, then one step down where that
+    // rounded up. NaN stays NaN throughout.
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let r = (t + MAGIC) - MAGIC;
+    let fl = if r > t { r - 1.0 } else { r };
     let f = t - fl;
     let p = 1.0 + f * (0.695_036 + f * (0.228_308_76 + f * 0.076_325));
-    let e = f32::from_bits(((fl as i32 + 127) as u32) << 23) * p;
+    // fl + 1.5 2^23 is exact (|fl| <= 126) and its bits are those of 1.5 2^23 plus fl.
+    let biased = (fl + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127);
+    let e = f32::from_bits(biased << 23) * p;
     if x < -87.0 { 0.0 } else { e }
 }
 
@@ -505,6 +510,28 @@ mod tests {
             assert!(approx_exp(x) > 1e38 && approx_exp(x).is_finite(), "{x}");
         }
         assert!(approx_exp(f32::NAN).is_nan());
+    }
+
+    /// The float-only floor inside `approx_exp` agrees with `f32::floor` on every input of
+    /// a dense sweep, at integers of x log2(e) and one ulp either side of them.
+    #[test]
+    fn approx_exp_floor_is_exact() {
+        let with_floor = |x: f32| {
+            let t = x.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E;
+            let fl = t.floor();
+            let f = t - fl;
+            let p = 1.0 + f * (0.695_036 + f * (0.228_308_76 + f * 0.076_325));
+            let e = f32::from_bits(((fl as i32 + 127) as u32) << 23) * p;
+            if x < -87.0 { 0.0 } else { e }
+        };
+        let mut xs: Vec<f32> = (-(100 << 12)..(90 << 12)).map(|i| i as f32 / 4096.0).collect();
+        for n in -130..=130 {
+            let x = n as f32 / std::f32::consts::LOG2_E;
+            xs.extend([x, x.next_down(), x.next_up()]);
+        }
+        for x in xs {
+            assert_eq!(approx_exp(x).to_bits(), with_floor(x).to_bits(), "{x}");
+        }
     }
 
     #[test]

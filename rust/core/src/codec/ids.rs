@@ -364,6 +364,8 @@ impl Table {
 pub struct TableScratch {
     counts: Vec<u32>,
     ranks: Vec<u32>,
+    /// One bit per id of the vocabulary: ids seen in the chunk (all zero between chunks).
+    seen: Vec<u64>,
 }
 
 const DENSE_LIMIT: usize = 1 << 22;
@@ -390,17 +392,27 @@ impl TableEncoder {
                 scratch.counts.resize(vocab as usize, 0);
                 scratch.ranks.resize(vocab as usize, 0);
             }
-            let mut ids: Vec<u32> = Vec::new();
+            // Which ids occur, as a bitmap read back in id order (sorting the distinct ids
+            // took a tenth of the encoding time); set for every id, without a branch on
+            // whether it is the first occurrence, which is close to random.
+            let words = (vocab as usize).div_ceil(64);
+            if scratch.seen.len() < words {
+                scratch.seen.resize(words, 0);
+            }
             for a in all {
                 for &id in *a {
-                    let c = &mut scratch.counts[id as usize];
-                    if *c == 0 {
-                        ids.push(id);
-                    }
-                    *c += 1;
+                    scratch.counts[id as usize] += 1;
+                    scratch.seen[id as usize >> 6] |= 1u64 << (id & 63);
                 }
             }
-            ids.sort_unstable();
+            let mut ids: Vec<u32> = Vec::new();
+            for (w, bits) in scratch.seen[..words].iter_mut().enumerate() {
+                let mut b = std::mem::take(bits);
+                while b != 0 {
+                    ids.push((w as u32) << 6 | b.trailing_zeros());
+                    b &= b - 1;
+                }
+            }
             distinct.extend(ids.iter().map(|&id| (id, scratch.counts[id as usize])));
         } else {
             let mut sorted: Vec<u32> = Vec::with_capacity(total);

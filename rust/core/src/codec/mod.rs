@@ -165,11 +165,25 @@ impl ChunkBuf {
 
 thread_local! {
     static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    /// A compression context and its level, kept between calls: creating one per stream (a
+    /// chunk has about a dozen) allocated and zeroed its tables each time.
+    static CCTX: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
 }
 
 fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>> {
-    zstd::bulk::compress(raw, level)
-        .map_err(|e| Error::State(format!("zstd compression failed: {e}")))
+    let failed = |e: std::io::Error| Error::State(format!("zstd compression failed: {e}"));
+    CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        match slot.as_mut() {
+            Some((l, c)) if *l == level => c.compress(raw).map_err(failed),
+            _ => {
+                let mut c = zstd::bulk::Compressor::new(level).map_err(failed)?;
+                let out = c.compress(raw).map_err(failed)?;
+                *slot = Some((level, c));
+                Ok(out)
+            }
+        }
+    })
 }
 
 /// Largest ratio of decoded to stored bytes a zstd frame can reach: a block decodes to at most
