@@ -364,11 +364,12 @@ impl Table {
 pub struct TableScratch {
     counts: Vec<u32>,
     ranks: Vec<u32>,
-    /// One bit per id of the vocabulary: ids seen in the chunk (all zero between chunks).
-    seen: Vec<u64>,
 }
 
 const DENSE_LIMIT: usize = 1 << 22;
+/// Marks a counter whose id was already collected, where the distinct ids are sorted: that
+/// path is taken for chunks of fewer than vocab / 16 <= 2^28 ids, so counts stay below.
+const FIRST_SEEN: u32 = 1 << 31;
 
 /// The chunk's id table as the encoder builds it.
 pub struct TableEncoder {
@@ -392,25 +393,38 @@ impl TableEncoder {
                 scratch.counts.resize(vocab as usize, 0);
                 scratch.ranks.resize(vocab as usize, 0);
             }
-            // Which ids occur, as a bitmap read back in id order (sorting the distinct ids
-            // took a tenth of the encoding time); set for every id, without a branch on
-            // whether it is the first occurrence, which is close to random.
-            let words = (vocab as usize).div_ceil(64);
-            if scratch.seen.len() < words {
-                scratch.seen.resize(words, 0);
-            }
             for a in all {
                 for &id in *a {
                     scratch.counts[id as usize] += 1;
-                    scratch.seen[id as usize >> 6] |= 1u64 << (id & 63);
                 }
             }
+            // The distinct ids in id order: a scan of the counters, sixteen at a time, when
+            // the chunk is large against the vocabulary (sorting a 1024-position chunk's
+            // ~8,800 distinct ids took a tenth of the encoding time), else a sort.
             let mut ids: Vec<u32> = Vec::new();
-            for (w, bits) in scratch.seen[..words].iter_mut().enumerate() {
-                let mut b = std::mem::take(bits);
-                while b != 0 {
-                    ids.push((w as u32) << 6 | b.trailing_zeros());
-                    b &= b - 1;
+            if total >= vocab as usize / 16 {
+                for (block, c16) in scratch.counts[..vocab as usize].chunks(16).enumerate() {
+                    if c16.iter().fold(0, |acc, &c| acc | c) != 0 {
+                        for (i, &c) in c16.iter().enumerate() {
+                            if c != 0 {
+                                ids.push((block * 16 + i) as u32);
+                            }
+                        }
+                    }
+                }
+            } else {
+                for a in all {
+                    for &id in *a {
+                        let c = &mut scratch.counts[id as usize];
+                        if *c & FIRST_SEEN == 0 {
+                            *c |= FIRST_SEEN;
+                            ids.push(id);
+                        }
+                    }
+                }
+                ids.sort_unstable();
+                for &id in &ids {
+                    scratch.counts[id as usize] &= !FIRST_SEEN;
                 }
             }
             distinct.extend(ids.iter().map(|&id| (id, scratch.counts[id as usize])));
@@ -710,13 +724,22 @@ mod tests {
     fn table_orders_by_count_then_id() {
         let loc = Location::default();
         let ids = [7u32, 3, 7, 9, 3, 7, 1];
-        for vocab in [10u32, (DENSE_LIMIT + 1) as u32] {
+        // A scan of the counters (small vocabulary), a sort of the ids seen (large against
+        // the chunk), no dense counters at all.
+        for vocab in [10u32, 1000, (DENSE_LIMIT + 1) as u32] {
             let mut scratch = TableScratch::default();
             let t = TableEncoder::new(&[&ids], vocab, &mut scratch);
             assert_eq!([7, 3, 1, 9].map(|id| t.rank(id, &scratch)), [0, 1, 2, 3], "vocab {vocab}");
             t.reset(&mut scratch);
             assert!(scratch.counts.iter().all(|&c| c == 0));
             let table = decode_table(&t.ids_stream, &t.counts_stream, 7, 10, &loc).unwrap();
+            // The encoder's scratch is clean for the next chunk, FIRST_SEEN marks included.
+            let again = TableEncoder::new(&[&ids], vocab, &mut scratch);
+            assert_eq!(
+                (&again.ids_stream, &again.counts_stream),
+                (&t.ids_stream, &t.counts_stream)
+            );
+            again.reset(&mut scratch);
             assert_eq!(table.ids(), [7, 3, 1, 9]);
             assert!(decode_table(&t.ids_stream, &t.counts_stream, 8, 10, &loc).is_err());
             assert!(decode_table(&t.ids_stream, &t.counts_stream, 7, 9, &loc).is_err());
