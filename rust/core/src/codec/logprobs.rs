@@ -648,6 +648,14 @@ fn decode_sorted_full(
             };
             at[g] += nc;
             if g == PAIRED_GROUP {
+                #[cfg(target_arch = "x86_64")]
+                if let Some((first, last)) = pairs_sse2::decode(codes, slots, q, step) {
+                    // Levels only grow along a row: the first and last bound them all.
+                    bad |= (first as u64) > max || (last as u64) > max;
+                    q = last;
+                    j += w;
+                    continue;
+                }
                 let mut slots = slots.iter_mut();
                 for &c in codes {
                     let (a, b) = match pairs::UNPAIR[usize::from(c)] {
@@ -725,6 +733,97 @@ fn decode_sorted_full(
     // so 2 ceil(w / 2) >= w slots in order).
     unsafe { out.set_len(n) };
     Ok(out)
+}
+
+/// The paired group of a top-K row, eight pair bytes (sixteen entries) at a time, with
+/// SSE2 (part of every x86-64 CPU).
+#[cfg(target_arch = "x86_64")]
+mod pairs_sse2 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use crate::codec::pairs::{PAIR_BASE, PAIR_ESCAPE};
+
+    /// Decode the pair bytes `codes` of one row into `slots` (two entries per byte), levels
+    /// counted from `q`; returns the first and last level, or None (nothing written) unless
+    /// the row's bytes come in whole blocks of eight, fill `slots` exactly and are all
+    /// plain pairs (no escape, no invalid byte): the scalar loop takes those rows.
+    ///
+    /// A byte c < 225 holds a = c / 15 (computed as (137 c) >> 11, exact for c < 225) and
+    /// b = c - 15 a; the levels are q plus the running sums of a0, b0, a1, b1, ... (in
+    /// 16-bit lanes: a block adds at most 16 x 14), converted to float32 as `dequantize`
+    /// does: 0 - level * step, the same IEEE operations.
+    #[inline]
+    pub(super) fn decode(
+        codes: &[u8],
+        slots: &mut [MaybeUninit<f32>],
+        q: i64,
+        step: f32,
+    ) -> Option<(i64, i64)> {
+        if codes.is_empty()
+            || !codes.len().is_multiple_of(8)
+            || slots.len() != 2 * codes.len()
+            || codes.iter().any(|&c| c >= PAIR_ESCAPE)
+        {
+            return None;
+        }
+        let first = q + i64::from(codes[0] / PAIR_BASE);
+        let mut q = q;
+        for (c8, s16) in codes.chunks_exact(8).zip(slots.chunks_exact_mut(16)) {
+            let (Ok(c8), Ok(s16)) =
+                (<&[u8; 8]>::try_from(c8), <&mut [MaybeUninit<f32>; 16]>::try_from(s16))
+            else {
+                return None;
+            };
+            // SAFETY: SSE2 is part of the x86-64 baseline; the one load reads the 8 bytes of
+            // `c8` and the four stores write the 64 bytes of `s16` (16 f32 slots), references
+            // of exactly those sizes.
+            q += unsafe { block(c8, s16, q, step) };
+        }
+        Some((first, q))
+    }
+
+    /// One block: writes 16 entries from level `q`, returns the sum of its 16 deltas.
+    #[inline(always)]
+    unsafe fn block(c8: &[u8; 8], s16: &mut [MaybeUninit<f32>; 16], q: i64, step: f32) -> i64 {
+        // SAFETY: see `decode`.
+        unsafe {
+            let zero = _mm_setzero_si128();
+            let c = _mm_unpacklo_epi8(_mm_loadl_epi64(c8.as_ptr().cast()), zero);
+            let a = _mm_srli_epi16::<11>(_mm_mullo_epi16(c, _mm_set1_epi16(137)));
+            let b = _mm_sub_epi16(c, _mm_mullo_epi16(a, _mm_set1_epi16(i16::from(PAIR_BASE))));
+            let running = |v: __m128i| {
+                let v = _mm_add_epi16(v, _mm_slli_si128::<2>(v));
+                let v = _mm_add_epi16(v, _mm_slli_si128::<4>(v));
+                _mm_add_epi16(v, _mm_slli_si128::<8>(v))
+            };
+            let lo = running(_mm_unpacklo_epi16(a, b));
+            let hi = running(_mm_unpackhi_epi16(a, b));
+            let lo_total = _mm_extract_epi16::<7>(lo);
+            let total = lo_total + _mm_extract_epi16::<7>(hi);
+            // (A corrupt chunk's level may not fit i32; the chunk then fails on its range.)
+            let base_lo = _mm_set1_epi32(q as i32);
+            let base_hi = _mm_set1_epi32((q as i32).wrapping_add(lo_total));
+            let vstep = _mm_set1_ps(step);
+            let out = s16.as_mut_ptr().cast::<f32>();
+            for (i, (v, base)) in [
+                (_mm_unpacklo_epi16(lo, zero), base_lo),
+                (_mm_unpackhi_epi16(lo, zero), base_lo),
+                (_mm_unpacklo_epi16(hi, zero), base_hi),
+                (_mm_unpackhi_epi16(hi, zero), base_hi),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let level = _mm_cvtepi32_ps(_mm_add_epi32(v, base));
+                _mm_storeu_ps(
+                    out.add(4 * i),
+                    _mm_sub_ps(_mm_setzero_ps(), _mm_mul_ps(level, vstep)),
+                );
+            }
+            i64::from(total)
+        }
+    }
 }
 
 /// Any row shape, with or without finite counts: one entry at a time.
@@ -887,6 +986,70 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    proptest::proptest! {
+        /// The SSE2 pair decoder against the pair table, one entry at a time: same values,
+        /// same first and last level; rows it must leave to the scalar loop are refused.
+        #[test]
+        fn sse2_pairs_agree_with_the_pair_table(
+            codes in proptest::collection::vec(0u8..pairs::PAIR_ESCAPE, 0..40),
+            odd in proptest::option::of((0usize..40, pairs::PAIR_ESCAPE..=255u8)),
+            q0 in -1i64..(1 << 20),
+            codec in proptest::sample::select(all_abs_codecs().collect::<Vec<_>>()),
+        ) {
+            let step = codec.step();
+            let mut codes = codes;
+            if let Some((at, c)) = odd && !codes.is_empty() {
+                let i = at % codes.len();
+                codes[i] = c;
+            }
+            let mut slots = vec![std::mem::MaybeUninit::new(f32::NAN); 2 * codes.len()];
+            let got = pairs_sse2::decode(&codes, &mut slots, q0, step);
+            let plain = codes.len() % 8 == 0
+                && !codes.is_empty()
+                && codes.iter().all(|&c| c < pairs::PAIR_ESCAPE);
+            proptest::prop_assert_eq!(got.is_some(), plain);
+            if let Some((first, last)) = got {
+                let mut q = q0;
+                let mut want = Vec::new();
+                let mut levels = Vec::new();
+                for &c in &codes {
+                    let ab = pairs::UNPAIR[usize::from(c)];
+                    for d in [ab & 0xFF, ab >> 8] {
+                        q += i64::from(d);
+                        levels.push(q);
+                        want.push(dequantize(q as u32, step).to_bits());
+                    }
+                }
+                // SAFETY: every slot was initialized (NaN) before the call.
+                let have: Vec<u32> =
+                    slots.iter().map(|s| unsafe { s.assume_init() }.to_bits()).collect();
+                proptest::prop_assert_eq!(have, want);
+                proptest::prop_assert_eq!((first, last), (levels[0], q));
+            }
+        }
+    }
+
+    /// Every plain pair byte once (the division by 15 is a multiply and shift).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sse2_pairs_decode_every_pair_byte() {
+        let mut codes: Vec<u8> = (0..pairs::PAIR_ESCAPE).collect();
+        codes.resize(codes.len().next_multiple_of(8), 0);
+        let mut slots = vec![std::mem::MaybeUninit::new(f32::NAN); 2 * codes.len()];
+        let (_, last) = pairs_sse2::decode(&codes, &mut slots, 0, 1.0).unwrap();
+        let mut q = 0i64;
+        for (pair, &c) in slots.chunks(2).zip(&codes) {
+            let ab = pairs::UNPAIR[usize::from(c)];
+            for (slot, d) in pair.iter().zip([ab & 0xFF, ab >> 8]) {
+                q += i64::from(d);
+                // SAFETY: every slot was initialized (NaN) before the call.
+                assert_eq!(unsafe { slot.assume_init() }, -(q as f32), "byte {c}");
+            }
+        }
+        assert_eq!(last, q);
     }
 
     #[test]
