@@ -369,11 +369,27 @@ impl Table {
     /// be consumed exactly.
     pub fn decode_all(&self, lead: &[u8], ext: &[u8], loc: &Location) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(lead.len());
-        self.decode_strided(lead, ext, &mut out.spare_capacity_mut()[..lead.len()], 1, 0, 1, loc)?;
-        // SAFETY: decode_strided returned Ok, so it wrote column 0 of every row of width 1,
-        // i.e. all lead.len() slots of the spare capacity.
+        self.decode_all_into(lead, ext, &mut out.spare_capacity_mut()[..lead.len()], loc)?;
+        // SAFETY: decode_all_into returned Ok, so it wrote all lead.len() slots of the spare
+        // capacity.
         unsafe { out.set_len(lead.len()) };
         Ok(out)
+    }
+
+    /// [`Table::decode_all`] into `out`, which must hold exactly one slot per code; every
+    /// slot is written when this returns Ok.
+    pub fn decode_all_into(
+        &self,
+        lead: &[u8],
+        ext: &[u8],
+        out: &mut [MaybeUninit<u32>],
+        loc: &Location,
+    ) -> Result<()> {
+        if out.len() != lead.len() {
+            return Err(Error::State(format!("{} id slots for {} codes", out.len(), lead.len())));
+        }
+        // Rows of width 1: decode_strided writes column 0 of every row, i.e. every slot.
+        self.decode_strided(lead, ext, out, 1, 0, 1, loc)
     }
 
     /// Decode top-K rows of width `k` from the four rank-group streams (lead stream g holds
@@ -389,7 +405,25 @@ impl Table {
         // ~8% of the decoding time).
         let n = rows * k;
         let mut out = Vec::with_capacity(n);
-        let slots = &mut out.spare_capacity_mut()[..n];
+        self.decode_rows_into(groups, rows, k, &mut out.spare_capacity_mut()[..n], loc)?;
+        // SAFETY: decode_rows_into returned Ok, so it wrote all n slots.
+        unsafe { out.set_len(n) };
+        Ok(out)
+    }
+
+    /// [`Table::decode_rows`] into `out`, which must hold exactly `rows * k` slots; every
+    /// slot is written when this returns Ok.
+    pub fn decode_rows_into(
+        &self,
+        groups: &[(Vec<u8>, Vec<u8>); 4],
+        rows: usize,
+        k: usize,
+        out: &mut [MaybeUninit<u32>],
+        loc: &Location,
+    ) -> Result<()> {
+        if Some(out.len()) != rows.checked_mul(k) {
+            return Err(Error::State(format!("{} id slots for {rows} rows of {k}", out.len())));
+        }
         let mut covered = 0;
         for (g, (lead, ext)) in groups.iter().enumerate() {
             let start = GROUPS[g].0;
@@ -404,17 +438,16 @@ impl Table {
                     ),
                 ));
             }
-            self.decode_strided(lead, ext, slots, k, start, w, loc)?;
+            self.decode_strided(lead, ext, out, k, start, w, loc)?;
             covered += w;
         }
+        // The groups' column ranges start..start + w are consecutive from 0 (GROUPS), so
+        // with `covered == k` they are all k columns, and decode_strided returned Ok for each,
+        // which means it wrote its columns of every row: every slot of `out`.
         if covered != k {
             return Err(Error::State(format!("id groups cover {covered} of {k} ranks")));
         }
-        // SAFETY: the groups' column ranges start..start + w are consecutive from 0
-        // (GROUPS), so with `covered == k` they are all k columns; decode_strided returned
-        // Ok for each, which means it wrote its columns of every one of the n / k rows.
-        unsafe { out.set_len(n) };
-        Ok(out)
+        Ok(())
     }
 
     /// Decode one stream of `w` codes per row into columns `start..start + w` of the rows of

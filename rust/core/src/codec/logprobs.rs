@@ -11,6 +11,8 @@
 //!   16 and up two per byte, see [`super::pairs`]).
 //! * `none`: sampled stores that keep only ids and counts.
 
+use std::mem::MaybeUninit;
+
 use crate::codec::bytes::{self, ByteReader};
 use crate::codec::{CodecParams, RowShape, Streams, ids, kl, pairs, tag};
 use crate::error::{Error, Location, Result};
@@ -489,6 +491,40 @@ pub fn encode(lp: &[f32], rows: &RowShape<'_>, p: &CodecParams) -> Result<Vec<(u
     }
 }
 
+/// [`decode`] into `out`, which must hold exactly `num_entries` slots; every slot is written
+/// when this returns Ok. Top-K rows of the abs codec without -inf are decoded in place; the
+/// other cases are decoded, then copied.
+pub(crate) fn decode_into(
+    s: &mut Streams,
+    rows: &RowShape<'_>,
+    num_entries: usize,
+    p: &CodecParams,
+    loc: &Location,
+    out: &mut [MaybeUninit<f32>],
+) -> Result<()> {
+    if let (LogprobCodec::Abs { .. }, RowShape::Fixed { rows, k }) = (p.logprobs, rows)
+        && !s.has(tag::FINITE_COUNTS)
+    {
+        let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
+            (s.optional(tag::LP_LEAD + g as u8), s.optional(tag::LP_EXT + g as u8))
+        });
+        let (step, max_level) = (p.logprobs.step(), p.logprobs.max_level());
+        return decode_sorted_full_into(&raw, *rows, *k, step, max_level, loc, out);
+    }
+    let values = decode(s, rows, num_entries, p, loc)?;
+    if values.len() != out.len() {
+        return Err(Error::State(format!(
+            "{} log-probabilities for {} slots",
+            values.len(),
+            out.len()
+        )));
+    }
+    for (slot, v) in out.iter_mut().zip(values) {
+        slot.write(v);
+    }
+    Ok(())
+}
+
 /// Decode the log-probabilities of a chunk's rows from its streams.
 pub(crate) fn decode(
     s: &mut Streams,
@@ -602,6 +638,37 @@ fn decode_sorted_full(
     max_level: u32,
     loc: &Location,
 ) -> Result<Vec<f32>> {
+    // Written without zeroing first (see ids::Table::decode_rows).
+    let n = rows.checked_mul(k).ok_or_else(|| Error::corrupt(loc.clone(), "too many entries"))?;
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    decode_sorted_full_into(
+        raw,
+        rows,
+        k,
+        step,
+        max_level,
+        loc,
+        &mut out.spare_capacity_mut()[..n],
+    )?;
+    // SAFETY: decode_sorted_full_into returned Ok, so it wrote all n slots.
+    unsafe { out.set_len(n) };
+    Ok(out)
+}
+
+/// [`decode_sorted_full`] into `out`, which must hold exactly `rows * k` slots; every slot is
+/// written when this returns Ok.
+fn decode_sorted_full_into(
+    raw: &[(Vec<u8>, Vec<u8>); 4],
+    rows: usize,
+    k: usize,
+    step: f32,
+    max_level: u32,
+    loc: &Location,
+    out: &mut [MaybeUninit<f32>],
+) -> Result<()> {
+    if Some(out.len()) != rows.checked_mul(k) {
+        return Err(Error::State(format!("{} log-prob slots for {rows} rows of {k}", out.len())));
+    }
     let widths: [usize; 4] =
         std::array::from_fn(|g| ids::GROUPS[g].1.min(k).saturating_sub(ids::GROUPS[g].0));
     // Lead bytes per row: one per entry, or one per pair in the paired group.
@@ -622,9 +689,6 @@ fn decode_sorted_full(
     }
     let mut exts: Vec<ByteReader<'_>> =
         raw.iter().map(|(_, e)| ByteReader::new(e, "log-probability extension")).collect();
-    // Written without zeroing first (see ids::Table::decode_rows).
-    let n = rows * k;
-    let mut out: Vec<f32> = Vec::with_capacity(n);
     let widths_sum: usize = widths.iter().sum();
     if widths_sum != k {
         return Err(Error::State(format!("log-prob groups cover {widths_sum} of {k} ranks")));
@@ -637,7 +701,7 @@ fn decode_sorted_full(
     let max = u64::from(max_level);
     let (mut bad, mut bad_pair) = (false, false);
     let mut at = [0usize; 4];
-    for row in out.spare_capacity_mut()[..n].chunks_exact_mut(k.max(1)) {
+    for row in out.chunks_exact_mut(k.max(1)) {
         let mut q: i64 = 0;
         let mut j = 0usize;
         for (g, (lead, _)) in raw.iter().enumerate() {
@@ -726,13 +790,13 @@ fn decode_sorted_full(
     for e in &exts {
         e.finish(loc)?;
     }
-    // SAFETY: the widths add up to k (checked above), every row of k slots (n / k of them,
-    // k > 0 when n > 0) went through the four groups, and each group wrote its w slots
-    // (codes and slots both hold exactly w, or the loop returned an error; in the paired
-    // group ceil(w / 2) codes each write the next slot and then the one after it if any,
-    // so 2 ceil(w / 2) >= w slots in order).
-    unsafe { out.set_len(n) };
-    Ok(out)
+    // Every slot was written: the widths add up to k (checked above), every row of k slots
+    // (out.len() / k of them, k > 0 when out is not empty) went through the four groups, and
+    // each group wrote its w slots (codes and slots both hold exactly w, or the loop returned
+    // an error; in the paired group ceil(w / 2) codes each write the next slot and then the
+    // one after it if any, so 2 ceil(w / 2) >= w slots in order, or the SSE2 path wrote all
+    // w = 2 x its codes).
+    Ok(())
 }
 
 /// The paired group of a top-K row, eight pair bytes (sixteen entries) at a time, with

@@ -11,6 +11,7 @@ pub mod logprobs;
 pub mod pairs;
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use crate::error::{Error, Location, Result};
 use crate::format::Kind;
@@ -316,6 +317,13 @@ impl Streams {
     pub(crate) fn optional(&mut self, t: u8) -> Vec<u8> {
         self.take(t).unwrap_or_default()
     }
+    pub(crate) fn has(&self, t: u8) -> bool {
+        self.by_tag.get(t as usize).is_some_and(Option::is_some)
+    }
+    /// Length of a stream (0 when left out).
+    pub(crate) fn len(&self, t: u8) -> usize {
+        self.by_tag.get(t as usize).and_then(Option::as_ref).map_or(0, Vec::len)
+    }
 }
 
 /// Parse a chunk directory and decompress its streams. `max_raw` bounds every stream's
@@ -507,16 +515,98 @@ pub struct DecodedChunk {
     pub entry_offsets: Vec<usize>,
 }
 
-/// Decode a chunk payload holding records of `lengths` positions and `num_entries` target
-/// entries. Every count is checked against the footer's figures before use.
-pub fn decode_chunk(
+/// Where a top-K chunk is decoded to: one slot per position, K per position, and K per
+/// position for the log-probabilities (none when the store keeps none).
+pub struct TopkSlots<'a> {
+    pub input_ids: &'a mut [MaybeUninit<u32>],
+    pub ids: &'a mut [MaybeUninit<u32>],
+    pub logprobs: &'a mut [MaybeUninit<f32>],
+}
+
+/// A top-K chunk whose streams are decompressed and whose counts were checked against them:
+/// its positions and entries are backed by bytes actually decoded, so buffers of that size
+/// can be allocated before [`PreparedTopk::decode_into`] (a corrupt footer cannot make a
+/// reader allocate for data that is not there).
+pub struct PreparedTopk {
+    streams: Streams,
+    table: ids::Table,
+    positions: usize,
+    num_entries: usize,
+}
+
+impl PreparedTopk {
+    /// Decompress and check the chunk of a top-K store holding `positions` positions and
+    /// `num_entries` entries.
+    pub fn new(
+        payload: &[u8],
+        positions: usize,
+        num_entries: usize,
+        p: &CodecParams,
+        loc: &Location,
+    ) -> Result<PreparedTopk> {
+        if p.kind != Kind::TopK {
+            return Err(Error::State("PreparedTopk of a sampled store".into()));
+        }
+        let (streams, table) = open_streams(payload, positions, num_entries, p, loc)?;
+        let k = p.k as usize;
+        let widths = (0..4).map(|g| ids::GROUPS[g].1.min(k).saturating_sub(ids::GROUPS[g].0));
+        for (g, w) in widths.enumerate() {
+            let have = streams.len(tag::ID_LEAD + g as u8);
+            if have != positions * w {
+                return Err(Error::corrupt(
+                    loc.clone(),
+                    format!("target ids stream {g} has {have} codes, expected {}", positions * w),
+                ));
+            }
+        }
+        Ok(PreparedTopk { streams, table, positions, num_entries })
+    }
+
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    pub fn num_entries(&self) -> usize {
+        self.num_entries
+    }
+
+    /// Decode into `out`, whose slices must hold exactly `positions`, `num_entries` and
+    /// `num_entries` (or, without log-probabilities, 0) slots; every slot is written when
+    /// this returns Ok.
+    pub fn decode_into(self, p: &CodecParams, loc: &Location, out: TopkSlots<'_>) -> Result<()> {
+        let PreparedTopk { mut streams, table, positions, num_entries } = self;
+        let want_lp = if p.has_logprobs() { num_entries } else { 0 };
+        if out.logprobs.len() != want_lp {
+            return Err(Error::State(format!(
+                "{} log-prob slots for {want_lp} entries",
+                out.logprobs.len()
+            )));
+        }
+        let s = &mut streams;
+        let lead = s.optional(tag::INPUT_LEAD);
+        table.decode_all_into(&lead, &s.optional(tag::INPUT_EXT), out.input_ids, loc)?;
+        let k = p.k as usize;
+        let groups: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
+            (s.optional(tag::ID_LEAD + g as u8), s.optional(tag::ID_EXT + g as u8))
+        });
+        table.decode_rows_into(&groups, positions, k, out.ids, loc)?;
+        if p.has_logprobs() {
+            let shape = RowShape::Fixed { rows: positions, k };
+            logprobs::decode_into(s, &shape, num_entries, p, loc, out.logprobs)?;
+        }
+        Ok(())
+    }
+}
+
+/// Check a chunk's entry count, decompress its streams and decode its id table; the input
+/// ids stream must hold one code per position.
+fn open_streams(
     payload: &[u8],
-    lengths: &[u32],
+    positions: usize,
     num_entries: usize,
     p: &CodecParams,
     loc: &Location,
-) -> Result<DecodedChunk> {
-    let positions: usize = lengths.iter().map(|&l| l as usize).sum();
+) -> Result<(Streams, ids::Table)> {
     if p.kind == Kind::TopK && Some(num_entries) != positions.checked_mul(p.k as usize) {
         return Err(Error::corrupt(
             loc.clone(),
@@ -547,16 +637,27 @@ pub fn decode_chunk(
         p.vocab_size,
         loc,
     )?;
-    let input_lead = s.optional(tag::INPUT_LEAD);
-    if input_lead.len() != positions {
+    let have = s.len(tag::INPUT_LEAD);
+    if have != positions {
         return Err(Error::corrupt(
             loc.clone(),
-            format!("input ids stream has {} codes, expected {positions}", input_lead.len()),
+            format!("input ids stream has {have} codes, expected {positions}"),
         ));
     }
-    let input_ids = table.decode_all(&input_lead, &s.optional(tag::INPUT_EXT), loc)?;
+    Ok((s, table))
+}
 
-    let mut out = DecodedChunk { input_ids, ..Default::default() };
+/// Decode a chunk payload holding records of `lengths` positions and `num_entries` target
+/// entries. Every count is checked against the footer's figures before use.
+pub fn decode_chunk(
+    payload: &[u8],
+    lengths: &[u32],
+    num_entries: usize,
+    p: &CodecParams,
+    loc: &Location,
+) -> Result<DecodedChunk> {
+    let positions: usize = lengths.iter().map(|&l| l as usize).sum();
+    let mut out = DecodedChunk::default();
     let mut offs = Vec::with_capacity(lengths.len() + 1);
     let mut acc = 0usize;
     offs.push(0);
@@ -565,8 +666,39 @@ pub fn decode_chunk(
         offs.push(acc);
     }
     out.pos_offsets = offs;
-
-    if p.kind == Kind::Sampled {
+    if p.kind == Kind::TopK {
+        let prepared = PreparedTopk::new(payload, positions, num_entries, p, loc)?;
+        let lp_entries = if p.has_logprobs() { num_entries } else { 0 };
+        // Allocated once the streams showed these counts are real, written without zeroing.
+        let mut input_ids = Vec::with_capacity(positions);
+        let mut ids = Vec::with_capacity(num_entries);
+        let mut logprobs = Vec::with_capacity(lp_entries);
+        prepared.decode_into(
+            p,
+            loc,
+            TopkSlots {
+                input_ids: &mut input_ids.spare_capacity_mut()[..positions],
+                ids: &mut ids.spare_capacity_mut()[..num_entries],
+                logprobs: &mut logprobs.spare_capacity_mut()[..lp_entries],
+            },
+        )?;
+        // SAFETY: decode_into returned Ok, so it wrote every slot of the three slices, which
+        // are the first positions, num_entries and lp_entries slots of the spare capacities.
+        unsafe {
+            input_ids.set_len(positions);
+            ids.set_len(num_entries);
+            logprobs.set_len(lp_entries);
+        }
+        out.input_ids = input_ids;
+        out.ids = ids;
+        out.logprobs = logprobs;
+        return Ok(out);
+    }
+    // Sampled rows: ragged, one at a time.
+    let (mut s, table) = open_streams(payload, positions, num_entries, p, loc)?;
+    out.input_ids =
+        table.decode_all(&s.optional(tag::INPUT_LEAD), &s.optional(tag::INPUT_EXT), loc)?;
+    {
         let lens_raw = s.optional(tag::ROW_LENS);
         let mut r = bytes::ByteReader::new(&lens_raw, "row lengths");
         let mut row_lens = Vec::with_capacity(positions);
@@ -617,48 +749,29 @@ pub fn decode_chunk(
         out.entry_offsets = entry_offsets;
         out.row_lens = row_lens;
     }
-    let shape = if p.kind == Kind::Sampled {
-        RowShape::Ragged(std::borrow::Cow::Borrowed(&out.row_lens))
-    } else {
-        RowShape::Fixed { rows: positions, k: p.k as usize }
-    };
-
-    let mut ids_out = Vec::new();
-    match &shape {
-        RowShape::Fixed { rows, k } => {
-            let groups: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
-                (s.optional(tag::ID_LEAD + g as u8), s.optional(tag::ID_EXT + g as u8))
-            });
-            ids_out = table.decode_rows(&groups, *rows, *k, loc)?;
+    let shape = RowShape::Ragged(std::borrow::Cow::Borrowed(&out.row_lens));
+    let mut ids_out = Vec::with_capacity(num_entries);
+    let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
+        (s.optional(tag::ID_LEAD + g as u8), s.optional(tag::ID_EXT + g as u8))
+    });
+    let (mut at, mut pos, mut bad) = ([0usize; 4], [0usize; 4], false);
+    shape.for_each_row(|_, n| {
+        for j in 0..n {
+            let g = ids::group_of(j);
+            let (lead, ext) = &raw[g];
+            let Some(&b) = lead.get(at[g]) else {
+                return Err(Error::corrupt(loc.clone(), "target ids stream ends early"));
+            };
+            at[g] += 1;
+            ids_out.push(table.code(b, ext, &mut pos[g], &mut bad));
         }
-        RowShape::Ragged(_) => {
-            let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
-                (s.optional(tag::ID_LEAD + g as u8), s.optional(tag::ID_EXT + g as u8))
-            });
-            ids_out.reserve(num_entries);
-            let (mut at, mut pos, mut bad) = ([0usize; 4], [0usize; 4], false);
-            shape.for_each_row(|_, n| {
-                for j in 0..n {
-                    let g = ids::group_of(j);
-                    let (lead, ext) = &raw[g];
-                    let Some(&b) = lead.get(at[g]) else {
-                        return Err(Error::corrupt(loc.clone(), "target ids stream ends early"));
-                    };
-                    at[g] += 1;
-                    ids_out.push(table.code(b, ext, &mut pos[g], &mut bad));
-                }
-                Ok(())
-            })?;
-            for (g, (lead, ext)) in raw.iter().enumerate() {
-                if at[g] != lead.len() {
-                    return Err(Error::corrupt(
-                        loc.clone(),
-                        "target ids stream has trailing bytes",
-                    ));
-                }
-                table.check_stream(bad, pos[g], ext, loc)?;
-            }
+        Ok(())
+    })?;
+    for (g, (lead, ext)) in raw.iter().enumerate() {
+        if at[g] != lead.len() {
+            return Err(Error::corrupt(loc.clone(), "target ids stream has trailing bytes"));
         }
+        table.check_stream(bad, pos[g], ext, loc)?;
     }
 
     let logprobs = if p.has_logprobs() {
