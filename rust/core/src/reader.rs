@@ -280,6 +280,24 @@ impl ShardReader {
         codec::decode_chunk(&bytes, &lengths, e.num_entries as usize, p, &loc)
     }
 
+    /// Check and decompress a chunk of a top-K store, ready to decode into caller slots.
+    pub fn prepare_topk(&self, chunk: usize, p: &CodecParams) -> Result<codec::PreparedTopk> {
+        let bytes = self.chunk_bytes(chunk)?;
+        let e = &self.footer.chunks[chunk];
+        let first = e.first_record as usize;
+        let positions: usize = self.footer.records[first..first + e.num_records as usize]
+            .iter()
+            .map(|r| r.length as usize)
+            .sum();
+        let loc = self.location().chunk(chunk as u64);
+        codec::PreparedTopk::new(&bytes, positions, e.num_entries as usize, p, &loc)
+    }
+
+    /// Records in chunk `chunk`.
+    pub fn chunk_records(&self, chunk: usize) -> usize {
+        self.footer.chunks.get(chunk).map_or(0, |e| e.num_records as usize)
+    }
+
     /// Chunk of record `record` and the record's index inside that chunk.
     pub fn locate(&self, record: usize) -> Option<(usize, usize)> {
         format::locate_record(&self.footer, &self.record_chunk, record)
@@ -355,6 +373,9 @@ impl ChunkCache {
         let v = Arc::clone(&e.1);
         self.entries.push(e);
         Some(v)
+    }
+    fn contains(&self, key: (u32, u32)) -> bool {
+        self.entries.iter().any(|(k, _)| *k == key)
     }
     fn put(&mut self, key: (u32, u32), v: Arc<DecodedChunk>) {
         if self.capacity == 0 || self.entries.iter().any(|(k, _)| *k == key) {
@@ -572,6 +593,9 @@ impl Store {
         let mut keys: Vec<(u32, u32)> = places.iter().map(|p| (p.0, p.1)).collect();
         keys.sort_unstable();
         keys.dedup();
+        if self.params.kind == Kind::TopK {
+            return self.read_topk(&places, &keys, packed);
+        }
         let decoded: Vec<Arc<DecodedChunk>> = crate::threads::install(|| {
             keys.par_iter()
                 .map(|&(s, c)| {
@@ -591,6 +615,201 @@ impl Store {
             places.iter().map(|p| (by_key[&(p.0, p.1)], p.2)).collect();
         crate::threads::install(|| assemble(&sources, &self.params, packed))
     }
+}
+
+/// Where a record of a top-K batch comes from.
+enum TopkSource<'a> {
+    /// Decoded straight into the batch: the record is its chunk's only one, read once by
+    /// the batch and not in the cache.
+    Direct(Box<codec::PreparedTopk>, u64, Location),
+    /// Copied out of a decoded chunk (record index in the chunk).
+    Copied(&'a DecodedChunk, usize),
+}
+
+impl TopkSource<'_> {
+    fn len(&self) -> usize {
+        match self {
+            TopkSource::Direct(prepared, ..) => prepared.positions(),
+            TopkSource::Copied(c, r) => c.pos_offsets[r + 1] - c.pos_offsets[*r],
+        }
+    }
+}
+
+impl Store {
+    /// [`Store::read_records`] of a top-K store, in one parallel pass over the records that
+    /// writes all three arrays. A record alone in its chunk is decoded straight into the
+    /// batch (no decoded chunk to copy from: on a corpus of records about a chunk long,
+    /// half the records); the others are copied out of decoded (or cached) chunks.
+    fn read_topk(
+        &self,
+        places: &[(u32, u32, usize, u64)],
+        keys: &[(u32, u32)],
+        packed: bool,
+    ) -> Result<Batch> {
+        let p = &self.params;
+        let k = p.k as usize;
+        let mut uses: HashMap<(u32, u32), usize> = HashMap::with_capacity(keys.len());
+        for pl in places {
+            *uses.entry((pl.0, pl.1)).or_default() += 1;
+        }
+        let cached: Vec<bool> = match self.cache.try_lock() {
+            Ok(c) => keys.iter().map(|&key| c.contains(key)).collect(),
+            Err(_) => vec![false; keys.len()],
+        };
+        let first_sid =
+            |key: (u32, u32)| places.iter().find(|pl| (pl.0, pl.1) == key).map(|pl| pl.3);
+        enum Ready {
+            Direct(Box<codec::PreparedTopk>, Location),
+            Decoded(Arc<DecodedChunk>),
+        }
+        let ready: Vec<Ready> = crate::threads::install(|| {
+            keys.par_iter()
+                .zip(&cached)
+                .map(|(&(s, c), &in_cache)| {
+                    let shard = self
+                        .shards
+                        .get(s as usize)
+                        .ok_or_else(|| Error::State("shard index out of range".into()))?;
+                    let direct = !in_cache
+                        && uses.get(&(s, c)) == Some(&1)
+                        && shard.chunk_records(c as usize) == 1;
+                    let r = if direct {
+                        let loc = shard.location().chunk(u64::from(c));
+                        shard
+                            .prepare_topk(c as usize, p)
+                            .map(|prep| Ready::Direct(Box::new(prep), loc))
+                    } else {
+                        self.chunk(s, c).map(Ready::Decoded)
+                    };
+                    r.map_err(|err| match first_sid((s, c)) {
+                        Some(sid) => with_sample(err, sid),
+                        None => err,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })??;
+        let mut by_key: HashMap<(u32, u32), Ready> = keys.iter().copied().zip(ready).collect();
+        let mut decoded: HashMap<(u32, u32), Arc<DecodedChunk>> = HashMap::new();
+        for (key, r) in by_key.iter() {
+            if let Ready::Decoded(d) = r {
+                decoded.insert(*key, Arc::clone(d));
+            }
+        }
+        let mut sources: Vec<TopkSource<'_>> = Vec::with_capacity(places.len());
+        for pl in places {
+            let key = (pl.0, pl.1);
+            let src = match decoded.get(&key) {
+                Some(d) => TopkSource::Copied(d, pl.2),
+                None => match by_key.remove(&key) {
+                    Some(Ready::Direct(prepared, loc)) => TopkSource::Direct(prepared, pl.3, loc),
+                    _ => return Err(Error::State("chunk of a record read twice".into())),
+                },
+            };
+            sources.push(src);
+        }
+        let lens: Vec<usize> = sources.iter().map(TopkSource::len).collect();
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        let slots: Vec<usize> = if packed { lens.clone() } else { vec![max_len; lens.len()] };
+        let total: usize = slots.iter().sum();
+        let lp_width = if p.has_logprobs() { k } else { 0 };
+        let mut input_ids: Vec<i32> = Vec::with_capacity(total);
+        let mut ids: Vec<i32> = Vec::with_capacity(total * k);
+        let mut logprobs: Vec<f32> = Vec::with_capacity(total * lp_width);
+        let parts = split_parts(&mut input_ids, &slots, 1)
+            .into_iter()
+            .zip(split_parts(&mut ids, &slots, k))
+            .zip(split_parts(&mut logprobs, &slots, lp_width));
+        crate::threads::install(|| {
+            parts
+                .zip(sources)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|(((inp, idp), lpp), src)| {
+                    let l = src.len();
+                    match src {
+                        TopkSource::Direct(prepared, sid, loc) => {
+                            let out = codec::TopkSlots {
+                                input_ids: as_u32_slots(&mut inp[..l]),
+                                ids: as_u32_slots(&mut idp[..l * k]),
+                                logprobs: &mut lpp[..l * lp_width],
+                            };
+                            prepared.decode_into(p, &loc, out).map_err(|e| with_sample(e, sid))?;
+                        }
+                        TopkSource::Copied(c, r) => {
+                            let p0 = c.pos_offsets[r];
+                            for (d, &v) in inp.iter_mut().zip(&c.input_ids[p0..p0 + l]) {
+                                d.write(v as i32);
+                            }
+                            for (d, &v) in idp.iter_mut().zip(&c.ids[p0 * k..(p0 + l) * k]) {
+                                d.write(v as i32);
+                            }
+                            let lp = c.logprobs.get(p0 * lp_width..(p0 + l) * lp_width);
+                            for (d, &v) in lpp.iter_mut().zip(lp.unwrap_or_default()) {
+                                d.write(v);
+                            }
+                        }
+                    }
+                    for d in &mut inp[l..] {
+                        d.write(0);
+                    }
+                    for d in &mut idp[l * k..] {
+                        d.write(0);
+                    }
+                    for d in &mut lpp[l * lp_width..] {
+                        d.write(f32::NEG_INFINITY);
+                    }
+                    Ok(())
+                })
+                .collect::<Result<()>>()
+        })??;
+        // SAFETY: the parts tile the first total, total * k and total * lp_width slots of
+        // the three spare capacities (split_parts), and every record's closure returned Ok,
+        // which it does only after writing each of its parts entirely: the record's l
+        // positions (decode_into writes every slot when it returns Ok; a copied record's
+        // source ranges hold exactly l, l k and l lp_width values, its decoded chunk holding
+        // that record whole) and then the padding from there to the part's end.
+        unsafe {
+            input_ids.set_len(total);
+            ids.set_len(total * k);
+            logprobs.set_len(total * lp_width);
+        }
+        Ok(Batch {
+            batch: lens.len(),
+            max_len: if packed { 0 } else { max_len },
+            width: k,
+            lengths: lens.iter().map(|&l| l as u32).collect(),
+            input_ids,
+            ids,
+            logprobs,
+            counts: Vec::new(),
+        })
+    }
+}
+
+/// The slots of an i32 array as u32 slots, for decoders that write ids as u32 (the bits of
+/// an id read back as `id as i32`, which is what copying does).
+fn as_u32_slots(slots: &mut [MaybeUninit<i32>]) -> &mut [MaybeUninit<u32>] {
+    // SAFETY: MaybeUninit<i32> and MaybeUninit<u32> have the same size and alignment, any
+    // bit pattern is valid for both, and the result borrows `slots` mutably for its life.
+    unsafe { std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast(), slots.len()) }
+}
+
+/// The spare capacity of `v` cut into consecutive parts of `sizes[i] * width` slots (`v`
+/// must have capacity for all of them).
+fn split_parts<'a, T>(
+    v: &'a mut Vec<T>,
+    sizes: &[usize],
+    width: usize,
+) -> Vec<&'a mut [MaybeUninit<T>]> {
+    let n: usize = sizes.iter().map(|&s| s * width).sum();
+    let mut rest = &mut v.spare_capacity_mut()[..n];
+    let mut parts = Vec::with_capacity(sizes.len());
+    for &size in sizes {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(size * width);
+        parts.push(part);
+        rest = tail;
+    }
+    parts
 }
 
 fn with_sample(err: Error, sample_id: u64) -> Error {
@@ -785,13 +1004,7 @@ where
 {
     let n: usize = sizes.iter().sum();
     let mut out: Vec<T> = Vec::with_capacity(n);
-    let mut rest = &mut out.spare_capacity_mut()[..n];
-    let mut parts = Vec::with_capacity(sizes.len());
-    for &size in sizes {
-        let (part, tail) = std::mem::take(&mut rest).split_at_mut(size);
-        parts.push(part);
-        rest = tail;
-    }
+    let parts = split_parts(&mut out, sizes, 1);
     parts.into_par_iter().enumerate().for_each(|(i, slots)| {
         let mut part = Part { slots, len: 0 };
         fill(i, &mut part);

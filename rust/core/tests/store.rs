@@ -319,3 +319,75 @@ fn hand_built_codecs_must_be_ones_a_reader_accepts() {
         assert!(!path.join("manifest.json").exists());
     }
 }
+
+/// A batch as the per-record reads see it: every array element of `read_batch` and
+/// `read_packed` equals the record from `get` (decode of the whole chunk, then a copy), or
+/// the padding. Batches mix records decoded straight into the batch (alone in their chunk,
+/// read once, not cached) with records copied out of decoded chunks (sharing a chunk, read
+/// twice in one batch, or cached by an earlier read), for codecs decoded in place (abs) and
+/// by copy (lossless, kl).
+#[test]
+fn batches_agree_with_single_records() {
+    for codec in [
+        LogprobCodec::Abs { step_log2: 8, mult: 5 },
+        LogprobCodec::Lossless,
+        LogprobCodec::Kl { bound: 1e-3 },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let k = 20usize;
+        let mut w = StoreWriter::open(
+            &path,
+            spec(Kind::TopK, k as u32, 5000, Some(codec)),
+            Mode::Create,
+            WriterOptions { zstd_level: 1, chunk_positions: 40, shard_bytes: 1 << 20 },
+        )
+        .unwrap();
+        // Records of 0 to 90 positions: long ones fill a chunk alone, short ones share.
+        let sids: Vec<u64> = (0..30u64).map(|i| i * 17 + 5).collect();
+        for (i, &sid) in sids.iter().enumerate() {
+            write_topk(&mut w, sid, (i * 37) % 91);
+        }
+        w.close().unwrap();
+        let check = |s: &Store, batch: &[u64]| {
+            for packed in [false, true] {
+                let b = if packed { s.read_packed(batch) } else { s.read_batch(batch) }.unwrap();
+                assert_eq!(b.batch, batch.len());
+                let mut at = 0usize;
+                for (bi, &sid) in batch.iter().enumerate() {
+                    let r = s.get(sid).unwrap();
+                    let l = r.input_ids.len();
+                    assert_eq!(b.lengths[bi] as usize, l);
+                    let slot = if packed { l } else { b.max_len };
+                    let inp = &b.input_ids[at..at + slot];
+                    let ids = &b.ids[at * k..(at + slot) * k];
+                    assert_eq!(inp[..l], r.input_ids.iter().map(|&v| v as i32).collect::<Vec<_>>());
+                    assert!(inp[l..].iter().all(|&v| v == 0));
+                    assert_eq!(ids[..l * k], r.ids.iter().map(|&v| v as i32).collect::<Vec<_>>());
+                    assert!(ids[l * k..].iter().all(|&v| v == 0));
+                    let lps = &b.logprobs[at * k..(at + slot) * k];
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&lps[..l * k]), bits(&r.logprobs));
+                    assert!(lps[l * k..].iter().all(|&v| v == f32::NEG_INFINITY));
+                    at += slot;
+                }
+                assert_eq!(b.input_ids.len(), at);
+            }
+        };
+        // Without a cache every record alone in its chunk is decoded into the batch.
+        let uncached =
+            Store::open(&path, &OpenOptions { cache_chunks: Some(0), ..Default::default() })
+                .unwrap();
+        let mut order = sids.clone();
+        order.reverse();
+        check(&uncached, &order);
+        check(&uncached, &[sids[20], sids[3], sids[20], sids[29]]);
+        check(&uncached, &[]);
+        // With a cache warmed by single reads, some chunks come from it.
+        let cached = Store::open(&path, &OpenOptions::default()).unwrap();
+        for &sid in &sids[10..14] {
+            cached.get(sid).unwrap();
+        }
+        check(&cached, &sids);
+    }
+}
