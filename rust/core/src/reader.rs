@@ -743,8 +743,13 @@ impl Store {
                             for (d, &v) in idp.iter_mut().zip(&c.ids[p0 * k..(p0 + l) * k]) {
                                 d.write(v as i32);
                             }
-                            let lp = c.logprobs.get(p0 * lp_width..(p0 + l) * lp_width);
-                            for (d, &v) in lpp.iter_mut().zip(lp.unwrap_or_default()) {
+                            let Some(lp) = c.logprobs.get(p0 * lp_width..(p0 + l) * lp_width)
+                            else {
+                                return Err(Error::State(
+                                    "decoded chunk without its log-probabilities".into(),
+                                ));
+                            };
+                            for (d, &v) in lpp.iter_mut().zip(lp) {
                                 d.write(v);
                             }
                         }

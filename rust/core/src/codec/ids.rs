@@ -164,23 +164,35 @@ thread_local! {
 /// the `long_varint` flag of [`rank_of`]. On x86-64 CPUs with SSSE3, sixteen codes at a
 /// time.
 fn ranks_of<R>(lead: &[u8], padded: &[u8], f: impl FnOnce(&[u32], usize, u32) -> R) -> R {
+    let fill = |ranks: &mut [u32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("ssse3") && std::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the running CPU has SSSE3 and POPCNT, the features the function is
+            // compiled for.
+            return unsafe { simd_ranks::ranks_ssse3(lead, padded, ranks) };
+        }
+        ranks_plain(lead, padded, ranks)
+    };
+    // A stream longer than a few chunks' worth (a record of many thousand positions) gets a
+    // buffer of its own, so that no thread keeps one that large.
+    if lead.len() > KEPT_RANKS {
+        let mut ranks = vec![0u32; lead.len()];
+        let (pos, long_varint) = fill(&mut ranks);
+        return f(&ranks, pos, long_varint);
+    }
     RANKS.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < lead.len() {
             buf.resize(lead.len(), 0);
         }
         let ranks = &mut buf[..lead.len()];
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("ssse3") && std::is_x86_feature_detected!("popcnt") {
-            // SAFETY: the running CPU has SSSE3 and POPCNT, the features the function is
-            // compiled for.
-            let (pos, long_varint) = unsafe { simd_ranks::ranks_ssse3(lead, padded, ranks) };
-            return f(ranks, pos, long_varint);
-        }
-        let (pos, long_varint) = ranks_plain(lead, padded, ranks);
+        let (pos, long_varint) = fill(ranks);
         f(ranks, pos, long_varint)
     })
 }
+
+/// Longest rank buffer kept per thread (1 MiB).
+const KEPT_RANKS: usize = 1 << 18;
 
 /// [`ranks_of`] one code at a time.
 fn ranks_plain(lead: &[u8], padded: &[u8], ranks: &mut [u32]) -> (usize, u32) {
@@ -888,6 +900,23 @@ mod tests {
             let got = ranks_of(&lead, &padded, |r, pos, lv| (r.to_vec(), (pos, lv)));
             proptest::prop_assert_eq!(got, (want, want_end));
         }
+    }
+
+    /// Streams longer than the kept buffer take a buffer of their own, with the same ranks;
+    /// the kept buffer serves shorter streams after them.
+    #[test]
+    fn long_streams_take_their_own_rank_buffer() {
+        let n = KEPT_RANKS + 17;
+        let lead: Vec<u8> = (0..n).map(|i| (i * 7919 % 256) as u8).collect();
+        let mut padded: Vec<u8> = (0..n).map(|i| (i * 31 % 256) as u8).collect();
+        padded.extend_from_slice(&[0; EXT_PAD]);
+        for len in [n, 100, n] {
+            let mut want = vec![0u32; len];
+            let want_end = ranks_plain(&lead[..len], &padded, &mut want);
+            let got = ranks_of(&lead[..len], &padded, |r, pos, lv| (r.to_vec(), (pos, lv)));
+            assert_eq!(got, (want, want_end), "{len} codes");
+        }
+        RANKS.with(|b| assert!(b.borrow().len() <= KEPT_RANKS));
     }
 
     #[test]
