@@ -27,7 +27,7 @@ def store(tmp_path: Path, rng: np.random.Generator) -> Path:
     with lc.StoreWriter(path, vocab_size=V, k=K, chunk_positions=4, tokenizer="tok") as w:
         w.add(10, *make_topk(rng, 5, K, V))
         w.add(11, *make_topk(rng, 2, K, V))
-        w.add(12, *make_topk(rng, 3, K, V))
+        w.add(12, *make_topk(rng, 2, K, V))
     return path
 
 

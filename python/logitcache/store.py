@@ -180,11 +180,12 @@ class StoreWriter:
         mode: ``"x"`` create (refuses an existing path), ``"a"`` append to a store of the same
             configuration (refuses a mismatch, naming the field; creates the store if missing),
             ``"w"`` replace (the old store stays readable until the first commit).
-        chunk_positions: A chunk (the unit of compression and of random access) is closed
-            once it holds at least this many positions. With the default 1024, a record of
-            1024 positions or more is a chunk of its own, so reading it decodes nothing else
-            (what shuffled training reads want); shorter records share chunks. Larger values
-            can compress slightly better on repetitive data (benches/README.md).
+        chunk_positions: A chunk (the unit of compression and of random access) holds at
+            most this many positions, or a single record longer than that: it is closed once
+            full and before a record that would not fit. With the default 1024, reading a
+            record decodes at most max(1024, its length) positions (what shuffled training
+            reads want); shorter records share chunks. Larger values can compress slightly
+            better on repetitive data (benches/README.md).
         shard_size: Bytes per shard file before a new one is started (``"1GiB"``).
         zstd_level: zstd compression level (1-22). Level 1 is the default: on top-K streams
             it compresses as well as higher levels (benches/README.md) and is the fastest.

@@ -70,7 +70,8 @@ pub struct StoreSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriterOptions {
     pub zstd_level: i32,
-    /// A chunk is closed once it holds at least this many positions.
+    /// A chunk holds at most this many positions, or one record longer than that: it is
+    /// closed once it is full, and before a record that would not fit.
     pub chunk_positions: usize,
     /// A shard is closed once it reaches this many bytes.
     pub shard_bytes: u64,
@@ -528,11 +529,13 @@ impl StoreWriter {
         if self.closed { Err(Error::State("the writer is closed".into())) } else { Ok(()) }
     }
 
-    /// Add one record: `fill` validates it and appends it to the pending chunk (see
-    /// [`crate::record`]); a record it rejects leaves nothing behind.
+    /// Add one record of `positions` positions: `fill` validates it and appends it to the
+    /// pending chunk (see [`crate::record`]); a record it rejects leaves nothing behind.
+    /// (`positions` only decides where chunks are closed, before `fill` runs.)
     pub fn add(
         &mut self,
         sample_id: u64,
+        positions: usize,
         fill: impl FnOnce(&mut ChunkBuf, &mut SeenIds) -> Result<()>,
     ) -> Result<()> {
         self.check_open()?;
@@ -548,7 +551,13 @@ impl StoreWriter {
         // Chunk-table counts are u32: a chunk holds at most HALF before a record is added
         // and a record at most HALF, so a chunk never overflows.
         const HALF: usize = u32::MAX as usize / 2;
-        if self.pending.positions() > HALF || self.pending.entries() > HALF {
+        // A record that would take the pending chunk past chunk_positions starts a new one,
+        // so that reading a record decodes at most max(chunk_positions, its length)
+        // positions: a shuffled read then decodes little it does not return.
+        let pending = self.pending.positions();
+        let overflows =
+            pending > 0 && pending.saturating_add(positions) > self.opts.chunk_positions;
+        if overflows || pending > HALF || self.pending.entries() > HALF {
             self.flush_chunk()?;
         }
         let mark = self.pending.mark();

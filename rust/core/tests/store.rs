@@ -60,7 +60,7 @@ fn add_topk(
     let k = w.params().k;
     let vocab = w.params().vocab_size;
     let len = input.len();
-    w.add(sid, |buf, seen| {
+    w.add(sid, len, |buf, seen| {
         record::append_topk(
             buf,
             seen,
@@ -239,7 +239,7 @@ fn sampled_roundtrip_with_and_without_logprobs() {
         let counts = [3i64, 2, 0, 5, 0, 0, 1, 1, 3];
         let lps = [-0.5f32, -1.0, 0.0, -0.01, 0.0, 0.0, -2.0, -2.5, -0.25];
         let lp_arg = (codec != LogprobCodec::None).then_some((&lps[..], &[3usize, 3][..]));
-        w.add(77, |buf, seen| {
+        w.add(77, 3, |buf, seen| {
             record::append_sampled(
                 buf,
                 seen,
@@ -389,5 +389,26 @@ fn batches_agree_with_single_records() {
             cached.get(sid).unwrap();
         }
         check(&cached, &sids);
+    }
+}
+
+#[test]
+fn a_record_that_would_overflow_the_pending_chunk_starts_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let opts = WriterOptions { chunk_positions: 50, ..WriterOptions::default() };
+    let spec = spec(Kind::TopK, 4, 1000, None);
+    let mut w = StoreWriter::open(&path, spec, Mode::Create, opts).unwrap();
+    let lengths = [30, 30, 10, 80, 5, 45, 5];
+    let written: Vec<_> =
+        lengths.iter().enumerate().map(|(i, &n)| write_topk(&mut w, i as u64, n)).collect();
+    w.close().unwrap();
+    let store = Store::open(&path, &OpenOptions::default()).unwrap();
+    let shard = &store.shards[0];
+    // 30 | 30 + 10 (the next 80 would not fit) | 80 alone | 5 + 45 (full) | 5.
+    let per_chunk: Vec<usize> = (0..shard.num_chunks()).map(|c| shard.chunk_records(c)).collect();
+    assert_eq!(per_chunk, [1, 2, 1, 2, 1]);
+    for (i, (input, ids, lps)) in written.iter().enumerate() {
+        check_same(&store.get(i as u64).unwrap(), input, ids, lps, 0.01);
     }
 }

@@ -164,7 +164,7 @@ impl PyStoreWriter {
                 ));
             }
             let (k, vocab) = (w.params().k, w.params().vocab_size);
-            w.add(sample_id, |buf, seen| {
+            w.add(sample_id, inp_v.len(), |buf, seen| {
                 record::append_topk(
                     buf, seen, sample_id, inp_v, ids_v, &ids_shape, lp, &lp_shape, k, vocab,
                 )
@@ -228,7 +228,7 @@ impl PyStoreWriter {
             let t = w.manifest().temperature;
             let (ids, lps) = topk::topk_from_logits(sample_id, view, l, v, p.k as usize, t)?;
             let k = p.k as usize;
-            w.add(sample_id, |buf, seen| {
+            w.add(sample_id, inp_v.len(), |buf, seen| {
                 record::append_topk(
                     buf,
                     seen,
@@ -282,7 +282,7 @@ impl PyStoreWriter {
                 (Some(v), Some(s)) => Some((v, s)),
                 _ => None,
             };
-            w.add(sample_id, |buf, seen| {
+            w.add(sample_id, inp_v.len(), |buf, seen| {
                 record::append_sampled(
                     buf,
                     seen,
