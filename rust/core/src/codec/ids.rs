@@ -630,11 +630,11 @@ impl Table {
 }
 
 /// Reusable encoder scratch: dense per-vocabulary counters for vocabularies up to
-/// `DENSE_LIMIT` (a sort is used beyond).
+/// `DENSE_LIMIT` (a sort is used beyond); once the table is built, the counter of each of
+/// the chunk's ids holds its rank.
 #[derive(Default)]
 pub struct TableScratch {
     counts: Vec<u32>,
-    ranks: Vec<u32>,
 }
 
 const DENSE_LIMIT: usize = 1 << 22;
@@ -662,7 +662,6 @@ impl TableEncoder {
         if dense {
             if scratch.counts.len() < vocab as usize {
                 scratch.counts.resize(vocab as usize, 0);
-                scratch.ranks.resize(vocab as usize, 0);
             }
             for a in all {
                 for &id in *a {
@@ -724,7 +723,9 @@ impl TableEncoder {
         let mut sparse = Vec::new();
         if dense {
             for (rank, &i) in order.iter().enumerate() {
-                scratch.ranks[distinct[i as usize].0 as usize] = rank as u32;
+                // The counts were copied into `distinct`: each counter now holds its id's
+                // rank (one vocabulary-sized table in the cache instead of two).
+                scratch.counts[distinct[i as usize].0 as usize] = rank as u32;
             }
         } else {
             sparse = distinct.iter().map(|&(id, _)| (id, 0)).collect();
@@ -745,7 +746,7 @@ impl TableEncoder {
     #[inline]
     pub fn rank(&self, id: u32, scratch: &TableScratch) -> u32 {
         if self.dense {
-            scratch.ranks[id as usize]
+            scratch.counts[id as usize]
         } else {
             match self.sparse.binary_search_by_key(&id, |e| e.0) {
                 Ok(i) => self.sparse[i].1,
