@@ -1,12 +1,14 @@
 """Chunk size against store size and read speed, sequential and shuffled.
 
 A chunk is the unit of compression and of random access: reading one record decodes its
-whole chunk. A writer closes a chunk once it holds at least ``chunk_positions`` positions,
-so with records longer than that every record is its own chunk. This script writes the same
-corpus with several ``chunk_positions`` and reports bytes per token, encode positions/s and
-``Store.read_packed`` positions/s for batches of 16 sequences read in order and in a fixed
-shuffled order (what a training loader does), with the chunk cache off (in a corpus much
-larger than the cache a shuffled read almost never finds its chunk decoded). One thread.
+whole chunk. A writer closes a chunk once it holds ``chunk_positions`` positions or before a
+record that would take it past that, so a record at least that long is a chunk of its own
+and reading any record decodes at most ``max(chunk_positions, its length)`` positions. This
+script writes the same corpus with several ``chunk_positions`` and reports bytes per token,
+encode positions/s and ``Store.read_packed`` positions/s for batches of 16 sequences read in
+order and in a fixed shuffled order (what a training loader does), each batch dropped before
+the next, with the chunk cache off (in a corpus much larger than the cache a shuffled read
+almost never finds its chunk decoded). One thread.
 
     python benches/chunk_size.py [--positions 200000] [--vocab 32768 128256] [--ngram]
 """
@@ -30,7 +32,7 @@ from synthetic import TeacherCorpus, generate
 
 import logitcache as lc
 
-CHUNK_POSITIONS = (1, 1024, 2048, 4096)
+CHUNK_POSITIONS = (1, 512, 1024, 2048, 4096)
 BATCH = 16
 
 

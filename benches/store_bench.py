@@ -10,7 +10,10 @@ Methods:
     Store.read_batch into padded numpy arrays, "packed" = Store.read_packed into arrays
     holding the records back to back, "shuffled" = read_packed of the same batches with the
     sequences in a fixed random order, as a training loader reads, with the chunk cache off),
-    one thread unless --threads says otherwise;
+    one thread unless --threads says otherwise. Batch reads are streamed as a training loop
+    consumes them: each batch is dropped before the next is read (holding every batch of
+    the corpus instead times the growth of the process's memory as much as the decoding);
+  * (the baselines' whole-file reads, below, load everything at once: that is their use);
   * raw .npy: int32 ids + float16 log-probabilities (+ int32 input ids), np.save / np.load
     (shuffled: np.load with mmap_mode="r", each batch's sequences copied out);
   * parquet: the same columns as fixed-size lists, zstd, via pyarrow (shuffled: n/a, the
@@ -31,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +134,15 @@ def _kl_stats(decoded: np.ndarray, want: np.ndarray) -> tuple[float, float, floa
     return float(np.median(all_kl)), float(np.max(all_kl)), float(np.mean(np.isinf(all_kl)))
 
 
+def _stream(batches: Iterable[object]) -> int:
+    """Consume batches one at a time, as a training loop does (each is dropped before the
+    next is read); returns how many there were."""
+    n = 0
+    for _ in batches:
+        n += 1
+    return n
+
+
 def _shuffled_batches(n_sequences: int, batch: int) -> list[np.ndarray]:
     """Sequence indices in one fixed random order, cut into batches."""
     order = np.random.default_rng(1).permutation(n_sequences)
@@ -160,27 +172,21 @@ def bench_logitcache(
     store = lc.open_store(path)
     sids = store.sample_ids()
 
-    def read() -> list[lc.Batch]:
-        return [store.read_batch(sids[i : i + batch]) for i in range(0, len(sids), batch)]
-
-    t_dec, batches = _best_of(read, repeats)
-
-    def read_packed() -> list[lc.PackedBatch]:
-        return [store.read_packed(sids[i : i + batch]) for i in range(0, len(sids), batch)]
-
-    t_packed, packed = _best_of(read_packed, repeats)
-    assert np.array_equal(np.concatenate([p.topk_ids for p in packed]), c.topk_ids)
-    shuffled = _shuffled_batches(len(sids), batch)
+    in_order = [sids[i : i + batch] for i in range(0, len(sids), batch)]
+    t_dec, _ = _best_of(lambda: _stream(store.read_batch(b) for b in in_order), repeats)
+    t_packed, _ = _best_of(lambda: _stream(store.read_packed(b) for b in in_order), repeats)
+    shuffled = [sids[b] for b in _shuffled_batches(len(sids), batch)]
     # Without the chunk cache: in a corpus much larger than the cache a shuffled read
     # almost never finds its chunk decoded (here the cache would hold 8 of ~50 chunks).
     uncached = lc.open_store(path, cache_chunks=0)
-
-    def read_shuffled() -> list[lc.PackedBatch]:
-        return [uncached.read_packed(sids[b]) for b in shuffled]
-
-    t_shuffled, out = _best_of(read_shuffled, repeats)
-    first = shuffled[0][0]
-    assert np.array_equal(out[0].topk_ids[: c.lengths[first]], c.sequence(first)[1])
+    t_shuffled, _ = _best_of(lambda: _stream(uncached.read_packed(b) for b in shuffled), repeats)
+    # What was timed, checked (untimed).
+    packed = [store.read_packed(b) for b in in_order]
+    assert np.array_equal(np.concatenate([p.topk_ids for p in packed]), c.topk_ids)
+    first = uncached.read_packed(shuffled[0])
+    n0 = int(first.lengths[0])
+    assert np.array_equal(first.topk_ids[:n0], c.sequence(int(shuffled[0][0]))[1])
+    batches = [store.read_batch(b) for b in in_order]
     got = np.concatenate([b.topk_logprobs[b.mask] for b in batches])
     ids = np.concatenate([b.topk_ids[b.mask] for b in batches])
     assert np.array_equal(ids, c.topk_ids), "ids must round-trip exactly"
@@ -211,18 +217,18 @@ def bench_npy(c: Corpus, work: Path, repeats: int, batch: int) -> Result:
         np.load(d / "input_ids.npy")
         return np.load(d / "topk_ids.npy"), np.load(d / "topk_logprobs.npy")
 
-    def read_shuffled() -> list[tuple[np.ndarray, np.ndarray]]:
+    def read_shuffled() -> int:
         # Memory-mapped, each batch's sequences copied out back to back.
         ids_m = np.load(d / "topk_ids.npy", mmap_mode="r")
         lp_m = np.load(d / "topk_logprobs.npy", mmap_mode="r")
         offs = c.offsets
-        return [
+        return _stream(
             (
                 np.concatenate([ids_m[offs[i] : offs[i + 1]] for i in b]),
                 np.concatenate([lp_m[offs[i] : offs[i + 1]] for i in b]),
             )
             for b in _shuffled_batches(len(c.lengths), batch)
-        ]
+        )
 
     t_enc, _ = _best_of(write, repeats)
     t_dec, (ids, lp) = _best_of(read, repeats)
@@ -305,18 +311,18 @@ def bench_safetensors(c: Corpus, work: Path, repeats: int, batch: int) -> Result
     def read() -> dict[str, np.ndarray]:
         return load_file(str(f))
 
-    def read_shuffled() -> list[tuple[np.ndarray, np.ndarray]]:
+    def read_shuffled() -> int:
         # Slices of the memory-mapped file, each batch's sequences back to back.
         offs = c.offsets
         with safe_open(str(f), framework="numpy") as h:
             ids_s, lp_s = h.get_slice("topk_ids"), h.get_slice("topk_logprobs")
-            return [
+            return _stream(
                 (
                     np.concatenate([ids_s[offs[i] : offs[i + 1]] for i in b]),
                     np.concatenate([lp_s[offs[i] : offs[i + 1]] for i in b]),
                 )
                 for b in _shuffled_batches(len(c.lengths), batch)
-            ]
+            )
 
     t_enc, _ = _best_of(write, repeats)
     t_dec, out = _best_of(read, repeats)
