@@ -212,16 +212,18 @@ fn place(
     {
         return Err(Error::State("id ranks do not fit their rows".into()));
     }
+    let unfit = || Error::State("id ranks do not fit their rows".into());
     #[cfg(target_arch = "x86_64")]
     if w >= 8 && lut.len() <= 1 << 31 && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the running CPU has AVX-512F, the one feature the function is compiled
-        // for; the shape checks above and the table size are its preconditions.
-        return Ok(unsafe { simd_place::place_avx512(lut, ranks, w, out, k, start) });
+        // for; the table size is its precondition.
+        return unsafe { simd_place::place_avx512(lut, ranks, w, out, k, start) }.ok_or_else(unfit);
     }
     let mask = lut.len() - 1;
     let mut max_rank = 0u32;
     for (row, row_ranks) in out.chunks_exact_mut(k).zip(ranks.chunks_exact(w)) {
-        for (slot, &r) in row[start..start + w].iter_mut().zip(row_ranks) {
+        let slots = row.get_mut(start..start + w).ok_or_else(unfit)?;
+        for (slot, &r) in slots.iter_mut().zip(row_ranks) {
             max_rank = max_rank.max(r);
             slot.write(lut.get(r as usize & mask).copied().unwrap_or(0));
         }
@@ -234,9 +236,10 @@ mod simd_place {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    /// [`super::place`] sixteen slots at a time with AVX-512 gathers. Preconditions (checked
-    /// by the caller): `w > 0`, `start + w <= k`, `ranks` holds `rows` rows of `w` and
-    /// `out` `rows` rows of `k`, `lut.len()` is a power of two no larger than 2^31.
+    /// [`super::place`] sixteen slots at a time with AVX-512 gathers; None (some slots left
+    /// unwritten) when a row has no slots `start..start + w`, which the caller's shape checks
+    /// rule out. Precondition (checked by the caller): `lut.len()` is a power of two no
+    /// larger than 2^31.
     #[target_feature(enable = "avx512f")]
     pub(super) fn place_avx512(
         lut: &[u32],
@@ -245,14 +248,12 @@ mod simd_place {
         out: &mut [MaybeUninit<u32>],
         k: usize,
         start: usize,
-    ) -> u32 {
+    ) -> Option<u32> {
         // lut.len() <= 2^31, so masked indices are below 2^31: non-negative as i32.
         let mask = _mm512_set1_epi32((lut.len() - 1) as i32);
         let mut max = _mm512_setzero_si512();
-        for (row, row_ranks) in out.chunks_exact_mut(k).zip(ranks.chunks_exact(w)) {
-            let Some(slots) = row.get_mut(start..start + w) else {
-                continue;
-            };
+        for (row, row_ranks) in out.chunks_exact_mut(k.max(1)).zip(ranks.chunks_exact(w.max(1))) {
+            let slots = row.get_mut(start..start + w)?;
             for (r16, s16) in row_ranks.chunks(16).zip(slots.chunks_mut(16)) {
                 let n = r16.len().min(s16.len());
                 let lanes: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
@@ -275,7 +276,7 @@ mod simd_place {
                 }
             }
         }
-        _mm512_reduce_max_epu32(max)
+        Some(_mm512_reduce_max_epu32(max))
     }
 }
 
