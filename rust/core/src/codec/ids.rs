@@ -676,11 +676,15 @@ impl TableEncoder {
             if total >= vocab as usize / 16 {
                 for (block, c16) in scratch.counts[..vocab as usize].chunks(16).enumerate() {
                     if c16.iter().fold(0, |acc, &c| acc | c) != 0 {
+                        // Without a branch per counter (whether an id occurs is close to
+                        // random): each id is written, and kept when its count is not 0.
+                        let mut found = [0u32; 16];
+                        let mut n = 0usize;
                         for (i, &c) in c16.iter().enumerate() {
-                            if c != 0 {
-                                ids.push((block * 16 + i) as u32);
-                            }
+                            found[n & 15] = (block * 16 + i) as u32;
+                            n += usize::from(c != 0);
                         }
+                        ids.extend_from_slice(&found[..n.min(16)]);
                     }
                 }
             } else {
@@ -1099,6 +1103,47 @@ mod tests {
             assert_eq!(table.ids(), [7, 3, 1, 9]);
             assert!(decode_table(&t.ids_stream, &t.counts_stream, 8, 10, &loc).is_err());
             assert!(decode_table(&t.ids_stream, &t.counts_stream, 7, 9, &loc).is_err());
+        }
+    }
+
+    proptest::proptest! {
+        /// The chunk's table against counting with a map, on both ways of finding the
+        /// distinct ids (a scan of the counters when the chunk is large against the
+        /// vocabulary, a sort otherwise): ranks by decreasing count then increasing id, and
+        /// streams that decode to that order.
+        #[test]
+        fn table_matches_counting_with_a_map(
+            vocab in 1u32..5000,
+            n in 0usize..3000,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let ids: Vec<u32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Skewed, so that counts differ and many ids never occur.
+                    let r = (x % u64::from(vocab)) as u32;
+                    if x >> 60 < 12 { r % (vocab / 8 + 1) } else { r }
+                })
+                .collect();
+            let mut counts = std::collections::BTreeMap::<u32, u32>::new();
+            for &id in &ids {
+                *counts.entry(id).or_default() += 1;
+            }
+            let mut want: Vec<(u32, u32)> = counts.into_iter().collect();
+            want.sort_by_key(|&(id, c)| (std::cmp::Reverse(c), id));
+            let mut scratch = TableScratch::default();
+            let t = TableEncoder::new(&[&ids], vocab, &mut scratch);
+            for (rank, &(id, _)) in want.iter().enumerate() {
+                proptest::prop_assert_eq!(t.rank(id, &scratch), rank as u32);
+            }
+            t.reset(&mut scratch);
+            proptest::prop_assert!(scratch.counts.iter().all(|&c| c == 0));
+            let table = decode_table(&t.ids_stream, &t.counts_stream, n as u64, vocab, &Location::default());
+            let table = table.map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            proptest::prop_assert_eq!(table.ids(), &want.iter().map(|&(id, _)| id).collect::<Vec<_>>()[..]);
         }
     }
 
