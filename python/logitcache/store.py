@@ -468,11 +468,18 @@ class PackedBatch:
 
 class Store:
     """An open store (see :func:`open_store`). Safe to share between threads; a store opened
-    before ``fork()`` keeps working in the child (e.g. DataLoader workers)."""
+    before ``fork()`` keeps working in the child (e.g. DataLoader workers).
 
-    def __init__(self, inner: _core.Store, path: str) -> None:
+    A Store pickles (DataLoader workers started with ``spawn`` or ``forkserver`` receive the
+    dataset pickled): the copy opens the store again at the same path with the same options.
+    It then sees what is committed at that moment (samples appended since included); a store
+    replaced since (``mode="w"``) or moved raises on unpickling rather than giving other data.
+    """
+
+    def __init__(self, inner: _core.Store, path: str, open_options: dict[str, Any]) -> None:
         self._s = inner
         self.path = path
+        self._open_options = open_options
         self.meta: dict[str, Any] = json.loads(inner.manifest_json())
         self.kind: str = self.meta["kind"]
         self.k: int = self.meta["k"]
@@ -579,6 +586,10 @@ class Store:
 
         return verify_store(self.path)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        shard_uids = [s["uid"] for s in self.meta["shards"]]
+        return (_reopen_store, (self.path, self._open_options, shard_uids))
+
     def __repr__(self) -> str:
         return (
             f"Store({self.path!r}, kind={self.kind!r}, k={self.k}, vocab_size={self.vocab_size}, "
@@ -622,4 +633,18 @@ def open_store(
         expect_tokenizer_fingerprint=fp,
         cache_chunks=cache_chunks,
     )
-    return Store(inner, p)
+    return Store(inner, p, {"mmap": mmap, "cache_chunks": cache_chunks})
+
+
+def _reopen_store(path: str, open_options: dict[str, Any], shard_uids: list[str]) -> Store:
+    """Unpickle a :class:`Store`: open it again and check that it is the same store (its
+    shards at pickling time are still its first shards; appends add shards after them)."""
+    store = open_store(path, **open_options)
+    now = [s["uid"] for s in store.meta["shards"]]
+    if now[: len(shard_uids)] != shard_uids:
+        gone = next(u for i, u in enumerate(shard_uids) if i >= len(now) or now[i] != u)
+        raise _core.StoreMismatchError(
+            f"{path}: the store was replaced since this Store was pickled (shard {gone} is "
+            "gone); open it again with open_store"
+        )
+    return store
