@@ -588,7 +588,9 @@ class Store:
 
     def __reduce__(self) -> tuple[Any, ...]:
         shard_uids = [s["uid"] for s in self.meta["shards"]]
-        return (_reopen_store, (self.path, self._open_options, shard_uids))
+        # Absolute: the process that unpickles may run elsewhere in the file system.
+        path = os.path.abspath(self.path)
+        return (_reopen_store, (path, self._open_options, shard_uids))
 
     def __repr__(self) -> str:
         return (
