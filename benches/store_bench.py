@@ -11,9 +11,10 @@ Methods:
     holding the records back to back, "shuffled" = read_packed of the same batches with the
     sequences in a fixed random order, as a training loader reads, with the chunk cache off),
     one thread unless --threads says otherwise. Batch reads are streamed as a training loop
-    consumes them: each batch is dropped before the next is read (holding every batch of
-    the corpus instead times the growth of the process's memory as much as the decoding);
-  * (the baselines' whole-file reads, below, load everything at once: that is their use);
+    consumes them (``for batch in loader``: a batch is released once the next one is read;
+    holding every batch of the corpus instead times the growth of the process's memory as
+    much as the decoding); the baselines' whole-file reads below load everything at once,
+    which is their use;
   * raw .npy: int32 ids + float16 log-probabilities (+ int32 input ids), np.save / np.load
     (shuffled: np.load with mmap_mode="r", each batch's sequences copied out);
   * parquet: the same columns as fixed-size lists, zstd, via pyarrow (shuffled: n/a, the
@@ -135,8 +136,8 @@ def _kl_stats(decoded: np.ndarray, want: np.ndarray) -> tuple[float, float, floa
 
 
 def _stream(batches: Iterable[object]) -> int:
-    """Consume batches one at a time, as a training loop does (each is dropped before the
-    next is read); returns how many there were."""
+    """Consume batches one at a time, as ``for batch in loader`` does (a batch is released
+    once the next one has been read); returns how many there were."""
     n = 0
     for _ in batches:
         n += 1
