@@ -203,6 +203,7 @@ fn place(
     k: usize,
     start: usize,
 ) -> Result<u32> {
+    let unfit = || Error::State("id ranks do not fit their rows".into());
     let rows = ranks.len() / w.max(1);
     if w == 0
         || start + w > k
@@ -210,9 +211,8 @@ fn place(
         || out.len() != rows * k
         || !lut.len().is_power_of_two()
     {
-        return Err(Error::State("id ranks do not fit their rows".into()));
+        return Err(unfit());
     }
-    let unfit = || Error::State("id ranks do not fit their rows".into());
     #[cfg(target_arch = "x86_64")]
     if w >= 8 && lut.len() <= 1 << 31 && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the running CPU has AVX-512F, the one feature the function is compiled
