@@ -674,19 +674,7 @@ impl TableEncoder {
             // ~8,800 distinct ids took a tenth of the encoding time), else a sort.
             let mut ids: Vec<u32> = Vec::new();
             if total >= vocab as usize / 16 {
-                for (block, c16) in scratch.counts[..vocab as usize].chunks(16).enumerate() {
-                    if c16.iter().fold(0, |acc, &c| acc | c) != 0 {
-                        // Without a branch per counter (whether an id occurs is close to
-                        // random): each id is written, and kept when its count is not 0.
-                        let mut found = [0u32; 16];
-                        let mut n = 0usize;
-                        for (i, &c) in c16.iter().enumerate() {
-                            found[n & 15] = (block * 16 + i) as u32;
-                            n += usize::from(c != 0);
-                        }
-                        ids.extend_from_slice(&found[..n.min(16)]);
-                    }
-                }
+                nonzero_ids(&scratch.counts[..vocab as usize], &mut ids);
             } else {
                 for a in all {
                     for &id in *a {
@@ -767,6 +755,71 @@ impl TableEncoder {
                 scratch.counts[id as usize] = 0;
             }
         }
+    }
+}
+
+/// Append to `ids` the indices of the non-zero `counts` (fewer than 2^31), in order.
+fn nonzero_ids(counts: &[u32], ids: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && counts.len() <= 1 << 31 {
+        // SAFETY: the running CPU has AVX-512F, the one feature the function is compiled
+        // for; its precondition on the length was checked above.
+        unsafe { simd_scan::nonzero_ids_avx512(counts, ids) };
+        return;
+    }
+    nonzero_ids_baseline(counts, ids, 0);
+}
+
+/// [`nonzero_ids`] sixteen counters at a time, the indices numbered from `first`.
+fn nonzero_ids_baseline(counts: &[u32], ids: &mut Vec<u32>, first: u32) {
+    for (block, c16) in counts.chunks(16).enumerate() {
+        if c16.iter().fold(0, |acc, &c| acc | c) != 0 {
+            // Without a branch per counter (whether an id occurs is close to random): each
+            // id is written, and kept when its count is not 0.
+            let mut found = [0u32; 16];
+            let mut n = 0usize;
+            for (i, &c) in c16.iter().enumerate() {
+                found[n & 15] = first + (block * 16 + i) as u32;
+                n += usize::from(c != 0);
+            }
+            ids.extend_from_slice(&found[..n.min(16)]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd_scan {
+    use std::arch::x86_64::*;
+
+    /// [`super::nonzero_ids`] with AVX-512: one test and one compress per sixteen counters
+    /// (at V = 128256 the scan of the counters was about a third of the table's encoding,
+    /// with a scalar loop for every block that holds an id). Precondition (checked by the
+    /// caller): `counts.len() <= 2^31`, so every index fits an i32 lane.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn nonzero_ids_avx512(counts: &[u32], ids: &mut Vec<u32>) {
+        let blocks = counts.chunks_exact(16);
+        let tail = blocks.remainder();
+        let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let sixteen = _mm512_set1_epi32(16);
+        for c16 in blocks {
+            // SAFETY: `c16` holds exactly 16 u32 (chunks_exact), read unaligned.
+            let c = unsafe { _mm512_loadu_si512(c16.as_ptr().cast()) };
+            let present = _mm512_test_epi32_mask(c, c);
+            if present != 0 {
+                ids.reserve(16);
+                let spare = ids.spare_capacity_mut();
+                let packed = _mm512_maskz_compress_epi32(present, index);
+                // SAFETY: after reserve(16) the spare capacity holds at least 16 u32 slots,
+                // which the unaligned store writes; the first count_ones (<= 16) of them now
+                // hold the indices of the non-zero counters, so the length may cover them.
+                unsafe {
+                    _mm512_storeu_si512(spare.as_mut_ptr().cast(), packed);
+                    ids.set_len(ids.len() + present.count_ones() as usize);
+                }
+            }
+            index = _mm512_add_epi32(index, sixteen);
+        }
+        super::nonzero_ids_baseline(tail, ids, (counts.len() - tail.len()) as u32);
     }
 }
 
@@ -1170,6 +1223,38 @@ mod tests {
             let mut want: Vec<u32> = (0..distinct.len() as u32).collect();
             want.sort_by_key(|&i| std::cmp::Reverse(distinct[i as usize].1));
             proptest::prop_assert_eq!(rank_order(&distinct), want);
+        }
+
+        /// The scan of the counters (AVX-512 where the CPU has it, else the baseline; the
+        /// baseline is also run directly) appends exactly the indices of the non-zero
+        /// counters, in order, whatever the density and the length's tail.
+        #[test]
+        fn nonzero_ids_are_the_indices_of_the_nonzero_counters(
+            len in 0usize..400,
+            sparsity in 0u32..6,
+            first in 0u32..1000,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let counts: Vec<u32> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Zero with probability about 1 - 2^-sparsity; any value otherwise.
+                    if (x >> 40) % (1 << sparsity) == 0 { (x >> 8) as u32 | 1 } else { 0 }
+                })
+                .collect();
+            let nonzero = counts.iter().enumerate().filter(|&(_, &c)| c != 0);
+            let want: Vec<u32> =
+                std::iter::once(7).chain(nonzero.clone().map(|(i, _)| i as u32)).collect();
+            let mut got = vec![7u32];
+            nonzero_ids(&counts, &mut got);
+            proptest::prop_assert_eq!(&got, &want);
+            let want_from: Vec<u32> = nonzero.map(|(i, _)| first + i as u32).collect();
+            let mut base = Vec::new();
+            nonzero_ids_baseline(&counts, &mut base, first);
+            proptest::prop_assert_eq!(base, want_from);
         }
     }
 }
