@@ -103,6 +103,81 @@ impl RankWriter {
         }
     }
 
+    /// Append the codes of the ranks of `ids[r k + cols]` for every row r of `ids` (rows of
+    /// `k`), each looked up in `rank_of` (indexed by id). False, with nothing appended for
+    /// the offending ids, when an id is past `rank_of` or a row has no `cols`.
+    ///
+    /// [`RankWriter::put_all`] for the rows of a dense table, with the writer's state,
+    /// the rows and the table held in locals: stores of code bytes may alias any memory,
+    /// so through `self` and the table's scratch every code reloaded (and stored) the
+    /// vectors' lengths and pointers.
+    pub fn put_rows(
+        &mut self,
+        ids: &[u32],
+        k: usize,
+        cols: std::ops::Range<usize>,
+        rank_of: &[u32],
+    ) -> bool {
+        let w = cols.len();
+        if k == 0 || w == 0 {
+            return true;
+        }
+        // An escape takes at most 5 extension bytes; the store of every code writes one.
+        let row_slack = 5 * w + 16;
+        let start = self.lead.len();
+        let mut lead = std::mem::take(&mut self.lead);
+        let mut ext = std::mem::take(&mut self.ext);
+        lead.resize(start + ids.len() / k * w, 0);
+        let mut used = self.used;
+        let mut ok = true;
+        let mut n = start;
+        for (row, out) in ids.chunks_exact(k).zip(lead[start..].chunks_exact_mut(w)) {
+            if used + row_slack > ext.len() {
+                ext.resize((used + row_slack) * 2, 0);
+            }
+            let Some(row_ids) = row.get(cols.clone()) else {
+                ok = false;
+                break;
+            };
+            let e = &mut ext[..];
+            for (slot, &id) in out.iter_mut().zip(row_ids) {
+                let Some(&r) = rank_of.get(id as usize) else {
+                    ok = false;
+                    continue;
+                };
+                if r >= ONE_BYTE + TWO_BYTE_SPAN {
+                    *slot = ESCAPE;
+                    let mut v = r - ONE_BYTE - TWO_BYTE_SPAN;
+                    while v >= 0x80 {
+                        if let Some(b) = e.get_mut(used) {
+                            *b = (v as u8) | 0x80;
+                        }
+                        used += 1;
+                        v >>= 7;
+                    }
+                    if let Some(b) = e.get_mut(used) {
+                        *b = v as u8;
+                    }
+                    used += 1;
+                    continue;
+                }
+                let long = r >= ONE_BYTE;
+                let v = r.wrapping_sub(ONE_BYTE);
+                *slot = if long { (ONE_BYTE + (v >> 8)) as u8 } else { r as u8 };
+                if let Some(b) = e.get_mut(used) {
+                    *b = v as u8;
+                }
+                used += usize::from(long);
+            }
+            n += w;
+        }
+        lead.truncate(n);
+        self.lead = lead;
+        self.ext = ext;
+        self.used = used;
+        ok
+    }
+
     /// The lead and extension streams.
     pub fn finish(mut self) -> (Vec<u8>, Vec<u8>) {
         self.ext.truncate(self.used);
@@ -748,6 +823,12 @@ impl TableEncoder {
         }
     }
 
+    /// The rank of every id (indexed by id) when the table is dense; valid for the ids
+    /// that were counted.
+    pub fn dense_ranks<'s>(&self, scratch: &'s TableScratch) -> Option<&'s [u32]> {
+        self.dense.then_some(&scratch.counts[..])
+    }
+
     /// Leave the scratch all-zero for the next chunk.
     pub fn reset(&self, scratch: &mut TableScratch) {
         if self.dense {
@@ -1223,6 +1304,53 @@ mod tests {
             let mut want: Vec<u32> = (0..distinct.len() as u32).collect();
             want.sort_by_key(|&i| std::cmp::Reverse(distinct[i as usize].1));
             proptest::prop_assert_eq!(rank_order(&distinct), want);
+        }
+
+        /// The strided writer of a dense table writes the streams `put_all` writes (one-
+        /// and two-byte codes, escapes of every varint length), after what the writer
+        /// already holds; an id past the table is refused.
+        #[test]
+        fn put_rows_writes_what_put_all_writes(
+            k in 1usize..70,
+            rows in 0usize..24,
+            a_frac in 0.0f64..1.0,
+            b_frac in 0.0f64..1.0,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            // Ranks of every size class: one byte, two bytes, escapes of 1 to 5 varint bytes.
+            let rank_of: Vec<u32> = (0..300)
+                .map(|_| match next() % 4 {
+                    0 => (next() % u64::from(ONE_BYTE)) as u32,
+                    1 => (next() % u64::from(ONE_BYTE + TWO_BYTE_SPAN)) as u32,
+                    2 => (next() % (1 << 22)) as u32,
+                    _ => next() as u32,
+                })
+                .collect();
+            let ids: Vec<u32> = (0..rows * k).map(|_| (next() % 300) as u32).collect();
+            let a = (a_frac * k as f64) as usize;
+            let b = a + ((k - a) as f64 * b_frac) as usize;
+            let mut fast = RankWriter::with_capacity(3);
+            let mut plain = RankWriter::with_capacity(3);
+            for w in [&mut fast, &mut plain] {
+                w.put_all([5, 9000, 1 << 30]);
+            }
+            proptest::prop_assert!(fast.put_rows(&ids, k, a..b, &rank_of));
+            for row in ids.chunks(k) {
+                plain.put_all(row[a..b].iter().map(|&id| rank_of[id as usize]));
+            }
+            proptest::prop_assert_eq!(fast.finish(), plain.finish());
+            if rows > 0 && b > a {
+                let mut past = ids.clone();
+                past[a] = 300;
+                proptest::prop_assert!(!RankWriter::default().put_rows(&past, k, a..b, &rank_of));
+            }
         }
 
         /// The scan of the counters (AVX-512 where the CPU has it, else the baseline; the

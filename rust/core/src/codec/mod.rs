@@ -431,7 +431,14 @@ pub fn encode_chunk(
         ids::TableEncoder::new(&[&buf.input_ids, &buf.ids], p.vocab_size, &mut scratch.table);
     let ts = &scratch.table;
     let mut input = ids::RankWriter::with_capacity(buf.positions());
-    input.put_all(buf.input_ids.iter().map(|&t| table.rank(t, ts)));
+    match table.dense_ranks(ts) {
+        Some(rank_of) => {
+            if !input.put_rows(&buf.input_ids, 1, 0..1, rank_of) {
+                return Err(Error::State("a chunk input id past the id table".into()));
+            }
+        }
+        None => input.put_all(buf.input_ids.iter().map(|&t| table.rank(t, ts))),
+    }
     let (input_lead, input_ext) = input.finish();
     let mut groups: [ids::RankWriter; 4] =
         std::array::from_fn(|_| ids::RankWriter::with_capacity(buf.entries() / 2 + 16));
@@ -441,6 +448,12 @@ pub fn encode_chunk(
             // Group by group: each writer's state stays in registers over its loop.
             for (g, w) in groups.iter_mut().enumerate() {
                 let (a, b) = (ids::GROUPS[g].0.min(*k), ids::GROUPS[g].1.min(*k));
+                if let Some(rank_of) = table.dense_ranks(ts) {
+                    if !w.put_rows(&buf.ids[..n * k], *k, a..b, rank_of) {
+                        return Err(Error::State("a chunk id past the id table".into()));
+                    }
+                    continue;
+                }
                 for r in 0..*n {
                     w.put_all(buf.ids[r * k + a..r * k + b].iter().map(|&id| table.rank(id, ts)));
                 }
