@@ -347,11 +347,18 @@ fn top_level_baseline(row: &[f32], coarse: &[u32], step: f32, grid: Grid) -> Opt
             acc[i] += correction(v8[i], q8[i]);
         }
     }
+    // The last partial chunk as a full one (at K = 64, 7 of the 63 entries): padded with
+    // entries decoded exactly (value 0 at level 0), whose correction is exactly 0.
     let tail = vs.len() / 8 * 8;
-    let mut sum: f32 = acc.iter().sum();
-    for (&v, &q) in vs[tail..].iter().zip(&qs[tail..]) {
-        sum += correction(v, q);
+    let (mut v8, mut q8) = ([0f32; 8], [0u32; 8]);
+    for (i, (&v, &q)) in vs[tail..].iter().zip(&qs[tail..]).enumerate().take(8) {
+        v8[i] = v;
+        q8[i] = q;
     }
+    for i in 0..8 {
+        acc[i] += correction(v8[i], q8[i]);
+    }
+    let sum: f32 = acc.iter().sum();
     let target = f64::from(crate::record::approx_exp(v0)) - f64::from(sum);
     let want = if target > 0.0 { -target.ln() * fine.scale * inv_m } else { hi };
     Some(want.round().clamp(lo, hi) as u32)
