@@ -104,8 +104,9 @@ impl RankWriter {
     }
 
     /// Append the codes of the ranks of `ids[r k + cols]` for every row r of `ids` (rows of
-    /// `k`), each looked up in `rank_of` (indexed by id). False, with nothing appended for
-    /// the offending ids, when an id is past `rank_of` or a row has no `cols`.
+    /// `k`), each looked up in `rank_of` (indexed by id). False when an id is past
+    /// `rank_of` or a row has no `cols`: the streams are then not a valid coding (the
+    /// caller drops the writer and fails the chunk).
     ///
     /// [`RankWriter::put_all`] for the rows of a dense table, with the writer's state,
     /// the rows and the table held in locals: stores of code bytes may alias any memory,
