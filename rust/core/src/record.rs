@@ -65,10 +65,12 @@ pub fn approx_exp(x: f32) -> f32 {
 }
 
 /// Per-thread scratch for the distinct-ids check: one stamp per vocabulary entry, so that
-/// checking a row costs O(K) and never needs clearing.
+/// checking a row costs O(K); the stamps are cleared once every 65,535 rows. Two bytes per
+/// stamp, not four: at V = 128256 the stamps and the encoder's rank table (see
+/// [`crate::codec::ids::TableScratch`]) then fit a 1 MB L2 cache together.
 pub struct SeenIds {
-    stamp: Vec<u32>,
-    current: u32,
+    stamp: Vec<u16>,
+    current: u16,
 }
 
 impl SeenIds {
@@ -491,6 +493,22 @@ mod tests {
                 row_values_are_clearly_fine_baseline(&row)
             );
         }
+    }
+
+    #[test]
+    fn stamps_wrap_around_without_false_repeats() {
+        let mut seen = SeenIds::new(10);
+        // Id 3 stamped once, then 2^16 - 1 rows without it: its stale stamp equals the
+        // current one again unless the wrap clears the stamps.
+        assert!(seen.row_is_distinct(&[3, 4]));
+        for _ in 0..u16::MAX - 1 {
+            assert!(seen.row_is_distinct(&[5, 6]));
+        }
+        for _ in 0..3 {
+            assert!(seen.row_is_distinct(&[3, 7]));
+        }
+        assert!(!seen.row_is_distinct(&[8, 9, 8]));
+        assert!(!seen.row_is_distinct(&[2, 10]), "an id past the vocabulary is refused");
     }
 
     fn topk(ids: &[i64], lp: &[f32], k: usize) -> Result<ChunkBuf> {

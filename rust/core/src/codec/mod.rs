@@ -433,7 +433,7 @@ pub fn encode_chunk(
     let mut input = ids::RankWriter::with_capacity(buf.positions());
     match table.dense_ranks(ts) {
         Some(rank_of) => {
-            if !input.put_rows(&buf.input_ids, 1, 0..1, rank_of) {
+            if !rank_of.put_rows(&mut input, &buf.input_ids, 1, 0..1) {
                 return Err(Error::State("a chunk input id past the id table".into()));
             }
         }
@@ -449,7 +449,7 @@ pub fn encode_chunk(
             for (g, w) in groups.iter_mut().enumerate() {
                 let (a, b) = (ids::GROUPS[g].0.min(*k), ids::GROUPS[g].1.min(*k));
                 if let Some(rank_of) = table.dense_ranks(ts) {
-                    if !w.put_rows(&buf.ids[..n * k], *k, a..b, rank_of) {
+                    if !rank_of.put_rows(w, &buf.ids[..n * k], *k, a..b) {
                         return Err(Error::State("a chunk id past the id table".into()));
                     }
                     continue;
