@@ -1067,6 +1067,14 @@ pub fn decode_table(
 mod tests {
     use super::*;
 
+    /// Xorshift64: the test data's random numbers (`x` must not be 0).
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
     #[test]
     fn rank_codes_roundtrip() {
         let loc = Location::default();
@@ -1125,9 +1133,7 @@ mod tests {
             let mut x = seed | 1;
             let ranks: Vec<u32> = (0..rows * w)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    xorshift(&mut x);
                     // Mostly inside the table, some past it (a corrupt stream's).
                     (x % (2 * lut.len() as u64 + 3)) as u32
                 })
@@ -1304,9 +1310,7 @@ mod tests {
             let mut x = seed | 1;
             let ids: Vec<u32> = (0..n)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    xorshift(&mut x);
                     // Skewed, so that counts differ and many ids never occur.
                     let r = (x % u64::from(vocab)) as u32;
                     if x >> 60 < 12 { r % (vocab / 8 + 1) } else { r }
@@ -1393,12 +1397,7 @@ mod tests {
             seed in proptest::prelude::any::<u64>(),
         ) {
             let mut x = seed | 1;
-            let mut next = move || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
+            let mut next = move || xorshift(&mut x);
             // Ranks of every size class: one byte, two bytes, escapes of 1 to 5 varint bytes.
             let rank_of: Vec<u32> = (0..300)
                 .map(|_| match next() % 4 {
@@ -1450,9 +1449,7 @@ mod tests {
             let mut x = seed | 1;
             let counts: Vec<u32> = (0..len)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    xorshift(&mut x);
                     // Zero with probability about 1 - 2^-sparsity; any value otherwise.
                     if (x >> 40) % (1 << sparsity) == 0 { (x >> 8) as u32 | 1 } else { 0 }
                 })
