@@ -76,30 +76,10 @@ impl RankWriter {
             if self.used + 16 > self.ext.len() {
                 self.ext.resize(self.ext.len() * 2 + 64, 0);
             }
-            if r >= ONE_BYTE + TWO_BYTE_SPAN {
-                self.lead.push(ESCAPE);
-                let mut v = u64::from(r - ONE_BYTE - TWO_BYTE_SPAN);
-                // A u32 rank takes at most 5 varint bytes; 16 are free.
-                while v >= 0x80 {
-                    if let Some(b) = self.ext.get_mut(self.used) {
-                        *b = (v as u8) | 0x80;
-                    }
-                    self.used += 1;
-                    v >>= 7;
-                }
-                if let Some(b) = self.ext.get_mut(self.used) {
-                    *b = v as u8;
-                }
-                self.used += 1;
-                continue;
+            self.lead.push(0);
+            if let Some(slot) = self.lead.last_mut() {
+                put_code(r, slot, &mut self.ext, &mut self.used);
             }
-            let long = r >= ONE_BYTE;
-            let v = r.wrapping_sub(ONE_BYTE);
-            self.lead.push(if long { (ONE_BYTE + (v >> 8)) as u8 } else { r as u8 });
-            if let Some(b) = self.ext.get_mut(self.used) {
-                *b = v as u8;
-            }
-            self.used += usize::from(long);
         }
     }
 
@@ -111,8 +91,9 @@ impl RankWriter {
     /// [`RankWriter::put_all`] for the rows of a dense table, with the writer's state,
     /// the rows and the table held in locals: stores of code bytes may alias any memory,
     /// so through `self` and the table's scratch every code reloaded (and stored) the
-    /// vectors' lengths and pointers.
-    pub fn put_rows<R: Copy + Into<u32>>(
+    /// vectors' lengths and pointers. With AVX-512, rows of 8 ids or more go sixteen ids
+    /// at a time (one gather of ranks, the extension bytes packed by a compress).
+    pub fn put_rows<R: RankEntry>(
         &mut self,
         ids: &[u32],
         k: usize,
@@ -123,8 +104,15 @@ impl RankWriter {
         if k == 0 || w == 0 {
             return true;
         }
-        // An escape takes at most 5 extension bytes; the store of every code writes one.
-        let row_slack = 5 * w + 16;
+        #[cfg(target_arch = "x86_64")]
+        let simd = w >= 8
+            && (2..=1 << 31).contains(&rank_of.len())
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vbmi2");
+        // An escape takes at most 5 extension bytes; the store of a code writes 16 bytes at
+        // most past the codes before it, that of a block of sixteen 64.
+        let row_slack = 5 * w + 64;
         let start = self.lead.len();
         let mut lead = std::mem::take(&mut self.lead);
         let mut ext = std::mem::take(&mut self.ext);
@@ -140,36 +128,24 @@ impl RankWriter {
                 ok = false;
                 break;
             };
-            let e = &mut ext[..];
-            for (slot, &id) in out.iter_mut().zip(row_ids) {
-                let Some(&r) = rank_of.get(id as usize) else {
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the running CPU has AVX-512F, BW and VBMI2, the features the
+                // function is compiled for (it checks its other preconditions itself).
+                if !unsafe {
+                    simd_codes::put_row_avx512(row_ids, rank_of, out, &mut ext, &mut used)
+                } {
                     ok = false;
-                    continue;
-                };
-                let r: u32 = r.into();
-                if r >= ONE_BYTE + TWO_BYTE_SPAN {
-                    *slot = ESCAPE;
-                    let mut v = r - ONE_BYTE - TWO_BYTE_SPAN;
-                    while v >= 0x80 {
-                        if let Some(b) = e.get_mut(used) {
-                            *b = (v as u8) | 0x80;
-                        }
-                        used += 1;
-                        v >>= 7;
-                    }
-                    if let Some(b) = e.get_mut(used) {
-                        *b = v as u8;
-                    }
-                    used += 1;
-                    continue;
+                    break;
                 }
-                let long = r >= ONE_BYTE;
-                let v = r.wrapping_sub(ONE_BYTE);
-                *slot = if long { (ONE_BYTE + (v >> 8)) as u8 } else { r as u8 };
-                if let Some(b) = e.get_mut(used) {
-                    *b = v as u8;
+                n += w;
+                continue;
+            }
+            for (slot, &id) in out.iter_mut().zip(row_ids) {
+                match rank_of.get(id as usize) {
+                    Some(&r) => put_code(r.into(), slot, &mut ext, &mut used),
+                    None => ok = false,
                 }
-                used += usize::from(long);
             }
             n += w;
         }
@@ -184,6 +160,187 @@ impl RankWriter {
     pub fn finish(mut self) -> (Vec<u8>, Vec<u8>) {
         self.ext.truncate(self.used);
         (self.lead, self.ext)
+    }
+}
+
+/// Write the code of rank `r`: its lead byte to `slot`, its extension to `ext` at `*used`
+/// (advanced by the extension's length). One- and two-byte codes take no branch on the data:
+/// a byte is stored at `*used` either way and only long codes keep it. Stores past `ext`'s
+/// end are dropped (the callers keep 5 bytes of slack per code).
+#[inline(always)]
+fn put_code(r: u32, slot: &mut u8, ext: &mut [u8], used: &mut usize) {
+    if r >= ONE_BYTE + TWO_BYTE_SPAN {
+        *slot = ESCAPE;
+        let mut v = r - ONE_BYTE - TWO_BYTE_SPAN;
+        while v >= 0x80 {
+            if let Some(b) = ext.get_mut(*used) {
+                *b = (v as u8) | 0x80;
+            }
+            *used += 1;
+            v >>= 7;
+        }
+        if let Some(b) = ext.get_mut(*used) {
+            *b = v as u8;
+        }
+        *used += 1;
+        return;
+    }
+    let long = r >= ONE_BYTE;
+    let v = r.wrapping_sub(ONE_BYTE);
+    *slot = if long { (ONE_BYTE + (v >> 8)) as u8 } else { r as u8 };
+    if let Some(b) = ext.get_mut(*used) {
+        *b = v as u8;
+    }
+    *used += usize::from(long);
+}
+
+/// An entry of a dense rank table: two-byte ranks (chunks of at most 2^16 distinct ids) or
+/// four-byte ones.
+pub trait RankEntry: Copy + Into<u32> {
+    /// True for two-byte entries.
+    const TWO: bool;
+}
+
+impl RankEntry for u16 {
+    const TWO: bool = true;
+}
+
+impl RankEntry for u32 {
+    const TWO: bool = false;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd_codes {
+    use std::arch::x86_64::*;
+
+    use super::{ESCAPE, ONE_BYTE, RankEntry, TWO_BYTE_SPAN, put_code};
+
+    /// Extension bytes a block may store past the codes before it (one 64-byte store).
+    pub(super) const BLOCK_SLACK: usize = 64;
+
+    /// The codes of the ranks of `row_ids` (looked up in `table`) sixteen at a time: lead
+    /// bytes into `lead` (one per id), extensions appended to `ext` at `*used`. Escapes of
+    /// up to three varint bytes (ranks below 2^21 + 8160, every rank of a chunk of fewer
+    /// ids) are written in the block too; a block with a longer one goes through
+    /// [`put_code`]. Each lane's extension (0 to 3 bytes) is laid out in its own 4 bytes,
+    /// and one byte compress packs them, in order, for one store.
+    ///
+    /// False (codes partly written) when an id is past the table, or when the table is not
+    /// 2 to 2^31 entries long, or the buffers are shorter than one lead byte per id and 5
+    /// extension bytes per id plus [`BLOCK_SLACK`] past `*used`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    pub(super) fn put_row_avx512<R: RankEntry>(
+        row_ids: &[u32],
+        table: &[R],
+        lead: &mut [u8],
+        ext: &mut [u8],
+        used: &mut usize,
+    ) -> bool {
+        let len = table.len();
+        if lead.len() != row_ids.len()
+            || !(2..=1 << 31).contains(&len)
+            || ext.len() < *used + 5 * row_ids.len() + BLOCK_SLACK
+        {
+            return false;
+        }
+        let set = |x: u32| _mm512_set1_epi32(x as i32);
+        // len <= 2^31: every id below it, and len - 2, is a non-negative i32.
+        let (limit, last_pair) = (set(len as u32), set(len as u32 - 2));
+        let one_byte = set(ONE_BYTE);
+        let escape_from = set(ONE_BYTE + TWO_BYTE_SPAN);
+        let three_bytes_past = set(ONE_BYTE + TWO_BYTE_SPAN + (1 << 21));
+        let (low7, low8, low16, one) = (set(0x7f), set(0xff), set(0xffff), set(1));
+        // Byte i of a lane: i, against the lane's extension length.
+        let byte_of_lane = set(0x0302_0100);
+        for (i16, l16) in row_ids.chunks(16).zip(lead.chunks_mut(16)) {
+            let n = i16.len().min(l16.len());
+            let lanes: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
+            // SAFETY: the masked load reads only the first n lanes, all inside `i16`.
+            let id = unsafe { _mm512_maskz_loadu_epi32(lanes, i16.as_ptr().cast()) };
+            if _mm512_mask_cmplt_epu32_mask(lanes, id, limit) != lanes {
+                return false;
+            }
+            // Inactive lanes hold rank 0 (a one-byte code without extension).
+            let r = if R::TWO {
+                // Four bytes are read per lane: at the id's entry, or for the last entry
+                // at the one before it (then its high half), so that no read passes the
+                // table's end.
+                let at = _mm512_min_epu32(id, last_pair);
+                // SAFETY: for the active lanes `at <= len - 2`, so the 4 bytes read at
+                // `2 at` lie inside the table's `2 len` bytes; inactive lanes read nothing.
+                let pair = unsafe {
+                    _mm512_mask_i32gather_epi32::<2>(
+                        _mm512_setzero_si512(),
+                        lanes,
+                        at,
+                        table.as_ptr().cast(),
+                    )
+                };
+                let shift = _mm512_slli_epi32::<4>(_mm512_sub_epi32(id, at));
+                _mm512_and_si512(_mm512_srlv_epi32(pair, shift), low16)
+            } else {
+                // SAFETY: the active lanes' ids are below `len`: each 4-byte read lies
+                // inside the table; inactive lanes read nothing.
+                unsafe {
+                    _mm512_mask_i32gather_epi32::<4>(
+                        _mm512_setzero_si512(),
+                        lanes,
+                        id,
+                        table.as_ptr().cast(),
+                    )
+                }
+            };
+            if _mm512_cmpge_epu32_mask(r, three_bytes_past) != 0 {
+                for (slot, &id) in l16.iter_mut().zip(i16) {
+                    // Every id of the block was checked to be below `len`.
+                    let Some(&r) = table.get(id as usize) else { return false };
+                    put_code(r.into(), slot, ext, used);
+                }
+                continue;
+            }
+            let escape = _mm512_cmpge_epu32_mask(r, escape_from);
+            let long = _mm512_cmpge_epu32_mask(r, one_byte) & !escape;
+            // Two-byte codes: lead 224 + (v >> 8), extension v & 0xff.
+            let v = _mm512_sub_epi32(r, one_byte);
+            let two = _mm512_add_epi32(one_byte, _mm512_srli_epi32::<8>(v));
+            let codes = _mm512_mask_blend_epi32(long, r, two);
+            let codes = _mm512_mask_mov_epi32(codes, escape, set(u32::from(ESCAPE)));
+            // Escapes: the varint of e = r - 8160 < 2^21, in 1 to 3 bytes.
+            let e = _mm512_sub_epi32(r, escape_from);
+            let c0 = _mm512_cmpge_epu32_mask(e, set(1 << 7));
+            let c1 = _mm512_cmpge_epu32_mask(e, set(1 << 14));
+            let b0 = _mm512_mask_or_epi32(_mm512_and_si512(e, low7), c0, e, set(0x80));
+            let b0 = _mm512_and_si512(b0, low8);
+            let b1 = _mm512_and_si512(_mm512_srli_epi32::<7>(e), low7);
+            let b1 = _mm512_mask_or_epi32(b1, c1, b1, set(0x80));
+            let b2 = _mm512_srli_epi32::<14>(e);
+            let varint = _mm512_or_si512(
+                b0,
+                _mm512_or_si512(_mm512_slli_epi32::<8>(b1), _mm512_slli_epi32::<16>(b2)),
+            );
+            let word = _mm512_mask_blend_epi32(escape, _mm512_and_si512(v, low8), varint);
+            let varint_len = _mm512_add_epi32(
+                one,
+                _mm512_add_epi32(_mm512_maskz_mov_epi32(c0, one), _mm512_maskz_mov_epi32(c1, one)),
+            );
+            let ext_len =
+                _mm512_mask_blend_epi32(escape, _mm512_maskz_mov_epi32(long, one), varint_len);
+            // The length in every byte of its lane (lengths are below 4).
+            let ext_len = _mm512_or_si512(ext_len, _mm512_slli_epi32::<8>(ext_len));
+            let ext_len = _mm512_or_si512(ext_len, _mm512_slli_epi32::<16>(ext_len));
+            let keep = _mm512_cmplt_epu8_mask(byte_of_lane, ext_len);
+            let packed = _mm512_maskz_compress_epi8(keep, word);
+            let bytes = _mm512_cvtepi32_epi8(codes);
+            let mut lead16 = [0u8; 16];
+            // SAFETY: `lead16` holds 16 bytes, the store's width.
+            unsafe { _mm_storeu_si128(lead16.as_mut_ptr().cast(), bytes) };
+            l16.copy_from_slice(&lead16[..n]);
+            let Some(dst) = ext.get_mut(*used..*used + BLOCK_SLACK) else { return false };
+            // SAFETY: `dst` holds 64 bytes, the store's width.
+            unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), packed) };
+            *used += keep.count_ones() as usize;
+        }
+        true
     }
 }
 
@@ -1385,54 +1542,62 @@ mod tests {
             proptest::prop_assert_eq!(rank_order(&distinct), want);
         }
 
-        /// The strided writer of a dense table writes the streams `put_all` writes (one-
-        /// and two-byte codes, escapes of every varint length), after what the writer
-        /// already holds; an id past the table is refused.
+        /// The strided writer of a dense table (sixteen ids at a time where the CPU has
+        /// AVX-512 and a row has 8 or more) writes the codes `put_rank` defines (one- and
+        /// two-byte codes, escapes of every varint length, blocks with and without
+        /// escapes, every table length from 2, the last entry included), after what the
+        /// writer already holds; an id past the table is refused.
         #[test]
-        fn put_rows_writes_what_put_all_writes(
+        fn put_rows_writes_the_codes_of_put_rank(
             k in 1usize..70,
             rows in 0usize..24,
             a_frac in 0.0f64..1.0,
             b_frac in 0.0f64..1.0,
+            table_len in proptest::prop_oneof![2usize..5, 2usize..400],
+            escapes in proptest::prelude::any::<bool>(),
             seed in proptest::prelude::any::<u64>(),
         ) {
             let mut x = seed | 1;
             let mut next = move || xorshift(&mut x);
-            // Ranks of every size class: one byte, two bytes, escapes of 1 to 5 varint bytes.
-            let rank_of: Vec<u32> = (0..300)
-                .map(|_| match next() % 4 {
+            // Ranks of every size class: one byte, two bytes, escapes of 1 to 5 varint bytes
+            // (none in some tables, so that whole blocks take the vector path).
+            let classes = if escapes { 4 } else { 2 };
+            let rank_of: Vec<u32> = (0..table_len)
+                .map(|_| match next() % classes {
                     0 => (next() % u64::from(ONE_BYTE)) as u32,
                     1 => (next() % u64::from(ONE_BYTE + TWO_BYTE_SPAN)) as u32,
                     2 => (next() % (1 << 22)) as u32,
                     _ => next() as u32,
                 })
                 .collect();
-            let ids: Vec<u32> = (0..rows * k).map(|_| (next() % 300) as u32).collect();
+            let ids: Vec<u32> = (0..rows * k).map(|_| (next() % table_len as u64) as u32).collect();
             let a = (a_frac * k as f64) as usize;
             let b = a + ((k - a) as f64 * b_frac) as usize;
+            let before = [5, 9000, 1 << 30];
+            let want = |ranks: &[u32]| {
+                let (mut lead, mut ext) = (Vec::new(), Vec::new());
+                for &r in before.iter().chain(ids.chunks(k).flat_map(|row| {
+                    row[a..b].iter().map(|&id| &ranks[id as usize])
+                })) {
+                    put_rank(&mut lead, &mut ext, r);
+                }
+                (lead, ext)
+            };
             let mut fast = RankWriter::with_capacity(3);
-            let mut plain = RankWriter::with_capacity(3);
-            for w in [&mut fast, &mut plain] {
-                w.put_all([5, 9000, 1 << 30]);
-            }
+            fast.put_all(before);
             proptest::prop_assert!(fast.put_rows(&ids, k, a..b, &rank_of));
-            for row in ids.chunks(k) {
-                plain.put_all(row[a..b].iter().map(|&id| rank_of[id as usize]));
-            }
-            proptest::prop_assert_eq!(fast.finish(), plain.finish());
-            // A two-byte table writes what the same ranks in four bytes write.
+            proptest::prop_assert_eq!(fast.finish(), want(&rank_of));
             let rank16: Vec<u16> = rank_of.iter().map(|&r| r as u16).collect();
             let mut two = RankWriter::default();
+            two.put_all(before);
             proptest::prop_assert!(two.put_rows(&ids, k, a..b, &rank16));
-            let mut four = RankWriter::default();
-            for row in ids.chunks(k) {
-                four.put_all(row[a..b].iter().map(|&id| u32::from(rank16[id as usize])));
-            }
-            proptest::prop_assert_eq!(two.finish(), four.finish());
+            let ranks: Vec<u32> = rank16.iter().map(|&r| u32::from(r)).collect();
+            proptest::prop_assert_eq!(two.finish(), want(&ranks));
             if rows > 0 && b > a {
                 let mut past = ids.clone();
-                past[a] = 300;
+                past[a] = table_len as u32;
                 proptest::prop_assert!(!RankWriter::default().put_rows(&past, k, a..b, &rank_of));
+                proptest::prop_assert!(!RankWriter::default().put_rows(&past, k, a..b, &rank16));
             }
         }
 

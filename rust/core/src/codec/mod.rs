@@ -433,7 +433,9 @@ pub fn encode_chunk(
     let mut input = ids::RankWriter::with_capacity(buf.positions());
     match table.dense_ranks(ts) {
         Some(rank_of) => {
-            if !rank_of.put_rows(&mut input, &buf.input_ids, 1, 0..1) {
+            // The input ids as one row (a row of 8 or more can take the vector path).
+            let n = buf.input_ids.len();
+            if !rank_of.put_rows(&mut input, &buf.input_ids, n, 0..n) {
                 return Err(Error::State("a chunk input id past the id table".into()));
             }
         }
