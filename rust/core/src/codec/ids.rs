@@ -105,11 +105,7 @@ impl RankWriter {
             return true;
         }
         #[cfg(target_arch = "x86_64")]
-        let simd = w >= 8
-            && (2..=1 << 31).contains(&rank_of.len())
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vbmi2");
+        let simd = w >= 8 && (2..=1 << 31).contains(&rank_of.len()) && has_avx512_vbmi2();
         // An escape takes at most 5 extension bytes; the store of a code writes 16 bytes at
         // most past the codes before it, that of a block of sixteen 64.
         let row_slack = 5 * w + 64;
@@ -130,8 +126,9 @@ impl RankWriter {
             };
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: the running CPU has AVX-512F, BW and VBMI2, the features the
-                // function is compiled for (it checks its other preconditions itself).
+                // SAFETY: the running CPU has AVX-512F, BW, VBMI2 and POPCNT
+                // (has_avx512_vbmi2), the features the function is compiled for (it checks
+                // its other preconditions itself).
                 if !unsafe {
                     simd_codes::put_row_avx512(row_ids, rank_of, out, &mut ext, &mut used)
                 } {
@@ -161,6 +158,17 @@ impl RankWriter {
         self.ext.truncate(self.used);
         (self.lead, self.ext)
     }
+}
+
+/// Whether the CPU has what the rank codes' 16-lane paths use: AVX-512 F, BW and VBMI2
+/// (byte compress and expand), BMI2 and POPCNT.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vbmi2() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vbmi2")
+        && std::is_x86_feature_detected!("bmi2")
+        && std::is_x86_feature_detected!("popcnt")
 }
 
 /// Write the code of rank `r`: its lead byte to `slot`, its extension to `ext` at `*used`
@@ -228,7 +236,7 @@ mod simd_codes {
     /// False (codes partly written) when an id is past the table, or when the table is not
     /// 2 to 2^31 entries long, or the buffers are shorter than one lead byte per id and 5
     /// extension bytes per id plus [`BLOCK_SLACK`] past `*used`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
     pub(super) fn put_row_avx512<R: RankEntry>(
         row_ids: &[u32],
         table: &[R],
@@ -353,9 +361,9 @@ fn load4(buf: &[u8], pos: usize) -> u32 {
     }
 }
 
-/// Zero bytes after an extension stream, so that the rank decoders can load 16 bytes at any
+/// Zero bytes after an extension stream, so that the rank decoders can load 64 bytes at any
 /// position a valid stream reaches.
-const EXT_PAD: usize = 16;
+const EXT_PAD: usize = 64;
 
 /// The rank of lead byte `b`, reading its extension from `padded` (the stream followed by
 /// `EXT_PAD` zero bytes) at `*pos` and advancing it. One- and two-byte codes take no branch
@@ -400,6 +408,12 @@ thread_local! {
 fn ranks_of<R>(lead: &[u8], padded: &[u8], f: impl FnOnce(&[u32], usize, u32) -> R) -> R {
     let fill = |ranks: &mut [u32]| {
         #[cfg(target_arch = "x86_64")]
+        if has_avx512_vbmi2() {
+            // SAFETY: the running CPU has AVX-512F, BW, VBMI2, BMI2 and POPCNT
+            // (has_avx512_vbmi2), the features the function is compiled for.
+            return unsafe { simd_ranks::ranks_avx512(lead, padded, ranks) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("ssse3") && std::is_x86_feature_detected!("popcnt") {
             // SAFETY: the running CPU has SSSE3 and POPCNT, the features the function is
             // compiled for.
@@ -438,6 +452,9 @@ fn place(
     start: usize,
 ) -> Result<u32> {
     let unfit = || Error::State("id ranks do not fit their rows".into());
+    // Rows as wide as their slots (the input ids) are one run: one row, so that the vector
+    // path takes them.
+    let (w, k) = if w == k && !ranks.is_empty() { (ranks.len(), ranks.len()) } else { (w, k) };
     let rows = ranks.len() / w.max(1);
     if w == 0
         || start + w > k
@@ -530,7 +547,7 @@ fn ranks_plain(lead: &[u8], padded: &[u8], ranks: &mut [u32]) -> (usize, u32) {
 mod simd_ranks {
     use std::arch::x86_64::*;
 
-    use super::{EXT_PAD, ONE_BYTE, rank_of};
+    use super::{ONE_BYTE, TWO_BYTE_SPAN, load4, rank_of};
 
     /// [`super::ranks_of`] sixteen codes at a time: the extension bytes of a block's long
     /// codes are the next ones of the stream, in order, so each long code's byte is found by
@@ -545,7 +562,7 @@ mod simd_ranks {
         let mut i = 0usize;
         while i + 16 <= n {
             let codes = lead.get(i..i + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok());
-            let window = padded.get(pos..pos + EXT_PAD).and_then(|w| <&[u8; 16]>::try_from(w).ok());
+            let window = padded.get(pos..pos + 16).and_then(|w| <&[u8; 16]>::try_from(w).ok());
             let out = ranks.get_mut(i..i + 16).and_then(|o| <&mut [u32; 16]>::try_from(o).ok());
             let (Some(codes), Some(window), Some(out)) = (codes, window, out) else {
                 break;
@@ -562,6 +579,88 @@ mod simd_ranks {
                 ranks[i] = rank_of(lead[i], padded, &mut pos, &mut long_varint);
                 i += 1;
             }
+        }
+        for (r, &b) in ranks[i..n].iter_mut().zip(&lead[i..n]) {
+            *r = rank_of(b, padded, &mut pos, &mut long_varint);
+        }
+        (pos, long_varint)
+    }
+
+    /// [`super::ranks_of`] sixteen codes at a time, escapes included: each lane's extension
+    /// (none for a one-byte code, one byte for a two-byte code, 1 to 3 varint bytes for an
+    /// escape) is expanded from the stream into the lane's own 4 bytes by one byte expand,
+    /// and the ranks are computed from them for all lanes at once. Only the escapes'
+    /// lengths are found one by one (each depends on the bytes before it; a block of a
+    /// chunk at V = 128256 holds about one). Varints of more than 3 bytes are cut and
+    /// flagged as by [`rank_of`]. The last codes, and any block too close to the end of
+    /// `padded` for a 64-byte load (only a corrupt stream gets there), go through `rank_of`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,bmi2,popcnt")]
+    pub(super) fn ranks_avx512(lead: &[u8], padded: &[u8], ranks: &mut [u32]) -> (usize, u32) {
+        let (mut pos, mut long_varint) = (0usize, 0u32);
+        let n = lead.len().min(ranks.len());
+        let set = |x: u32| _mm512_set1_epi32(x as i32);
+        let (one_byte, escape) = (set(ONE_BYTE), set(255));
+        let escape_base = set(ONE_BYTE + TWO_BYTE_SPAN);
+        let mut i = 0usize;
+        while i + 16 <= n {
+            let codes = lead.get(i..i + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok());
+            let window = padded.get(pos..pos + 64).and_then(|w| <&[u8; 64]>::try_from(w).ok());
+            let out = ranks.get_mut(i..i + 16).and_then(|o| <&mut [u32; 16]>::try_from(o).ok());
+            let (Some(codes), Some(window), Some(out)) = (codes, window, out) else {
+                break;
+            };
+            // SAFETY: `codes` holds 16 bytes, the load's width.
+            let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) });
+            let escapes = _mm512_cmpeq_epi32_mask(b, escape);
+            let long = _mm512_cmpge_epu32_mask(b, one_byte) & !escapes;
+            // SAFETY: `window` holds 64 bytes, the load's width.
+            let bytes = unsafe { _mm512_loadu_si512(window.as_ptr().cast()) };
+            // Bit 4 i + j of `keep`: byte j of lane i is an extension byte, first as if every
+            // escape took 2 (escapes of ranks 8288 to 24543, most of them in chunks of
+            // 1024 positions). The scalar mask and position keep the vector work off the
+            // chain from one block's position to the next.
+            let spread = |m: __mmask16| _pdep_u64(u64::from(m), 0x1111_1111_1111_1111);
+            let mut keep = spread(long) | (spread(escapes) * 3);
+            let mut escape_bytes = 2 * escapes.count_ones() as usize;
+            let mut word = _mm512_maskz_expand_epi8(keep, bytes);
+            // The guess holds if every escape's first byte continues and its second ends
+            // (the first escape that does not take 2 is where the guess is read, so it
+            // fails this test).
+            let ends = _mm512_and_si512(word, set(0x8080));
+            if _mm512_mask_cmpneq_epi32_mask(escapes, ends, set(0x80)) != 0 {
+                keep = spread(long);
+                escape_bytes = 0;
+                let mut m = u32::from(escapes);
+                while m != 0 {
+                    let j = m.trailing_zeros();
+                    let at =
+                        (u32::from(long) & ((1 << j) - 1)).count_ones() as usize + escape_bytes;
+                    // at <= 15 + 3 * 15: the 4 bytes lie inside the window.
+                    let x = load4(window, at);
+                    let c0 = (x >> 7) & 1;
+                    let c1 = c0 & (x >> 15);
+                    long_varint |= c1 & (x >> 23);
+                    let len = 1 + c0 + c1;
+                    keep |= ((1u64 << len) - 1) << (4 * j);
+                    escape_bytes += len as usize;
+                    m &= m - 1;
+                }
+                word = _mm512_maskz_expand_epi8(keep, bytes);
+            }
+            // Two-byte codes: ONE_BYTE + ((b - ONE_BYTE) << 8 | low byte).
+            let high = _mm512_slli_epi32::<8>(_mm512_sub_epi32(b, one_byte));
+            let two = _mm512_add_epi32(one_byte, _mm512_or_si512(high, word));
+            // Escapes: the varint's 7-bit groups (bytes past its length are zero).
+            let g0 = _mm512_and_si512(word, set(0x7f));
+            let g1 = _mm512_and_si512(_mm512_srli_epi32::<1>(word), set(0x3f80));
+            let g2 = _mm512_and_si512(_mm512_srli_epi32::<2>(word), set(0x1f_c000));
+            let varint = _mm512_or_si512(g0, _mm512_or_si512(g1, g2));
+            let r = _mm512_mask_blend_epi32(long, b, two);
+            let r = _mm512_mask_blend_epi32(escapes, r, _mm512_add_epi32(escape_base, varint));
+            // SAFETY: `out` holds 16 u32, the store's width.
+            unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), r) };
+            pos += u32::from(long).count_ones() as usize + escape_bytes;
+            i += 16;
         }
         for (r, &b) in ranks[i..n].iter_mut().zip(&lead[i..n]) {
             *r = rank_of(b, padded, &mut pos, &mut long_varint);
@@ -1364,8 +1463,8 @@ mod tests {
         #[test]
         fn block_ranks_agree_with_plain_ranks(
             lead in proptest::collection::vec(
-                proptest::prop_oneof![0u8..224, 224u8..255, proptest::num::u8::ANY,
-                                      proptest::strategy::Just(ESCAPE)],
+                proptest::prop_oneof![3 => 0u8..224, 3 => 224u8..255, 1 => proptest::num::u8::ANY,
+                                      1 => proptest::strategy::Just(ESCAPE)],
                 0..200),
             ext in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
         ) {
@@ -1374,7 +1473,23 @@ mod tests {
             let mut want = vec![0u32; lead.len()];
             let want_end = ranks_plain(&lead, &padded, &mut want);
             let got = ranks_of(&lead, &padded, |r, pos, lv| (r.to_vec(), (pos, lv)));
-            proptest::prop_assert_eq!(got, (want, want_end));
+            proptest::prop_assert_eq!(&got, &(want.clone(), want_end));
+            // Each vector path the CPU has, called directly (ranks_of takes the widest).
+            #[cfg(target_arch = "x86_64")]
+            {
+                let mut ranks = vec![0u32; lead.len()];
+                if std::is_x86_feature_detected!("ssse3") && std::is_x86_feature_detected!("popcnt") {
+                    // SAFETY: the running CPU has the function's features.
+                    let end = unsafe { simd_ranks::ranks_ssse3(&lead, &padded, &mut ranks) };
+                    proptest::prop_assert_eq!((&ranks, end), (&want, want_end));
+                }
+                if has_avx512_vbmi2() {
+                    ranks.fill(0);
+                    // SAFETY: the running CPU has the function's features.
+                    let end = unsafe { simd_ranks::ranks_avx512(&lead, &padded, &mut ranks) };
+                    proptest::prop_assert_eq!((&ranks, end), (&want, want_end));
+                }
+            }
         }
     }
 
