@@ -1148,9 +1148,12 @@ impl DenseRanks<'_> {
 /// Append to `ids` the indices of the non-zero `counts` (fewer than 2^31), in order.
 fn nonzero_ids(counts: &[u32], ids: &mut Vec<u32>) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && counts.len() <= 1 << 31 {
-        // SAFETY: the running CPU has AVX-512F, the one feature the function is compiled
-        // for; its precondition on the length was checked above.
+    if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("popcnt")
+        && counts.len() <= 1 << 31
+    {
+        // SAFETY: the running CPU has AVX-512F and POPCNT, the features the function is
+        // compiled for; its precondition on the length was checked above.
         unsafe { simd_scan::nonzero_ids_avx512(counts, ids) };
         return;
     }
@@ -1182,7 +1185,7 @@ mod simd_scan {
     /// (at V = 128256 the scan of the counters was about a third of the table's encoding,
     /// with a scalar loop for every block that holds an id). Precondition (checked by the
     /// caller): `counts.len() <= 2^31`, so every index fits an i32 lane.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,popcnt")]
     pub(super) fn nonzero_ids_avx512(counts: &[u32], ids: &mut Vec<u32>) {
         let blocks = counts.chunks_exact(16);
         let tail = blocks.remainder();
