@@ -210,6 +210,60 @@ pub fn append_topk(
     }
 }
 
+/// True when the CPU has AVX-512 conflict detection, `k` is a multiple of 8 from 16 to 64
+/// and no row of `ids` (rows of `k`) holds an id twice; false otherwise (the stamps decide).
+///
+/// The stamps cost a random read and write of a vocabulary-sized table per id (about 4
+/// cycles an id at V = 128256); a row of up to 64 ids is instead split into eighths and
+/// every pair of eighths goes through one 16-lane conflict detection (28 for K = 64).
+fn rows_are_distinct_by_conflicts(ids: &[u32], k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if k.is_multiple_of(8)
+        && (16..=64).contains(&k)
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512cd")
+    {
+        // SAFETY: the running CPU has AVX-512F and CD, the features the function is
+        // compiled for.
+        return unsafe { conflicts::rows_are_distinct(ids, k) };
+    }
+    let _ = (ids, k);
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod conflicts {
+    use std::arch::x86_64::*;
+
+    /// [`super::rows_are_distinct_by_conflicts`] once the CPU and `k` are checked (false
+    /// for any other `k`).
+    #[target_feature(enable = "avx512f,avx512cd")]
+    pub(super) fn rows_are_distinct(ids: &[u32], k: usize) -> bool {
+        if !k.is_multiple_of(8) || !(16..=64).contains(&k) {
+            return false;
+        }
+        let eighths = k / 8;
+        let mut parts = [_mm256_setzero_si256(); 8];
+        for row in ids.chunks_exact(k) {
+            for (part, ids8) in parts.iter_mut().zip(row.chunks_exact(8)) {
+                // SAFETY: `ids8` holds exactly 8 u32 (chunks_exact), read unaligned.
+                *part = unsafe { _mm256_loadu_si256(ids8.as_ptr().cast()) };
+            }
+            let mut any = _mm512_setzero_si512();
+            for i in 0..eighths {
+                for j in i + 1..eighths {
+                    let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(parts[i]), parts[j]);
+                    any = _mm512_or_si512(any, _mm512_conflict_epi32(both));
+                }
+            }
+            if _mm512_test_epi32_mask(any, any) != 0 {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// A quick pass over one row's log-probabilities without branches (it vectorizes): true when
 /// no rule of `check_topk_values` can fail, with the mass well below the limit. Rows it does
 /// not clear take the exact, rule-by-rule loop, which gives the verdict and the message.
@@ -263,11 +317,19 @@ pub fn check_topk_values(
         sample_id,
         msg: format!("position {pos}: {msg}"),
     };
+    // Where every row is shown distinct by the vector check, the stamps are skipped; else
+    // they check every row and name the first repeated id.
+    let distinct = rows_are_distinct_by_conflicts(ids, k);
     for (pos, (row_ids, row_lp)) in ids.chunks_exact(k).zip(logprobs.chunks_exact(k)).enumerate() {
-        seen.next_row();
-        for (j, &id) in row_ids.iter().enumerate() {
-            if !seen.insert(id) {
-                return Err(bad(pos, format!("token id {id} appears twice (again at rank {j})")));
+        if !distinct {
+            seen.next_row();
+            for (j, &id) in row_ids.iter().enumerate() {
+                if !seen.insert(id) {
+                    return Err(bad(
+                        pos,
+                        format!("token id {id} appears twice (again at rank {j})"),
+                    ));
+                }
             }
         }
         if row_values_are_clearly_fine(row_lp) {
@@ -492,6 +554,62 @@ mod tests {
                 row_values_are_clearly_fine(&row),
                 row_values_are_clearly_fine_baseline(&row)
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// The conflict check says "distinct" exactly when every row is, for every K it
+        /// takes (where the CPU has AVX-512 CD), and never for others; a repeat anywhere
+        /// (in one eighth of a row, across eighths, in any row) is seen, and the record
+        /// check then names it as the stamps do.
+        #[test]
+        fn conflict_check_agrees_with_the_definition(
+            eighths in 1usize..10,
+            odd in 0usize..8,
+            rows in 1usize..6,
+            repeats in proptest::collection::vec((0usize..6, 0usize..80, 0usize..80), 0..3),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let k = eighths * 8 + if odd == 7 { 3 } else { 0 };
+            let mut x = seed | 1;
+            // Distinct ids per row: a random start and odd stride modulo 2^20.
+            let mut ids: Vec<u32> = (0..rows)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let (a, b) = ((x >> 12) as u32, (x >> 40) as u32 | 1);
+                    (0..k as u32).map(move |j| a.wrapping_add(j.wrapping_mul(b)) & 0xF_FFFF)
+                })
+                .collect();
+            for &(r, from, to) in &repeats {
+                let (r, from, to) = (r % rows, from % k, to % k);
+                if from != to {
+                    ids[r * k + to] = ids[r * k + from];
+                }
+            }
+            let distinct = ids.chunks(k).all(|row| {
+                let mut sorted = row.to_vec();
+                sorted.sort_unstable();
+                sorted.windows(2).all(|w| w[0] != w[1])
+            });
+            let by_conflicts = rows_are_distinct_by_conflicts(&ids, k);
+            proptest::prop_assert!(!by_conflicts || distinct);
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512cd")
+                && k % 8 == 0
+                && (16..=64).contains(&k)
+            {
+                proptest::prop_assert_eq!(by_conflicts, distinct);
+            }
+            let lp = vec![-5.0f32; ids.len()];
+            let mut seen = SeenIds::new(1 << 20);
+            let checked = check_topk_values(7, &ids, &lp, k, &mut seen);
+            proptest::prop_assert_eq!(checked.is_ok(), distinct);
+            if let Err(e) = checked {
+                proptest::prop_assert!(e.to_string().contains("appears twice"), "{}", e);
+            }
         }
     }
 
