@@ -1229,37 +1229,32 @@ fn rank_order(distinct: &[(u32, u32)]) -> Vec<u32> {
 /// rest is counting-sorted.
 fn by_rank(values: &[u32], counts: &[u32]) -> Vec<u32> {
     let n = values.len().min(counts.len());
-    let mut out = vec![0u32; n];
-    let mut twos = vec![0u32; n];
-    let mut rest: Vec<(u32, u32)> = vec![(0, 0); n];
-    let (mut n1, mut n2, mut nr) = (0usize, 0usize, 0usize);
-    for (&v, &c) in values.iter().zip(counts) {
-        // Each slot is written before its index can move past it, and indices stay below
-        // n: at most one of the three advances per value.
-        out[n1.min(n - 1)] = v;
-        twos[n2.min(n - 1)] = v;
-        rest[nr.min(n - 1)] = (v, c);
-        n1 += usize::from(c == 1);
-        n2 += usize::from(c == 2);
-        nr += usize::from(c > 2);
-    }
-    let rest = &rest[..nr];
+    let (values, counts) = (&values[..n], &counts[..n]);
+    // Each output has 16 slots of slack for the vector split's full-width stores.
+    let mut out = vec![0u32; n + 16];
+    let mut twos = vec![0u32; n + 16];
+    let mut rest_values = vec![0u32; n + 16];
+    let mut rest_counts = vec![0u32; n + 16];
+    let mut outs = [&mut out[..], &mut twos[..], &mut rest_values[..], &mut rest_counts[..]];
+    let (n1, n2, nr) = split_by_count(values, counts, &mut outs);
+    let (rest_values, rest_counts) = (&rest_values[..nr], &rest_counts[..nr]);
     // Final layout: rest (counting-sorted, decreasing), twos, ones.
+    out.truncate(n);
     out.copy_within(0..n1, n - n1);
     out[nr..nr + n2].copy_from_slice(&twos[..n2]);
-    let max = rest.iter().map(|&(_, c)| c).max().unwrap_or(0) as usize;
+    let max = rest_counts.iter().copied().max().unwrap_or(0) as usize;
     if max > 4 * nr + 1024 {
         let mut keys: Vec<(u32, usize)> =
-            rest.iter().enumerate().map(|(i, &(_, c))| (u32::MAX - c, i)).collect();
+            rest_counts.iter().enumerate().map(|(i, &c)| (u32::MAX - c, i)).collect();
         keys.sort_unstable();
         for (o, (_, i)) in out.iter_mut().zip(keys) {
-            *o = rest[i].0;
+            *o = rest_values[i];
         }
         return out;
     }
     // starts[c] = first output slot of count c, counts taken in decreasing order.
     let mut starts = vec![0u32; max + 1];
-    for &(_, c) in rest {
+    for &c in rest_counts {
         starts[c as usize] += 1;
     }
     let mut acc = 0u32;
@@ -1268,7 +1263,7 @@ fn by_rank(values: &[u32], counts: &[u32]) -> Vec<u32> {
         *s = acc;
         acc += k;
     }
-    for &(v, c) in rest {
+    for (&v, &c) in rest_values.iter().zip(rest_counts) {
         let slot = &mut starts[c as usize];
         // In bounds: the slots of count c end where those of the next smaller count begin.
         if let Some(o) = out.get_mut(*slot as usize) {
@@ -1277,6 +1272,105 @@ fn by_rank(values: &[u32], counts: &[u32]) -> Vec<u32> {
         *slot += 1;
     }
     out
+}
+
+/// Split `values` by their `counts`, keeping their order: those of count 1 to `outs[0]`,
+/// of count 2 to `outs[1]`, the others to `outs[2]` with their counts in `outs[3]`; returns
+/// the three numbers. Each of `outs` must hold `values.len() + 16` slots (with AVX-512
+/// sixteen values go at a time, by compress, and every store is 16 wide).
+fn split_by_count(
+    values: &[u32],
+    counts: &[u32],
+    outs: &mut [&mut [u32]; 4],
+) -> (usize, usize, usize) {
+    let n = values.len().min(counts.len());
+    if outs.iter().any(|o| o.len() < n + 16) {
+        return (0, 0, 0);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the running CPU has AVX-512F and POPCNT, the features the function is
+        // compiled for.
+        return unsafe { simd_split::split_by_count_avx512(values, counts, outs) };
+    }
+    split_by_count_from(values, counts, outs, (0, 0, 0))
+}
+
+/// [`split_by_count`] one value at a time, from the given numbers already in `outs`.
+fn split_by_count_from(
+    values: &[u32],
+    counts: &[u32],
+    outs: &mut [&mut [u32]; 4],
+    (mut n1, mut n2, mut nr): (usize, usize, usize),
+) -> (usize, usize, usize) {
+    let [ones, twos, rest_values, rest_counts] = outs;
+    let last = |o: &[u32]| o.len().saturating_sub(1);
+    let (l1, l2, lr, lc) = (last(ones), last(twos), last(rest_values), last(rest_counts));
+    for (&v, &c) in values.iter().zip(counts) {
+        // Each slot is written before its index can move past it, and indices stay inside
+        // the outputs (the caller's sizes): at most one of the three advances per value.
+        // Without branches: whether an id occurs once is close to random.
+        if let (Some(a), Some(b), Some(r), Some(rc)) = (
+            ones.get_mut(n1.min(l1)),
+            twos.get_mut(n2.min(l2)),
+            rest_values.get_mut(nr.min(lr)),
+            rest_counts.get_mut(nr.min(lc)),
+        ) {
+            (*a, *b, *r, *rc) = (v, v, v, c);
+        }
+        n1 += usize::from(c == 1);
+        n2 += usize::from(c == 2);
+        nr += usize::from(c > 2);
+    }
+    (n1, n2, nr)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd_split {
+    use std::arch::x86_64::*;
+
+    /// [`super::split_by_count`] sixteen values at a time: three compares and four
+    /// compresses, each stored 16 wide at its output's end (the slack covers the lanes past
+    /// the kept ones, which the next store overwrites).
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub(super) fn split_by_count_avx512(
+        values: &[u32],
+        counts: &[u32],
+        outs: &mut [&mut [u32]; 4],
+    ) -> (usize, usize, usize) {
+        let n = values.len().min(counts.len());
+        let (mut n1, mut n2, mut nr) = (0usize, 0usize, 0usize);
+        let (one, two) = (_mm512_set1_epi32(1), _mm512_set1_epi32(2));
+        let blocks = n / 16;
+        for (v16, c16) in values.chunks_exact(16).zip(counts.chunks_exact(16)).take(blocks) {
+            // SAFETY: `v16` and `c16` hold exactly 16 u32 (chunks_exact), read unaligned.
+            let (v, c) = unsafe {
+                (_mm512_loadu_si512(v16.as_ptr().cast()), _mm512_loadu_si512(c16.as_ptr().cast()))
+            };
+            let m1 = _mm512_cmpeq_epu32_mask(c, one);
+            let m2 = _mm512_cmpeq_epu32_mask(c, two);
+            let mr = _mm512_cmpgt_epu32_mask(c, two);
+            let [ones, twos, rest_values, rest_counts] = &mut *outs;
+            let stores = [
+                (&mut **ones, n1, _mm512_maskz_compress_epi32(m1, v)),
+                (&mut **twos, n2, _mm512_maskz_compress_epi32(m2, v)),
+                (&mut **rest_values, nr, _mm512_maskz_compress_epi32(mr, v)),
+                (&mut **rest_counts, nr, _mm512_maskz_compress_epi32(mr, c)),
+            ];
+            for (o, at, x) in stores {
+                // Each number is at most the values before this block (<= n - 16), and the
+                // outputs hold n + 16: the 16 slots from it are inside.
+                let Some(dst) = o.get_mut(at..at + 16) else { return (0, 0, 0) };
+                // SAFETY: `dst` holds 16 u32, the store's width.
+                unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), x) };
+            }
+            n1 += m1.count_ones() as usize;
+            n2 += m2.count_ones() as usize;
+            nr += mr.count_ones() as usize;
+        }
+        let done = blocks * 16;
+        super::split_by_count_from(&values[done..n], &counts[done..n], outs, (n1, n2, nr))
+    }
 }
 
 /// Decode a table holding `total` ids, all below `vocab`.
@@ -1658,6 +1752,33 @@ mod tests {
             let mut want: Vec<u32> = (0..distinct.len() as u32).collect();
             want.sort_by_key(|&i| std::cmp::Reverse(distinct[i as usize].1));
             proptest::prop_assert_eq!(rank_order(&distinct), want);
+            // The split (sixteen at a time where the CPU has AVX-512) and the scalar loop
+            // alone give the same parts.
+            let values: Vec<u32> = distinct.iter().map(|&(id, _)| id).collect();
+            let n = values.len();
+            let split = |vector: bool| {
+                let mut bufs: [Vec<u32>; 4] = std::array::from_fn(|_| vec![u32::MAX; n + 16]);
+                let [a, b, c, d] = &mut bufs;
+                let mut outs = [&mut a[..], &mut b[..], &mut c[..], &mut d[..]];
+                let (n1, n2, nr) = if vector {
+                    split_by_count(&values, &counts, &mut outs)
+                } else {
+                    split_by_count_from(&values, &counts, &mut outs, (0, 0, 0))
+                };
+                [n1, n2, nr, nr].iter().zip(&bufs).map(|(&m, b)| b[..m].to_vec()).collect::<Vec<_>>()
+            };
+            let parts = |keep: &dyn Fn(u32) -> bool, of_counts: bool| -> Vec<u32> {
+                distinct.iter().filter(|&&(_, c)| keep(c))
+                    .map(|&(id, c)| if of_counts { c } else { id }).collect()
+            };
+            let want_parts = vec![
+                parts(&|c| c == 1, false),
+                parts(&|c| c == 2, false),
+                parts(&|c| c > 2, false),
+                parts(&|c| c > 2, true),
+            ];
+            proptest::prop_assert_eq!(split(true), want_parts.clone());
+            proptest::prop_assert_eq!(split(false), want_parts);
         }
 
         /// The strided writer of a dense table (sixteen ids at a time where the CPU has
