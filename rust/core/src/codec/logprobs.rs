@@ -680,6 +680,55 @@ fn decode_sorted_full(
     Ok(out)
 }
 
+/// Pair bytes `codes` of a sorted row's paired group into `slots` (two entries per byte; an
+/// odd row's last byte has one, and its pad must be 0), levels counted on from `*q`, escaped
+/// pairs read from `ext`. Returns whether a level left `0..=max` and whether a byte was
+/// invalid or a pad not 0 (the caller fails the chunk after its loop); Err when `ext` ends.
+/// Escaped values are capped at 2 MAX_LEVEL, so the sums cannot overflow.
+#[inline(always)]
+fn pair_codes(
+    codes: &[u8],
+    slots: &mut [MaybeUninit<f32>],
+    q: &mut i64,
+    ext: &mut ByteReader<'_>,
+    (max, step): (u64, f32),
+    loc: &Location,
+) -> Result<(bool, bool)> {
+    let (mut bad, mut bad_pair) = (false, false);
+    let mut slots = slots.iter_mut();
+    for &c in codes {
+        let (a, b) = match pairs::UNPAIR[usize::from(c)] {
+            pairs::ESCAPED => {
+                let mut big = || -> Result<i64> {
+                    let v = ext.varint(loc)?;
+                    Ok(i64::try_from(v).unwrap_or(i64::MAX).min(2 * i64::from(MAX_LEVEL)))
+                };
+                (big()?, big()?)
+            }
+            pairs::INVALID => {
+                bad_pair = true;
+                (0, 0)
+            }
+            ab => (i64::from(ab & 0xFF), i64::from(ab >> 8)),
+        };
+        *q += a;
+        bad |= (*q as u64) > max;
+        if let Some(slot) = slots.next() {
+            slot.write(dequantize(*q as u32, step));
+        }
+        match slots.next() {
+            Some(slot) => {
+                *q += b;
+                bad |= (*q as u64) > max;
+                slot.write(dequantize(*q as u32, step));
+            }
+            // The pad of an odd row.
+            None => bad_pair |= b != 0,
+        }
+    }
+    Ok((bad, bad_pair))
+}
+
 /// [`decode_sorted_full`] into `out`, which must hold exactly `rows * k` slots; every slot is
 /// written when this returns Ok.
 fn decode_sorted_full_into(
@@ -737,47 +786,44 @@ fn decode_sorted_full_into(
             };
             at[g] += nc;
             if g == PAIRED_GROUP {
+                // Blocks of 8 pair bytes (16 entries) without an escape or invalid byte go
+                // through SSE2; a quarter of the rows of the benchmark corpus hold an
+                // escape somewhere in the group, so blocks, not rows, fall back to the
+                // scalar loop.
+                let blocks = if cfg!(target_arch = "x86_64") {
+                    (codes.len() / 8).min(slots.len() / 16)
+                } else {
+                    0
+                };
+                let (block_codes, codes) = codes.split_at(8 * blocks);
+                let (block_slots, slots) = slots.split_at_mut(16 * blocks);
                 #[cfg(target_arch = "x86_64")]
-                if let Some((first, last)) = pairs_sse2::decode(codes, slots, q, step) {
-                    // Levels only grow along a row: the first and last bound them all.
-                    bad |= (first as u64) > max || (last as u64) > max;
-                    q = last;
-                    j += w;
-                    continue;
-                }
-                let mut slots = slots.iter_mut();
-                for &c in codes {
-                    let (a, b) = match pairs::UNPAIR[usize::from(c)] {
-                        pairs::ESCAPED => {
-                            let mut big = || -> Result<i64> {
-                                let v = exts[g].varint(loc)?;
-                                Ok(i64::try_from(v)
-                                    .unwrap_or(i64::MAX)
-                                    .min(2 * i64::from(MAX_LEVEL)))
-                            };
-                            (big()?, big()?)
-                        }
-                        pairs::INVALID => {
-                            bad_pair = true;
-                            (0, 0)
-                        }
-                        ab => (i64::from(ab & 0xFF), i64::from(ab >> 8)),
+                for (c8, s16) in block_codes.chunks_exact(8).zip(block_slots.chunks_exact_mut(16)) {
+                    let (Ok(c8), Ok(s16)) =
+                        (<&[u8; 8]>::try_from(c8), <&mut [_; 16]>::try_from(s16))
+                    else {
+                        return Err(Error::State("pair blocks of other than 8 bytes".into()));
                     };
-                    q += a;
-                    bad |= (q as u64) > max;
-                    if let Some(slot) = slots.next() {
-                        slot.write(dequantize(q as u32, step));
-                    }
-                    match slots.next() {
-                        Some(slot) => {
-                            q += b;
-                            bad |= (q as u64) > max;
-                            slot.write(dequantize(q as u32, step));
+                    match pairs_sse2::plain_block(c8, s16, q, step) {
+                        Some(total) => {
+                            // Levels only grow along a row: the first and last bound them.
+                            let first = q + i64::from(c8[0] / pairs::PAIR_BASE);
+                            q += total;
+                            bad |= (first as u64) > max || (q as u64) > max;
                         }
-                        // The pad of an odd row.
-                        None => bad_pair |= b != 0,
+                        None => {
+                            let (b, p) =
+                                pair_codes(c8, s16, &mut q, &mut exts[g], (max, step), loc)?;
+                            bad |= b;
+                            bad_pair |= p;
+                        }
                     }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (block_codes, block_slots);
+                let (b, p) = pair_codes(codes, slots, &mut q, &mut exts[g], (max, step), loc)?;
+                bad |= b;
+                bad_pair |= p;
                 j += w;
                 continue;
             }
@@ -818,9 +864,10 @@ fn decode_sorted_full_into(
     // Every slot was written: the widths add up to k (checked above), every row of k slots
     // (out.len() / k of them, k > 0 when out is not empty) went through the four groups, and
     // each group wrote its w slots (codes and slots both hold exactly w, or the loop returned
-    // an error; in the paired group ceil(w / 2) codes each write the next slot and then the
-    // one after it if any, so 2 ceil(w / 2) >= w slots in order, or the SSE2 path wrote all
-    // w = 2 x its codes).
+    // an error; in the paired group each block of 8 codes wrote its 16 slots, by SSE2 or by
+    // `pair_codes`, and the ceil(w / 2) - 8 b codes after the b blocks each wrote the next
+    // of the w - 16 b slots left and then the one after it if any: 2 ceil(w / 2) - 16 b >=
+    // w - 16 b slots in order).
     Ok(())
 }
 
@@ -833,49 +880,33 @@ mod pairs_sse2 {
 
     use crate::codec::pairs::{PAIR_BASE, PAIR_ESCAPE};
 
-    /// Decode the pair bytes `codes` of one row into `slots` (two entries per byte), levels
-    /// counted from `q`; returns the first and last level, or None (nothing written) unless
-    /// the row's bytes come in whole blocks of eight, fill `slots` exactly and are all
-    /// plain pairs (no escape, no invalid byte): the scalar loop takes those rows.
+    /// Decode 8 pair bytes into 16 entries, levels counted from `q`; returns the sum of the
+    /// 16 deltas, or None (nothing written) when a byte is an escape or invalid (>= 225).
     ///
     /// A byte c < 225 holds a = c / 15 (computed as (137 c) >> 11, exact for c < 225) and
     /// b = c - 15 a; the levels are q plus the running sums of a0, b0, a1, b1, ... (in
     /// 16-bit lanes: a block adds at most 16 x 14), converted to float32 as `dequantize`
     /// does: 0 - level * step, the same IEEE operations.
     #[inline]
-    pub(super) fn decode(
-        codes: &[u8],
-        slots: &mut [MaybeUninit<f32>],
+    pub(super) fn plain_block(
+        c8: &[u8; 8],
+        s16: &mut [MaybeUninit<f32>; 16],
         q: i64,
         step: f32,
-    ) -> Option<(i64, i64)> {
-        if codes.is_empty()
-            || !codes.len().is_multiple_of(8)
-            || slots.len() != 2 * codes.len()
-            || codes.iter().any(|&c| c >= PAIR_ESCAPE)
-        {
+    ) -> Option<i64> {
+        if c8.iter().fold(0u8, |m, &c| m.max(c)) >= PAIR_ESCAPE {
             return None;
         }
-        let first = q + i64::from(codes[0] / PAIR_BASE);
-        let mut q = q;
-        for (c8, s16) in codes.chunks_exact(8).zip(slots.chunks_exact_mut(16)) {
-            let (Ok(c8), Ok(s16)) =
-                (<&[u8; 8]>::try_from(c8), <&mut [MaybeUninit<f32>; 16]>::try_from(s16))
-            else {
-                return None;
-            };
-            // SAFETY: SSE2 is part of the x86-64 baseline; the one load reads the 8 bytes of
-            // `c8` and the four stores write the 64 bytes of `s16` (16 f32 slots), references
-            // of exactly those sizes.
-            q += unsafe { block(c8, s16, q, step) };
-        }
-        Some((first, q))
+        // SAFETY: SSE2 is part of the x86-64 baseline; the one load reads the 8 bytes of
+        // `c8` and the four stores write the 64 bytes of `s16` (16 f32 slots), references
+        // of exactly those sizes.
+        Some(unsafe { block(c8, s16, q, step) })
     }
 
     /// One block: writes 16 entries from level `q`, returns the sum of its 16 deltas.
     #[inline(always)]
     unsafe fn block(c8: &[u8; 8], s16: &mut [MaybeUninit<f32>; 16], q: i64, step: f32) -> i64 {
-        // SAFETY: see `decode`.
+        // SAFETY: see `plain_block`.
         unsafe {
             let zero = _mm_setzero_si128();
             let c = _mm_unpacklo_epi8(_mm_loadl_epi64(c8.as_ptr().cast()), zero);
@@ -1079,45 +1110,71 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     proptest::proptest! {
-        /// The SSE2 pair decoder against the pair table, one entry at a time: same values,
-        /// same first and last level; rows it must leave to the scalar loop are refused.
+        /// The SSE2 pair block against the pair table, one entry at a time: same values,
+        /// the sum of the deltas; blocks with an escape or invalid byte are refused, with
+        /// nothing written.
         #[test]
         fn sse2_pairs_agree_with_the_pair_table(
-            codes in proptest::collection::vec(0u8..pairs::PAIR_ESCAPE, 0..40),
-            odd in proptest::option::of((0usize..40, pairs::PAIR_ESCAPE..=255u8)),
+            codes in proptest::array::uniform8(0u8..pairs::PAIR_ESCAPE),
+            odd in proptest::option::of((0usize..8, pairs::PAIR_ESCAPE..=255u8)),
             q0 in -1i64..(1 << 20),
             codec in proptest::sample::select(all_abs_codecs().collect::<Vec<_>>()),
         ) {
             let step = codec.step();
             let mut codes = codes;
-            if let Some((at, c)) = odd && !codes.is_empty() {
-                let i = at % codes.len();
-                codes[i] = c;
+            if let Some((at, c)) = odd {
+                codes[at] = c;
             }
-            let mut slots = vec![std::mem::MaybeUninit::new(f32::NAN); 2 * codes.len()];
-            let got = pairs_sse2::decode(&codes, &mut slots, q0, step);
-            let plain = codes.len() % 8 == 0
-                && !codes.is_empty()
-                && codes.iter().all(|&c| c < pairs::PAIR_ESCAPE);
-            proptest::prop_assert_eq!(got.is_some(), plain);
-            if let Some((first, last)) = got {
+            let mut slots = [std::mem::MaybeUninit::new(f32::NAN); 16];
+            let got = pairs_sse2::plain_block(&codes, &mut slots, q0, step);
+            // SAFETY: every slot was initialized (NaN) before the call.
+            let have: Vec<u32> =
+                slots.iter().map(|s| unsafe { s.assume_init() }.to_bits()).collect();
+            if odd.is_some() {
+                proptest::prop_assert_eq!(got, None);
+                proptest::prop_assert!(have.iter().all(|&v| v == f32::NAN.to_bits()));
+            } else {
                 let mut q = q0;
                 let mut want = Vec::new();
-                let mut levels = Vec::new();
                 for &c in &codes {
                     let ab = pairs::UNPAIR[usize::from(c)];
                     for d in [ab & 0xFF, ab >> 8] {
                         q += i64::from(d);
-                        levels.push(q);
                         want.push(dequantize(q as u32, step).to_bits());
                     }
                 }
-                // SAFETY: every slot was initialized (NaN) before the call.
-                let have: Vec<u32> =
-                    slots.iter().map(|s| unsafe { s.assume_init() }.to_bits()).collect();
                 proptest::prop_assert_eq!(have, want);
-                proptest::prop_assert_eq!((first, last), (levels[0], q));
+                proptest::prop_assert_eq!(got, Some(q - q0));
             }
+        }
+    }
+
+    /// A row whose levels leave the range only inside plain pair blocks (no escape in the
+    /// paired group: the block path) fails like any other out-of-range level, in both
+    /// decoders; one step less stays inside.
+    #[test]
+    fn plain_pair_blocks_past_the_last_level_are_corrupt() {
+        let loc = Location::default();
+        let c = LogprobCodec::Abs { step_log2: 8, mult: 5 };
+        let (step, max) = (c.step(), c.max_level());
+        let k = 64;
+        for over in [true, false] {
+            let mut raw: [(Vec<u8>, Vec<u8>); 4] = Default::default();
+            // The top entry at fine level 64 (the next count from 0), rank 1 at max - 11 (an
+            // escaped delta), then deltas of 0 but the last pair's (0, 12 or 11).
+            let (lead, ext) = &mut raw[0];
+            put_small(lead, ext, TOP_FINE);
+            let (lead, ext) = &mut raw[1];
+            for d in [max - 11, 0, 0] {
+                put_small(lead, ext, d);
+            }
+            raw[2].0.extend([0; 12]);
+            raw[3].0.extend([0; 23]);
+            raw[3].0.push(if over { 12 } else { 11 });
+            let shape = RowShape::Fixed { rows: 1, k };
+            let fast = decode_sorted_full(&raw, 1, k, step, max, &loc);
+            let plain = decode_general(&raw, None, &shape, k, (step, max), true, &loc);
+            assert_eq!((fast.is_err(), plain.is_err()), (over, over), "over {over}");
         }
     }
 
@@ -1128,7 +1185,11 @@ mod tests {
         let mut codes: Vec<u8> = (0..pairs::PAIR_ESCAPE).collect();
         codes.resize(codes.len().next_multiple_of(8), 0);
         let mut slots = vec![std::mem::MaybeUninit::new(f32::NAN); 2 * codes.len()];
-        let (_, last) = pairs_sse2::decode(&codes, &mut slots, 0, 1.0).unwrap();
+        let mut last = 0i64;
+        for (c8, s16) in codes.chunks_exact(8).zip(slots.chunks_exact_mut(16)) {
+            let (c8, s16) = (c8.try_into().unwrap(), s16.try_into().unwrap());
+            last += pairs_sse2::plain_block(c8, s16, last, 1.0).unwrap();
+        }
         let mut q = 0i64;
         for (pair, &c) in slots.chunks(2).zip(&codes) {
             let ab = pairs::UNPAIR[usize::from(c)];
