@@ -228,8 +228,8 @@ mod simd_codes {
 
     /// The codes of the ranks of `row_ids` (looked up in `table`) sixteen at a time: lead
     /// bytes into `lead` (one per id), extensions appended to `ext` at `*used`. Escapes of
-    /// up to three varint bytes (ranks below 2^21 + 8160, every rank of a chunk of fewer
-    /// ids) are written in the block too; a block with a longer one goes through
+    /// up to three varint bytes (ranks below 2^21 + 8160: every rank of a chunk with fewer
+    /// distinct ids) are written in the block too; a block with a longer one goes through
     /// [`put_code`]. Each lane's extension (0 to 3 bytes) is laid out in its own 4 bytes,
     /// and one byte compress packs them, in order, for one store.
     ///
