@@ -11,6 +11,8 @@ pub mod manifest;
 pub mod reader;
 pub mod record;
 pub mod source;
+#[cfg(test)]
+mod test_util;
 pub mod threads;
 pub mod topk;
 pub mod verify;

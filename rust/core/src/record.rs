@@ -575,9 +575,7 @@ mod tests {
             // Distinct ids per row: a random start and odd stride modulo 2^20.
             let mut ids: Vec<u32> = (0..rows)
                 .flat_map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    crate::test_util::xorshift(&mut x);
                     let (a, b) = ((x >> 12) as u32, (x >> 40) as u32 | 1);
                     (0..k as u32).map(move |j| a.wrapping_add(j.wrapping_mul(b)) & 0xF_FFFF)
                 })

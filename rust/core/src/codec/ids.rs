@@ -1420,13 +1420,7 @@ pub fn decode_table(
 mod tests {
     use super::*;
 
-    /// Xorshift64: the test data's random numbers (`x` must not be 0).
-    fn xorshift(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
+    use crate::test_util::xorshift;
 
     #[test]
     fn rank_codes_roundtrip() {

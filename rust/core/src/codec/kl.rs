@@ -382,9 +382,7 @@ mod tests {
         let mut v = -top;
         (0..k)
             .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                crate::test_util::xorshift(&mut x);
                 let out = v;
                 v -= 0.05 + (x % 1000) as f32 / 2000.0;
                 out

@@ -1038,12 +1038,7 @@ mod tests {
         ) {
             let loc = Location::default();
             let mut x = seed | 1;
-            let mut next = || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
+            let mut next = || crate::test_util::xorshift(&mut x);
             let mut raw: [(Vec<u8>, Vec<u8>); 4] = Default::default();
             let w3 = k.saturating_sub(ids::GROUPS[PAIRED_GROUP].0);
             for j in 0..rows * k {
