@@ -218,13 +218,9 @@ pub fn append_topk(
 /// every pair of eighths goes through one 16-lane conflict detection (28 for K = 64).
 fn rows_are_distinct_by_conflicts(ids: &[u32], k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if k.is_multiple_of(8)
-        && (16..=64).contains(&k)
-        && std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("avx512cd")
-    {
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512cd") {
         // SAFETY: the running CPU has AVX-512F and CD, the features the function is
-        // compiled for.
+        // compiled for (it checks `k` itself).
         return unsafe { conflicts::rows_are_distinct(ids, k) };
     }
     let _ = (ids, k);
@@ -235,8 +231,8 @@ fn rows_are_distinct_by_conflicts(ids: &[u32], k: usize) -> bool {
 mod conflicts {
     use std::arch::x86_64::*;
 
-    /// [`super::rows_are_distinct_by_conflicts`] once the CPU and `k` are checked (false
-    /// for any other `k`).
+    /// [`super::rows_are_distinct_by_conflicts`] once the CPU is checked (false for a `k`
+    /// it does not take).
     #[target_feature(enable = "avx512f,avx512cd")]
     pub(super) fn rows_are_distinct(ids: &[u32], k: usize) -> bool {
         if !k.is_multiple_of(8) || !(16..=64).contains(&k) {

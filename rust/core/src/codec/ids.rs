@@ -984,15 +984,21 @@ const FIRST_SEEN: u32 = 1 << 31;
 
 /// The chunk's id table as the encoder builds it.
 pub struct TableEncoder {
-    /// Ranks in the scratch's `ranks16` (dense, at most 2^16 distinct ids).
-    small: bool,
-    /// Dense rank per id (`dense`), else (id, rank) sorted by id.
-    sparse: Vec<(u32, u32)>,
-    dense: bool,
+    ranks: RankPlace,
     /// Sorted distinct ids, to reset the scratch afterwards.
     distinct: Vec<u32>,
     pub ids_stream: Vec<u8>,
     pub counts_stream: Vec<u8>,
+}
+
+/// Where a [`TableEncoder`] keeps the rank of each counted id.
+enum RankPlace {
+    /// In the scratch's `ranks16`, by id (dense counters, at most 2^16 distinct ids).
+    Two,
+    /// In the scratch's counters, by id (dense counters, more distinct ids).
+    Four,
+    /// (id, rank) sorted by id (no dense counters).
+    Sparse(Vec<(u32, u32)>),
 }
 
 impl TableEncoder {
@@ -1054,9 +1060,7 @@ impl TableEncoder {
             next = id + 1;
         }
         let order = rank_order(&distinct);
-        let mut sparse = Vec::new();
-        let small = dense && distinct.len() <= 1 << 16;
-        if small {
+        let ranks = if dense && distinct.len() <= 1 << 16 {
             if scratch.ranks16.len() < vocab as usize {
                 scratch.ranks16.resize(vocab as usize, 0);
             }
@@ -1064,22 +1068,23 @@ impl TableEncoder {
                 // rank < distinct.len() <= 2^16.
                 scratch.ranks16[distinct[i as usize].0 as usize] = rank as u16;
             }
+            RankPlace::Two
         } else if dense {
             for (rank, &i) in order.iter().enumerate() {
                 // The counts were copied into `distinct`: each counter now holds its id's
                 // rank (one vocabulary-sized table in the cache instead of two).
                 scratch.counts[distinct[i as usize].0 as usize] = rank as u32;
             }
+            RankPlace::Four
         } else {
-            sparse = distinct.iter().map(|&(id, _)| (id, 0)).collect();
+            let mut sparse: Vec<(u32, u32)> = distinct.iter().map(|&(id, _)| (id, 0)).collect();
             for (rank, &i) in order.iter().enumerate() {
                 sparse[i as usize].1 = rank as u32;
             }
-        }
+            RankPlace::Sparse(sparse)
+        };
         TableEncoder {
-            small,
-            sparse,
-            dense,
+            ranks,
             distinct: distinct.into_iter().map(|(id, _)| id).collect(),
             ids_stream,
             counts_stream,
@@ -1089,33 +1094,29 @@ impl TableEncoder {
     /// Rank of an id that was counted.
     #[inline]
     pub fn rank(&self, id: u32, scratch: &TableScratch) -> u32 {
-        if self.small {
-            u32::from(scratch.ranks16[id as usize])
-        } else if self.dense {
-            scratch.counts[id as usize]
-        } else {
-            match self.sparse.binary_search_by_key(&id, |e| e.0) {
-                Ok(i) => self.sparse[i].1,
+        match &self.ranks {
+            RankPlace::Two => u32::from(scratch.ranks16[id as usize]),
+            RankPlace::Four => scratch.counts[id as usize],
+            RankPlace::Sparse(sparse) => match sparse.binary_search_by_key(&id, |e| e.0) {
+                Ok(i) => sparse[i].1,
                 Err(_) => u32::MAX,
-            }
+            },
         }
     }
 
     /// The rank of every id (indexed by id) when the table is dense; valid for the ids
     /// that were counted.
     pub fn dense_ranks<'s>(&self, scratch: &'s TableScratch) -> Option<DenseRanks<'s>> {
-        if self.small {
-            Some(DenseRanks::Two(&scratch.ranks16))
-        } else if self.dense {
-            Some(DenseRanks::Four(&scratch.counts))
-        } else {
-            None
+        match self.ranks {
+            RankPlace::Two => Some(DenseRanks::Two(&scratch.ranks16)),
+            RankPlace::Four => Some(DenseRanks::Four(&scratch.counts)),
+            RankPlace::Sparse(_) => None,
         }
     }
 
     /// Leave the scratch all-zero for the next chunk.
     pub fn reset(&self, scratch: &mut TableScratch) {
-        if self.dense {
+        if !matches!(self.ranks, RankPlace::Sparse(_)) {
             for &id in &self.distinct {
                 scratch.counts[id as usize] = 0;
             }
@@ -1719,7 +1720,7 @@ mod tests {
         ids.extend([5, 5]);
         let mut scratch = TableScratch::default();
         let t = TableEncoder::new(&[&ids], vocab, &mut scratch);
-        assert!(!t.small);
+        assert!(matches!(t.ranks, RankPlace::Four));
         assert_eq!(t.rank(5, &scratch), 0);
         assert_eq!(t.rank(0, &scratch), 1);
         assert_eq!(t.rank(69_999, &scratch), 69_999);
