@@ -549,6 +549,22 @@ mod simd_ranks {
 
     use super::{ONE_BYTE, TWO_BYTE_SPAN, load4, rank_of};
 
+    /// The 16 codes of the block at `i`, the `W` stream bytes at `pos` and the block's 16
+    /// rank slots, or None when any of them runs past its slice.
+    #[inline(always)]
+    fn block_at<'a, const W: usize>(
+        lead: &'a [u8],
+        padded: &'a [u8],
+        ranks: &'a mut [u32],
+        i: usize,
+        pos: usize,
+    ) -> Option<(&'a [u8; 16], &'a [u8; W], &'a mut [u32; 16])> {
+        let codes = lead.get(i..i + 16)?.try_into().ok()?;
+        let window = padded.get(pos..pos + W)?.try_into().ok()?;
+        let out = ranks.get_mut(i..i + 16)?.try_into().ok()?;
+        Some((codes, window, out))
+    }
+
     /// [`super::ranks_of`] sixteen codes at a time: the extension bytes of a block's long
     /// codes are the next ones of the stream, in order, so each long code's byte is found by
     /// a prefix count of the long codes before it and picked out with one shuffle. A block
@@ -561,10 +577,7 @@ mod simd_ranks {
         let n = lead.len().min(ranks.len());
         let mut i = 0usize;
         while i + 16 <= n {
-            let codes = lead.get(i..i + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok());
-            let window = padded.get(pos..pos + 16).and_then(|w| <&[u8; 16]>::try_from(w).ok());
-            let out = ranks.get_mut(i..i + 16).and_then(|o| <&mut [u32; 16]>::try_from(o).ok());
-            let (Some(codes), Some(window), Some(out)) = (codes, window, out) else {
+            let Some((codes, window, out)) = block_at::<16>(lead, padded, ranks, i, pos) else {
                 break;
             };
             // SAFETY: SSSE3 and POPCNT are enabled for this function (the caller checked the
@@ -603,10 +616,7 @@ mod simd_ranks {
         let escape_base = set(ONE_BYTE + TWO_BYTE_SPAN);
         let mut i = 0usize;
         while i + 16 <= n {
-            let codes = lead.get(i..i + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok());
-            let window = padded.get(pos..pos + 64).and_then(|w| <&[u8; 64]>::try_from(w).ok());
-            let out = ranks.get_mut(i..i + 16).and_then(|o| <&mut [u32; 16]>::try_from(o).ok());
-            let (Some(codes), Some(window), Some(out)) = (codes, window, out) else {
+            let Some((codes, window, out)) = block_at::<64>(lead, padded, ranks, i, pos) else {
                 break;
             };
             // SAFETY: `codes` holds 16 bytes, the load's width.
