@@ -19,6 +19,7 @@ use std::path::Path;
 
 use crate::format::{HEADER_LEN, ShardIndex, TRAILER_LEN, Trailer, crc32};
 use crate::manifest::Manifest;
+use crate::pool::BufferPool;
 use crate::reader::{ShardReader, assemble, extract, params_from_manifest};
 
 /// Flag bit: recompute checksums before parsing.
@@ -148,7 +149,9 @@ pub fn shard_decoder(data: &[u8]) {
             sources.push((&chunk, r));
         }
         for packed in [false, true] {
-            if let Ok(batch) = crate::threads::install(|| assemble(&sources, &p, packed)) {
+            if let Ok(batch) =
+                crate::threads::install(|| assemble(&sources, &p, packed, &BufferPool::default()))
+            {
                 assert_eq!(batch.batch, sources.len(), "batch size");
                 let rows: usize = if packed {
                     batch.lengths.iter().map(|&l| l as usize).sum()

@@ -15,6 +15,7 @@ use crate::format::{
     self, Footer, HEADER_LEN, Kind, ShardHeader, ShardIndex, TRAILER_LEN, Trailer,
 };
 use crate::manifest::{Manifest, ShardInfo, TokenizerInfo};
+use crate::pool::BufferPool;
 use crate::source::{self, Source};
 
 /// Options of [`Store::open`].
@@ -396,6 +397,7 @@ pub struct Store {
     pub shards: Vec<ShardReader>,
     index: Vec<IndexEntry>,
     cache: Mutex<ChunkCache>,
+    pool: Arc<BufferPool>,
 }
 
 /// Records of a batch, row-major: padded to common shapes, or packed one after the other.
@@ -497,11 +499,18 @@ impl Store {
             shards,
             index,
             cache: Mutex::new(ChunkCache { capacity, entries: Vec::new() }),
+            pool: Arc::default(),
         })
     }
 
     pub fn len(&self) -> usize {
         self.index.len()
+    }
+
+    /// Where [`Store::read_batch`] and [`Store::read_packed`] take their output arrays
+    /// from; give a batch's arrays back here once done with them (see [`crate::pool`]).
+    pub fn buffer_pool(&self) -> &Arc<BufferPool> {
+        &self.pool
     }
 
     pub fn is_empty(&self) -> bool {
@@ -613,7 +622,7 @@ impl Store {
             keys.iter().copied().zip(decoded.iter().map(|d| &**d)).collect();
         let sources: Vec<(&DecodedChunk, usize)> =
             places.iter().map(|p| (by_key[&(p.0, p.1)], p.2)).collect();
-        crate::threads::install(|| assemble(&sources, &self.params, packed))
+        crate::threads::install(|| assemble(&sources, &self.params, packed, &self.pool))
     }
 }
 
@@ -712,9 +721,10 @@ impl Store {
         let slots: Vec<usize> = if packed { lens.clone() } else { vec![max_len; lens.len()] };
         let total: usize = slots.iter().sum();
         let lp_width = if p.has_logprobs() { k } else { 0 };
-        let mut input_ids: Vec<i32> = Vec::with_capacity(total);
-        let mut ids: Vec<i32> = Vec::with_capacity(total * k);
-        let mut logprobs: Vec<f32> = Vec::with_capacity(total * lp_width);
+        let mut input_ids: Vec<i32> = self.pool.take(total);
+        let mut ids: Vec<i32> = self.pool.take(total * k);
+        let mut logprobs: Vec<f32> =
+            if lp_width == 0 { Vec::new() } else { self.pool.take(total * lp_width) };
         let parts = split_parts(&mut input_ids, &slots, 1)
             .into_iter()
             .zip(split_parts(&mut ids, &slots, k))
@@ -888,7 +898,12 @@ fn entry_range(chunk: &DecodedChunk, p0: usize, p1: usize, p: &CodecParams) -> (
 
 /// Copy the records into a [`Batch`]: padded to the longest record, or packed one after the
 /// other (`packed`, then `max_len` is 0 and arrays are `[sum(lengths), ...]`).
-pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams, packed: bool) -> Batch {
+pub(crate) fn assemble(
+    sources: &[(&DecodedChunk, usize)],
+    p: &CodecParams,
+    packed: bool,
+    pool: &BufferPool,
+) -> Batch {
     let b = sources.len();
     let lens: Vec<usize> =
         sources.iter().map(|(c, r)| c.pos_offsets[r + 1] - c.pos_offsets[*r]).collect();
@@ -912,6 +927,7 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams, pack
     // Positions reserved for each record.
     let slots: Vec<usize> = if packed { lens.clone() } else { vec![max_len; b] };
     let entry_slots: Vec<usize> = slots.iter().map(|&l| l * width).collect();
+    let (total, total_entries) = (slots.iter().sum(), entry_slots.iter().sum());
     // Rows of one record: (first entry, entries) in the chunk's flat arrays.
     let rows = |c: &DecodedChunk, pos: usize| {
         if sampled {
@@ -923,7 +939,7 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams, pack
     // Writes each record's entries, then the padding of each row (sampled rows are ragged)
     // or of the record's tail (top-K rows are full, so a record is one contiguous copy).
     let fill = |src: &(dyn Fn(&DecodedChunk) -> &[u32] + Sync), pad: i32| {
-        padded_parts(&entry_slots, pad, |i, part: &mut Part<'_, i32>| {
+        padded_parts(pool.take(total_entries), &entry_slots, pad, |i, part: &mut Part<'_, i32>| {
             let (c, r) = sources[i];
             let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
             let data = src(c);
@@ -943,13 +959,13 @@ pub(crate) fn assemble(sources: &[(&DecodedChunk, usize)], p: &CodecParams, pack
         max_len: if packed { 0 } else { max_len },
         width,
         lengths: lens.iter().map(|&l| l as u32).collect(),
-        input_ids: padded_parts(&slots, 0, |i, part| {
+        input_ids: padded_parts(pool.take(total), &slots, 0, |i, part| {
             let (c, r) = sources[i];
             part.put_map(&c.input_ids[c.pos_offsets[r]..c.pos_offsets[r + 1]], |&v| v as i32);
         }),
         ids: fill(&|c| &c.ids, if sampled { -1 } else { 0 }),
         logprobs: if p.has_logprobs() {
-            padded_parts(&entry_slots, f32::NEG_INFINITY, |i, part| {
+            padded_parts(pool.take(total_entries), &entry_slots, f32::NEG_INFINITY, |i, part| {
                 let (c, r) = sources[i];
                 let (p0, p1) = (c.pos_offsets[r], c.pos_offsets[r + 1]);
                 if sampled {
@@ -998,17 +1014,18 @@ impl<T: Copy> Part<'_, T> {
     }
 }
 
-/// Parts of the given sizes, one after the other: part `i` written by `fill(i, ..)` in
-/// parallel and the rest of each part padded with `pad`, so every value is written once (a
-/// padded batch is tens of MB, and filling it with the padding before copying the records
-/// in doubled the writes).
-fn padded_parts<T, F>(sizes: &[usize], pad: T, fill: F) -> Vec<T>
+/// Parts of the given sizes, one after the other, in `out` (an empty array; it grows if it
+/// has not the room): part `i` written by `fill(i, ..)` in parallel and the rest of each
+/// part padded with `pad`, so every value is written once (a padded batch is tens of MB,
+/// and filling it with the padding before copying the records in doubled the writes).
+fn padded_parts<T, F>(mut out: Vec<T>, sizes: &[usize], pad: T, fill: F) -> Vec<T>
 where
     T: Copy + Send + Sync,
     F: Fn(usize, &mut Part<'_, T>) + Sync + Send,
 {
     let n: usize = sizes.iter().sum();
-    let mut out: Vec<T> = Vec::with_capacity(n);
+    out.clear();
+    out.reserve(n);
     let parts = split_parts(&mut out, sizes, 1);
     parts.into_par_iter().enumerate().for_each(|(i, slots)| {
         let mut part = Part { slots, len: 0 };

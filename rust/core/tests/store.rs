@@ -325,7 +325,8 @@ fn hand_built_codecs_must_be_ones_a_reader_accepts() {
 /// the padding. Batches mix records decoded straight into the batch (alone in their chunk,
 /// read once, not cached) with records copied out of decoded chunks (sharing a chunk, read
 /// twice in one batch, or cached by an earlier read), for codecs decoded in place (abs) and
-/// by copy (lossless, kl).
+/// by copy (lossless, kl). Each batch's arrays go back to the store's pool, scribbled on, so
+/// later batches are written into reused memory.
 #[test]
 fn batches_agree_with_single_records() {
     for codec in [
@@ -372,6 +373,16 @@ fn batches_agree_with_single_records() {
                     at += slot;
                 }
                 assert_eq!(b.input_ids.len(), at);
+                // The next batches reuse these arrays (the store's buffer pool): what is
+                // left in them must not show through.
+                let pool = s.buffer_pool();
+                let (mut inp, mut ids, mut lps) = (b.input_ids, b.ids, b.logprobs);
+                inp.fill(7);
+                ids.fill(7);
+                lps.fill(7.0);
+                pool.give(inp);
+                pool.give(ids);
+                pool.give(lps);
             }
         };
         // Without a cache every record alone in its chunk is decoded into the batch.

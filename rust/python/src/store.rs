@@ -7,12 +7,14 @@ use logitcache_core::Error;
 use logitcache_core::codec::LogprobCodec;
 use logitcache_core::format::Kind;
 use logitcache_core::manifest::{TeacherInfo, TokenizerInfo};
+use logitcache_core::pool::{BufferPool, Pooled};
 use logitcache_core::reader::{OpenOptions, Store};
 use logitcache_core::record::{self, IdArray};
 use logitcache_core::topk::{self, Logits};
 use logitcache_core::writer::{Mode, StoreSpec, StoreWriter, WriterOptions};
+use numpy::ndarray::{ArrayViewMutD, IxDyn};
 use numpy::{
-    PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -445,21 +447,87 @@ impl PyStore {
             if packed { vec![b.input_ids.len()] } else { vec![b.batch, b.max_len] };
         let with_width: Vec<usize> = lead.iter().copied().chain([w]).collect();
         let n_entries = b.ids.len();
+        let pool = self.inner.buffer_pool();
         let d = PyDict::new(py);
         d.set_item("lengths", PyArray1::from_vec(py, b.lengths))?;
-        d.set_item("input_ids", PyArray1::from_vec(py, b.input_ids).reshape(lead)?)?;
-        d.set_item("ids", PyArray1::from_vec(py, b.ids).reshape(with_width.clone())?)?;
+        d.set_item("input_ids", pooled_array(py, b.input_ids, &lead, pool)?)?;
+        d.set_item("ids", pooled_array(py, b.ids, &with_width, pool)?)?;
         if !b.logprobs.is_empty() || (n_entries == 0 && self.inner.params.has_logprobs()) {
-            d.set_item(
-                "logprobs",
-                PyArray1::from_vec(py, b.logprobs).reshape(with_width.clone())?,
-            )?;
+            d.set_item("logprobs", pooled_array(py, b.logprobs, &with_width, pool)?)?;
         }
         if self.inner.params.kind == Kind::Sampled {
-            d.set_item("counts", PyArray1::from_vec(py, b.counts).reshape(with_width)?)?;
+            d.set_item("counts", pooled_array(py, b.counts, &with_width, pool)?)?;
         }
         Ok(d)
     }
+}
+
+/// The owner of a batch array's memory (the numpy array's base object): when the last array
+/// or view of it goes, the memory goes back to the store's pool for a later batch instead
+/// of to the allocator (see logitcache_core::pool).
+#[pyclass(module = "logitcache._core", frozen)]
+struct PooledBuffer {
+    buf: PooledVec,
+    pool: Arc<BufferPool>,
+}
+
+enum PooledVec {
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        match &mut self.buf {
+            PooledVec::I32(v) => self.pool.give(std::mem::take(v)),
+            PooledVec::F32(v) => self.pool.give(std::mem::take(v)),
+        }
+    }
+}
+
+/// Element types of pooled batch arrays.
+trait PoolElement: Pooled + Element {
+    fn wrap(v: Vec<Self>) -> PooledVec;
+}
+
+impl PoolElement for i32 {
+    fn wrap(v: Vec<i32>) -> PooledVec {
+        PooledVec::I32(v)
+    }
+}
+
+impl PoolElement for f32 {
+    fn wrap(v: Vec<f32>) -> PooledVec {
+        PooledVec::F32(v)
+    }
+}
+
+/// `v` as a writeable numpy array of `shape`, without a copy, its memory owned by a
+/// [`PooledBuffer`].
+fn pooled_array<'py, T: PoolElement>(
+    py: Python<'py>,
+    mut v: Vec<T>,
+    shape: &[usize],
+    pool: &Arc<BufferPool>,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    if shape.iter().product::<usize>() != v.len() {
+        return Err(PyValueError::new_err(format!(
+            "internal error: an array of {} values for shape {shape:?}",
+            v.len()
+        )));
+    }
+    let ptr = v.as_mut_ptr();
+    // SAFETY: `ptr` points to v.len() initialized values, as many as `shape` holds (checked
+    // above), laid out in C order, aligned as T. The view only carries pointer, shape and
+    // strides into borrow_from_array. The values stay where they are while `owner` lives:
+    // moving `v` into it moves the Vec's handle, not its heap buffer, and nothing touches
+    // the Vec again until owner's Drop, which runs only when numpy has released its last
+    // array based on owner (owner is their base object), so the pool never hands out memory
+    // that an array still shows.
+    let view = unsafe { ArrayViewMutD::from_shape_ptr(IxDyn(shape), ptr) };
+    let owner = Bound::new(py, PooledBuffer { buf: T::wrap(v), pool: Arc::clone(pool) })?;
+    // SAFETY: as above; owner becomes the base object of the array and keeps the memory.
+    Ok(unsafe { PyArrayDyn::borrow_from_array(&view, owner.into_any()) })
 }
 
 /// Check every checksum and decoded value of a store; returns a report dict.
