@@ -216,7 +216,7 @@ pub fn append_topk(
 /// The stamps cost a random read and write of a vocabulary-sized table per id (about 4
 /// cycles an id at V = 128256); a row of up to 64 ids is instead split into eighths and
 /// every pair of eighths goes through one 16-lane conflict detection (28 for K = 64).
-fn rows_are_distinct_by_conflicts(ids: &[u32], k: usize) -> bool {
+pub(crate) fn rows_are_distinct_by_conflicts(ids: &[u32], k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512cd") {
         // SAFETY: the running CPU has AVX-512F and CD, the features the function is
@@ -260,29 +260,35 @@ mod conflicts {
     }
 }
 
+/// Mass below which the quick pass clears a row for [`check_topk_values`], whose exact loop
+/// sums [`approx_exp`] as the quick pass does.
+const CHECK_QUICK_MASS: f64 = MAX_ROW_MASS - 1e-4;
+
 /// A quick pass over one row's log-probabilities without branches (it vectorizes): true when
-/// no rule of `check_topk_values` can fail, with the mass well below the limit. Rows it does
-/// not clear take the exact, rule-by-rule loop, which gives the verdict and the message.
+/// none is NaN or above [`MAX_LOGPROB`], the row is non-increasing and the sum of
+/// [`approx_exp`] of its values (f32, within ~1e-5 of the f64 sum) is below `mass_limit`.
+/// Rows it does not clear take an exact, rule-by-rule loop, which gives the verdict and the
+/// message (in `check_topk_values` and in `verify`).
 #[inline]
-fn row_values_are_clearly_fine(row: &[f32]) -> bool {
+pub(crate) fn row_values_are_clearly_fine(row: &[f32], mass_limit: f64) -> bool {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the running CPU has AVX2, the one feature the function is compiled for.
-        return unsafe { row_values_are_clearly_fine_avx2(row) };
+        return unsafe { row_values_are_clearly_fine_avx2(row, mass_limit) };
     }
-    row_values_are_clearly_fine_baseline(row)
+    row_values_are_clearly_fine_baseline(row, mass_limit)
 }
 
 /// The quick pass compiled for AVX2 (eight lanes for its sums instead of four), with the
 /// same IEEE operations as the baseline build (no fused multiply-adds): the same verdict.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn row_values_are_clearly_fine_avx2(row: &[f32]) -> bool {
-    row_values_are_clearly_fine_baseline(row)
+unsafe fn row_values_are_clearly_fine_avx2(row: &[f32], mass_limit: f64) -> bool {
+    row_values_are_clearly_fine_baseline(row, mass_limit)
 }
 
 #[inline(always)]
-fn row_values_are_clearly_fine_baseline(row: &[f32]) -> bool {
+fn row_values_are_clearly_fine_baseline(row: &[f32], mass_limit: f64) -> bool {
     let mut bad = false;
     let mut acc = [0f32; 8];
     for c in row.chunks(8) {
@@ -297,7 +303,7 @@ fn row_values_are_clearly_fine_baseline(row: &[f32]) -> bool {
     }
     // The float32 sum is within ~1e-5 of the float64 one for K up to thousands; rows near
     // the limit are decided by the exact loop.
-    !bad && f64::from(acc.iter().sum::<f32>()) < MAX_ROW_MASS - 1e-4
+    !bad && f64::from(acc.iter().sum::<f32>()) < mass_limit
 }
 
 /// The per-row rules of a top-K record (also used by `add_logits` output in debug builds
@@ -328,7 +334,7 @@ pub fn check_topk_values(
                 }
             }
         }
-        if row_values_are_clearly_fine(row_lp) {
+        if row_values_are_clearly_fine(row_lp, CHECK_QUICK_MASS) {
             continue;
         }
         let mut prev = f32::INFINITY;
@@ -547,8 +553,8 @@ mod tests {
                 row.sort_by(|a, b| b.total_cmp(a));
             }
             proptest::prop_assert_eq!(
-                row_values_are_clearly_fine(&row),
-                row_values_are_clearly_fine_baseline(&row)
+                row_values_are_clearly_fine(&row, CHECK_QUICK_MASS),
+                row_values_are_clearly_fine_baseline(&row, CHECK_QUICK_MASS)
             );
         }
     }

@@ -14,7 +14,7 @@ use crate::error::{Error, IoContext, Location, Result};
 use crate::format::Kind;
 use crate::manifest::{self, MANIFEST_NAME, Manifest};
 use crate::reader::{ShardReader, params_from_manifest};
-use crate::record::{MAX_LOGPROB, MAX_ROW_MASS, SeenIds};
+use crate::record::{self, MAX_LOGPROB, MAX_ROW_MASS, SeenIds};
 use crate::writer::{LOCK_NAME, SHARDS_DIR};
 
 /// What `verify` found.
@@ -160,7 +160,15 @@ fn verify_shard(
     (problems, shard.num_chunks(), ids)
 }
 
-/// The rules a writer enforces, re-checked on decoded data.
+/// Mass below which the writer's quick pass clears a decoded top-K row here: its sum of
+/// [`record::approx_exp`] (relative error 2e-4, f32 sum within 1e-5) then puts the exact
+/// mass below [`MAX_ROW_MASS`], under every limit the exact loop below applies, so a row it
+/// clears passes that loop too.
+const VERIFY_QUICK_MASS: f64 = MAX_ROW_MASS * (1.0 - 3e-4) - 2e-5;
+
+/// The rules a writer enforces, re-checked on decoded data. Top-K rows go through the
+/// writer's quick checks first (conflict detection for distinct ids, the branch-free pass
+/// over the values); only rows those do not clear take the exact loop, which decides.
 fn check_values(
     d: &DecodedChunk,
     p: &crate::codec::CodecParams,
@@ -169,13 +177,15 @@ fn check_values(
 ) -> Result<()> {
     let positions = d.input_ids.len();
     let k = p.k as usize;
+    let topk = p.kind == Kind::TopK;
+    let all_distinct = topk && record::rows_are_distinct_by_conflicts(&d.ids, k);
     for pos in 0..positions {
         let (e0, e1) = match p.kind {
             Kind::TopK => (pos * k, pos * k + k),
             Kind::Sampled => (d.entry_offsets[pos], d.entry_offsets[pos + 1]),
         };
         let ids = &d.ids[e0..e1];
-        if !seen.row_is_distinct(ids) {
+        if !all_distinct && !seen.row_is_distinct(ids) {
             return Err(Error::corrupt(
                 loc.clone(),
                 format!("position {pos} of the chunk repeats a token id"),
@@ -185,6 +195,9 @@ fn check_values(
             continue;
         }
         let lp = &d.logprobs[e0..e1];
+        if topk && record::row_values_are_clearly_fine(lp, VERIFY_QUICK_MASS) {
+            continue;
+        }
         let mut prev = f32::INFINITY;
         let mut mass = 0.0f64;
         for &v in lp {
@@ -250,4 +263,132 @@ fn orphans(dir: &Path, manifest: Option<&Manifest>) -> Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{CodecParams, LogprobCodec};
+    use crate::test_util::xorshift;
+
+    /// `check_values` by its definition: every row through the stamps and the exact loop
+    /// (what it was before the quick checks went in front).
+    fn check_values_by_definition(
+        d: &DecodedChunk,
+        p: &CodecParams,
+        seen: &mut SeenIds,
+        loc: &Location,
+    ) -> Result<()> {
+        let k = p.k as usize;
+        let slack = match p.logprobs.kl_bound() {
+            Some(b) => 1.0 + (2.0 * f64::from(b)).sqrt() + f64::from(b),
+            None => p.logprobs.max_abs_error().unwrap_or(0.0).exp(),
+        };
+        for pos in 0..d.input_ids.len() {
+            if !seen.row_is_distinct(&d.ids[pos * k..pos * k + k]) {
+                return Err(Error::corrupt(
+                    loc.clone(),
+                    format!("position {pos} of the chunk repeats a token id"),
+                ));
+            }
+            let mut prev = f32::INFINITY;
+            let mut mass = 0.0f64;
+            for &v in &d.logprobs[pos * k..pos * k + k] {
+                if v.is_nan() || v > MAX_LOGPROB {
+                    return Err(Error::corrupt(
+                        loc.clone(),
+                        format!("position {pos} of the chunk has log-probability {v}"),
+                    ));
+                }
+                if v > prev {
+                    return Err(Error::corrupt(
+                        loc.clone(),
+                        format!("position {pos} of the chunk is not sorted by rank"),
+                    ));
+                }
+                prev = v;
+                mass += f64::from(v).exp();
+            }
+            if mass > MAX_ROW_MASS * slack + 1e-6 {
+                return Err(Error::corrupt(
+                    loc.clone(),
+                    format!("position {pos} of the chunk has probability mass {mass:.4} > 1"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(600))]
+        /// The quick checks in front of the exact loop never change the verdict or the
+        /// message, on decoded top-K rows with every fault verify looks for: a repeated id,
+        /// NaN, a positive value, an unsorted row, and masses on both sides of the limit
+        /// (for the lossless codec, whose limit is the tightest, and a quantized one).
+        #[test]
+        fn quick_checks_keep_the_verdicts_of_the_definition(
+            k in proptest::sample::select(vec![8usize, 16, 24, 40, 64, 5, 65]),
+            rows in 1usize..6,
+            seed in proptest::num::u64::ANY,
+            lossless in proptest::bool::ANY,
+            // (row, fault): 0 none, 1 repeated id, 2 NaN, 3 positive, 4 unsorted
+            fault in (0usize..6, 0u8..5),
+            mass in proptest::sample::select(vec![
+                0.3f64, 0.999, 1.0, 1.0005, 1.0008, 1.00095, 1.001, 1.00101, 1.0011, 1.003, 1.02,
+            ]),
+        ) {
+            let mut x = seed | 1;
+            let mut next = || xorshift(&mut x);
+            let vocab = 1000u64;
+            let n = rows * k;
+            let mut ids = Vec::with_capacity(n);
+            let mut logprobs = Vec::with_capacity(n);
+            for _ in 0..rows {
+                let start = next() % vocab;
+                ids.extend((0..k as u64).map(|j| ((start + j * 7) % vocab) as u32));
+                // Probabilities decaying by rank, scaled to the row's mass.
+                let w: Vec<f64> = (0..k).map(|j| 0.5f64.powf(j as f64 / 3.0) * (1.0 + (next() % 100) as f64 / 400.0)).collect();
+                let total: f64 = w.iter().sum();
+                let mut row: Vec<f32> = w.iter().map(|&x| (x / total * mass).ln() as f32).collect();
+                row.sort_by(|a, b| b.total_cmp(a));
+                logprobs.extend(row);
+            }
+            let (row, what) = fault;
+            if row < rows {
+                let at = row * k + (next() as usize % k);
+                match what {
+                    1 => ids[row * k + (at + 1 - row * k) % k] = ids[at],
+                    2 => logprobs[at] = f32::NAN,
+                    3 => logprobs[row * k] = 2e-6,
+                    4 if at + 1 < (row + 1) * k => logprobs.swap(at, at + 1),
+                    _ => {}
+                }
+            }
+            let d = DecodedChunk {
+                input_ids: vec![0; rows],
+                ids,
+                logprobs,
+                pos_offsets: vec![0, rows],
+                ..DecodedChunk::default()
+            };
+            let p = CodecParams {
+                kind: Kind::TopK,
+                k: k as u32,
+                vocab_size: vocab as u32,
+                logprobs: if lossless {
+                    LogprobCodec::Lossless
+                } else {
+                    LogprobCodec::Abs { step_log2: 8, mult: 5 }
+                },
+                zstd_level: 1,
+            };
+            let loc = Location::default();
+            let got = check_values(&d, &p, &mut SeenIds::new(vocab as u32), &loc);
+            let want = check_values_by_definition(&d, &p, &mut SeenIds::new(vocab as u32), &loc);
+            proptest::prop_assert_eq!(
+                got.map_err(|e| e.to_string()),
+                want.map_err(|e| e.to_string())
+            );
+        }
+    }
 }
