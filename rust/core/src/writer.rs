@@ -602,7 +602,7 @@ impl StoreWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let payload = codec::encode_chunk(&self.pending, &self.params, &mut self.scratch)?;
+        codec::encode_chunk(&self.pending, &self.params, &mut self.scratch)?;
         if self.shard.is_none() {
             let h = self.header();
             let w = ShardWriter::create(&self.dir, self.next_seq, &h)?;
@@ -611,7 +611,7 @@ impl StoreWriter {
             self.shard = Some(w);
         }
         let full = if let Some(w) = self.shard.as_mut() {
-            w.add_chunk(&payload, &self.pending)?;
+            w.add_chunk(self.scratch.payload(), &self.pending)?;
             w.len + (HEADER_LEN as u64) >= self.opts.shard_bytes
         } else {
             false

@@ -192,26 +192,36 @@ impl ZstdSettings {
     }
 }
 
-fn compress(raw: &[u8], z: ZstdSettings) -> Result<Vec<u8>> {
+/// `raw` compressed into `out` (its contents replaced), with this thread's context for `z`.
+fn compress_into(raw: &[u8], z: ZstdSettings, out: &mut Vec<u8>) -> Result<()> {
     let failed = |e: std::io::Error| Error::State(format!("zstd compression failed: {e}"));
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
     CCTX.with(|cell| {
         let mut contexts = cell.borrow_mut();
         if let Some((_, c)) = contexts.iter_mut().find(|(s, _)| *s == z) {
-            return c.compress(raw).map_err(failed);
+            return c.compress_to_buffer(raw, out).map(drop).map_err(failed);
         }
         let mut c = zstd::bulk::Compressor::new(z.level).map_err(failed)?;
         if let Some(m) = z.min_match {
             c.set_parameter(zstd::zstd_safe::CParameter::MinMatch(m)).map_err(failed)?;
         }
-        let out = c.compress(raw).map_err(failed)?;
+        c.compress_to_buffer(raw, out).map_err(failed)?;
         // A writer uses one level, so this holds at most two contexts; a process that
         // writes at many levels keeps the latest few.
         if contexts.len() >= 4 {
             contexts.remove(0);
         }
         contexts.push((z, c));
-        Ok(out)
+        Ok(())
     })
+}
+
+#[cfg(test)]
+fn compress(raw: &[u8], z: ZstdSettings) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    compress_into(raw, z, &mut out)?;
+    Ok(out)
 }
 
 /// Largest ratio of decoded to stored bytes a zstd frame can reach: a block decodes to at most
@@ -300,18 +310,21 @@ fn tag_name(t: u8) -> &'static str {
 
 /// Assemble streams into a chunk payload, compressing each with zstd unless that
 /// does not make it smaller.
-fn frame(streams: Vec<(u8, Vec<u8>)>, level: i32) -> Result<Vec<u8>> {
-    let mut dir = vec![CHUNK_LAYOUT, streams.len() as u8];
-    let mut body = Vec::new();
+/// The chunk payload of `streams` (directory, then each stream zstd-compressed or raw) in
+/// `s.payload`, built in `s`'s buffers.
+fn frame(streams: Vec<(u8, Vec<u8>)>, level: i32, s: &mut EncodeScratch) -> Result<()> {
     let streams: Vec<(u8, Vec<u8>)> =
         streams.into_iter().filter(|(_, raw)| !raw.is_empty()).collect();
-    dir[1] = streams.len() as u8;
+    let dir = &mut s.payload;
+    dir.clear();
+    dir.extend_from_slice(&[CHUNK_LAYOUT, streams.len() as u8]);
+    s.body.clear();
     for (t, raw) in streams {
-        let packed = compress(&raw, ZstdSettings::for_stream(t, level))?;
-        let (method, stored) = if packed.len() < raw.len() {
-            (METHOD_ZSTD, packed)
+        compress_into(&raw, ZstdSettings::for_stream(t, level), &mut s.packed)?;
+        let (method, stored) = if s.packed.len() < raw.len() {
+            (METHOD_ZSTD, &s.packed[..])
         } else {
-            (METHOD_RAW, raw.clone())
+            (METHOD_RAW, &raw[..])
         };
         let len32 = |n: usize| {
             u32::try_from(n).map_err(|_| {
@@ -325,10 +338,10 @@ fn frame(streams: Vec<(u8, Vec<u8>)>, level: i32) -> Result<Vec<u8>> {
         dir.push(method);
         dir.extend_from_slice(&len32(stored.len())?.to_le_bytes());
         dir.extend_from_slice(&len32(raw.len())?.to_le_bytes());
-        body.extend_from_slice(&stored);
+        s.body.extend_from_slice(stored);
     }
-    dir.extend_from_slice(&body);
-    Ok(dir)
+    dir.extend_from_slice(&s.body);
+    Ok(())
 }
 
 /// The decoded streams of a chunk, by tag.
@@ -414,18 +427,29 @@ fn unframe(payload: &[u8], max_raw: usize, loc: &Location) -> Result<Streams> {
     Ok(streams)
 }
 
-/// Reusable encoder state (keeps per-chunk allocations out of the hot path).
+/// Reusable encoder state (keeps per-chunk allocations out of the hot path). The payload
+/// and the compression buffers are kept too: allocated afresh for every chunk, they were
+/// written into new pages whenever the allocator had returned the last chunk's to the OS
+/// meanwhile (a writer waits for its teacher between records), and zeroing those pages took
+/// about a tenth of `StoreWriter.add` then (see benches/README.md).
 #[derive(Default)]
 pub struct EncodeScratch {
     table: ids::TableScratch,
+    payload: Vec<u8>,
+    body: Vec<u8>,
+    packed: Vec<u8>,
 }
 
-/// Encode the records of `buf` into one chunk payload. Records must already be validated.
-pub fn encode_chunk(
-    buf: &ChunkBuf,
-    p: &CodecParams,
-    scratch: &mut EncodeScratch,
-) -> Result<Vec<u8>> {
+impl EncodeScratch {
+    /// The payload of the chunk [`encode_chunk`] encoded last.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+/// Encode the records of `buf` into one chunk payload, left in [`EncodeScratch::payload`].
+/// Records must already be validated.
+pub fn encode_chunk(buf: &ChunkBuf, p: &CodecParams, scratch: &mut EncodeScratch) -> Result<()> {
     let sampled = p.kind == Kind::Sampled;
     let table =
         ids::TableEncoder::new(&[&buf.input_ids, &buf.ids], p.vocab_size, &mut scratch.table);
@@ -499,7 +523,7 @@ pub fn encode_chunk(
     if p.has_logprobs() {
         streams.extend(logprobs::encode(&buf.logprobs, &rows, p)?);
     }
-    frame(streams, p.zstd_level)
+    frame(streams, p.zstd_level, scratch)
 }
 
 /// Row lengths of the entries of a chunk: fixed K, or the sampled row lengths.
