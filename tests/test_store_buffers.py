@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_sampled, make_topk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -137,7 +138,7 @@ def test_released_batches_lend_their_memory_to_the_next(stores) -> None:
     _check(b, recs, sids, False, False)
 
 
-def test_a_view_keeps_the_memory_of_its_batch(stores) -> None:
+def test_views_and_tensors_keep_the_memory_of_their_batch(stores) -> None:
     path, _ = stores["topk"]
     s = lc.open_store(path)
     b = s.read_packed([3, 4, 5])
@@ -145,11 +146,15 @@ def test_a_view_keeps_the_memory_of_its_batch(stores) -> None:
     want = view.copy()
     base = np.asarray(b.topk_ids).reshape(-1)[:4]
     want_ids = base.copy()
+    tensor = torch.from_numpy(b.input_ids)
+    want_inputs = tensor.clone()
     del b
     for _ in range(3):
         c = s.read_packed([3, 4, 5])
         c.topk_logprobs[...] = 0.0
         c.topk_ids[...] = 0
+        c.input_ids[...] = 0
         del c
     assert np.array_equal(view, want)
     assert np.array_equal(base, want_ids)
+    assert torch.equal(tensor, want_inputs)
