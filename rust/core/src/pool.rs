@@ -3,11 +3,11 @@
 //! A training loop reads a batch, trains on it for a while and drops it. By then the
 //! allocator has handed the batch's pages back to the OS (mimalloc purges memory that stays
 //! free for about 100 ms), so the next batch of about the same size is written into fresh
-//! pages: a page fault and a page zeroed by the kernel for every page it touches, often
-//! more time than decoding it (see benches/README.md). A [`Store`](crate::reader::Store)
-//! takes its batches' arrays from a pool, and whoever owns a batch's arrays (the Python
-//! bindings: the numpy array's base object) gives each one back when its last user is done
-//! with it.
+//! pages: a page fault and a page zeroed by the kernel for every page it touches (46% of
+//! the time of padded reads in a loop with 250 ms steps; benches/README.md). A
+//! [`Store`](crate::reader::Store) takes its batches' arrays from a pool, and whoever owns
+//! a batch's arrays (the Python bindings: the numpy array's base object) gives each one
+//! back when its last user is done with it.
 
 use std::sync::Mutex;
 

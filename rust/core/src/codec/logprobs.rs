@@ -69,7 +69,7 @@ impl LogprobCodec {
         }
     }
 
-    /// Parse a user-facing codec name: "lossless", "abs:<bound>" or "none".
+    /// Parse a user-facing codec name: `"lossless"`, `"abs:<bound>"` or `"none"`.
     pub fn parse(spec: &str) -> Result<LogprobCodec> {
         let bad = |msg: String| Err(Error::invalid_argument("codec", msg));
         match spec {
