@@ -130,3 +130,36 @@ def test_console_entry_points(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         r = subprocess.run([*cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "info" in r.stdout and "verify" in r.stdout
+
+
+def test_verify_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _small_store(tmp_path / "s")
+    store_bytes = sum(f.stat().st_size for f in (tmp_path / "s" / "shards").iterdir())
+    plain = lc.verify_store(tmp_path / "s")
+    assert capsys.readouterr().err == ""
+    # A bar of the store's bytes, run to its end, and the same report.
+    assert lc.verify_store(tmp_path / "s", progress=True) == plain
+    err = capsys.readouterr().err
+    assert "verify" in err and "100%" in err, err
+    # The core's calls: one total (twice the bytes), counts up to it, the last at it.
+    calls: list[tuple[int, int]] = []
+    report = lc._core.verify(str(tmp_path / "s"), lambda d, t: calls.append((d, t)))
+    assert dict(report) == plain
+    assert calls and {t for _, t in calls} == {2 * store_bytes}
+    assert calls[-1] == (2 * store_bytes, 2 * store_bytes)
+    assert all(0 < d <= t for d, t in calls)
+    # Under pytest stderr is not a terminal: the CLI's default shows no bar, and
+    # --no-progress none either.
+    for args in (["verify"], ["verify", "--no-progress"]):
+        assert main([*args, str(tmp_path / "s")]) == 0
+        assert "100%" not in capsys.readouterr().err
+
+
+def test_verify_progress_callback_errors_are_raised(tmp_path: Path) -> None:
+    _small_store(tmp_path / "s")
+
+    def fail(done: int, total: int) -> None:
+        raise RuntimeError(f"stop at {done} of {total}")
+
+    with pytest.raises(RuntimeError, match="stop at"):
+        lc._core.verify(str(tmp_path / "s"), fail)

@@ -55,12 +55,30 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'logitcache' has no attribute {name!r}")
 
 
-def verify_store(path: str | os.PathLike[str]) -> dict[str, Any]:
+def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False) -> dict[str, Any]:
     """Check every checksum (manifest, shard files, headers, footers, chunks) and every
     decoded value of a store. Returns a report: ``ok`` (no fault in committed data),
     ``problems`` (each names file, shard, chunk and what is wrong), ``orphans`` (files no
-    manifest refers to, e.g. left by a writer that was killed), and counts."""
-    return dict(_core.verify(os.fspath(path)))
+    manifest refers to, e.g. left by a writer that was killed), and counts.
+
+    ``progress=True`` shows a progress bar (tqdm, on stderr) of the store's bytes checked;
+    ``None`` shows it only when stderr is a terminal. Each byte is read twice (the
+    whole-file checksum, then the chunks' decoding), and the bar counts both halves."""
+    if progress is False:
+        return dict(_core.verify(os.fspath(path)))
+    from tqdm.auto import tqdm
+
+    disable = None if progress is None else False  # None: tqdm's test for a terminal
+    with tqdm(
+        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=disable
+    ) as bar:
+
+        def update(done: int, total: int) -> None:
+            bar.total = total / 2
+            bar.n = done / 2
+            bar.refresh()
+
+        return dict(_core.verify(os.fspath(path), update))
 
 
 __all__ = [

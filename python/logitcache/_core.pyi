@@ -1,5 +1,7 @@
 """Type stubs of the Rust extension module. Only logitcache's own modules import it."""
 
+from collections.abc import Callable
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -93,7 +95,7 @@ class Store:
     def read_batch(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]: ...
     def read_packed(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]: ...
 
-def verify(path: str) -> dict[str, object]: ...
+def verify(path: str, progress: Callable[[int, int], None] | None = None) -> dict[str, object]: ...
 
 # Loss kernels (python/logitcache/_loss_kernels.py is their only user). Arrays are zero-copy
 # numpy views of contiguous CPU tensors; bfloat16 arrays are uint16 views of their bits.

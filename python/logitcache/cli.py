@@ -77,7 +77,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    report = logitcache.verify_store(args.path)
+    report = logitcache.verify_store(args.path, progress=None if args.progress else False)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="store directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (by default one is shown on stderr when it is a terminal)",
+    )
     p.set_defaults(func=_verify)
     return parser
 

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
@@ -39,6 +40,18 @@ impl VerifyReport {
 
 /// Verify the store at `dir`.
 pub fn verify(dir: &Path) -> Result<VerifyReport> {
+    verify_with_progress(dir, &|_, _| {})
+}
+
+/// [`verify`], calling `progress(done, total)` as it goes, from whichever thread did the
+/// work: `done` counts the bytes read for shards' whole-file checksums plus the stored bytes
+/// of the chunks decoded and checked, out of `total`, twice the bytes the manifest lists
+/// (shards are checked in parallel, so calls may arrive out of order; the last one is
+/// `(total, total)`). Nothing is called when the manifest cannot be read.
+pub fn verify_with_progress(
+    dir: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let manifest = match Manifest::read(dir) {
         Ok(m) => m,
@@ -59,14 +72,18 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
     report.shards = manifest.shards.len();
     report.samples = manifest.num_samples;
     report.positions = manifest.num_positions;
+    let total = 2 * manifest.shards.iter().map(|s| s.bytes).sum::<u64>();
+    let done = AtomicU64::new(0);
+    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
     let results: Vec<(Vec<String>, usize, Vec<u64>)> = crate::threads::install(|| {
         manifest
             .shards
             .par_iter()
             .enumerate()
-            .map(|(i, info)| verify_shard(dir, i as u32, info, &p))
+            .map(|(i, info)| verify_shard(dir, i as u32, info, &p, &tick))
             .collect()
     })?;
+    progress(total, total);
     // Sized from the ids actually read, not from the manifest's count (untrusted until the
     // shards agree with it: a corrupt count must not drive an allocation).
     let read: usize = results.iter().map(|r| r.2.len()).sum();
@@ -88,7 +105,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
     Ok(report)
 }
 
-fn file_crc(path: &Path) -> Result<(u32, u64)> {
+fn file_crc(path: &Path, tick: &(dyn Fn(u64) + Sync)) -> Result<(u32, u64)> {
     let mut f = File::open(path).io_ctx("open shard", path)?;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -100,21 +117,45 @@ fn file_crc(path: &Path) -> Result<(u32, u64)> {
         }
         h.update(&buf[..n]);
         total += n as u64;
+        tick(n as u64);
     }
     Ok((h.finalize(), total))
 }
 
-/// (problems, chunks checked, sample ids) of one shard.
+/// (problems, chunks checked, sample ids) of one shard; `tick` is given twice the shard's
+/// listed bytes in all (the bytes of its checksum pass and of its chunks as they are done,
+/// the rest once the shard is done, whatever was found).
 fn verify_shard(
     dir: &Path,
     index: u32,
     info: &manifest::ShardInfo,
     p: &crate::codec::CodecParams,
+    tick: &(dyn Fn(u64) + Sync),
+) -> (Vec<String>, usize, Vec<u64>) {
+    let ticked = AtomicU64::new(0);
+    let count = |n: u64| {
+        ticked.fetch_add(n, Ordering::Relaxed);
+        tick(n);
+    };
+    let found = check_shard(dir, index, info, p, &count);
+    let owed = (2 * info.bytes).saturating_sub(ticked.into_inner());
+    if owed > 0 {
+        tick(owed);
+    }
+    found
+}
+
+fn check_shard(
+    dir: &Path,
+    index: u32,
+    info: &manifest::ShardInfo,
+    p: &crate::codec::CodecParams,
+    tick: &(dyn Fn(u64) + Sync),
 ) -> (Vec<String>, usize, Vec<u64>) {
     let path = dir.join(&info.file);
     let loc = Location::file(&path).shard(index);
     let mut problems = Vec::new();
-    match file_crc(&path) {
+    match file_crc(&path, tick) {
         Ok((crc, len)) => {
             let want = manifest::parse_checksum(&info.checksum);
             if Some(crc) != want || len != info.bytes {
@@ -146,6 +187,7 @@ fn verify_shard(
     };
     let mut seen = SeenIds::new(p.vocab_size);
     for c in 0..shard.num_chunks() {
+        tick(shard.footer.chunks.get(c).map_or(0, |e| u64::from(e.stored_len)));
         let cloc = loc.clone().chunk(c as u64);
         match shard.decode_chunk(c, p) {
             Ok(d) => {

@@ -423,3 +423,47 @@ fn a_record_that_would_overflow_the_pending_chunk_starts_a_new_one() {
         check_same(&store.get(i as u64).unwrap(), input, ids, lps, 0.01);
     }
 }
+
+/// verify's progress: every call names the same total (twice the shards' bytes, the
+/// checksum pass and the decoding pass), counts only go up to it, the last call is
+/// (total, total), and there is at least one call per chunk; the report is verify's.
+#[test]
+fn verify_reports_progress_up_to_twice_the_store_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let mut w = StoreWriter::open(
+        &path,
+        spec(Kind::TopK, 8, 1000, None),
+        Mode::Create,
+        WriterOptions { shard_bytes: 3000, ..small_opts() },
+    )
+    .unwrap();
+    for sid in 0..30u64 {
+        write_topk(&mut w, sid, 5 + (sid as usize * 7) % 33);
+    }
+    w.close().unwrap();
+    let calls = std::sync::Mutex::new(Vec::new());
+    let report = logitcache_core::verify::verify_with_progress(&path, &|done, total| {
+        calls.lock().unwrap().push((done, total));
+    })
+    .unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    let plain = logitcache_core::verify::verify(&path).unwrap();
+    assert_eq!((report.chunks, report.samples), (plain.chunks, plain.samples));
+    let calls = calls.into_inner().unwrap();
+    let bytes: u64 = Store::open(&path, &OpenOptions::default())
+        .unwrap()
+        .manifest
+        .shards
+        .iter()
+        .map(|s| s.bytes)
+        .sum();
+    assert!(report.shards > 1 && bytes > 0);
+    assert!(calls.iter().all(|&(d, t)| t == 2 * bytes && d <= t), "{calls:?}");
+    assert_eq!(calls.last(), Some(&(2 * bytes, 2 * bytes)));
+    assert!(calls.len() > report.chunks, "{} calls for {} chunks", calls.len(), report.chunks);
+    let mut sorted: Vec<u64> = calls.iter().map(|c| c.0).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), calls.len() - 1, "counts repeat (besides the final call)");
+}

@@ -530,10 +530,42 @@ fn pooled_array<'py, T: PoolElement>(
     Ok(unsafe { PyArrayDyn::borrow_from_array(&view, owner.into_any()) })
 }
 
-/// Check every checksum and decoded value of a store; returns a report dict.
+/// Check every checksum and decoded value of a store; returns a report dict. `progress`,
+/// if given, is called as `progress(done, total)` (see verify_with_progress) from the
+/// verifying threads, at most every 100 ms besides the last call; an exception it raises
+/// stops further calls and is raised once verification is over.
 #[pyfunction]
-fn verify<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
-    let r = py.detach(|| logitcache_core::verify::verify(&path)).py_err()?;
+#[pyo3(signature = (path, progress=None))]
+fn verify<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let last = std::sync::Mutex::new(None::<std::time::Instant>);
+    let failed = std::sync::Mutex::new(None::<PyErr>);
+    let report = |done: u64, total: u64| {
+        let Some(cb) = &progress else { return };
+        let Ok(mut last) = last.lock() else { return };
+        let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100));
+        if !(due || done >= total) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        Python::attach(|py| {
+            let Ok(mut failed) = failed.lock() else { return };
+            if failed.is_none()
+                && let Err(e) = cb.call1(py, (done, total))
+            {
+                *failed = Some(e);
+            }
+        });
+    };
+    let r = py
+        .detach(|| logitcache_core::verify::verify_with_progress(&path, &report))
+        .py_err()?;
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
     let d = PyDict::new(py);
     d.set_item("ok", r.ok())?;
     d.set_item("problems", r.problems)?;
