@@ -560,9 +560,7 @@ fn verify<'py>(
             }
         });
     };
-    let r = py
-        .detach(|| logitcache_core::verify::verify_with_progress(&path, &report))
-        .py_err()?;
+    let r = py.detach(|| logitcache_core::verify::verify_with_progress(&path, &report)).py_err()?;
     if let Some(e) = failed.into_inner().ok().flatten() {
         return Err(e);
     }
