@@ -7,7 +7,8 @@ batch sits idle for a whole step, long enough for an allocator to hand its pages
 OS, so a reader that allocates each batch afresh pays page faults and zeroed pages on every
 batch. This script times only the read calls, in shuffled batches of ``--batch`` sequences
 (chunk cache off), with no step and with steps, for logitcache (``read_batch`` padded and
-``read_packed``) and for the npy baseline of store_bench.py (memory-mapped int32 ids and
+``read_packed``, and ``store[sample_id]`` once per record as a map-style Dataset reads)
+and for the npy baseline of store_bench.py (memory-mapped int32 ids and
 float16 log-probabilities, each batch's sequences copied out; padded: into arrays of the
 longest sequence), in one process. The ratio "with steps / without" shows what the steps
 cost each reader.
@@ -118,6 +119,8 @@ def main() -> None:
         readers: dict[str, Callable[[np.ndarray], object]] = {
             "logitcache read_batch (padded)": lambda b: store.read_batch(sids[b]),
             "logitcache read_packed": lambda b: store.read_packed(sids[b]),
+            # A map-style Dataset: one record per __getitem__, the batch a list of them.
+            "logitcache store[sid] per record": lambda b: [store[int(sids[i])] for i in b],
             "npy mmap, padded": npy_padded,
             "npy mmap, packed": npy_packed,
         }
