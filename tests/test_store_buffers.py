@@ -1,6 +1,7 @@
-"""Batch arrays reuse the memory of batches their user has let go (the store's buffer pool):
-a batch still referenced is never written by a later read, a reused array is written
-entirely (nothing of the batch it served before shows through), and the reuse does happen."""
+"""Batch and record arrays reuse the memory of reads their user has let go (the store's
+buffer pool): a batch or record still referenced is never written by a later read, a reused
+array is written entirely (nothing of what it served before shows through), and the reuse
+does happen."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def _expected(recs: dict[int, lc.Record], sids: list[int], packed: bool, sampled
     return inp, ids, lp, counts
 
 
-def _arrays(b: lc.Batch | lc.PackedBatch) -> list[np.ndarray]:
+def _arrays(b: lc.Batch | lc.PackedBatch | lc.Record) -> list[np.ndarray]:
     return [a for a in (b.input_ids, b.topk_ids, b.topk_logprobs, b.counts) if a is not None]
 
 
@@ -95,7 +96,7 @@ def _check(b, recs, sids, packed, sampled) -> None:
     steps=st.lists(
         st.tuples(
             st.lists(st.integers(0, N_SAMPLES - 1), min_size=1, max_size=6, unique=True),
-            st.booleans(),  # packed
+            st.sampled_from(["padded", "packed", "record"]),  # record: store[first id]
             st.booleans(),  # keep this batch (else scribble on it and drop it)
         ),
         min_size=1,
@@ -107,18 +108,31 @@ def test_reads_never_show_other_batches(stores, kind: str, steps) -> None:
     sampled = kind == "sampled"
     s = lc.open_store(path, cache_chunks=2)
     kept = []
-    for sids, packed, keep in steps:
-        b = s.read_packed(sids) if packed else s.read_batch(sids)
-        _check(b, recs, sids, packed, sampled)
+
+    def check(b, sids: list[int], mode: str) -> None:
+        if mode == "record":
+            want = recs[sids[0]]
+            assert b.sample_id == want.sample_id
+            for got, exp in zip(_arrays(b), _arrays(want), strict=True):
+                assert np.array_equal(got, exp)
+        else:
+            _check(b, recs, sids, mode == "packed", sampled)
+
+    for sids, mode, keep in steps:
+        if mode == "record":
+            b = s[sids[0]]
+        else:
+            b = s.read_packed(sids) if mode == "packed" else s.read_batch(sids)
+        check(b, sids, mode)
         if keep:
-            kept.append((b, sids, packed))
+            kept.append((b, sids, mode))
         else:
             for a in _arrays(b):
                 a[...] = 77  # a user may write into a batch; the next user must not see it
             del b
-        # Batches still held are untouched by the reads after them.
-        for kb, ksids, kpacked in kept:
-            _check(kb, recs, ksids, kpacked, sampled)
+        # Batches and records still held are untouched by the reads after them.
+        for kb, ksids, kmode in kept:
+            check(kb, ksids, kmode)
 
 
 def test_released_batches_lend_their_memory_to_the_next(stores) -> None:
@@ -136,6 +150,20 @@ def test_released_batches_lend_their_memory_to_the_next(stores) -> None:
     c = s.read_batch(sids)
     assert not pointers & {a.__array_interface__["data"][0] for a in _arrays(c)}
     _check(b, recs, sids, False, False)
+    # Single records too (decoded alone or copied out of a shared chunk): read again once
+    # released, a record's arrays come from memory released before (the pool takes the
+    # smallest kept array that fits, not necessarily the record's own).
+    released = pointers | {a.__array_interface__["data"][0] for a in _arrays(c)}
+    del b, c
+    for sid in range(N_SAMPLES):
+        r = s[sid]
+        released |= {a.__array_interface__["data"][0] for a in _arrays(r)}
+        del r
+        r = s[sid]
+        assert {a.__array_interface__["data"][0] for a in _arrays(r)} <= released, sid
+        for got, want in zip(_arrays(r), _arrays(recs[sid]), strict=True):
+            assert np.array_equal(got, want)
+        del r
 
 
 def test_views_and_tensors_keep_the_memory_of_their_batch(stores) -> None:

@@ -524,6 +524,8 @@ class Store:
         return int(self._s.mapped_shards)
 
     def __getitem__(self, sample_id: int) -> Record:
+        """One record (``MissingSampleError`` for an unknown id). Its arrays' memory is reused
+        once released, as :meth:`read_batch` says."""
         raw = self._s.get(_sample_id(sample_id))
         return self._record(int(sample_id), raw)
 

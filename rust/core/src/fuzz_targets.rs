@@ -133,7 +133,7 @@ pub fn shard_decoder(data: &[u8]) {
         for r in 0..entry.num_records as usize {
             let meta = shard.footer.records[first + r];
             assert_eq!(shard.locate(first + r), Some((ci, r)), "record {} misplaced", first + r);
-            let rec = extract(&chunk, r, meta.sample_id, &p);
+            let rec = extract(&chunk, r, meta.sample_id, &p, &BufferPool::default());
             assert_eq!(rec.input_ids.len(), meta.length as usize, "record length");
             if p.kind == crate::format::Kind::TopK {
                 assert_eq!(rec.ids.len(), rec.input_ids.len() * k, "top-K entries");

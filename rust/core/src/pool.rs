@@ -1,4 +1,5 @@
-//! Output arrays of batch reads, kept for the next batch once their user has let them go.
+//! Output arrays of batch and record reads, kept for later reads once their user has let
+//! them go.
 //!
 //! A training loop reads a batch, trains on it for a while and drops it. By then the
 //! allocator has handed the batch's pages back to the OS (mimalloc purges memory that stays
@@ -11,10 +12,14 @@
 
 use std::sync::Mutex;
 
-/// How many free arrays of one element type a pool keeps. A batch takes two or three i32
-/// arrays and one f32 array, and a loop holds one batch while it reads the next, so four
-/// cover a batch in use plus the one given back; more would only hold memory.
+/// How many free arrays of one element type a pool keeps whatever their size. A batch
+/// takes two or three i32 arrays and one f32 array, and a loop holds one batch while it
+/// reads the next, so four cover a batch in use plus the one given back.
 pub const KEPT_PER_TYPE: usize = 4;
+/// Beyond [`KEPT_PER_TYPE`] arrays, a pool keeps more while they total at most this many
+/// bytes per element type: single records come three arrays each, and a DataLoader worker
+/// holds a batch of them (tens of records) before collating.
+pub const KEPT_BYTES_PER_TYPE: usize = 64 << 20;
 
 /// Free arrays of one element type.
 #[derive(Debug, Default)]
@@ -42,9 +47,11 @@ impl<T: Copy> Shelf<T> {
         Vec::with_capacity(n)
     }
 
-    /// Keep `v` for a later batch. With [`KEPT_PER_TYPE`] arrays kept already, it replaces
-    /// the smallest of them if it is bigger (a bigger array serves every smaller batch),
-    /// else it is freed.
+    /// Keep `v` for a later read: while fewer than [`KEPT_PER_TYPE`] arrays are kept, or
+    /// while the kept ones and `v` total at most [`KEPT_BYTES_PER_TYPE`]. Else, with just
+    /// [`KEPT_PER_TYPE`] kept, `v` replaces the smallest if it is bigger (a bigger array
+    /// serves every smaller batch); otherwise it is freed. So a pool holds at most the
+    /// larger of that byte budget and four of the biggest arrays it was given.
     fn give(&self, mut v: Vec<T>) {
         if v.capacity() == 0 {
             return;
@@ -53,11 +60,16 @@ impl<T: Copy> Shelf<T> {
         let Ok(mut free) = self.free.lock() else {
             return;
         };
-        if free.len() < KEPT_PER_TYPE {
+        let bytes = |n: usize| n.saturating_mul(std::mem::size_of::<T>());
+        let kept: usize = free.iter().map(|b| bytes(b.capacity())).sum();
+        if free.len() < KEPT_PER_TYPE
+            || kept.saturating_add(bytes(v.capacity())) <= KEPT_BYTES_PER_TYPE
+        {
             free.push(v);
             return;
         }
-        if let Some(smallest) = free.iter_mut().min_by_key(|b| b.capacity())
+        if free.len() == KEPT_PER_TYPE
+            && let Some(smallest) = free.iter_mut().min_by_key(|b| b.capacity())
             && smallest.capacity() < v.capacity()
         {
             *smallest = v;
@@ -69,10 +81,11 @@ impl<T: Copy> Shelf<T> {
     }
 }
 
-/// Free output arrays of a store's batch reads, by element type.
+/// Free output arrays of a store's reads, by element type.
 #[derive(Debug, Default)]
 pub struct BufferPool {
     i32s: Shelf<i32>,
+    u32s: Shelf<u32>,
     f32s: Shelf<f32>,
 }
 
@@ -84,6 +97,12 @@ pub trait Pooled: Copy + Sized {
 impl Pooled for i32 {
     fn shelf(pool: &BufferPool) -> &Shelf<i32> {
         &pool.i32s
+    }
+}
+
+impl Pooled for u32 {
+    fn shelf(pool: &BufferPool) -> &Shelf<u32> {
+        &pool.u32s
     }
 }
 
@@ -136,20 +155,38 @@ mod tests {
 
     #[test]
     fn a_full_shelf_keeps_the_biggest_arrays() {
+        // Arrays of a quarter of the byte budget each: four fill the shelf.
+        let unit = KEPT_BYTES_PER_TYPE / 4 / std::mem::size_of::<f32>();
         let pool = BufferPool::default();
         for n in 1..=KEPT_PER_TYPE {
-            pool.give::<f32>(Vec::with_capacity(n * 100));
+            pool.give::<f32>(Vec::with_capacity(n * unit));
         }
-        pool.give::<f32>(Vec::with_capacity(50));
+        pool.give::<f32>(Vec::with_capacity(unit / 2));
         let mut kept = pool.kept::<f32>();
         kept.sort_unstable();
         assert_eq!(kept.len(), KEPT_PER_TYPE);
-        assert!(kept[0] >= 100, "the smaller array given to a full shelf was kept: {kept:?}");
-        pool.give::<f32>(Vec::with_capacity(10_000));
+        assert!(kept[0] >= unit, "the smaller array given to a full shelf was kept: {kept:?}");
+        pool.give::<f32>(Vec::with_capacity(10 * unit));
         let mut kept = pool.kept::<f32>();
         kept.sort_unstable();
         assert_eq!(kept.len(), KEPT_PER_TYPE);
-        assert!(kept[0] >= 200 && kept[KEPT_PER_TYPE - 1] >= 10_000, "{kept:?}");
+        assert!(kept[0] >= 2 * unit && kept[KEPT_PER_TYPE - 1] >= 10 * unit, "{kept:?}");
+    }
+
+    #[test]
+    fn small_arrays_are_kept_up_to_the_byte_budget() {
+        let pool = BufferPool::default();
+        let each = 1 << 20; // bytes
+        for _ in 0..100 {
+            pool.give::<u32>(Vec::with_capacity(each / 4));
+        }
+        let kept = pool.kept::<u32>();
+        let bytes: usize = kept.iter().sum::<usize>() * 4;
+        assert!(kept.len() > KEPT_PER_TYPE, "{}", kept.len());
+        assert!(bytes <= KEPT_BYTES_PER_TYPE && bytes + each > KEPT_BYTES_PER_TYPE, "{bytes}");
+        // Past the budget with more than four kept, a bigger array is not kept either.
+        pool.give::<u32>(Vec::with_capacity(each));
+        assert_eq!(pool.kept::<u32>(), kept);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::format::{
     self, Footer, HEADER_LEN, Kind, ShardHeader, ShardIndex, TRAILER_LEN, Trailer,
 };
 use crate::manifest::{Manifest, ShardInfo, TokenizerInfo};
-use crate::pool::BufferPool;
+use crate::pool::{BufferPool, Pooled};
 use crate::source::{self, Source};
 
 /// Options of [`Store::open`].
@@ -507,8 +507,8 @@ impl Store {
         self.index.len()
     }
 
-    /// Where [`Store::read_batch`] and [`Store::read_packed`] take their output arrays
-    /// from; give a batch's arrays back here once done with them (see [`crate::pool`]).
+    /// Where [`Store::read_batch`], [`Store::read_packed`] and [`Store::get`] take their
+    /// output arrays from; give them back here once done with them (see [`crate::pool`]).
     pub fn buffer_pool(&self) -> &Arc<BufferPool> {
         &self.pool
     }
@@ -573,12 +573,46 @@ impl Store {
         Ok((c as u32, r))
     }
 
-    /// One record, decoded.
+    /// One record, decoded, in arrays from the store's [`BufferPool`]. A top-K record alone
+    /// in its chunk, and that chunk not in the cache, is decoded straight into them (no
+    /// decoded chunk to copy from, as for batches); the others are copied out of the
+    /// decoded (or cached) chunk.
     pub fn get(&self, sample_id: u64) -> Result<Record> {
         let e = self.lookup(sample_id).ok_or_else(|| self.missing(sample_id))?;
         let (c, r) = self.place(e)?;
+        let shard = &self.shards[e.shard as usize];
+        let cached = self.cache.try_lock().is_ok_and(|cache| cache.contains((e.shard, c)));
+        if self.params.kind == Kind::TopK && !cached && shard.chunk_records(c as usize) == 1 {
+            return self.get_direct(shard, c, sample_id).map_err(|err| with_sample(err, sample_id));
+        }
         let chunk = self.chunk(e.shard, c).map_err(|err| with_sample(err, sample_id))?;
-        Ok(extract(&chunk, r, sample_id, &self.params))
+        Ok(extract(&chunk, r, sample_id, &self.params, &self.pool))
+    }
+
+    /// [`Store::get`] of a top-K record alone in chunk `c`.
+    fn get_direct(&self, shard: &ShardReader, c: u32, sample_id: u64) -> Result<Record> {
+        let p = &self.params;
+        let prepared = shard.prepare_topk(c as usize, p)?;
+        let (l, n) = (prepared.positions(), prepared.num_entries());
+        let lp_n = if p.has_logprobs() { n } else { 0 };
+        let mut input_ids: Vec<u32> = self.pool.take(l);
+        let mut ids: Vec<u32> = self.pool.take(n);
+        let mut logprobs: Vec<f32> = if lp_n == 0 { Vec::new() } else { self.pool.take(lp_n) };
+        let out = codec::TopkSlots {
+            input_ids: &mut input_ids.spare_capacity_mut()[..l],
+            ids: &mut ids.spare_capacity_mut()[..n],
+            logprobs: &mut logprobs.spare_capacity_mut()[..lp_n],
+        };
+        prepared.decode_into(p, &shard.location().chunk(u64::from(c)), out)?;
+        // SAFETY: the pool's arrays have room for at least l, n and lp_n values, and
+        // decode_into, having returned Ok, wrote every slot of the three slices it was
+        // given, which are exactly the first l, n and lp_n of them.
+        unsafe {
+            input_ids.set_len(l);
+            ids.set_len(n);
+            logprobs.set_len(lp_n);
+        }
+        Ok(Record { sample_id, input_ids, row_lens: Vec::new(), ids, counts: Vec::new(), logprobs })
     }
 
     /// Decode many records into padded arrays, in parallel on the shared pool.
@@ -867,25 +901,31 @@ fn check_tokenizer(dir: &Path, want: &TokenizerInfo, have: Option<&TokenizerInfo
     }
 }
 
-/// Copy record `r` of a decoded chunk out as an owned record.
-pub fn extract(chunk: &DecodedChunk, r: usize, sample_id: u64, p: &CodecParams) -> Record {
+/// Copy record `r` of a decoded chunk out as an owned record, in arrays from `pool`.
+pub fn extract(
+    chunk: &DecodedChunk,
+    r: usize,
+    sample_id: u64,
+    p: &CodecParams,
+    pool: &BufferPool,
+) -> Record {
     let (p0, p1) = (chunk.pos_offsets[r], chunk.pos_offsets[r + 1]);
     let (e0, e1) = entry_range(chunk, p0, p1, p);
+    fn copy<T: Pooled>(pool: &BufferPool, all: &[T], range: std::ops::Range<usize>) -> Vec<T> {
+        if all.is_empty() {
+            return Vec::new();
+        }
+        let mut v = pool.take(range.len());
+        v.extend_from_slice(&all[range]);
+        v
+    }
     Record {
         sample_id,
-        input_ids: chunk.input_ids[p0..p1].to_vec(),
-        row_lens: if chunk.row_lens.is_empty() {
-            Vec::new()
-        } else {
-            chunk.row_lens[p0..p1].to_vec()
-        },
-        ids: chunk.ids[e0..e1].to_vec(),
-        counts: if chunk.counts.is_empty() { Vec::new() } else { chunk.counts[e0..e1].to_vec() },
-        logprobs: if chunk.logprobs.is_empty() {
-            Vec::new()
-        } else {
-            chunk.logprobs[e0..e1].to_vec()
-        },
+        input_ids: copy(pool, &chunk.input_ids, p0..p1),
+        row_lens: copy(pool, &chunk.row_lens, p0..p1),
+        ids: copy(pool, &chunk.ids, e0..e1),
+        counts: copy(pool, &chunk.counts, e0..e1),
+        logprobs: copy(pool, &chunk.logprobs, e0..e1),
     }
 }
 

@@ -401,12 +401,15 @@ impl PyStore {
     fn get<'py>(&self, py: Python<'py>, sample_id: u64) -> PyResult<Bound<'py, PyDict>> {
         let store = Arc::clone(&self.inner);
         let rec = py.detach(move || store.get(sample_id)).py_err()?;
+        let pool = self.inner.buffer_pool();
         let d = PyDict::new(py);
-        d.set_item("input_ids", PyArray1::from_vec(py, rec.input_ids))?;
-        d.set_item("ids", PyArray1::from_vec(py, rec.ids))?;
-        d.set_item("logprobs", PyArray1::from_vec(py, rec.logprobs))?;
-        d.set_item("counts", PyArray1::from_vec(py, rec.counts))?;
-        d.set_item("row_lens", PyArray1::from_vec(py, rec.row_lens))?;
+        let (n_inp, n_ids, n_lp) = (rec.input_ids.len(), rec.ids.len(), rec.logprobs.len());
+        let (n_counts, n_rows) = (rec.counts.len(), rec.row_lens.len());
+        d.set_item("input_ids", pooled_array(py, rec.input_ids, &[n_inp], pool)?)?;
+        d.set_item("ids", pooled_array(py, rec.ids, &[n_ids], pool)?)?;
+        d.set_item("logprobs", pooled_array(py, rec.logprobs, &[n_lp], pool)?)?;
+        d.set_item("counts", pooled_array(py, rec.counts, &[n_counts], pool)?)?;
+        d.set_item("row_lens", pooled_array(py, rec.row_lens, &[n_rows], pool)?)?;
         Ok(d)
     }
 
@@ -462,9 +465,9 @@ impl PyStore {
     }
 }
 
-/// The owner of a batch array's memory (the numpy array's base object): when the last array
-/// or view of it goes, the memory goes back to the store's pool for a later batch instead
-/// of to the allocator (see logitcache_core::pool).
+/// The owner of a batch or record array's memory (the numpy array's base object): when the
+/// last array or view of it goes, the memory goes back to the store's pool for a later read
+/// instead of to the allocator (see logitcache_core::pool).
 #[pyclass(module = "logitcache._core", frozen)]
 struct PooledBuffer {
     buf: PooledVec,
@@ -473,6 +476,7 @@ struct PooledBuffer {
 
 enum PooledVec {
     I32(Vec<i32>),
+    U32(Vec<u32>),
     F32(Vec<f32>),
 }
 
@@ -480,6 +484,7 @@ impl Drop for PooledBuffer {
     fn drop(&mut self) {
         match &mut self.buf {
             PooledVec::I32(v) => self.pool.give(std::mem::take(v)),
+            PooledVec::U32(v) => self.pool.give(std::mem::take(v)),
             PooledVec::F32(v) => self.pool.give(std::mem::take(v)),
         }
     }
@@ -493,6 +498,12 @@ trait PoolElement: Pooled + Element {
 impl PoolElement for i32 {
     fn wrap(v: Vec<i32>) -> PooledVec {
         PooledVec::I32(v)
+    }
+}
+
+impl PoolElement for u32 {
+    fn wrap(v: Vec<u32>) -> PooledVec {
+        PooledVec::U32(v)
     }
 }
 
