@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod pool;
 pub mod reader;
 pub mod record;
+pub mod repair;
 pub mod source;
 #[cfg(test)]
 mod test_util;

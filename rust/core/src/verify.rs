@@ -80,7 +80,16 @@ pub fn verify_with_progress(
             .shards
             .par_iter()
             .enumerate()
-            .map(|(i, info)| verify_shard(dir, i as u32, info, &p, &tick))
+            .map(|(i, info)| {
+                let found = inspect_shard_ticked(dir, i as u32, info, &p, &tick);
+                match found.reader {
+                    Some(shard) => {
+                        let ids = shard.footer.records.iter().map(|r| r.sample_id).collect();
+                        (found.problems, shard.num_chunks(), ids)
+                    }
+                    None => (found.problems, 0, Vec::new()),
+                }
+            })
             .collect()
     })?;
     progress(total, total);
@@ -122,22 +131,22 @@ fn file_crc(path: &Path, tick: &(dyn Fn(u64) + Sync)) -> Result<(u32, u64)> {
     Ok((h.finalize(), total))
 }
 
-/// (problems, chunks checked, sample ids) of one shard; `tick` is given twice the shard's
-/// listed bytes in all (the bytes of its checksum pass and of its chunks as they are done,
-/// the rest once the shard is done, whatever was found).
-fn verify_shard(
+/// [`inspect_shard`], with `tick` given twice the shard's listed bytes in all (the bytes of
+/// its checksum pass and of its chunks as they are done, the rest once the shard is done,
+/// whatever was found).
+pub(crate) fn inspect_shard_ticked(
     dir: &Path,
     index: u32,
     info: &manifest::ShardInfo,
     p: &crate::codec::CodecParams,
     tick: &(dyn Fn(u64) + Sync),
-) -> (Vec<String>, usize, Vec<u64>) {
+) -> ShardInspection {
     let ticked = AtomicU64::new(0);
     let count = |n: u64| {
         ticked.fetch_add(n, Ordering::Relaxed);
         tick(n);
     };
-    let found = check_shard(dir, index, info, p, &count);
+    let found = inspect_shard(dir, index, info, p, &count);
     let owed = (2 * info.bytes).saturating_sub(ticked.into_inner());
     if owed > 0 {
         tick(owed);
@@ -145,21 +154,35 @@ fn verify_shard(
     found
 }
 
-fn check_shard(
+/// What checking one shard found: the faults, and what of the shard is sound.
+pub(crate) struct ShardInspection {
+    /// Each fault, as a message naming file, shard and chunk.
+    pub problems: Vec<String>,
+    /// The open shard when its header, trailer and footer are sound (else nothing of it
+    /// can be located).
+    pub reader: Option<ShardReader>,
+    /// Chunks whose checksum, decoding or values failed, in increasing order.
+    pub bad_chunks: Vec<usize>,
+}
+
+/// Check one shard: its whole-file checksum, header, trailer, footer, and every chunk
+/// (checksum, decoding, the writer's rules on the decoded values). `tick` receives the
+/// bytes of the checksum pass and each chunk's stored bytes as they are done.
+pub(crate) fn inspect_shard(
     dir: &Path,
     index: u32,
     info: &manifest::ShardInfo,
     p: &crate::codec::CodecParams,
     tick: &(dyn Fn(u64) + Sync),
-) -> (Vec<String>, usize, Vec<u64>) {
+) -> ShardInspection {
     let path = dir.join(&info.file);
     let loc = Location::file(&path).shard(index);
-    let mut problems = Vec::new();
+    let mut found = ShardInspection { problems: Vec::new(), reader: None, bad_chunks: Vec::new() };
     match file_crc(&path, tick) {
         Ok((crc, len)) => {
             let want = manifest::parse_checksum(&info.checksum);
             if Some(crc) != want || len != info.bytes {
-                problems.push(
+                found.problems.push(
                     Error::corrupt(
                         loc.clone(),
                         format!(
@@ -174,32 +197,29 @@ fn check_shard(
             }
         }
         Err(e) => {
-            problems.push(e.to_string());
-            return (problems, 0, Vec::new());
+            found.problems.push(e.to_string());
+            return found;
         }
     }
     let shard = match ShardReader::open(dir, index, info, p, false) {
         Ok(s) => s,
         Err(e) => {
-            problems.push(e.to_string());
-            return (problems, 0, Vec::new());
+            found.problems.push(e.to_string());
+            return found;
         }
     };
     let mut seen = SeenIds::new(p.vocab_size);
     for c in 0..shard.num_chunks() {
         tick(shard.footer.chunks.get(c).map_or(0, |e| u64::from(e.stored_len)));
         let cloc = loc.clone().chunk(c as u64);
-        match shard.decode_chunk(c, p) {
-            Ok(d) => {
-                if let Err(e) = check_values(&d, p, &mut seen, &cloc) {
-                    problems.push(e.to_string());
-                }
-            }
-            Err(e) => problems.push(e.to_string()),
+        let checked = shard.decode_chunk(c, p).and_then(|d| check_values(&d, p, &mut seen, &cloc));
+        if let Err(e) = checked {
+            found.problems.push(e.to_string());
+            found.bad_chunks.push(c);
         }
     }
-    let ids = shard.footer.records.iter().map(|r| r.sample_id).collect();
-    (problems, shard.num_chunks(), ids)
+    found.reader = Some(shard);
+    found
 }
 
 /// Mass below which the writer's quick pass clears a decoded top-K row here: its sum of

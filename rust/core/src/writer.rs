@@ -93,8 +93,8 @@ pub fn default_codec(kind: Kind) -> LogprobCodec {
     }
 }
 
-struct ShardWriter {
-    path: PathBuf,
+pub(crate) struct ShardWriter {
+    pub(crate) path: PathBuf,
     rel: String,
     uid: u64,
     file: BufWriter<File>,
@@ -104,7 +104,7 @@ struct ShardWriter {
 }
 
 impl ShardWriter {
-    fn create(dir: &Path, seq: u64, header: &ShardHeader) -> Result<ShardWriter> {
+    pub(crate) fn create(dir: &Path, seq: u64, header: &ShardHeader) -> Result<ShardWriter> {
         let rel = format!("{SHARDS_DIR}/{seq:06}-{:016x}.lcs", header.uid);
         let path = dir.join(&rel);
         let f = FsOpenOptions::new()
@@ -163,8 +163,27 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Append a chunk copied from another shard of the same configuration: its stored
+    /// bytes (already checked against `entry.crc32`) and its records, in order.
+    pub(crate) fn copy_chunk(
+        &mut self,
+        bytes: &[u8],
+        entry: &ChunkEntry,
+        records: &[RecordEntry],
+    ) -> Result<()> {
+        let first_record = u32::try_from(self.footer.records.len()).map_err(|_| {
+            Error::State("a repaired shard holds more records than a footer can count".into())
+        })?;
+        let copied = ChunkEntry { offset: self.len, first_record, ..*entry };
+        self.write(bytes)?;
+        self.footer.chunks.push(copied);
+        self.footer.records.extend_from_slice(records);
+        self.footer.num_positions += u64::from(entry.num_positions);
+        Ok(())
+    }
+
     /// Write footer and trailer, flush and fsync.
-    fn finish(mut self) -> Result<ShardInfo> {
+    pub(crate) fn finish(mut self) -> Result<ShardInfo> {
         let footer = self.footer.encode();
         let trailer = Trailer {
             footer_offset: self.len,
@@ -216,7 +235,7 @@ pub struct StoreWriter {
     closed: bool,
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
         std::time::SystemTime::now()
@@ -228,7 +247,7 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-fn tool() -> String {
+pub(crate) fn tool() -> String {
     format!("logitcache {}", crate::VERSION)
 }
 
@@ -308,7 +327,7 @@ fn is_uncommitted_store(dir: &Path) -> Result<bool> {
 
 /// Largest sequence number among shard files already in `shards/` (orphans included), so
 /// that new shards never reuse a name.
-fn max_seq(dir: &Path) -> Result<Option<u64>> {
+pub(crate) fn max_seq(dir: &Path) -> Result<Option<u64>> {
     let sd = dir.join(SHARDS_DIR);
     let mut best = None;
     let Ok(rd) = fs::read_dir(&sd) else {
@@ -327,7 +346,7 @@ fn max_seq(dir: &Path) -> Result<Option<u64>> {
     Ok(best)
 }
 
-fn lock(dir: &Path) -> Result<File> {
+pub(crate) fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_NAME);
     let f = FsOpenOptions::new()
         .read(true)

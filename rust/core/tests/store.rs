@@ -467,3 +467,243 @@ fn verify_reports_progress_up_to_twice_the_store_bytes() {
     sorted.dedup();
     assert_eq!(sorted.len(), calls.len() - 1, "counts repeat (besides the final call)");
 }
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at as usize] ^= 0x40;
+    std::fs::write(path, b).unwrap();
+}
+
+/// The store's files and their bytes, to show that something changed nothing.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for sub in [dir.to_path_buf(), dir.join("shards")] {
+        for e in std::fs::read_dir(&sub).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() && e.file_name() != ".lock" {
+                out.push((e.path().display().to_string(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+type TopkRows = (Vec<i64>, Vec<i64>, Vec<f32>);
+
+fn many_shard_store(path: &Path, n: u64) -> Vec<(u64, TopkRows)> {
+    let mut w = StoreWriter::open(
+        path,
+        spec(Kind::TopK, 8, 1000, None),
+        Mode::Create,
+        WriterOptions { shard_bytes: 6000, ..small_opts() },
+    )
+    .unwrap();
+    let expect =
+        (0..n).map(|sid| (sid, write_topk(&mut w, sid, 10 + (sid as usize * 7) % 40))).collect();
+    w.close().unwrap();
+    expect
+}
+
+/// Repair gives up exactly what cannot be read: a damaged chunk's records (the rest of its
+/// shard is rewritten), a shard whose footer is damaged and a missing shard (whole); every
+/// other sample reads back as written, the repaired store opens and verifies, the damaged
+/// files stay as orphans, a dry run changes nothing, and a second repair finds nothing.
+#[test]
+fn repair_gives_up_only_what_cannot_be_read() {
+    use logitcache_core::repair::{RepairOptions, repair};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let expect = many_shard_store(&path, 60);
+    let before = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert!(before.shards.len() >= 4, "{}", before.shards.len());
+    let decoded: std::collections::HashMap<u64, Record> =
+        expect.iter().map(|(sid, _)| (*sid, before.get(*sid).unwrap())).collect();
+    let (a, b, c) = (&before.shards[0], &before.shards[1], &before.shards[2]);
+    assert!(a.num_chunks() >= 3);
+    // A: a byte in the middle of chunk 1. B: a byte of the footer. C: gone.
+    let e = a.footer.chunks[1];
+    flip_byte(&a.path, e.offset + u64::from(e.stored_len) / 2);
+    let lost_a: Vec<u64> = a.footer.records
+        [e.first_record as usize..(e.first_record + e.num_records) as usize]
+        .iter()
+        .map(|r| r.sample_id)
+        .collect();
+    let footer_at = b.footer.chunks.last().map(|e| e.offset + u64::from(e.stored_len)).unwrap();
+    flip_byte(&b.path, footer_at + 30);
+    std::fs::remove_file(&c.path).unwrap();
+    let lost_whole = b.info.num_samples + c.info.num_samples;
+    let (a_file, b_file, c_file) = (a.info.file.clone(), b.info.file.clone(), c.info.file.clone());
+    let lost_positions = u64::from(e.num_positions) + b.info.num_positions + c.info.num_positions;
+    drop(before);
+    assert!(Store::open(&path, &OpenOptions::default()).is_err());
+
+    let files = snapshot(&path);
+    let plan = repair(&path, RepairOptions { dry_run: true, ..Default::default() }).unwrap();
+    assert_eq!(snapshot(&path), files, "a dry run must change nothing");
+    assert!(!plan.committed && !plan.sound());
+    let names: Vec<&str> = plan.repairs.iter().map(|r| r.file.as_str()).collect();
+    assert_eq!(names, [a_file.as_str(), b_file.as_str(), c_file.as_str()]);
+    assert_eq!(plan.lost_sample_ids, lost_a);
+    assert_eq!(plan.samples_lost, lost_a.len() as u64 + lost_whole);
+    assert_eq!(plan.positions_lost, lost_positions);
+    assert!(plan.repairs.iter().all(|r| r.new_file.is_none() && !r.problems.is_empty()));
+    let ra = &plan.repairs[0];
+    assert_eq!((ra.chunks_lost, ra.lost_ids_known), (1, true));
+    assert!(!plan.repairs[1].lost_ids_known && !plan.repairs[2].lost_ids_known);
+    assert!(
+        plan.repairs[0].problems.iter().any(|m| m.contains("chunk 1,")),
+        "{:?}",
+        plan.repairs[0].problems
+    );
+
+    let done = repair(&path, RepairOptions::default()).unwrap();
+    assert!(done.committed);
+    assert_eq!(
+        (done.lost_sample_ids.clone(), done.samples_lost),
+        (plan.lost_sample_ids.clone(), plan.samples_lost)
+    );
+    let new_a = done.repairs[0].new_file.clone().unwrap();
+    assert!(done.repairs[1].new_file.is_none() && done.repairs[2].new_file.is_none());
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(s.len() as u64, 60 - done.samples_lost);
+    assert!(s.manifest.shards.iter().any(|i| i.file == new_a));
+    let mut kept = 0;
+    for (sid, (input, ids, lps)) in &expect {
+        if s.contains(*sid) {
+            let r = s.get(*sid).unwrap();
+            check_same(&r, input, ids, lps, 5.0 / 512.0);
+            let was = &decoded[sid];
+            assert_eq!((&r.input_ids, &r.ids), (&was.input_ids, &was.ids));
+            assert_eq!(
+                r.logprobs.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                was.logprobs.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            kept += 1;
+        } else {
+            assert!(matches!(s.get(*sid), Err(Error::MissingSample { .. })));
+        }
+    }
+    assert_eq!(kept, s.len());
+    assert!(lost_a.iter().all(|sid| !s.contains(*sid)));
+    let v = logitcache_core::verify::verify(&path).unwrap();
+    assert!(v.ok(), "{:?}", v.problems);
+    assert_eq!(v.orphans, [a_file.clone(), b_file.clone()], "damaged files stay, as orphans");
+    let again = repair(&path, RepairOptions::default()).unwrap();
+    assert!(again.sound() && !again.committed && again.samples_lost == 0);
+    // The repaired store takes appends under fresh names.
+    let mut w =
+        StoreWriter::open(&path, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts())
+            .unwrap();
+    let extra = write_topk(&mut w, 1000, 12);
+    w.close().unwrap();
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    check_same(&s.get(1000).unwrap(), &extra.0, &extra.1, &extra.2, 5.0 / 512.0);
+}
+
+/// A sound store: repair commits nothing and touches no file.
+#[test]
+fn repair_of_a_sound_store_changes_nothing() {
+    use logitcache_core::repair::{RepairOptions, repair};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    many_shard_store(&path, 20);
+    let files = snapshot(&path);
+    let r = repair(&path, RepairOptions { dry_run: false, remove_damaged: true }).unwrap();
+    assert!(r.sound() && !r.committed && r.removed.is_empty() && r.lost_sample_ids.is_empty());
+    assert_eq!(snapshot(&path), files);
+}
+
+/// A shard none of whose chunks is sound is left out whole (no empty shard written), and
+/// `remove_damaged` deletes the damaged files once the repair is committed. Another
+/// writer's lock keeps repair out (a dry run still reads).
+#[test]
+fn repair_drops_a_shard_with_nothing_sound_and_removes_damaged_files() {
+    use logitcache_core::repair::{RepairOptions, repair};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    many_shard_store(&path, 40);
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    let victim = &s.shards[1];
+    for e in &victim.footer.chunks {
+        flip_byte(&victim.path, e.offset + 3);
+    }
+    let (file, samples) = (victim.info.file.clone(), victim.info.num_samples);
+    let shards_before = s.shards.len();
+    drop(s);
+    let w = StoreWriter::open(&path, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts())
+        .unwrap();
+    assert!(matches!(repair(&path, RepairOptions::default()), Err(Error::Locked { .. })));
+    let plan = repair(&path, RepairOptions { dry_run: true, ..Default::default() }).unwrap();
+    assert_eq!(plan.samples_lost, samples);
+    drop(w);
+    let r = repair(&path, RepairOptions { dry_run: false, remove_damaged: true }).unwrap();
+    assert!(r.committed);
+    assert_eq!(r.repairs.len(), 1);
+    assert_eq!((r.repairs[0].chunks_kept, r.repairs[0].new_file.clone()), (0, None));
+    assert_eq!(r.removed, std::slice::from_ref(&file));
+    assert!(!path.join(&file).exists());
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(s.shards.len(), shards_before - 1);
+    assert_eq!(s.len() as u64, 40 - samples);
+    let v = logitcache_core::verify::verify(&path).unwrap();
+    assert!(v.ok() && v.orphans.is_empty(), "{:?} {:?}", v.problems, v.orphans);
+}
+
+/// Two readable copies of a sample id are not damage repair can mend: it refuses, naming
+/// the id, and changes nothing.
+#[test]
+fn repair_refuses_a_sample_stored_twice() {
+    use logitcache_core::manifest::Manifest;
+    use logitcache_core::repair::{RepairOptions, repair};
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+    for (p, first) in [(&pa, 0u64), (&pb, 5)] {
+        let mut w =
+            StoreWriter::open(p, spec(Kind::TopK, 8, 1000, None), Mode::Create, small_opts())
+                .unwrap();
+        for sid in first..first + 10 {
+            write_topk(&mut w, sid, 7);
+        }
+        w.close().unwrap();
+    }
+    let mut ma = Manifest::read(&pa).unwrap();
+    let mb = Manifest::read(&pb).unwrap();
+    for s in &mb.shards {
+        std::fs::copy(pb.join(&s.file), pa.join(&s.file)).unwrap();
+        ma.shards.push(s.clone());
+        ma.num_samples += s.num_samples;
+        ma.num_positions += s.num_positions;
+    }
+    ma.commit(&pa).unwrap();
+    assert!(Store::open(&pa, &OpenOptions::default()).is_err());
+    let files = snapshot(&pa);
+    let err = repair(&pa, RepairOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("sample id 5 is stored twice"), "{err}");
+    assert_eq!(snapshot(&pa), files);
+}
+
+/// A repair that fails before its manifest is committed (here: the temporary manifest's
+/// name is taken by a directory) removes the shards it wrote and leaves the store as it
+/// was; the next repair goes through.
+#[test]
+fn a_repair_that_cannot_commit_leaves_the_store_as_it_was() {
+    use logitcache_core::repair::{RepairOptions, repair};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    many_shard_store(&path, 30);
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    let e = s.shards[0].footer.chunks[0];
+    flip_byte(&s.shards[0].path, e.offset + 5);
+    drop(s);
+    let files = snapshot(&path);
+    let blocker = path.join(format!(".manifest.json.tmp-{}", std::process::id()));
+    std::fs::create_dir(&blocker).unwrap();
+    let err = repair(&path, RepairOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert_eq!(snapshot(&path), files, "the new shard must be removed again");
+    std::fs::remove_dir(&blocker).unwrap();
+    let r = repair(&path, RepairOptions::default()).unwrap();
+    assert!(r.committed && r.repairs[0].new_file.is_some());
+    assert!(Store::open(&path, &OpenOptions::default()).is_ok());
+}

@@ -1,0 +1,290 @@
+//! `repair`: make a damaged store whole again by giving up what cannot be read.
+//!
+//! A store opens only when every shard's header, trailer and footer are sound, so one
+//! damaged shard footer makes every other shard unreachable too; a damaged chunk fails
+//! every read that touches it. Repair checks the whole store as `verify` does, then
+//! commits a manifest without the damage: a shard whose footer is sound but some of whose
+//! chunks are not is rewritten as a new shard holding its sound chunks (their stored bytes
+//! copied unchanged, so nothing is decoded and encoded again); a shard that cannot be
+//! located at all (missing, truncated, damaged header, trailer or footer) is left out. The
+//! samples of what is left out are lost, and reported (their ids where a footer names
+//! them).
+//!
+//! It is a writer like any other: it holds the store's lock, writes its new shards first
+//! (fsynced) and then replaces the manifest atomically, so a repair that is killed leaves
+//! the store as it found it (plus orphan files, which `verify` lists). The damaged shard
+//! files are not part of the repaired store; they stay on disk, as orphans, unless asked to
+//! be removed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Location, Result};
+use crate::manifest::{self, MANIFEST_NAME, Manifest, ShardInfo};
+use crate::reader::{ShardReader, params_from_manifest};
+use crate::verify::{ShardInspection, inspect_shard_ticked};
+use crate::writer::{self, SHARDS_DIR, ShardWriter};
+
+/// What [`repair`] may do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RepairOptions {
+    /// Check and plan only: report what a repair would do, change nothing (and take no
+    /// lock: a writer may be at work).
+    pub dry_run: bool,
+    /// Delete the damaged shard files once the repaired manifest is committed (by default
+    /// they stay, as orphans, for whoever wants to look at them).
+    pub remove_damaged: bool,
+}
+
+/// What became of one damaged shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRepair {
+    /// The damaged shard's file, as the manifest named it.
+    pub file: String,
+    /// Every fault found in it.
+    pub problems: Vec<String>,
+    /// The new shard holding its sound chunks; `None` when nothing of it was kept, or in a
+    /// dry run.
+    pub new_file: Option<String>,
+    /// Sound chunks kept (copied into the new shard).
+    pub chunks_kept: u64,
+    /// Chunks given up (all of them when the shard cannot be located).
+    pub chunks_lost: u64,
+    pub samples_lost: u64,
+    pub positions_lost: u64,
+    /// Whether the lost samples' ids are known (the shard's footer could be read).
+    pub lost_ids_known: bool,
+}
+
+/// What [`repair`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Shards in the manifest before the repair.
+    pub shards: usize,
+    /// The damaged shards, in manifest order; empty when the store is sound.
+    pub repairs: Vec<ShardRepair>,
+    /// Ids of the samples lost whose ids are known, in increasing order.
+    pub lost_sample_ids: Vec<u64>,
+    /// Samples and positions lost in all (those of unlocatable shards included, counted
+    /// from the manifest).
+    pub samples_lost: u64,
+    pub positions_lost: u64,
+    /// Whether a repaired manifest was committed.
+    pub committed: bool,
+    /// Damaged shard files deleted ([`RepairOptions::remove_damaged`]).
+    pub removed: Vec<String>,
+}
+
+impl RepairReport {
+    /// True when the store had no fault (nothing to repair).
+    pub fn sound(&self) -> bool {
+        self.repairs.is_empty()
+    }
+}
+
+/// Repair the store at `dir`; see the module documentation.
+pub fn repair(dir: &Path, opts: RepairOptions) -> Result<RepairReport> {
+    repair_with_progress(dir, opts, &|_, _| {})
+}
+
+/// [`repair`], calling `progress(done, total)` during its check of the store, as
+/// [`crate::verify::verify_with_progress`] does (the copies of sound chunks that follow are
+/// not counted: at most the size of the damaged shards).
+pub fn repair_with_progress(
+    dir: &Path,
+    opts: RepairOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<RepairReport> {
+    let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
+    // Everything hangs on the manifest: what it cannot tell (the configuration, the
+    // teacher, which shards are committed) cannot be rebuilt from the shards alone.
+    let manifest = Manifest::read(dir)?;
+    let mpath = dir.join(MANIFEST_NAME);
+    let p = params_from_manifest(&manifest, &mpath)?;
+    let total = 2 * manifest.shards.iter().map(|s| s.bytes).sum::<u64>();
+    let done = AtomicU64::new(0);
+    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let found: Vec<ShardInspection> = crate::threads::install(|| {
+        manifest
+            .shards
+            .par_iter()
+            .enumerate()
+            .map(|(i, info)| inspect_shard_ticked(dir, i as u32, info, &p, &tick))
+            .collect()
+    })?;
+    progress(total, total);
+
+    let mut report = RepairReport { shards: manifest.shards.len(), ..Default::default() };
+    let mut lost_ids = Vec::new();
+    let mut kept_ids: Vec<(u64, usize)> = Vec::new();
+    for (i, (info, f)) in manifest.shards.iter().zip(&found).enumerate() {
+        match (&f.reader, f.problems.is_empty()) {
+            (Some(shard), true) => {
+                kept_ids.extend(shard.footer.records.iter().map(|r| (r.sample_id, i)));
+            }
+            (Some(shard), false) => {
+                let mut r = ShardRepair {
+                    file: info.file.clone(),
+                    problems: f.problems.clone(),
+                    new_file: None,
+                    chunks_kept: 0,
+                    chunks_lost: 0,
+                    samples_lost: 0,
+                    positions_lost: 0,
+                    lost_ids_known: true,
+                };
+                for (c, e) in shard.footer.chunks.iter().enumerate() {
+                    let records = chunk_records(shard, c)?;
+                    if f.bad_chunks.binary_search(&c).is_ok() {
+                        r.chunks_lost += 1;
+                        r.samples_lost += records.len() as u64;
+                        r.positions_lost += u64::from(e.num_positions);
+                        lost_ids.extend(records.iter().map(|rec| rec.sample_id));
+                    } else {
+                        r.chunks_kept += 1;
+                        kept_ids.extend(records.iter().map(|rec| (rec.sample_id, i)));
+                    }
+                }
+                report.repairs.push(r);
+            }
+            (None, _) => report.repairs.push(ShardRepair {
+                file: info.file.clone(),
+                problems: f.problems.clone(),
+                new_file: None,
+                chunks_kept: 0,
+                chunks_lost: info.num_chunks,
+                samples_lost: info.num_samples,
+                positions_lost: info.num_positions,
+                lost_ids_known: false,
+            }),
+        }
+    }
+    // A sample id stored twice is not damage that dropping unreadable bytes can mend (both
+    // copies read fine); which one is right is not for repair to guess.
+    kept_ids.sort_unstable();
+    if let Some(w) = kept_ids.windows(2).find(|w| w[0].0 == w[1].0) {
+        let (a, b) = (&manifest.shards[w[0].1], &manifest.shards[w[1].1]);
+        return Err(Error::corrupt(
+            Location::file(dir.join(&b.file)).sample(w[0].0),
+            format!(
+                "sample id {} is stored twice (also in {}); repair cannot tell which copy to keep",
+                w[0].0, a.file
+            ),
+        ));
+    }
+    lost_ids.sort_unstable();
+    report.lost_sample_ids = lost_ids;
+    report.samples_lost = report.repairs.iter().map(|r| r.samples_lost).sum();
+    report.positions_lost = report.repairs.iter().map(|r| r.positions_lost).sum();
+    if report.sound() || opts.dry_run {
+        return Ok(report);
+    }
+
+    let mut created: Vec<PathBuf> = Vec::new();
+    let rewritten = rewrite_damaged(dir, &manifest, &found, &p, &mut report, &mut created);
+    let committed = rewritten.and_then(|new_infos| {
+        let mut m = manifest.clone();
+        m.shards = manifest
+            .shards
+            .iter()
+            .zip(&found)
+            .zip(new_infos)
+            .filter_map(|((info, f), new)| {
+                if f.reader.is_some() && f.problems.is_empty() { Some(info.clone()) } else { new }
+            })
+            .collect();
+        m.num_samples = m.shards.iter().map(|s| s.num_samples).sum();
+        m.num_positions = m.shards.iter().map(|s| s.num_positions).sum();
+        m.updated_by = writer::tool();
+        manifest::sync_dir(&dir.join(SHARDS_DIR))?;
+        m.commit(dir)
+    });
+    if let Err(e) = committed {
+        for path in created {
+            let _ = fs::remove_file(path);
+        }
+        for r in &mut report.repairs {
+            r.new_file = None;
+        }
+        return Err(e);
+    }
+    report.committed = true;
+    if opts.remove_damaged {
+        for r in &report.repairs {
+            let path = dir.join(&r.file);
+            match fs::remove_file(&path) {
+                Ok(()) => report.removed.push(r.file.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove damaged shard", &path, e)),
+            }
+        }
+        manifest::sync_dir(&dir.join(SHARDS_DIR))?;
+    }
+    Ok(report)
+}
+
+/// The footer's records of chunk `c` (the footer was checked when the shard was opened:
+/// chunks tile the record table).
+fn chunk_records(shard: &ShardReader, c: usize) -> Result<&[crate::format::RecordEntry]> {
+    let e = &shard.footer.chunks[c];
+    let first = e.first_record as usize;
+    shard
+        .footer
+        .records
+        .get(first..first + e.num_records as usize)
+        .ok_or_else(|| Error::State("chunk records outside the record table".into()))
+}
+
+/// Write a new shard of the sound chunks of every damaged shard whose footer could be
+/// read; returns, per manifest shard, the new shard's entry (None for sound shards, for
+/// shards with nothing left, and for shards that cannot be located).
+fn rewrite_damaged(
+    dir: &Path,
+    manifest: &Manifest,
+    found: &[ShardInspection],
+    p: &crate::codec::CodecParams,
+    report: &mut RepairReport,
+    created: &mut Vec<PathBuf>,
+) -> Result<Vec<Option<ShardInfo>>> {
+    let mut next_seq = writer::max_seq(dir)?.map_or(0, |s| s + 1);
+    let mut repairs = report.repairs.iter_mut();
+    let mut out = Vec::with_capacity(found.len());
+    for (i, f) in found.iter().enumerate() {
+        let Some(shard) = &f.reader else {
+            repairs.next();
+            out.push(None);
+            continue;
+        };
+        if f.problems.is_empty() {
+            out.push(None);
+            continue;
+        }
+        let r = repairs.next().ok_or_else(|| Error::State("repair plan out of step".into()))?;
+        if r.chunks_kept == 0 {
+            out.push(None);
+            continue;
+        }
+        let mut header = shard.header.clone();
+        header.uid = writer::random_u64();
+        let mut w = ShardWriter::create(dir, next_seq, &header)?;
+        next_seq += 1;
+        created.push(w.path.clone());
+        for (c, e) in shard.footer.chunks.iter().enumerate() {
+            if f.bad_chunks.binary_search(&c).is_ok() {
+                continue;
+            }
+            let bytes = shard.chunk_bytes(c)?;
+            w.copy_chunk(&bytes, e, chunk_records(shard, c)?)?;
+        }
+        let info = w.finish()?;
+        // The new shard must open as the manifest will describe it before it is committed.
+        ShardReader::open(dir, i as u32, &info, p, false)?;
+        r.new_file = Some(info.file.clone());
+        out.push(Some(info));
+    }
+    debug_assert_eq!(out.len(), manifest.shards.len());
+    Ok(out)
+}
