@@ -1,13 +1,15 @@
 """logitcache: offline knowledge distillation stores and losses for language models.
 
 Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
-check it with :func:`verify_store`; fit a student with :class:`KDLoss` and the functions of
-:mod:`logitcache.losses` (imported on first use: the store works without torch).
+check it with :func:`verify_store` and mend a damaged one with :func:`repair_store`; fit a
+student with :class:`KDLoss` and the functions of :mod:`logitcache.losses` (imported on
+first use: the store works without torch).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from logitcache import _core
@@ -55,6 +57,30 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'logitcache' has no attribute {name!r}")
 
 
+def _with_progress_bar(
+    desc: str,
+    progress: bool | None,
+    run: Callable[[Callable[[int, int], None] | None], dict[str, Any]],
+) -> dict[str, Any]:
+    """``run(callback)`` with a tqdm bar fed by the core's ``(done, total)`` calls, which
+    count every byte twice (whole-file checksum, then decoding): the bar shows bytes."""
+    if progress is False:
+        return run(None)
+    from tqdm.auto import tqdm
+
+    disable = None if progress is None else False  # None: tqdm's test for a terminal
+    with tqdm(
+        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=disable
+    ) as bar:
+
+        def update(done: int, total: int) -> None:
+            bar.total = total / 2
+            bar.n = done / 2
+            bar.refresh()
+
+        return run(update)
+
+
 def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False) -> dict[str, Any]:
     """Check every checksum (manifest, shard files, headers, footers, chunks) and every
     decoded value of a store. Returns a report: ``ok`` (no fault in committed data),
@@ -64,21 +90,51 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     ``progress=True`` shows a progress bar (tqdm, on stderr) of the store's bytes checked;
     ``None`` shows it only when stderr is a terminal. Each byte is read twice (the
     whole-file checksum, then the chunks' decoding), and the bar counts both halves."""
-    if progress is False:
-        return dict(_core.verify(os.fspath(path)))
-    from tqdm.auto import tqdm
+    return _with_progress_bar(
+        "verify", progress, lambda cb: dict(_core.verify(os.fspath(path), cb))
+    )
 
-    disable = None if progress is None else False  # None: tqdm's test for a terminal
-    with tqdm(
-        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=disable
-    ) as bar:
 
-        def update(done: int, total: int) -> None:
-            bar.total = total / 2
-            bar.n = done / 2
-            bar.refresh()
+def repair_store(
+    path: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    remove_damaged: bool = False,
+    progress: bool | None = False,
+) -> dict[str, Any]:
+    """Make a damaged store readable again by giving up what cannot be read.
 
-        return dict(_core.verify(os.fspath(path), update))
+    The store is checked as :func:`verify_store` checks it. A shard whose footer is sound
+    but some of whose chunks are not is replaced by a new shard holding its sound chunks
+    (their bytes copied unchanged); a shard that cannot be located at all (missing,
+    truncated, damaged header, trailer or footer) is left out. The new manifest is
+    committed atomically after the new shards are written, under the store's writer lock
+    (:class:`StoreLockedError` while a writer is open): a repair that fails or is killed
+    leaves the store as it was. A damaged ``manifest.json`` cannot be repaired (it alone
+    records the configuration and which shards are committed): that raises
+    :class:`CorruptStoreError`, as does a sample id stored twice.
+
+    ``dry_run=True`` checks and reports what a repair would do, changing nothing (and
+    taking no lock). The damaged shard files stay on disk, unreferenced (``verify`` lists
+    them as orphans), unless ``remove_damaged=True``. ``progress`` as for
+    :func:`verify_store`.
+
+    Returns a report: ``sound`` (nothing to repair), ``committed`` (a repaired manifest was
+    written), ``repairs`` (per damaged shard: ``file``, ``problems``, ``new_file``,
+    ``chunks_kept``, ``chunks_lost``, ``samples_lost``, ``positions_lost``,
+    ``lost_ids_known``), ``lost_sample_ids`` (numpy uint64, sorted: the lost samples whose
+    ids a footer names; a shard that cannot be located loses samples whose ids are
+    unknown), ``samples_lost``, ``positions_lost`` (all of them), ``shards`` and
+    ``removed``."""
+    return _with_progress_bar(
+        "repair",
+        progress,
+        lambda cb: dict(
+            _core.repair(
+                os.fspath(path), dry_run=dry_run, remove_damaged=remove_damaged, progress=cb
+            )
+        ),
+    )
 
 
 __all__ = [
@@ -102,6 +158,7 @@ __all__ = [
     "get_num_threads",
     "kd_loss",
     "open_store",
+    "repair_store",
     "sampled_kd_loss",
     "set_num_threads",
     "sparse_kd_loss",

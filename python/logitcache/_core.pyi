@@ -96,6 +96,12 @@ class Store:
     def read_packed(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]: ...
 
 def verify(path: str, progress: Callable[[int, int], None] | None = None) -> dict[str, object]: ...
+def repair(
+    path: str,
+    dry_run: bool = False,
+    remove_damaged: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]: ...
 
 # Loss kernels (python/logitcache/_loss_kernels.py is their only user). Arrays are zero-copy
 # numpy views of contiguous CPU tensors; bfloat16 arrays are uint16 views of their bits.

@@ -1,4 +1,5 @@
-"""The ``logitcache`` command line: ``logitcache info PATH``, ``logitcache verify PATH``."""
+"""The ``logitcache`` command line: ``logitcache info PATH``, ``logitcache verify PATH``,
+``logitcache repair PATH``."""
 
 from __future__ import annotations
 
@@ -91,7 +92,72 @@ def _verify(args: argparse.Namespace) -> int:
             f"{report['samples']:,} samples, {report['positions']:,} positions, "
             f"{_human_bytes(report['bytes'])} checked"
         )
+        if not report["ok"]:
+            print(
+                f"to keep what can still be read: logitcache repair --dry-run {args.path}",
+                file=sys.stderr,
+            )
     return 0 if report["ok"] else 1
+
+
+def _repair(args: argparse.Namespace) -> int:
+    report = logitcache.repair_store(
+        args.path,
+        dry_run=args.dry_run,
+        remove_damaged=args.remove_damaged,
+        progress=None if args.progress else False,
+    )
+    lost_ids = report["lost_sample_ids"]
+    if args.lost_ids is not None:
+        with open(args.lost_ids, "w", encoding="utf-8") as f:
+            f.writelines(f"{int(i)}\n" for i in lost_ids)
+    if args.json:
+        out = dict(report)
+        out["lost_sample_ids"] = [int(i) for i in lost_ids]
+        print(json.dumps(out, indent=2))
+    elif report["sound"]:
+        print(f"OK: {report['shards']} shards, nothing to repair")
+    else:
+        would = "would be " if args.dry_run else ""
+        for r in report["repairs"]:
+            for p in r["problems"]:
+                print(f"FAULT: {p}", file=sys.stderr)
+            if r["new_file"] is not None:
+                fate = f"its sound chunks copied to {r['new_file']}"
+            elif r["chunks_kept"]:
+                fate = f"its {r['chunks_kept']} sound chunk(s) {would}copied to a new shard"
+            else:
+                fate = f"{would}left out whole"
+            ids = "" if r["lost_ids_known"] else " (ids unknown: its footer cannot be read)"
+            print(
+                f"{r['file']}: {r['chunks_lost']} chunk(s), {r['samples_lost']:,} sample(s), "
+                f"{r['positions_lost']:,} position(s) {would}lost{ids}; {fate}"
+            )
+        for f in report["removed"]:
+            print(f"removed damaged file {f}")
+        if args.dry_run:
+            head = "DRY RUN, nothing changed"
+        else:
+            head = "REPAIRED"
+        print(
+            f"{head}: {len(report['repairs'])} of {report['shards']} shards damaged; "
+            f"{report['samples_lost']:,} sample(s) ({report['positions_lost']:,} positions) "
+            f"{would}lost"
+            + (f"; their ids written to {args.lost_ids}" if args.lost_ids is not None else "")
+        )
+        if not args.dry_run and not report["removed"]:
+            print("the damaged shard files are kept (verify lists them as orphans)")
+    return 1 if args.dry_run and not report["sound"] else 0
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (by default one is shown on stderr when it is a terminal)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,14 +179,38 @@ def build_parser() -> argparse.ArgumentParser:
         "1 faults found, 2 the store cannot be read at all.",
     )
     p.add_argument("path", help="store directory")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress bar (by default one is shown on stderr when it is a terminal)",
-    )
+    _add_report_options(p)
     p.set_defaults(func=_verify)
+    p = sub.add_parser(
+        "repair",
+        help="drop what cannot be read from a damaged store, keep the rest",
+        description="Check the store as verify does, then commit a manifest without the "
+        "damage: a shard with damaged chunks is replaced by a new shard of its sound chunks "
+        "(copied unchanged), a shard whose header, footer or trailer is damaged (or that is "
+        "missing or truncated) is left out. The lost samples are reported. Takes the "
+        "store's writer lock; a repair that fails or is killed changes nothing. Exit "
+        "status: 0 the store is sound (repaired, or nothing to repair), 1 --dry-run found "
+        "damage, 2 the store cannot be repaired (e.g. its manifest.json is damaged) or is "
+        "locked by a writer.",
+    )
+    p.add_argument("path", help="store directory")
+    p.add_argument(
+        "--dry-run", action="store_true", help="report what would be done, change nothing"
+    )
+    p.add_argument(
+        "--remove-damaged",
+        action="store_true",
+        help="delete the damaged shard files once the repair is committed (by default they "
+        "stay, unreferenced)",
+    )
+    p.add_argument(
+        "--lost-ids",
+        metavar="FILE",
+        help="write the ids of the lost samples to FILE, one per line (those a readable "
+        "footer names)",
+    )
+    _add_report_options(p)
+    p.set_defaults(func=_repair)
     return parser
 
 

@@ -18,7 +18,7 @@ use numpy::{
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use crate::errors::IntoPyResult;
 
@@ -541,6 +541,47 @@ fn pooled_array<'py, T: PoolElement>(
     Ok(unsafe { PyArrayDyn::borrow_from_array(&view, owner.into_any()) })
 }
 
+/// A Python progress callback called from Rust threads: at most every 100 ms besides the
+/// last call (`done >= total`); an exception it raises stops further calls and is kept
+/// for [`Progress::finish`].
+struct Progress {
+    callback: Option<Py<PyAny>>,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    failed: std::sync::Mutex<Option<PyErr>>,
+}
+
+impl Progress {
+    fn new(callback: Option<Py<PyAny>>) -> Progress {
+        Progress { callback, last: Default::default(), failed: Default::default() }
+    }
+
+    fn call(&self, done: u64, total: u64) {
+        let Some(cb) = &self.callback else { return };
+        let Ok(mut last) = self.last.lock() else { return };
+        let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100));
+        if !(due || done >= total) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        Python::attach(|py| {
+            let Ok(mut failed) = self.failed.lock() else { return };
+            if failed.is_none()
+                && let Err(e) = cb.call1(py, (done, total))
+            {
+                *failed = Some(e);
+            }
+        });
+    }
+
+    /// The callback's exception, if it raised one.
+    fn finish(self) -> PyResult<()> {
+        match self.failed.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Check every checksum and decoded value of a store; returns a report dict. `progress`,
 /// if given, is called as `progress(done, total)` (see verify_with_progress) from the
 /// verifying threads, at most every 100 ms besides the last call; an exception it raises
@@ -552,29 +593,13 @@ fn verify<'py>(
     path: PathBuf,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let last = std::sync::Mutex::new(None::<std::time::Instant>);
-    let failed = std::sync::Mutex::new(None::<PyErr>);
-    let report = |done: u64, total: u64| {
-        let Some(cb) = &progress else { return };
-        let Ok(mut last) = last.lock() else { return };
-        let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100));
-        if !(due || done >= total) {
-            return;
-        }
-        *last = Some(std::time::Instant::now());
-        Python::attach(|py| {
-            let Ok(mut failed) = failed.lock() else { return };
-            if failed.is_none()
-                && let Err(e) = cb.call1(py, (done, total))
-            {
-                *failed = Some(e);
-            }
-        });
-    };
-    let r = py.detach(|| logitcache_core::verify::verify_with_progress(&path, &report)).py_err()?;
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e);
-    }
+    let progress = Progress::new(progress);
+    let r = py
+        .detach(|| {
+            logitcache_core::verify::verify_with_progress(&path, &|d, t| progress.call(d, t))
+        })
+        .py_err()?;
+    progress.finish()?;
     let d = PyDict::new(py);
     d.set_item("ok", r.ok())?;
     d.set_item("problems", r.problems)?;
@@ -587,8 +612,51 @@ fn verify<'py>(
     Ok(d)
 }
 
+/// Repair a damaged store (see logitcache_core::repair); returns a report dict. `progress`
+/// as for [`verify`], during the check of the store.
+#[pyfunction]
+#[pyo3(signature = (path, dry_run=false, remove_damaged=false, progress=None))]
+fn repair<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    dry_run: bool,
+    remove_damaged: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use logitcache_core::repair::{RepairOptions, repair_with_progress};
+    let progress = Progress::new(progress);
+    let opts = RepairOptions { dry_run, remove_damaged };
+    let r =
+        py.detach(|| repair_with_progress(&path, opts, &|d, t| progress.call(d, t))).py_err()?;
+    progress.finish()?;
+    let shards = PyList::empty(py);
+    for s in &r.repairs {
+        let e = PyDict::new(py);
+        e.set_item("file", &s.file)?;
+        e.set_item("problems", &s.problems)?;
+        e.set_item("new_file", &s.new_file)?;
+        e.set_item("chunks_kept", s.chunks_kept)?;
+        e.set_item("chunks_lost", s.chunks_lost)?;
+        e.set_item("samples_lost", s.samples_lost)?;
+        e.set_item("positions_lost", s.positions_lost)?;
+        e.set_item("lost_ids_known", s.lost_ids_known)?;
+        shards.append(e)?;
+    }
+    let d = PyDict::new(py);
+    d.set_item("sound", r.sound())?;
+    d.set_item("committed", r.committed)?;
+    d.set_item("shards", r.shards)?;
+    d.set_item("repairs", shards)?;
+    d.set_item("lost_sample_ids", PyArray1::from_vec(py, r.lost_sample_ids))?;
+    d.set_item("samples_lost", r.samples_lost)?;
+    d.set_item("positions_lost", r.positions_lost)?;
+    d.set_item("removed", r.removed)?;
+    Ok(d)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(repair, m)?)?;
     m.add_class::<PyStoreWriter>()?;
     m.add_class::<PyStore>()?;
     Ok(())

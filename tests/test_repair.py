@@ -1,0 +1,212 @@
+"""`repair_store` / `logitcache repair`: after damage anywhere in a shard, the repaired store
+opens and verifies, every surviving sample reads back exactly as before, and exactly the
+samples reported lost are gone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_sampled, make_topk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import logitcache as lc
+from logitcache.cli import main
+
+N_SAMPLES = 18
+
+
+def _store(path: Path, kind: str) -> None:
+    """A store of several shards of several chunks each."""
+    rng = np.random.default_rng(7)
+    k = 4 if kind == "topk" else 6
+    codec = None if kind == "topk" else "abs:0.01"
+    with lc.StoreWriter(
+        path, vocab_size=300, k=k, kind=kind, codec=codec, chunk_positions=12, shard_size=900
+    ) as w:
+        for sid in range(N_SAMPLES):
+            length = 3 + sid % 7
+            if kind == "topk":
+                w.add(sid * 10, *make_topk(rng, length, k, 300))
+            else:
+                inp, ids, counts, lps = make_sampled(rng, length, k, 300)
+                w.add_sampled(sid * 10, inp, ids, counts, lps)
+
+
+def _records(path: Path) -> dict[int, tuple[np.ndarray, ...]]:
+    store = lc.open_store(path)
+    out = {}
+    for sid in store.sample_ids():
+        r = store[int(sid)]
+        arrays = [r.input_ids, r.topk_ids, r.topk_logprobs]
+        if store.kind == "sampled":
+            arrays.append(r.counts)
+        out[int(sid)] = tuple(np.array(a) for a in arrays)
+    return out
+
+
+def _shards(path: Path) -> list[str]:
+    return [
+        s["file"] for s in json.loads((path / "manifest.json").read_text())["manifest"]["shards"]
+    ]
+
+
+@pytest.fixture(scope="module", params=["topk", "sampled"])
+def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp(request.param) / "s"
+    _store(path, request.param)
+    assert len(_shards(path)) >= 3
+    return path, _records(path)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_repair_after_a_flipped_byte_anywhere(
+    base: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    src, original = base
+    work = tmp_path_factory.mktemp("work") / "s"
+    shutil.copytree(src, work)
+    shards = _shards(work)
+    victim = work / data.draw(st.sampled_from(shards), label="shard")
+    raw = bytearray(victim.read_bytes())
+    footer_off, footer_len = struct.unpack_from("<QQ", raw, len(raw) - 32)
+    region = data.draw(
+        st.sampled_from(
+            [
+                (0, 64),
+                (64, footer_off),
+                (footer_off, footer_off + footer_len),
+                (len(raw) - 32, len(raw)),
+            ]
+        ),
+        label="region",
+    )
+    at = data.draw(st.integers(region[0], region[1] - 1), label="byte")
+    raw[at] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+    victim.write_bytes(bytes(raw))
+    assert not lc.verify_store(work)["ok"]
+
+    plan = lc.repair_store(work, dry_run=True)
+    assert victim.read_bytes() == bytes(raw) and _shards(work) == shards
+    report = lc.repair_store(work)
+    assert report["committed"] and not report["sound"]
+    assert [r["file"] for r in report["repairs"]] == [str(victim.relative_to(work))]
+    for key in ("lost_sample_ids", "samples_lost", "positions_lost"):
+        assert np.array_equal(report[key], plan[key]), key
+    assert lc.verify_store(work)["ok"]
+    store = lc.open_store(work)
+    got = _records(work)
+    # Survivors read back bit for bit; exactly the reported samples are gone.
+    for sid, arrays in got.items():
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, original[sid], strict=True)), sid
+    lost = set(original) - set(got)
+    assert len(lost) == report["samples_lost"] == len(original) - len(store)
+    assert (
+        store.meta["num_positions"]
+        == sum(len(v[0]) for v in original.values()) - report["positions_lost"]
+    )
+    (repair,) = report["repairs"]
+    if repair["lost_ids_known"]:
+        assert set(report["lost_sample_ids"].tolist()) == lost
+    else:
+        assert len(report["lost_sample_ids"]) == 0 and repair["new_file"] is None
+    assert report["lost_sample_ids"].dtype == np.uint64
+    shutil.rmtree(work)
+
+
+def test_repair_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s"
+    _store(path, "topk")
+    original = _records(path)
+    assert main(["repair", str(path)]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+    victim_rel = _shards(path)[1]
+    victim = path / victim_rel
+    raw = bytearray(victim.read_bytes())
+    raw[70] ^= 4  # inside chunk 0
+    victim.write_bytes(bytes(raw))
+
+    assert main(["repair", "--dry-run", str(path)]) == 1
+    cap = capsys.readouterr()
+    assert "DRY RUN" in cap.out and victim_rel in cap.out and "would be lost" in cap.out
+    assert "FAULT" in cap.err and "chunk 0" in cap.err
+    assert _shards(path)[1] == victim_rel
+
+    assert main(["verify", str(path)]) == 1
+    assert "logitcache repair --dry-run" in capsys.readouterr().err
+
+    lost_file = tmp_path / "lost.txt"
+    assert main(["repair", "--lost-ids", str(lost_file), str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "REPAIRED" in out and "kept" in out
+    lost = {int(line) for line in lost_file.read_text().split()}
+    assert lost and lost == set(original) - set(_records(path))
+    assert victim_rel not in _shards(path)
+
+    assert main(["verify", str(path)]) == 0
+    assert victim_rel in capsys.readouterr().err  # an orphan now
+    assert main(["repair", "--json", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sound"] and report["lost_sample_ids"] == []
+
+    assert main(["repair", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_repair_refuses_while_a_writer_holds_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s"
+    _store(path, "topk")
+    victim = path / _shards(path)[0]
+    with lc.StoreWriter(path, vocab_size=300, k=4, mode="a"):
+        victim.write_bytes(victim.read_bytes()[:-1])  # truncated: the whole shard is lost
+        with pytest.raises(lc.StoreLockedError):
+            lc.repair_store(path)
+        assert main(["repair", str(path)]) == 2
+        assert "lock" in capsys.readouterr().err
+        assert lc.repair_store(path, dry_run=True)["samples_lost"] > 0
+    report = lc.repair_store(path, remove_damaged=True)
+    assert report["removed"] == [str(victim.relative_to(path))] and not victim.exists()
+    repair = report["repairs"][0]
+    assert not repair["lost_ids_known"] and repair["chunks_kept"] == 0
+    assert lc.verify_store(path)["orphans"] == []
+
+
+def test_a_damaged_manifest_is_not_repaired(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _store(path, "topk")
+    m = path / "manifest.json"
+    damaged = m.read_text().replace('"num_samples"', '"num_sampler"', 1)
+    m.write_text(damaged)
+    files = sorted(p.name for p in (path / "shards").iterdir())
+    with pytest.raises(lc.CorruptStoreError):
+        lc.repair_store(path)
+    assert m.read_text() == damaged
+    assert sorted(p.name for p in (path / "shards").iterdir()) == files
+
+
+def test_repair_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s"
+    _store(path, "topk")
+    assert lc.repair_store(path, progress=True)["sound"]
+    err = capsys.readouterr().err
+    assert "repair" in err and "100%" in err, err
+    calls: list[tuple[int, int]] = []
+    lc._core.repair(str(path), dry_run=True, progress=lambda d, t: calls.append((d, t)))
+    store_bytes = sum(f.stat().st_size for f in (path / "shards").iterdir())
+    assert calls[-1] == (2 * store_bytes, 2 * store_bytes)
+
+    def fail(done: int, total: int) -> None:
+        raise RuntimeError(f"stop at {done} of {total}")
+
+    with pytest.raises(RuntimeError, match="stop at"):
+        lc._core.repair(str(path), progress=fail)
