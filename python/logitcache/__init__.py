@@ -112,7 +112,9 @@ def repair_store(
     (:class:`StoreLockedError` while a writer is open): a repair that fails or is killed
     leaves the store as it was. A damaged ``manifest.json`` cannot be repaired (it alone
     records the configuration and which shards are committed): that raises
-    :class:`CorruptStoreError`, as does a sample id stored twice.
+    :class:`CorruptStoreError`, as does a sample id stored twice. A shard that cannot be
+    checked for a reason that says nothing about its bytes (e.g. permission denied) stops
+    the repair with :class:`StoreError`, nothing changed.
 
     ``dry_run=True`` checks and reports what a repair would do, changing nothing (and
     taking no lock). The damaged shard files stay on disk, unreferenced (``verify`` lists

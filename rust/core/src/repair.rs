@@ -8,7 +8,8 @@
 //! copied unchanged, so nothing is decoded and encoded again); a shard that cannot be
 //! located at all (missing, truncated, damaged header, trailer or footer) is left out. The
 //! samples of what is left out are lost, and reported (their ids where a footer names
-//! them).
+//! them). Only what is shown to be damaged is given up: a shard that cannot be checked for
+//! another reason (permission denied, say) stops the repair before anything changes.
 //!
 //! It is a writer like any other: it holds the store's lock, writes its new shards first
 //! (fsynced) and then replaces the manifest atomically, so a repair that is killed leaves
@@ -116,6 +117,13 @@ pub fn repair_with_progress(
             .collect()
     })?;
     progress(total, total);
+    // Repair gives up only data shown to be damaged: a shard that could not be checked
+    // (say, permission denied) is not dropped; the repair stops instead.
+    if let Some(e) = found.iter().find_map(|f| f.unchecked.as_ref()) {
+        return Err(Error::State(format!(
+            "repair stopped, nothing changed: a shard could not be checked ({e}); fix that and run it again"
+        )));
+    }
 
     let mut report = RepairReport { shards: manifest.shards.len(), ..Default::default() };
     let mut lost_ids = Vec::new();

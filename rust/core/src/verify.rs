@@ -163,6 +163,27 @@ pub(crate) struct ShardInspection {
     pub reader: Option<ShardReader>,
     /// Chunks whose checksum, decoding or values failed, in increasing order.
     pub bad_chunks: Vec<usize>,
+    /// The first error met that says nothing about the data (e.g. permission denied): the
+    /// shard could not be checked, which is not the same as damaged.
+    pub unchecked: Option<Error>,
+}
+
+/// errno of a device read error on Linux, macOS and the BSDs.
+const EIO: i32 = 5;
+
+/// Whether an error met while checking a shard is evidence of damage. I/O errors are only
+/// when the file is missing, ends early, or the device reports a read error (EIO); others
+/// (permissions, too many open files, ...) say nothing about the bytes.
+fn is_damage(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => {
+            matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+            ) || (cfg!(unix) && source.raw_os_error() == Some(EIO))
+        }
+        _ => true,
+    }
 }
 
 /// Check one shard: its whole-file checksum, header, trailer, footer, and every chunk
@@ -177,7 +198,18 @@ pub(crate) fn inspect_shard(
 ) -> ShardInspection {
     let path = dir.join(&info.file);
     let loc = Location::file(&path).shard(index);
-    let mut found = ShardInspection { problems: Vec::new(), reader: None, bad_chunks: Vec::new() };
+    let mut found = ShardInspection {
+        problems: Vec::new(),
+        reader: None,
+        bad_chunks: Vec::new(),
+        unchecked: None,
+    };
+    let fail = |found: &mut ShardInspection, e: Error| {
+        found.problems.push(e.to_string());
+        if !is_damage(&e) && found.unchecked.is_none() {
+            found.unchecked = Some(e);
+        }
+    };
     match file_crc(&path, tick) {
         Ok((crc, len)) => {
             let want = manifest::parse_checksum(&info.checksum);
@@ -197,14 +229,14 @@ pub(crate) fn inspect_shard(
             }
         }
         Err(e) => {
-            found.problems.push(e.to_string());
+            fail(&mut found, e);
             return found;
         }
     }
     let shard = match ShardReader::open(dir, index, info, p, false) {
         Ok(s) => s,
         Err(e) => {
-            found.problems.push(e.to_string());
+            fail(&mut found, e);
             return found;
         }
     };
@@ -214,7 +246,7 @@ pub(crate) fn inspect_shard(
         let cloc = loc.clone().chunk(c as u64);
         let checked = shard.decode_chunk(c, p).and_then(|d| check_values(&d, p, &mut seen, &cloc));
         if let Err(e) = checked {
-            found.problems.push(e.to_string());
+            fail(&mut found, e);
             found.bad_chunks.push(c);
         }
     }

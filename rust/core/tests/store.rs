@@ -707,3 +707,29 @@ fn a_repair_that_cannot_commit_leaves_the_store_as_it_was() {
     assert!(r.committed && r.repairs[0].new_file.is_some());
     assert!(Store::open(&path, &OpenOptions::default()).is_ok());
 }
+
+/// A shard that cannot be checked for a reason that says nothing about its bytes (here its
+/// path is a directory: reading it fails with EISDIR) stops the repair: nothing is given
+/// up that was not shown to be damaged. A missing shard is given up.
+#[test]
+fn repair_stops_at_a_shard_it_cannot_check() {
+    use logitcache_core::repair::{RepairOptions, repair};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    many_shard_store(&path, 30);
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    let (victim, samples) = (s.shards[0].path.clone(), s.shards[0].info.num_samples);
+    drop(s);
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::create_dir(&victim).unwrap();
+    let files = snapshot(&path);
+    for dry_run in [true, false] {
+        let err = repair(&path, RepairOptions { dry_run, ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("could not be checked"), "{err}");
+    }
+    assert_eq!(snapshot(&path), files);
+    assert!(victim.is_dir());
+    std::fs::remove_dir(&victim).unwrap();
+    let r = repair(&path, RepairOptions::default()).unwrap();
+    assert!(r.committed && r.samples_lost == samples && !r.repairs[0].lost_ids_known);
+}
