@@ -142,6 +142,17 @@ def test_repair_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["verify", str(path)]) == 1
     assert "logitcache repair --dry-run" in capsys.readouterr().err
+    # info cannot open it (a damaged chunk is found only when read: damage the footer of
+    # another shard) and points to verify and repair.
+    other = path / _shards(path)[0]
+    sound = other.read_bytes()
+    data = bytearray(sound)
+    data[-40] ^= 1
+    other.write_bytes(bytes(data))
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "logitcache verify" in err and "logitcache repair --dry-run" in err
+    other.write_bytes(sound)
 
     lost_file = tmp_path / "lost.txt"
     assert main(["repair", "--lost-ids", str(lost_file), str(path)]) == 0

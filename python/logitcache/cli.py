@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import logitcache
-from logitcache.errors import StoreError
+from logitcache.errors import CorruptStoreError, StoreError
 
 
 def _human_bytes(n: float) -> str:
@@ -221,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (StoreError, OSError) as e:
         print(f"logitcache {args.command}: {e}", file=sys.stderr)
+        if isinstance(e, CorruptStoreError) and args.command == "info":
+            print(
+                f"every fault: logitcache verify {args.path}; to keep what can still be "
+                f"read: logitcache repair --dry-run {args.path}",
+                file=sys.stderr,
+            )
         return 2
 
 
