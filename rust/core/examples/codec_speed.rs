@@ -140,7 +140,7 @@ fn main() {
         best = best.min(cpu_time() - t);
     }
     println!(
-        "{} positions, {:.2} bytes/pos, check {:.2} M pos/s, encode {:.2} M pos/s, decode {:.2} M pos/s",
+        "{} positions, {:.2} bytes/pos, check {:.2} M pos/s, encode {:.3} M pos/s, decode {:.3} M pos/s",
         positions,
         bytes as f64 / positions as f64,
         positions as f64 / add / 1e6,

@@ -63,17 +63,21 @@ pub fn band(l: u64, shift: u32) -> u32 {
     b.min(u64::from(MAX_BAND)) as u32
 }
 
-/// Round a non-negative float to the nearest integer (half up) without a libm call.
+/// Round a non-negative float to the nearest integer (half up) without a libm call. The
+/// values rounded here are at most 2^42 (levels), so through i64: one instruction each way
+/// where u64 takes several.
 #[inline]
 fn round_nonneg(x: f64) -> u64 {
-    let q = (x + 0.5) as u64;
-    if q as f64 - x > 0.5 { q - 1 } else { q }
+    let q = (x + 0.5) as i64;
+    (if q as f64 - x > 0.5 { q - 1 } else { q }) as u64
 }
 
-/// The float32 value of level `l` at unit 2^-shift.
+/// The float32 value of level `l` at unit 2^-shift. Levels never exceed [`max_level`]
+/// (2^42; the encoder and the decoder both check), so the conversion goes through i64,
+/// exact either way and one instruction where u64 takes several.
 #[inline]
 pub fn dequantize(l: u64, shift: u32) -> f32 {
-    (-(l as f64) * f64::from_bits((1023 - u64::from(shift)) << 52)) as f32
+    (-(l as i64 as f64) * f64::from_bits((1023 - u64::from(shift)) << 52)) as f32
 }
 
 /// Largest level allowed at unit 2^-shift.
@@ -84,70 +88,113 @@ fn max_level(shift: u32) -> u64 {
 
 /// Quantize a sorted row at (b, e); returns the count of finite entries (the rest decode to
 /// -inf). `numbers` receives the coded numbers, `levels` the levels.
+///
+/// By definition entry j >= 1 is `l_j = l_{j-1} + m k`, with `m = 2^(e + band(l_{j-1}))`
+/// and `k = round(max(0, (x_j - l_{j-1}) / m))` (half up): a chain in which every entry
+/// waits for the previous one, once per setting the search tries. While the band stays
+/// the same, m does, and every level of the band is `a + (multiple of m)` for the band's
+/// first level a, so `l_j = a + m round(max(0, (x_j - a) / m))`, clamped to at least
+/// `l_{j-1}`: the same integer (x_j and the levels are exact in float64, so `(x_j - l_{j-1})
+/// / m` is exactly `(x_j - a) / m` minus a whole number, and rounding half up commutes with
+/// whole numbers; when the definition clamps at 0, so does this, at `l_{j-1}`). The levels
+/// of a band then no longer depend on each other, only the band's end does. The test
+/// `segments_match_the_chain` checks the equality against the definition.
 fn quantize_row(row: &[f32], b: u8, e: u8, levels: &mut Vec<u64>, numbers: &mut Vec<u64>) -> usize {
     levels.clear();
     numbers.clear();
     let shift = u32::from(b) + u32::from(e);
     let inv_u = (shift as f64).exp2();
     let top = max_level(shift);
-    let mut prev = 0u64;
-    for (j, &v) in row.iter().enumerate() {
-        if v == f32::NEG_INFINITY {
-            break;
-        }
-        let x = (-f64::from(v)).max(0.0) * inv_u;
-        // Beyond the largest level (probability 0 in float64) the row ends here; checking
-        // before rounding keeps the integer arithmetic below from saturating or wrapping.
-        if x > top as f64 {
-            break;
-        }
-        let (l, n) = if j == 0 {
-            let l = round_nonneg(x);
-            (l, l)
+    let Some(&v0) = row.first() else { return 0 };
+    if v0 == f32::NEG_INFINITY {
+        return 0;
+    }
+    let x0 = (-f64::from(v0)).max(0.0) * inv_u;
+    // Beyond the largest level (probability 0 in float64) the row ends here; checking
+    // before rounding keeps the integer arithmetic below from saturating or wrapping.
+    if x0 > top as f64 {
+        return 0;
+    }
+    let l0 = round_nonneg(x0);
+    if l0 > top {
+        return 0;
+    }
+    levels.push(l0);
+    numbers.push(l0);
+    let mut prev = l0;
+    let mut j = 1;
+    while j < row.len() {
+        let seg_band = band(prev, shift);
+        let steps = u32::from(e) + seg_band;
+        let m = 1u64 << steps;
+        // Times 2^-steps: the same value as dividing by m, without a division.
+        let inv_m = f64::from_bits((1023 - u64::from(steps)) << 52);
+        let anchor = prev;
+        let anchor_f = anchor as f64;
+        // The first level of the next band: band(l) > seg_band exactly when 2 l >=
+        // 3 (seg_band + 1) 2^shift (shift >= 2); none past the last band.
+        let band_end = if seg_band < MAX_BAND {
+            (3 * u64::from(seg_band + 1)) << (shift - 1)
         } else {
-            let steps = u32::from(e) + band(prev, shift);
-            let m = 1u64 << steps;
-            // Times 2^-steps: the same value as dividing by m, without a division.
-            let inv_m = f64::from_bits((1023 - u64::from(steps)) << 52);
-            let k = round_nonneg(((x - prev as f64) * inv_m).max(0.0));
-            (prev + k * m, k)
+            u64::MAX
         };
-        if l > top {
-            break;
+        while j < row.len() {
+            let v = row[j];
+            if v == f32::NEG_INFINITY {
+                return levels.len();
+            }
+            let x = (-f64::from(v)).max(0.0) * inv_u;
+            if x > top as f64 {
+                return levels.len();
+            }
+            let k = round_nonneg(((x - anchor_f) * inv_m).max(0.0));
+            let l = (anchor + k * m).max(prev);
+            if l > top {
+                return levels.len();
+            }
+            levels.push(l);
+            numbers.push((l - prev) >> steps);
+            prev = l;
+            j += 1;
+            if l >= band_end {
+                break;
+            }
         }
-        levels.push(l);
-        numbers.push(n);
-        prev = l;
     }
     levels.len()
 }
 
-/// KL(P || P_decoded) over the row's entries plus the rest bucket, in float64; `probs` are
-/// the written probabilities (exp of `row`), computed once per row. With `exact` false the
-/// decoded probabilities come from a cheap exponential (0.02% error): a screen that lets
-/// the search skip settings far outside the bound before paying for the exact check.
-fn row_kl(row: &[f32], probs: &[f64], levels: &[u64], shift: u32, exact: bool) -> f64 {
-    let mut kl = 0.0f64;
-    let mut sum_p = 0.0f64;
-    let mut sum_q = 0.0f64;
-    for (j, (&v, &p)) in row.iter().zip(probs).enumerate() {
-        sum_p += p;
-        let lq = levels.get(j).map(|&l| f64::from(dequantize(l, shift)));
-        let q = match lq {
-            Some(x) if exact => x.exp(),
-            Some(x) => f64::from(crate::record::approx_exp(x as f32)),
-            None => 0.0,
-        };
-        sum_q += q;
-        if p > 0.0 {
-            match lq {
-                Some(lq) if q > 0.0 => kl += p * (f64::from(v) - lq),
-                _ => return f64::INFINITY,
-            }
-        }
+/// [`row_kl`] with the decoded probabilities from a cheap exponential (0.02% error), in one
+/// pass without branches: a screen that lets the search skip settings far outside the
+/// bound before paying for the exact check.
+fn row_kl_screen(row: &[f32], probs: &[f64], levels: &[u64], shift: u32) -> f64 {
+    let n = levels.len().min(row.len());
+    // Entries past the decoded ones decode to probability 0: infinite unless theirs is 0.
+    if probs[n..].iter().any(|&p| p > 0.0) {
+        return f64::INFINITY;
     }
+    let (mut kl, mut sum_p, mut sum_q) = (0.0f64, 0.0f64, 0.0f64);
+    let mut lost = false;
+    for ((&v, &p), &l) in row[..n].iter().zip(&probs[..n]).zip(&levels[..n]) {
+        let lq = f64::from(dequantize(l, shift));
+        let q = f64::from(crate::record::approx_exp(lq as f32));
+        sum_p += p;
+        sum_q += q;
+        kl += p * (f64::from(v) - lq);
+        lost |= p > 0.0 && q == 0.0;
+    }
+    if lost {
+        return f64::INFINITY;
+    }
+    kl_with_rest(kl, sum_p, sum_q)
+}
+
+/// The generalized divergence from `sum p ln(p/q)` over the entries and the two rows'
+/// sums, adding the rest buckets.
+fn kl_with_rest(kl: f64, sum_p: f64, sum_q: f64) -> f64 {
     let p_rest = (1.0 - sum_p).max(0.0);
     let q_rest = (1.0 - sum_q).max(0.0);
+    let mut kl = kl;
     if p_rest > 0.0 {
         if q_rest == 0.0 {
             return f64::INFINITY;
@@ -158,6 +205,28 @@ fn row_kl(row: &[f32], probs: &[f64], levels: &[u64], shift: u32, exact: bool) -
     // generalized divergence sum p ln(p/q) - sum p + sum q charges that excess and stays
     // >= 0; it is the usual KL when both rows, rest bucket included, sum to 1.
     kl - (sum_p + p_rest) + (sum_q + q_rest)
+}
+
+/// KL(P || P_decoded) over the row's entries plus the rest bucket, in float64, from exactly
+/// the values a reader decodes; `probs` are the written probabilities (exp of `row`),
+/// computed once per row.
+fn row_kl(row: &[f32], probs: &[f64], levels: &[u64], shift: u32) -> f64 {
+    let mut kl = 0.0f64;
+    let mut sum_p = 0.0f64;
+    let mut sum_q = 0.0f64;
+    for (j, (&v, &p)) in row.iter().zip(probs).enumerate() {
+        sum_p += p;
+        let lq = levels.get(j).map(|&l| f64::from(dequantize(l, shift)));
+        let q = lq.map_or(0.0, f64::exp);
+        sum_q += q;
+        if p > 0.0 {
+            match lq {
+                Some(lq) if q > 0.0 => kl += p * (f64::from(v) - lq),
+                _ => return f64::INFINITY,
+            }
+        }
+    }
+    kl_with_rest(kl, sum_p, sum_q)
 }
 
 /// Encoded rows: per-row modes, coded numbers by group, lossless rows, finite counts.
@@ -183,15 +252,23 @@ pub fn encode(lp: &[f32], k: usize, bound: f64) -> Encoded {
     let (mut levels, mut numbers) = (Vec::with_capacity(k), Vec::with_capacity(k));
     let mut probs = Vec::with_capacity(k);
     let mut prev_b = B_MIN;
+    // The numbers and finite count of the last setting that fit: the one chosen.
+    let mut kept: Vec<u64> = Vec::with_capacity(k);
     for row in lp.chunks_exact(k.max(1)) {
         probs.clear();
         probs.extend(row.iter().map(|&v| f64::from(v).exp()));
+        let mut kept_finite = 0;
         let mut ok = |b: u8, ei: usize| {
             let e = TOP_EXTRA[ei];
-            quantize_row(row, b, e, &mut levels, &mut numbers);
+            let finite = quantize_row(row, b, e, &mut levels, &mut numbers);
             let shift = u32::from(b) + u32::from(e);
-            row_kl(row, &probs, &levels, shift, false) <= 2.0 * bound
-                && row_kl(row, &probs, &levels, shift, true) <= bound
+            let fits = row_kl_screen(row, &probs, &levels, shift) <= 2.0 * bound
+                && row_kl(row, &probs, &levels, shift) <= bound;
+            if fits {
+                kept.clone_from(&numbers);
+                kept_finite = finite;
+            }
+            fits
         };
         let first_fit = |ok: &mut dyn FnMut(u8, usize) -> bool, b: u8| {
             (0..TOP_EXTRA.len()).find(|&ei| ok(b, ei))
@@ -222,7 +299,7 @@ pub fn encode(lp: &[f32], k: usize, bound: f64) -> Encoded {
         }
         match chosen {
             Some((b, ei)) => {
-                let finite = quantize_row(row, b, TOP_EXTRA[ei], &mut levels, &mut numbers);
+                let (finite, numbers) = (kept_finite, &kept);
                 out.modes.push(mode(b, ei));
                 prev_b = b;
                 let paired = super::ids::GROUPS[PAIRED_GROUP].0.min(numbers.len());
@@ -457,7 +534,92 @@ mod tests {
         }
     }
 
+    /// Round half up, in u64 (any non-negative value below 2^64).
+    fn round_half_up(x: f64) -> u64 {
+        let q = (x + 0.5) as u64;
+        if q as f64 - x > 0.5 { q - 1 } else { q }
+    }
+
+    /// quantize_row by its definition: each entry from the previous decoded level.
+    fn quantize_row_by_definition(row: &[f32], b: u8, e: u8) -> (Vec<u64>, Vec<u64>) {
+        let (mut levels, mut numbers) = (Vec::new(), Vec::new());
+        let shift = u32::from(b) + u32::from(e);
+        let inv_u = (shift as f64).exp2();
+        let top = max_level(shift);
+        let mut prev = 0u64;
+        for (j, &v) in row.iter().enumerate() {
+            if v == f32::NEG_INFINITY {
+                break;
+            }
+            let x = (-f64::from(v)).max(0.0) * inv_u;
+            if x > top as f64 {
+                break;
+            }
+            let (l, n) = if j == 0 {
+                let l = round_half_up(x);
+                (l, l)
+            } else {
+                let m = 1u64 << (u32::from(e) + band(prev, shift));
+                let k = round_half_up(((x - prev as f64) / m as f64).max(0.0));
+                (prev + k * m, k)
+            };
+            if l > top {
+                break;
+            }
+            levels.push(l);
+            numbers.push(n);
+            prev = l;
+        }
+        (levels, numbers)
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1000))]
+
+        /// Levels and numbers of the segment-wise quantization are the chain's, at every
+        /// setting, for sorted rows and unsorted ones, with values near grid midpoints,
+        /// tiny, huge and -inf.
+        #[test]
+        fn segments_match_the_chain(
+            steps in proptest::collection::vec((0u32..6, 0.0f32..1.0), 1..80),
+            top in -3.0f32..0.0,
+            b in B_MIN..=B_MAX,
+            ei in 0usize..4,
+            sorted in proptest::bool::ANY,
+            tail in 0usize..3,
+        ) {
+            let e = TOP_EXTRA[ei];
+            // Gaps from exact grid multiples (0: a tie of rounding half up) to arbitrary.
+            let mut v = top;
+            let mut row: Vec<f32> = steps
+                .iter()
+                .map(|&(kind, f)| {
+                    let out = v;
+                    let unit = (-f32::from(b)).exp2();
+                    v -= match kind {
+                        0 => unit * (f * 8.0).floor() / 2.0,
+                        1 => f * 0.01,
+                        2 => f * 30.0,
+                        3 => unit * (f * 64.0).floor(),
+                        _ => f,
+                    };
+                    if !sorted && kind == 4 { v += 2.0 * f; }
+                    out
+                })
+                .collect();
+            match tail {
+                1 => { let n = row.len(); row[n / 2..].fill(f32::NEG_INFINITY) }
+                2 => { let n = row.len(); row[n - 1] = -3.0e38 }
+                _ => {}
+            }
+            let (mut levels, mut numbers) = (Vec::new(), Vec::new());
+            let n = quantize_row(&row, b, e, &mut levels, &mut numbers);
+            let (want_l, want_n) = quantize_row_by_definition(&row, b, e);
+            proptest::prop_assert_eq!(n, want_l.len());
+            proptest::prop_assert_eq!(levels, want_l);
+            proptest::prop_assert_eq!(numbers, want_n);
+        }
+
         /// The shift-and-divide-by-3 band is the definition, floor(2 l / (3 2^shift)),
         /// at every shift a mode can give and every level up to the largest.
         #[test]
