@@ -338,11 +338,53 @@ fn put_number(lead: &mut Vec<u8>, ext: &mut Vec<u8>, v: u64) {
     }
 }
 
-/// The level after `prev` for coded number `n` (entries j >= 1); `None` on overflow.
-#[inline(always)]
-fn next_level(prev: u64, n: u64, e: u8, shift: u32) -> Option<u64> {
-    let step = 1u64 << (u32::from(e) + band(prev, shift));
-    n.checked_mul(step).and_then(|x| x.checked_add(prev))
+/// The decoder's levels of one row: entry j >= 1 is `l_{j-1} + n m` with `m = 2^(e +
+/// band(l_{j-1}))`, refused (None) past the largest level. The step is kept from entry to
+/// entry and recomputed only when a level crosses into the next band, so each entry costs
+/// a shift, an add and two comparisons on the chain instead of the band's division.
+struct LevelChain {
+    prev: u64,
+    e: u32,
+    shift: u32,
+    top: u64,
+    steps: u32,
+    band_end: u64,
+}
+
+impl LevelChain {
+    /// The chain after the top entry's level `first` (which the caller checks against
+    /// `top`).
+    fn new(first: u64, e: u8, shift: u32, top: u64) -> LevelChain {
+        let mut c = LevelChain { prev: first, e: u32::from(e), shift, top, steps: 0, band_end: 0 };
+        c.rebase();
+        c
+    }
+
+    fn rebase(&mut self) {
+        let b = band(self.prev, self.shift);
+        self.steps = self.e + b;
+        // band(l) > b exactly when 2 l >= 3 (b + 1) 2^shift (shift >= 2).
+        self.band_end =
+            if b < MAX_BAND { (3 * u64::from(b + 1)) << (self.shift - 1) } else { u64::MAX };
+    }
+
+    /// The next level after number `n`: None when it would pass the largest level.
+    #[inline]
+    fn next(&mut self, n: u64) -> Option<u64> {
+        // n m > top means past it, and rules out overflow below (prev <= top <= 2^42).
+        if n > self.top >> self.steps {
+            return None;
+        }
+        let l = self.prev + (n << self.steps);
+        if l > self.top {
+            return None;
+        }
+        self.prev = l;
+        if l >= self.band_end {
+            self.rebase();
+        }
+        Some(l)
+    }
 }
 
 /// Decode `rows` rows of width `k`.
@@ -399,11 +441,11 @@ pub fn decode(
             .ok_or_else(|| Error::corrupt(loc.clone(), format!("row {row} has mode {m}")))?;
         let shift = u32::from(b) + u32::from(e);
         let top = max_level(shift);
-        let mut prev = 0u64;
         let Some(dst) = dst.get_mut(..finite) else {
             return Err(Error::State("finite count past the row".into()));
         };
         let (shallow, deep) = dst.split_at_mut(finite.min(super::ids::GROUPS[PAIRED_GROUP].0));
+        let mut chain: Option<LevelChain> = None;
         for (j, d) in shallow.iter_mut().enumerate() {
             let g = super::ids::group_of(j);
             let c = lead_r[g].byte(loc)?;
@@ -412,23 +454,25 @@ pub fn decode(
             } else {
                 ext_r[g].varint(loc)?.checked_add(255).ok_or_else(out_of_range)?
             };
-            prev = if j == 0 { Some(n) } else { next_level(prev, n, e, shift) }
-                .filter(|&l| l <= top)
-                .ok_or_else(out_of_range)?;
-            *d = dequantize(prev, shift);
+            let l = match chain.as_mut() {
+                Some(chain) => chain.next(n),
+                None => (n <= top).then(|| chain.insert(LevelChain::new(n, e, shift, top)).prev),
+            }
+            .ok_or_else(out_of_range)?;
+            *d = dequantize(l, shift);
         }
-        // Group 3 two numbers at a time (pairs; an odd row's last pad must be 0).
+        // Group 3 two numbers at a time (pairs; an odd row's last pad must be 0). A row
+        // reaches it only through the shallow entries, so the chain has begun.
         let mut deep = deep.iter_mut();
         while let Some(d) = deep.next() {
+            let Some(chain) = chain.as_mut() else {
+                return Err(Error::State("deep entries of a row without a top entry".into()));
+            };
             let (a, b) = paired.pair(loc)?;
-            prev = next_level(prev, a, e, shift).filter(|&l| l <= top).ok_or_else(out_of_range)?;
-            *d = dequantize(prev, shift);
+            *d = dequantize(chain.next(a).ok_or_else(out_of_range)?, shift);
             match deep.next() {
                 Some(d) => {
-                    prev = next_level(prev, b, e, shift)
-                        .filter(|&l| l <= top)
-                        .ok_or_else(out_of_range)?;
-                    *d = dequantize(prev, shift);
+                    *d = dequantize(chain.next(b).ok_or_else(out_of_range)?, shift);
                 }
                 None if b != 0 => {
                     return Err(Error::corrupt(loc.clone(), format!("pair padding is {b}, not 0")));
@@ -618,6 +662,40 @@ mod tests {
             proptest::prop_assert_eq!(n, want_l.len());
             proptest::prop_assert_eq!(levels, want_l);
             proptest::prop_assert_eq!(numbers, want_n);
+        }
+
+        /// The decoder's chain of levels is the definition, `l + n 2^(e + band(l))`,
+        /// refused on overflow or past the largest level, for numbers small and huge.
+        #[test]
+        fn level_chain_is_the_definition(
+            first in 0u64..64,
+            numbers in proptest::collection::vec((0u64..300, 0u32..60), 1..64),
+            b in B_MIN..=B_MAX,
+            ei in 0usize..4,
+        ) {
+            let e = TOP_EXTRA[ei];
+            let shift = u32::from(b) + u32::from(e);
+            let top = max_level(shift);
+            // Levels that are multiples of 2^e land exactly on the first band's end.
+            let first = first << e;
+            let mut chain = LevelChain::new(first, e, shift, top);
+            let mut prev = first;
+            for &(n, scale) in &numbers {
+                // Small numbers (to land on band ends), moderate ones, and huge ones.
+                let n = match scale {
+                    0..20 => n % 8,
+                    20..40 => n,
+                    _ => n << ((scale - 40) * 3),
+                };
+                let step = 1u64 << (u32::from(e) + band(prev, shift));
+                let want = n.checked_mul(step).and_then(|x| x.checked_add(prev)).filter(|&l| l <= top);
+                let got = chain.next(n);
+                proptest::prop_assert_eq!(got, want);
+                match want {
+                    Some(l) => prev = l,
+                    None => break,
+                }
+            }
         }
 
         /// The shift-and-divide-by-3 band is the definition, floor(2 l / (3 2^shift)),
