@@ -387,6 +387,40 @@ impl LevelChain {
     }
 }
 
+/// The deep entries of one row (group 3) from its pair bytes `codes`, escapes from `ext`.
+#[inline]
+fn decode_deep(
+    codes: &[u8],
+    ext: &mut ByteReader<'_>,
+    deep: &mut [f32],
+    chain: &mut LevelChain,
+    shift: u32,
+    loc: &Location,
+) -> Result<()> {
+    let out_of_range = || Error::corrupt(loc.clone(), "log-probability level out of range");
+    let mut deep = deep.iter_mut();
+    for &c in codes {
+        let (a, b) = match pairs::UNPAIR[usize::from(c)] {
+            pairs::ESCAPED => (ext.varint(loc)?, ext.varint(loc)?),
+            pairs::INVALID => {
+                return Err(Error::corrupt(loc.clone(), format!("log-probability pair byte {c}")));
+            }
+            ab => (u64::from(ab & 0xFF), u64::from(ab >> 8)),
+        };
+        if let Some(d) = deep.next() {
+            *d = dequantize(chain.next(a).ok_or_else(out_of_range)?, shift);
+        }
+        match deep.next() {
+            Some(d) => *d = dequantize(chain.next(b).ok_or_else(out_of_range)?, shift),
+            None if b != 0 => {
+                return Err(Error::corrupt(loc.clone(), format!("pair padding is {b}, not 0")));
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
 /// Decode `rows` rows of width `k`.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
@@ -463,23 +497,14 @@ pub fn decode(
         }
         // Group 3 two numbers at a time (pairs; an odd row's last pad must be 0). A row
         // reaches it only through the shallow entries, so the chain has begun.
-        let mut deep = deep.iter_mut();
-        while let Some(d) = deep.next() {
-            let Some(chain) = chain.as_mut() else {
-                return Err(Error::State("deep entries of a row without a top entry".into()));
-            };
-            let (a, b) = paired.pair(loc)?;
-            *d = dequantize(chain.next(a).ok_or_else(out_of_range)?, shift);
-            match deep.next() {
-                Some(d) => {
-                    *d = dequantize(chain.next(b).ok_or_else(out_of_range)?, shift);
-                }
-                None if b != 0 => {
-                    return Err(Error::corrupt(loc.clone(), format!("pair padding is {b}, not 0")));
-                }
-                None => {}
-            }
+        if deep.is_empty() {
+            continue;
         }
+        let Some(chain) = chain.as_mut() else {
+            return Err(Error::State("deep entries of a row without a top entry".into()));
+        };
+        let (codes, ext) = paired.row(deep.len(), loc)?;
+        decode_deep(codes, ext, deep, chain, shift, loc)?;
     }
     for (g, (lead, ext)) in lead_r.iter().zip(&ext_r).enumerate() {
         if g != PAIRED_GROUP {

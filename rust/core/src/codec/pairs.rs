@@ -102,6 +102,15 @@ impl<'a> PairReader<'a> {
         }
     }
 
+    /// The lead bytes of a whole row of `n` numbers, with the extension stream their
+    /// escapes read from: for decoders that take a row in one pass (not mixed with
+    /// [`PairReader::next`]).
+    #[inline]
+    pub fn row(&mut self, n: usize, loc: &Location) -> Result<(&'a [u8], &mut ByteReader<'a>)> {
+        let codes = self.lead.take(lead_bytes(n), loc)?;
+        Ok((codes, &mut self.ext))
+    }
+
     /// Both streams must be used up.
     pub fn finish(&self, loc: &Location) -> Result<()> {
         self.lead.finish(loc)?;
