@@ -578,6 +578,38 @@ mod tests {
         }
     }
 
+    /// Bad deep-rank pair streams are errors, not values: an invalid pair byte, a nonzero
+    /// pad of an odd row, a stream that ends early, one with bytes left over.
+    #[test]
+    fn bad_pair_streams_are_errors() {
+        let loc = Location::default();
+        let k = 21; // 5 deep entries: 3 pair bytes, the last with a pad
+        let lp: Vec<f32> = (0..4u64).flat_map(|s| row(s, k, 0.5)).collect();
+        let enc = encode(&lp, k, 1e-3);
+        let planes = bytes::u32_planes(&enc.lossless);
+        let finite = enc.any_nonfinite.then_some(&enc.finite[..]);
+        let run = |leads: &[Vec<u8>; 4]| {
+            decode(&enc.modes, leads, &enc.exts, &planes, finite, 4, k, &loc)
+                .map_err(|e| e.to_string())
+        };
+        let good = run(&enc.leads).unwrap();
+        assert_eq!(good.len(), 4 * k);
+        let g = PAIRED_GROUP;
+        assert_eq!(enc.leads[g].len(), 4 * 3);
+        let mut bad = enc.leads.clone();
+        bad[g][4] = pairs::PAIR_ESCAPE + 1;
+        assert!(run(&bad).unwrap_err().contains("pair byte"));
+        let mut bad = enc.leads.clone();
+        bad[g][5] = bad[g][5] - bad[g][5] % pairs::PAIR_BASE + 1; // the pad (b) of row 1
+        assert!(run(&bad).unwrap_err().contains("pair padding is 1"));
+        let mut bad = enc.leads.clone();
+        bad[g].pop();
+        assert!(run(&bad).unwrap_err().contains("ends early"));
+        let mut bad = enc.leads.clone();
+        bad[g].push(0);
+        assert!(run(&bad).is_err());
+    }
+
     #[test]
     fn values_beyond_the_range_end_the_row() {
         // Finite but astronomically negative entries (probability 0 in float64) must not
