@@ -108,14 +108,27 @@ pub fn repair_with_progress(
     let total = 2 * manifest.shards.iter().map(|s| s.bytes).sum::<u64>();
     let done = AtomicU64::new(0);
     let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
-    let found: Vec<ShardInspection> = crate::threads::install(|| {
+    // Sound shards are kept by their sample ids only, not open: a store may hold more
+    // shards than a process may open files (a shard with no fault is one whose problems
+    // are empty; only damaged shards keep their reader, to copy from).
+    let found: Vec<(ShardInspection, Vec<u64>)> = crate::threads::install(|| {
         manifest
             .shards
             .par_iter()
             .enumerate()
-            .map(|(i, info)| inspect_shard_ticked(dir, i as u32, info, &p, &tick))
+            .map(|(i, info)| {
+                let mut f = inspect_shard_ticked(dir, i as u32, info, &p, &tick);
+                let mut ids = Vec::new();
+                if f.problems.is_empty()
+                    && let Some(shard) = f.reader.take()
+                {
+                    ids = shard.footer.records.iter().map(|r| r.sample_id).collect();
+                }
+                (f, ids)
+            })
             .collect()
     })?;
+    let (found, sound_ids): (Vec<ShardInspection>, Vec<Vec<u64>>) = found.into_iter().unzip();
     progress(total, total);
     // Repair gives up only data shown to be damaged: a shard that could not be checked
     // (say, permission denied) is not dropped; the repair stops instead.
@@ -129,11 +142,9 @@ pub fn repair_with_progress(
     let mut lost_ids = Vec::new();
     let mut kept_ids: Vec<(u64, usize)> = Vec::new();
     for (i, (info, f)) in manifest.shards.iter().zip(&found).enumerate() {
-        match (&f.reader, f.problems.is_empty()) {
-            (Some(shard), true) => {
-                kept_ids.extend(shard.footer.records.iter().map(|r| (r.sample_id, i)));
-            }
-            (Some(shard), false) => {
+        match (f.problems.is_empty(), &f.reader) {
+            (true, _) => kept_ids.extend(sound_ids[i].iter().map(|&sid| (sid, i))),
+            (false, Some(shard)) => {
                 let mut r = ShardRepair {
                     file: info.file.clone(),
                     problems: f.problems.clone(),
@@ -158,7 +169,7 @@ pub fn repair_with_progress(
                 }
                 report.repairs.push(r);
             }
-            (None, _) => report.repairs.push(ShardRepair {
+            (false, None) => report.repairs.push(ShardRepair {
                 file: info.file.clone(),
                 problems: f.problems.clone(),
                 new_file: None,
@@ -200,9 +211,11 @@ pub fn repair_with_progress(
             .iter()
             .zip(&found)
             .zip(new_infos)
-            .filter_map(|((info, f), new)| {
-                if f.reader.is_some() && f.problems.is_empty() { Some(info.clone()) } else { new }
-            })
+            .filter_map(
+                |((info, f), new)| {
+                    if f.problems.is_empty() { Some(info.clone()) } else { new }
+                },
+            )
             .collect();
         m.num_samples = m.shards.iter().map(|s| s.num_samples).sum();
         m.num_positions = m.shards.iter().map(|s| s.num_positions).sum();
@@ -248,7 +261,8 @@ fn chunk_records(shard: &ShardReader, c: usize) -> Result<&[crate::format::Recor
 
 /// Write a new shard of the sound chunks of every damaged shard whose footer could be
 /// read; returns, per manifest shard, the new shard's entry (None for sound shards, for
-/// shards with nothing left, and for shards that cannot be located).
+/// shards with nothing left, and for shards that cannot be located). `found` holds a
+/// reader for exactly the damaged shards that can be located.
 fn rewrite_damaged(
     dir: &Path,
     manifest: &Manifest,
@@ -261,16 +275,15 @@ fn rewrite_damaged(
     let mut repairs = report.repairs.iter_mut();
     let mut out = Vec::with_capacity(found.len());
     for (i, f) in found.iter().enumerate() {
-        let Some(shard) = &f.reader else {
-            repairs.next();
-            out.push(None);
-            continue;
-        };
         if f.problems.is_empty() {
             out.push(None);
             continue;
         }
         let r = repairs.next().ok_or_else(|| Error::State("repair plan out of step".into()))?;
+        let Some(shard) = &f.reader else {
+            out.push(None);
+            continue;
+        };
         if r.chunks_kept == 0 {
             out.push(None);
             continue;

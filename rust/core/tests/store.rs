@@ -733,3 +733,46 @@ fn repair_stops_at_a_shard_it_cannot_check() {
     let r = repair(&path, RepairOptions::default()).unwrap();
     assert!(r.committed && r.samples_lost == samples && !r.repairs[0].lost_ids_known);
 }
+
+/// A store of more shards than the process may open files: repair keeps only the damaged
+/// shards open (the sound ones by their sample ids), so it goes through. The test runs
+/// itself again in a child process, which lowers its own limit, so that no other test
+/// sees the limit (cargo test runs tests as threads of one process).
+#[test]
+fn repair_of_a_store_with_more_shards_than_open_files() {
+    use logitcache_core::repair::{RepairOptions, repair};
+    const NAME: &str = "repair_of_a_store_with_more_shards_than_open_files";
+    if std::env::var_os("LOGITCACHE_TEST_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+            .env("LOGITCACHE_TEST_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let mut w = StoreWriter::open(
+        &path,
+        spec(Kind::TopK, 8, 1000, None),
+        Mode::Create,
+        WriterOptions { shard_bytes: 100, chunk_positions: 6, ..small_opts() },
+    )
+    .unwrap();
+    for sid in 0..150u64 {
+        write_topk(&mut w, sid, 6);
+    }
+    w.close().unwrap();
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    assert!(s.shards.len() >= 100, "{}", s.shards.len());
+    let e = s.shards[7].footer.chunks[0];
+    flip_byte(&s.shards[7].path, e.offset + 2);
+    drop(s);
+    let limit = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+    // SAFETY: setrlimit reads one rlimit struct through a valid pointer to a local.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let r = repair(&path, RepairOptions::default()).unwrap();
+    assert!(r.committed && r.repairs.len() == 1 && r.samples_lost >= 1);
+}
