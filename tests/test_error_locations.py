@@ -166,6 +166,10 @@ def test_io_errors_are_os_errors_with_filename(store: Path, tmp_path: Path) -> N
         lc.open_store(tmp_path / "nothing")
     assert info.value.filename == str(tmp_path / "nothing" / "manifest.json")
     assert info.value.errno == 2
+    # What Python prints for it: "[Errno 2] read manifest: <the OS's text>: '<file>'".
+    text = str(info.value)
+    assert text.startswith("[Errno 2] read manifest: ") and "None" not in text, text
+    assert text.endswith(repr(info.value.filename)), text
     os.remove(_shard(store))
     with pytest.raises(FileNotFoundError) as gone:
         lc.open_store(store)

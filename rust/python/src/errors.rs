@@ -106,16 +106,24 @@ fn raise(name: &str, msg: String) -> PyErr {
 }
 
 /// Set `file`, `shard`, `chunk`, `offset` and `sample_id` on a `StoreError` (None where not
-/// known), and `filename` / `errno` on an `OSError`, so that callers need not parse messages.
+/// known), and `filename` / `errno` / `strerror` on an `OSError` with an OS error code, so
+/// that callers need not parse messages.
 fn with_location(err: PyErr, core: &Error) -> PyErr {
     Python::attach(|py| {
         let value = err.value(py);
         let loc = core.location();
         let file = loc.file.as_ref().map(|f| f.to_string_lossy().into_owned());
         let set = || -> PyResult<()> {
-            if let Error::Io { source, .. } = core {
+            if let Error::Io { op, source, .. } = core {
+                // Python prints an OSError with a filename as "[Errno N] strerror: 'file'",
+                // whatever its message: strerror must be set too, or it reads "None". An
+                // error without an OS code keeps the message alone (it names the file).
+                let Some(code) = source.raw_os_error() else { return Ok(()) };
+                let text = source.to_string();
+                let text = text.strip_suffix(&format!(" (os error {code})")).unwrap_or(&text);
                 value.setattr("filename", file.clone())?;
-                value.setattr("errno", source.raw_os_error())?;
+                value.setattr("errno", code)?;
+                value.setattr("strerror", format!("{op}: {text}"))?;
                 return Ok(());
             }
             if !value.is_instance(classes(py)?.store_error.bind(py))? {
