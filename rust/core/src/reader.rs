@@ -30,6 +30,11 @@ pub struct OpenOptions {
     pub expect_tokenizer: Option<TokenizerInfo>,
     /// Decoded chunks kept for reuse (default 8).
     pub cache_chunks: Option<usize>,
+    /// Shards read with positioned reads keep a file open each, up to this many shards;
+    /// past it they share this many open files, least recently used closed first
+    /// (`None`: a quarter of the process's open-file limit, within 16..=1024; 256 where
+    /// the limit is not known).
+    pub max_open_files: Option<usize>,
 }
 
 /// Codec parameters described by a manifest.
@@ -137,6 +142,20 @@ impl ShardReader {
     ) -> Result<ShardReader> {
         let path = dir.join(&info.file);
         let source = Source::open(&path, use_mmap)?;
+        ShardReader::from_source(source, path, index, Some(info), p)
+    }
+
+    /// [`ShardReader::open`] through a store's cache of open files (see
+    /// [`source::FileCache`]).
+    pub fn open_cached(
+        dir: &Path,
+        index: u32,
+        info: &ShardInfo,
+        p: &CodecParams,
+        files: &Arc<source::FileCache>,
+    ) -> Result<ShardReader> {
+        let path = dir.join(&info.file);
+        let source = Source::open_cached(&path, files)?;
         ShardReader::from_source(source, path, index, Some(info), p)
     }
 
@@ -450,12 +469,11 @@ impl Store {
                 .map(|left| left.saturating_sub(source::MAP_RESERVE) / 2),
             _ => None,
         };
-        let shards = manifest
+        let maps: Vec<bool> = manifest
             .shards
             .iter()
-            .enumerate()
-            .map(|(i, info)| {
-                let map = use_mmap
+            .map(|info| {
+                use_mmap
                     && match map_budget.as_mut() {
                         None => true,
                         Some(left) if info.bytes <= *left => {
@@ -463,8 +481,25 @@ impl Store {
                             true
                         }
                         Some(_) => false,
-                    };
-                ShardReader::open(dir, i as u32, info, &params, map)
+                    }
+            })
+            .collect();
+        // A shard read with positioned reads keeps a file open; past the limit, they
+        // share a bounded set of open files instead (a store of more shards than the
+        // process may open would otherwise fail here with "too many open files").
+        let max_files = opts.max_open_files.unwrap_or_else(source::default_max_open_files);
+        let files = (maps.iter().filter(|&&m| !m).count() > max_files)
+            .then(|| Arc::new(source::FileCache::new(max_files)));
+        let shards = manifest
+            .shards
+            .iter()
+            .zip(&maps)
+            .enumerate()
+            .map(|(i, (info, &map))| match (&files, map) {
+                (Some(files), false) => {
+                    ShardReader::open_cached(dir, i as u32, info, &params, files)
+                }
+                _ => ShardReader::open(dir, i as u32, info, &params, map),
             })
             .collect::<Result<Vec<_>>>()?;
         let mut index = Vec::with_capacity(manifest.num_samples as usize);

@@ -4,7 +4,9 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Location, Result};
 
@@ -14,8 +16,79 @@ pub enum Source {
         file: File,
         len: u64,
     },
+    /// A shard read with positioned reads through a store's [`FileCache`]: open only while
+    /// the cache keeps it (stores of more shards than the process may keep files open).
+    Cached {
+        path: PathBuf,
+        len: u64,
+        files: Arc<FileCache>,
+        key: u64,
+    },
     /// A shard held in memory (tests, fuzz targets, bytes received from elsewhere).
     Bytes(Vec<u8>),
+}
+
+/// Open files of a store's shards, at most `capacity` of them; the least recently used is
+/// closed to make room. Its lock is only ever tried, never waited for: a process forked
+/// while another thread held it (a DataLoader worker) finds it held forever, and then
+/// reads through a file opened for that read alone, so it is slower, never stuck.
+pub struct FileCache {
+    capacity: usize,
+    clock: AtomicU64,
+    next_key: AtomicU64,
+    open: Mutex<Vec<(u64, u64, Arc<File>)>>,
+}
+
+impl FileCache {
+    pub fn new(capacity: usize) -> FileCache {
+        FileCache {
+            capacity: capacity.max(1),
+            clock: AtomicU64::new(0),
+            next_key: AtomicU64::new(0),
+            open: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Files open now.
+    pub fn open_files(&self) -> usize {
+        self.open.try_lock().map_or(0, |o| o.len())
+    }
+
+    fn file(&self, key: u64, path: &Path) -> std::io::Result<Arc<File>> {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut open) = self.open.try_lock()
+            && let Some(e) = open.iter_mut().find(|e| e.0 == key)
+        {
+            e.1 = now;
+            return Ok(Arc::clone(&e.2));
+        }
+        let file = Arc::new(File::open(path)?);
+        if let Ok(mut open) = self.open.try_lock()
+            && !open.iter().any(|e| e.0 == key)
+        {
+            if open.len() >= self.capacity
+                && let Some(oldest) = open.iter().enumerate().min_by_key(|e| e.1.1).map(|e| e.0)
+            {
+                open.swap_remove(oldest);
+            }
+            open.push((key, now, Arc::clone(&file)));
+        }
+        Ok(file)
+    }
+
+    fn forget(&self, key: u64) {
+        if let Ok(mut open) = self.open.try_lock() {
+            open.retain(|e| e.0 != key);
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Source::Cached { files, key, .. } = self {
+            files.forget(*key);
+        }
+    }
 }
 
 impl Source {
@@ -40,6 +113,14 @@ impl Source {
         }
     }
 
+    /// A shard read through `files` (see [`Source::Cached`]); its length is taken now.
+    pub fn open_cached(path: &Path, files: &Arc<FileCache>) -> Result<Source> {
+        let key = files.next_key.fetch_add(1, Ordering::Relaxed);
+        let file = files.file(key, path).io_ctx("open shard", path)?;
+        let len = file.metadata().io_ctx("stat shard", path)?.len();
+        Ok(Source::Cached { path: path.to_path_buf(), len, files: Arc::clone(files), key })
+    }
+
     /// A shard whose bytes are already in memory: read with the same bounds checks as a file.
     pub fn from_bytes(bytes: Vec<u8>) -> Source {
         Source::Bytes(bytes)
@@ -48,7 +129,7 @@ impl Source {
     pub fn len(&self) -> u64 {
         match self {
             Source::Mmap(m) => m.len() as u64,
-            Source::File { len, .. } => *len,
+            Source::File { len, .. } | Source::Cached { len, .. } => *len,
             Source::Bytes(b) => b.len() as u64,
         }
     }
@@ -85,6 +166,12 @@ impl Source {
                     let path = loc.file.clone().unwrap_or_default();
                     Error::io("read shard", path, e)
                 })?;
+                Ok(Cow::Owned(buf))
+            }
+            Source::Cached { path, files, key, .. } => {
+                let file = files.file(*key, path).io_ctx("open shard", path)?;
+                let mut buf = vec![0u8; len];
+                read_exact_at(&file, &mut buf, offset).io_ctx("read shard", path)?;
                 Ok(Cow::Owned(buf))
             }
         }
@@ -132,6 +219,17 @@ pub fn address_space_left() -> Option<u64> {
         .parse()
         .ok()?;
     Some(limit.saturating_sub(size_kib.saturating_mul(1024)))
+}
+
+/// How many shards a store reads with a file open each before they share a
+/// [`FileCache`] of that many files: a quarter of the soft open-file limit (`ulimit -n`,
+/// read from /proc/self/limits on Linux), within 16..=1024; 256 where it is not known.
+pub fn default_max_open_files() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        line["Max open files".len()..].split_whitespace().next()?.parse::<u64>().ok()
+    });
+    soft.map_or(256, |n| usize::try_from(n / 4).unwrap_or(1024).clamp(16, 1024))
 }
 
 /// File-system types on which a memory map is not trusted.
@@ -199,6 +297,39 @@ fn filesystem_type(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cache closes the least recently used file past its capacity, and with its lock
+    /// held elsewhere (as in a child forked while another thread held it) reads still work,
+    /// through a file of their own, instead of waiting.
+    #[test]
+    fn file_cache_is_bounded_and_never_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Arc::new(FileCache::new(2));
+        let sources: Vec<Source> = (0..5)
+            .map(|i| {
+                let p = dir.path().join(format!("f{i}"));
+                std::fs::write(&p, format!("file {i}")).unwrap();
+                Source::open_cached(&p, &files).unwrap()
+            })
+            .collect();
+        let loc = Location::default();
+        for _ in 0..3 {
+            for (i, s) in sources.iter().enumerate() {
+                assert_eq!(&*s.read(5, 1, &loc).unwrap(), format!("{i}").as_bytes());
+                assert!(files.open_files() <= 2);
+            }
+        }
+        // The two read last (keys 3 and 4, given in order) are the ones kept open.
+        let mut keys: Vec<u64> = files.open.lock().unwrap().iter().map(|e| e.0).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, [3, 4]);
+        let held = files.open.lock().unwrap();
+        assert_eq!(&*sources[0].read(5, 1, &loc).unwrap(), b"0");
+        drop(held);
+        assert_eq!(files.open_files(), 2);
+        drop(sources);
+        assert_eq!(files.open_files(), 0);
+    }
 
     #[test]
     fn bounds_checked_in_both_modes() {

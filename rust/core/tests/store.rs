@@ -776,3 +776,56 @@ fn repair_of_a_store_with_more_shards_than_open_files() {
     let r = repair(&path, RepairOptions::default()).unwrap();
     assert!(r.committed && r.repairs.len() == 1 && r.samples_lost >= 1);
 }
+
+/// Shards read with positioned reads beyond `max_open_files` share that many open files:
+/// every record reads back as through maps, the cache never holds more files than allowed,
+/// and a store under the limit keeps a file per shard as before.
+#[test]
+fn positioned_reads_of_many_shards_share_a_bounded_set_of_files() {
+    use logitcache_core::source::Source;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let mut w = StoreWriter::open(
+        &path,
+        spec(Kind::TopK, 8, 1000, None),
+        Mode::Create,
+        WriterOptions { shard_bytes: 100, chunk_positions: 6, ..small_opts() },
+    )
+    .unwrap();
+    for sid in 0..40u64 {
+        write_topk(&mut w, sid, 6);
+    }
+    w.close().unwrap();
+    let mapped =
+        Store::open(&path, &OpenOptions { mmap: Some(true), ..Default::default() }).unwrap();
+    assert!(mapped.shards.len() >= 30, "{}", mapped.shards.len());
+    let opts = |max| OpenOptions {
+        mmap: Some(false),
+        max_open_files: Some(max),
+        cache_chunks: Some(0),
+        ..Default::default()
+    };
+    let eager = Store::open(&path, &opts(1000)).unwrap();
+    assert!(eager.shards.iter().all(|s| matches!(s.source, Source::File { .. })));
+    let s = Store::open(&path, &opts(4)).unwrap();
+    let Source::Cached { files, .. } = &s.shards[0].source else {
+        panic!("expected shards read through the file cache");
+    };
+    assert!(s.shards.iter().all(|s| matches!(s.source, Source::Cached { .. })));
+    assert!(files.open_files() <= 4);
+    let sids = mapped.sample_ids();
+    for round in 0..2 {
+        for &sid in &sids {
+            let (a, b) = (s.get(sid).unwrap(), mapped.get(sid).unwrap());
+            assert_eq!((&a.input_ids, &a.ids), (&b.input_ids, &b.ids), "{sid} round {round}");
+            assert_eq!(a.logprobs, b.logprobs);
+            assert!(files.open_files() <= 4);
+        }
+    }
+    let (a, b) = (s.read_batch(&sids).unwrap(), mapped.read_batch(&sids).unwrap());
+    assert_eq!((a.ids, a.logprobs, a.input_ids), (b.ids, b.logprobs, b.input_ids));
+    assert!(files.open_files() <= 4 && files.open_files() > 0);
+    let files = std::sync::Arc::clone(files);
+    drop(s);
+    assert_eq!(files.open_files(), 0, "a dropped store closes its files");
+}

@@ -361,7 +361,13 @@ impl PyStore {
             name: expect_tokenizer_name,
             vocab_fingerprint: expect_tokenizer_fingerprint,
         });
-        let opts = OpenOptions { mmap, expect_vocab_size, expect_tokenizer, cache_chunks };
+        let opts = OpenOptions {
+            mmap,
+            expect_vocab_size,
+            expect_tokenizer,
+            cache_chunks,
+            max_open_files: None,
+        };
         let inner = py.detach(|| Store::open(&path, &opts)).py_err()?;
         Ok(PyStore { inner: Arc::new(inner) })
     }
