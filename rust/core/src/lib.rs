@@ -8,6 +8,7 @@ pub mod format;
 pub mod fuzz_targets;
 pub mod kernels;
 pub mod manifest;
+pub mod merge;
 pub mod pool;
 pub mod reader;
 pub mod record;

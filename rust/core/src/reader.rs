@@ -326,7 +326,7 @@ impl ShardReader {
 
 /// `uid` is the header's uid as hex, `want_uid` the manifest entry's; a shard opened on its
 /// own has none to match.
-fn check_header(
+pub(crate) fn check_header(
     h: &ShardHeader,
     uid: &str,
     want_uid: Option<&str>,

@@ -19,7 +19,7 @@ use crate::format::{
 use crate::manifest::{
     self, CodecInfo, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
 };
-use crate::reader::{ShardReader, params_from_manifest};
+use crate::reader::{ShardReader, check_header, params_from_manifest};
 use crate::record::SeenIds;
 
 pub const LOCK_NAME: &str = ".lock";
@@ -460,12 +460,7 @@ impl StoreWriter {
                         dst.insert(k.clone(), v.clone());
                     }
                 }
-                if m.teacher.is_none() {
-                    m.teacher = spec.teacher.clone();
-                }
-                if m.tokenizer.is_none() {
-                    m.tokenizer = spec.tokenizer.clone();
-                }
+                fill_identity(&mut m.teacher, &mut m.tokenizer, &spec);
                 (m, codec)
             }
             Mode::Create | Mode::Overwrite => {
@@ -601,6 +596,68 @@ impl StoreWriter {
         Ok(())
     }
 
+    /// Make a committed shard of another store part of this one, as it is: its file is
+    /// hard-linked into this store's `shards/` (shard files are never modified, so two
+    /// stores can share one), or copied when `copy` is set or the file system cannot link
+    /// it (across file systems, say). A copy is checked against the shard's manifest entry
+    /// (size and CRC-32 of the whole file) as it is written. The shard's records belong to
+    /// this store from the next commit on, like records added one by one.
+    ///
+    /// The shard must have this store's configuration (its header is checked) and hold no
+    /// sample id already in this store or added since the last commit. `tick(bytes)` is
+    /// called as the file's bytes are copied (once, with its size, for a link).
+    pub fn add_shard(
+        &mut self,
+        shard: &ShardReader,
+        copy: bool,
+        tick: &dyn Fn(u64),
+    ) -> Result<ShardPlacement> {
+        self.check_open()?;
+        let loc = shard.location();
+        let uid = format!("{:016x}", shard.header.uid);
+        check_header(&shard.header, &uid, Some(&shard.info.uid), &self.params, &loc)?;
+        if shard.header.temperature != self.manifest.temperature as f32 {
+            return Err(Error::Mismatch {
+                path: shard.path.clone(),
+                field: "temperature".into(),
+                expected: self.manifest.temperature.to_string(),
+                found: shard.header.temperature.to_string(),
+            });
+        }
+        let mut ids = HashSet::with_capacity(shard.footer.records.len());
+        for r in &shard.footer.records {
+            if self.known.contains(&r.sample_id) || !ids.insert(r.sample_id) {
+                return Err(Error::DuplicateSample {
+                    sample_id: r.sample_id,
+                    msg: format!(
+                        "{} holds it, and it is already in {} (committed, added earlier by \
+                         this writer, or earlier in the same shard)",
+                        shard.path.display(),
+                        self.dir.display()
+                    ),
+                });
+            }
+        }
+        // Records added before stay before the adopted shard, in a shard of their own.
+        self.flush_chunk()?;
+        self.finish_shard()?;
+        let rel = format!("{SHARDS_DIR}/{:06}-{uid}.lcs", self.next_seq);
+        let path = self.dir.join(&rel);
+        let linked = !copy && fs::hard_link(&shard.path, &path).is_ok();
+        // Whatever stops a link (another file system, a file system without links, a
+        // link limit) is no reason to stop: the copy that follows reports real faults.
+        if !linked {
+            copy_shard_file(shard, &path, tick)?;
+        } else {
+            tick(shard.info.bytes);
+        }
+        self.next_seq += 1;
+        self.uncommitted_files.push(path);
+        self.finished.push(ShardInfo { file: rel, ..shard.info.clone() });
+        self.known.extend(ids);
+        Ok(if linked { ShardPlacement::Linked } else { ShardPlacement::Copied })
+    }
+
     fn header(&self) -> ShardHeader {
         ShardHeader {
             format_version: FORMAT_VERSION,
@@ -732,9 +789,87 @@ impl Drop for StoreWriter {
     }
 }
 
+/// How [`StoreWriter::add_shard`] placed a shard file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardPlacement {
+    /// A hard link to the other store's file.
+    Linked,
+    /// A checked copy.
+    Copied,
+}
+
+/// Copy `shard`'s file to `dest` (a new file), checking size and CRC-32 against its
+/// manifest entry, and fsync it. A failed copy leaves no file behind.
+fn copy_shard_file(shard: &ShardReader, dest: &Path, tick: &dyn Fn(u64)) -> Result<()> {
+    use std::io::Read;
+    let result = (|| {
+        let mut src = File::open(&shard.path).io_ctx("open shard", &shard.path)?;
+        let out = FsOpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .io_ctx("create shard", dest)?;
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut hasher = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("read shard", &shard.path, e)),
+            };
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).io_ctx("write shard", dest)?;
+            len += n as u64;
+            tick(n as u64);
+        }
+        let crc = hasher.finalize();
+        if len != shard.info.bytes || Some(crc) != manifest::parse_checksum(&shard.info.checksum) {
+            return Err(Error::corrupt(
+                shard.location(),
+                format!(
+                    "the file has {len} bytes with CRC-32 {}, its manifest says {} bytes with \
+                     {} (changed since it was opened, or damaged: verify its store)",
+                    manifest::format_checksum(crc),
+                    shard.info.bytes,
+                    shard.info.checksum
+                ),
+            ));
+        }
+        let out = out.into_inner().map_err(|e| Error::io("flush shard", dest, e.into_error()))?;
+        out.sync_all().io_ctx("fsync shard", dest)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(dest);
+    }
+    result
+}
+
+/// Take from `spec` the teacher and tokenizer fields that a store leaves unset (appending
+/// writers may know more than the writer that created the store; `check_append` has made
+/// sure that what both know agrees).
+pub(crate) fn fill_identity(
+    teacher: &mut Option<TeacherInfo>,
+    tokenizer: &mut Option<TokenizerInfo>,
+    spec: &StoreSpec,
+) {
+    if let Some(t) = &spec.teacher {
+        let s = teacher.get_or_insert_with(|| t.clone());
+        s.name = s.name.take().or_else(|| t.name.clone());
+        s.config_fingerprint = s.config_fingerprint.take().or_else(|| t.config_fingerprint.clone());
+    }
+    if let Some(t) = &spec.tokenizer {
+        let s = tokenizer.get_or_insert_with(|| t.clone());
+        s.name = s.name.take().or_else(|| t.name.clone());
+        s.vocab_fingerprint = s.vocab_fingerprint.take().or_else(|| t.vocab_fingerprint.clone());
+    }
+}
+
 /// Check an appending writer's spec against the stored configuration, naming the first
 /// field that differs. Returns the codec to use.
-fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result<LogprobCodec> {
+pub(crate) fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result<LogprobCodec> {
     let mismatch = |field: &str, expected: String, found: String| Error::Mismatch {
         path: dir.to_path_buf(),
         field: field.into(),

@@ -829,3 +829,277 @@ fn positioned_reads_of_many_shards_share_a_bounded_set_of_files() {
     drop(s);
     assert_eq!(files.open_files(), 0, "a dropped store closes its files");
 }
+
+/// A store of `n` samples with ids from `first`, in shards of a few samples each.
+fn store_of(path: &Path, first: u64, n: u64, spec: StoreSpec) {
+    let mut w = StoreWriter::open(
+        path,
+        spec,
+        Mode::Create,
+        WriterOptions { shard_bytes: 6000, ..small_opts() },
+    )
+    .unwrap();
+    for sid in first..first + n {
+        write_topk(&mut w, sid, 10 + (sid as usize * 7) % 40);
+    }
+    w.close().unwrap();
+}
+
+fn with_identity(
+    mut s: StoreSpec,
+    teacher: (Option<&str>, Option<&str>),
+    metadata: serde_json::Value,
+) -> StoreSpec {
+    use logitcache_core::manifest::TeacherInfo;
+    s.teacher = Some(TeacherInfo {
+        name: teacher.0.map(String::from),
+        config_fingerprint: teacher.1.map(String::from),
+    });
+    s.metadata = Some(metadata);
+    s
+}
+
+/// Every record of `dir`, decoded.
+fn records(dir: &Path) -> Vec<(u64, Record)> {
+    let s = Store::open(dir, &OpenOptions::default()).unwrap();
+    let mut ids = s.sample_ids();
+    ids.sort_unstable();
+    ids.into_iter().map(|sid| (sid, s.get(sid).unwrap())).collect()
+}
+
+/// Stores written side by side become one: every record reads back from the merged store
+/// exactly as from its source, the shard files are hard links (or copies, when asked), the
+/// teacher and metadata are what the sources say together, the sources are untouched,
+/// and the merged store verifies and takes appends like any other.
+#[test]
+fn merge_makes_one_store_of_several() {
+    use logitcache_core::merge::{MergeOptions, merge, merge_with_progress};
+    use logitcache_core::verify::verify;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let base = spec(Kind::TopK, 8, 1000, None);
+    let srcs: Vec<_> = (0..3).map(|i| dir.path().join(format!("rank{i}"))).collect();
+    store_of(
+        &srcs[0],
+        0,
+        40,
+        with_identity(base.clone(), (Some("t"), None), serde_json::json!({"a": 1, "rank": 0})),
+    );
+    store_of(
+        &srcs[1],
+        1000,
+        25,
+        with_identity(base.clone(), (None, Some("sha256:f")), serde_json::json!({"rank": 1})),
+    );
+    store_of(&srcs[2], 2000, 1, base.clone());
+    let before: Vec<_> = srcs.iter().map(|s| snapshot(s)).collect();
+    let mut want: Vec<(u64, Record)> = srcs.iter().flat_map(|s| records(s)).collect();
+    want.sort_by_key(|(sid, _)| *sid);
+    let shards: usize = srcs
+        .iter()
+        .map(|s| logitcache_core::manifest::Manifest::read(s).unwrap().shards.len())
+        .sum();
+    assert!(shards >= 6, "{shards}");
+
+    let dest = dir.path().join("merged");
+    let seen = std::sync::Mutex::new(Vec::new());
+    let r = merge_with_progress(&dest, &srcs, MergeOptions::default(), &|d, t| {
+        seen.lock().unwrap().push((d, t))
+    })
+    .unwrap();
+    assert_eq!((r.shards_linked, r.shards_copied), (shards, 0));
+    assert_eq!((r.num_samples, r.sources.len()), (66, 3));
+    assert_eq!(r.sources[1].samples, 25);
+    assert_eq!(r.metadata_conflicts, vec!["rank".to_string()]);
+    let total: u64 = r.sources.iter().map(|s| s.bytes).sum();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), shards);
+    assert!(seen.iter().all(|&(_, t)| t == total) && seen.last().unwrap().0 == total);
+    assert_eq!(records(&dest), want);
+    let m = logitcache_core::manifest::Manifest::read(&dest).unwrap();
+    let t = m.teacher.clone().unwrap();
+    assert_eq!((t.name.as_deref(), t.config_fingerprint.as_deref()), (Some("t"), Some("sha256:f")));
+    assert_eq!(m.metadata, serde_json::json!({"a": 1, "rank": 1}));
+    for s in &m.shards {
+        assert_eq!(std::fs::metadata(dest.join(&s.file)).unwrap().nlink(), 2, "{}", s.file);
+    }
+    let v = verify(&dest).unwrap();
+    assert!(v.problems.is_empty() && v.orphans.is_empty(), "{v:?}");
+    for (s, b) in srcs.iter().zip(&before) {
+        assert_eq!(&snapshot(s), b);
+    }
+
+    // Copies: same store, files of their own.
+    let copied = dir.path().join("copied");
+    let r = merge(&copied, &srcs, MergeOptions { copy: true, ..Default::default() }).unwrap();
+    assert_eq!((r.shards_linked, r.shards_copied), (0, shards));
+    assert_eq!(records(&copied), want);
+    let mc = logitcache_core::manifest::Manifest::read(&copied).unwrap();
+    for (a, b) in mc.shards.iter().zip(&m.shards) {
+        assert_eq!(std::fs::metadata(copied.join(&a.file)).unwrap().nlink(), 1);
+        assert_eq!(
+            std::fs::read(copied.join(&a.file)).unwrap(),
+            std::fs::read(dest.join(&b.file)).unwrap()
+        );
+    }
+
+    // The merged store takes appends, and a second merge into it.
+    let mut w = StoreWriter::open(&dest, base.clone(), Mode::Append, small_opts()).unwrap();
+    write_topk(&mut w, 5000, 12);
+    w.close().unwrap();
+    let more = dir.path().join("more");
+    store_of(&more, 6000, 5, base);
+    let r = merge(
+        &dest,
+        std::slice::from_ref(&more),
+        MergeOptions { append: true, ..Default::default() },
+    )
+    .unwrap();
+    assert_eq!(r.num_samples, 66 + 1 + 5);
+    let got = records(&dest);
+    assert_eq!(got.len(), 72);
+    assert_eq!(&got[..66], &want[..]);
+    assert_eq!(got[67..], records(&more)[..]);
+    assert!(verify(&dest).unwrap().problems.is_empty());
+}
+
+/// What a merge refuses, changing nothing: stores that differ in configuration (naming the
+/// field and the store), a sample id in two stores (naming both), a store merged with
+/// itself, an existing destination without `append`, a locked destination, no sources.
+#[test]
+fn merge_refuses_what_would_not_be_one_store() {
+    use logitcache_core::merge::{MergeOptions, merge};
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    store_of(&p("a"), 0, 10, spec(Kind::TopK, 8, 1000, None));
+    store_of(&p("b"), 100, 10, spec(Kind::TopK, 8, 1000, None));
+    store_of(&p("k4"), 200, 10, spec(Kind::TopK, 4, 1000, None));
+    store_of(&p("lossless"), 300, 10, spec(Kind::TopK, 8, 1000, Some(LogprobCodec::Lossless)));
+    store_of(&p("overlap"), 105, 3, spec(Kind::TopK, 8, 1000, None));
+    let mut hot = spec(Kind::TopK, 8, 1000, None);
+    hot.temperature = 2.0;
+    store_of(&p("hot"), 400, 10, hot);
+    store_of(
+        &p("other_teacher"),
+        500,
+        10,
+        with_identity(spec(Kind::TopK, 8, 1000, None), (Some("x"), None), serde_json::json!({})),
+    );
+    store_of(
+        &p("teacher"),
+        600,
+        10,
+        with_identity(spec(Kind::TopK, 8, 1000, None), (Some("y"), None), serde_json::json!({})),
+    );
+    let dest = p("dest");
+    let opts = MergeOptions::default();
+    let refuse = |srcs: &[&str], want: &str| {
+        let srcs: Vec<_> = srcs.iter().map(|s| p(s)).collect();
+        let err = merge(&dest, &srcs, opts).unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+        assert!(!dest.exists(), "{err}: the destination must not be created");
+        err
+    };
+    let e = refuse(&["a", "k4"], "k expected 8, found 4");
+    assert!(e.to_string().contains(&p("k4").display().to_string()), "{e}");
+    refuse(&["a", "lossless"], "codec expected abs");
+    refuse(&["a", "hot"], "temperature expected 1, found 2");
+    refuse(
+        &["teacher", "a", "other_teacher"],
+        "teacher.name expected Some(\"y\"), found Some(\"x\")",
+    );
+    let e = refuse(&["a", "b", "overlap"], "duplicate sample id 105");
+    assert!(
+        e.to_string().contains(&p("b").display().to_string())
+            && e.to_string().contains(&p("overlap").display().to_string()),
+        "{e}"
+    );
+    refuse(&["a", "b", "a"], "are the same store");
+    refuse(&[], "no store to merge");
+    refuse(&["a", "missing"], "missing");
+
+    // An existing destination: refused without append, and itself as a source.
+    std::fs::rename(p("b"), &dest).unwrap();
+    let files = snapshot(&dest);
+    let err = merge(&dest, &[p("a")], opts).unwrap_err();
+    assert!(matches!(err, Error::StoreExists { .. }), "{err}");
+    let append = MergeOptions { append: true, ..opts };
+    let err = merge(&dest, &[p("a"), dest.clone()], append).unwrap_err();
+    assert!(err.to_string().contains("is the destination itself"), "{err}");
+    let err = merge(&dest, &[p("overlap")], append).unwrap_err();
+    assert!(err.to_string().contains("duplicate sample id 105"), "{err}");
+    let w = StoreWriter::open(&dest, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts())
+        .unwrap();
+    let err = merge(&dest, &[p("a")], append).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    drop(w);
+    assert_eq!(snapshot(&dest), files);
+    merge(&dest, &[p("a")], append).unwrap();
+    assert_eq!(Store::open(&dest, &OpenOptions::default()).unwrap().sample_ids().len(), 20);
+}
+
+/// A copy checks the whole file against its manifest entry: a damaged chunk (which opening
+/// the shard does not read) stops the merge, and nothing of it is left behind.
+#[test]
+fn a_merge_that_copies_a_damaged_shard_leaves_nothing_behind() {
+    use logitcache_core::merge::{MergeOptions, merge};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    store_of(&a, 0, 30, spec(Kind::TopK, 8, 1000, None));
+    store_of(&b, 100, 30, spec(Kind::TopK, 8, 1000, None));
+    let s = Store::open(&b, &OpenOptions::default()).unwrap();
+    let last = s.shards.last().unwrap();
+    flip_byte(&last.path, last.footer.chunks[0].offset + 3);
+    let bad = last.path.clone();
+    drop(s);
+    let dest = dir.path().join("dest");
+    let err = merge(&dest, &[a.clone(), b.clone()], MergeOptions { copy: true, append: false })
+        .unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(&bad.display().to_string()), "{err}");
+    assert!(!dest.exists());
+    // Into an existing store: it stays as it was, without the copies made before the fault.
+    store_of(&dest, 900, 3, spec(Kind::TopK, 8, 1000, None));
+    let files = snapshot(&dest);
+    let err = merge(&dest, &[a, b], MergeOptions { copy: true, append: true }).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert_eq!(snapshot(&dest), files);
+}
+
+/// A writer can take whole shards of another store between records of its own: records
+/// added before stay in a shard before it, those added after go to a new one.
+#[test]
+fn a_writer_adopts_shards_between_its_own_records() {
+    use logitcache_core::manifest::Manifest;
+    use logitcache_core::reader::{ShardReader, params_from_manifest};
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    store_of(&other, 100, 20, spec(Kind::TopK, 8, 1000, None));
+    let path = dir.path().join("s");
+    let mut w =
+        StoreWriter::open(&path, spec(Kind::TopK, 8, 1000, None), Mode::Create, small_opts())
+            .unwrap();
+    write_topk(&mut w, 1, 5);
+    let m = Manifest::read(&other).unwrap();
+    let p = params_from_manifest(&m, &other.join("manifest.json")).unwrap();
+    for (i, info) in m.shards.iter().enumerate() {
+        let shard = ShardReader::open(&other, i as u32, info, &p, false).unwrap();
+        w.add_shard(&shard, i % 2 == 1, &|_| {}).unwrap();
+        let err = w.add_shard(&shard, false, &|_| {}).unwrap_err();
+        assert!(matches!(err, Error::DuplicateSample { .. }), "{err}");
+    }
+    write_topk(&mut w, 2, 5);
+    assert_eq!(w.num_samples(), 22);
+    w.close().unwrap();
+    let mut want = records(&other);
+    let own = records(&path);
+    assert_eq!(own.len(), 22);
+    assert_eq!((own[0].0, own[1].0), (1, 2));
+    want.insert(0, own[1].clone());
+    want.insert(0, own[0].clone());
+    assert_eq!(own, want);
+    let mine = Manifest::read(&path).unwrap();
+    assert_eq!(mine.shards.len(), m.shards.len() + 2);
+    assert_eq!(mine.shards[0].num_samples, 1);
+    assert_eq!(mine.shards.last().unwrap().num_samples, 1);
+}
