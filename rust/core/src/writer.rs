@@ -904,7 +904,7 @@ pub(crate) fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result
     }
     if let (Some(a), Some(b)) = (&spec.teacher, &m.teacher) {
         if a.name.is_some() && b.name.is_some() && a.name != b.name {
-            return Err(mismatch("teacher.name", format!("{:?}", a.name), format!("{:?}", b.name)));
+            return Err(mismatch("teacher.name", quoted(&a.name), quoted(&b.name)));
         }
         if a.config_fingerprint.is_some()
             && b.config_fingerprint.is_some()
@@ -912,18 +912,14 @@ pub(crate) fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result
         {
             return Err(mismatch(
                 "teacher.config_fingerprint",
-                format!("{:?}", a.config_fingerprint),
-                format!("{:?}", b.config_fingerprint),
+                quoted(&a.config_fingerprint),
+                quoted(&b.config_fingerprint),
             ));
         }
     }
     if let (Some(a), Some(b)) = (&spec.tokenizer, &m.tokenizer) {
         if a.name.is_some() && b.name.is_some() && a.name != b.name {
-            return Err(mismatch(
-                "tokenizer.name",
-                format!("{:?}", a.name),
-                format!("{:?}", b.name),
-            ));
+            return Err(mismatch("tokenizer.name", quoted(&a.name), quoted(&b.name)));
         }
         if a.vocab_fingerprint.is_some()
             && b.vocab_fingerprint.is_some()
@@ -931,10 +927,15 @@ pub(crate) fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result
         {
             return Err(mismatch(
                 "tokenizer.vocab_fingerprint",
-                format!("{:?}", a.vocab_fingerprint),
-                format!("{:?}", b.vocab_fingerprint),
+                quoted(&a.vocab_fingerprint),
+                quoted(&b.vocab_fingerprint),
             ));
         }
     }
     Ok(stored)
+}
+
+/// A name or fingerprint as messages show it: quoted, or `none`.
+fn quoted(v: &Option<String>) -> String {
+    v.as_deref().map_or_else(|| "none".into(), |s| format!("{s:?}"))
 }

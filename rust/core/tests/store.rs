@@ -1004,10 +1004,7 @@ fn merge_refuses_what_would_not_be_one_store() {
     assert!(e.to_string().contains(&p("k4").display().to_string()), "{e}");
     refuse(&["a", "lossless"], "codec expected abs");
     refuse(&["a", "hot"], "temperature expected 1, found 2");
-    refuse(
-        &["teacher", "a", "other_teacher"],
-        "teacher.name expected Some(\"y\"), found Some(\"x\")",
-    );
+    refuse(&["teacher", "a", "other_teacher"], "teacher.name expected \"y\", found \"x\"");
     let e = refuse(&["a", "b", "overlap"], "duplicate sample id 105");
     assert!(
         e.to_string().contains(&p("b").display().to_string())
