@@ -1,15 +1,16 @@
 """logitcache: offline knowledge distillation stores and losses for language models.
 
 Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
-check it with :func:`verify_store` and mend a damaged one with :func:`repair_store`; fit a
-student with :class:`KDLoss` and the functions of :mod:`logitcache.losses` (imported on
-first use: the store works without torch).
+check it with :func:`verify_store`, mend a damaged one with :func:`repair_store`, join
+stores written side by side with :func:`merge_stores`; fit a student with :class:`KDLoss`
+and the functions of :mod:`logitcache.losses` (imported on first use: the store works
+without torch).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from logitcache import _core
@@ -61,9 +62,11 @@ def _with_progress_bar(
     desc: str,
     progress: bool | None,
     run: Callable[[Callable[[int, int], None] | None], dict[str, Any]],
+    reads_per_byte: int = 2,
 ) -> dict[str, Any]:
-    """``run(callback)`` with a tqdm bar fed by the core's ``(done, total)`` calls, which
-    count every byte twice (whole-file checksum, then decoding): the bar shows bytes."""
+    """``run(callback)`` with a tqdm bar of bytes fed by the core's ``(done, total)`` calls,
+    which count every byte ``reads_per_byte`` times (verify and repair: twice, the
+    whole-file checksum, then decoding)."""
     if progress is False:
         return run(None)
     from tqdm.auto import tqdm
@@ -74,8 +77,8 @@ def _with_progress_bar(
     ) as bar:
 
         def update(done: int, total: int) -> None:
-            bar.total = total / 2
-            bar.n = done / 2
+            bar.total = total / reads_per_byte
+            bar.n = done / reads_per_byte
             bar.refresh()
 
         return run(update)
@@ -139,6 +142,65 @@ def repair_store(
     )
 
 
+def merge_stores(
+    path: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    mode: str = "x",
+    copy: bool = False,
+    progress: bool | None = False,
+) -> dict[str, Any]:
+    """Merge stores written side by side (one per rank or job of a capture) into one store
+    at ``path``, without decoding anything.
+
+    Every committed shard of every source becomes a shard of the merged store as it is:
+    hard-linked into ``path`` where the file system allows it (no bytes copied, no space
+    used: shard files are never modified, so stores may share them), copied otherwise or
+    when ``copy=True``. A copy is checked against the shard's size and CRC-32 in its
+    manifest; a linked file is not read (run :func:`verify_store` on the result to check
+    every byte). The sources are only read, and stay valid stores.
+
+    ``mode="x"`` (default) creates ``path`` and refuses an existing one
+    (:class:`StoreExistsError`); ``mode="a"`` merges into the store at ``path`` (created if
+    missing). The merged store is committed like any writer's, under its lock
+    (:class:`StoreLockedError` while a writer is open): a merge that fails or is killed
+    leaves ``path`` as it was, and creates nothing new.
+
+    The sources (and the store at ``path``, with ``mode="a"``) must agree on kind, K,
+    vocabulary size, temperature and codec, and on teacher and tokenizer where two of them
+    name one (:class:`StoreMismatchError`, naming the field and the store); no sample id may
+    be in two of them (:class:`DuplicateSampleError`, naming both). The merged manifest
+    takes the teacher and tokenizer fields any of them sets, and the union of their
+    metadata; where two set a key to different values the later one wins (in the order
+    ``path``, then ``sources``) and the key is listed in the report.
+
+    ``progress=True`` shows a progress bar (tqdm, on stderr) of the shard bytes placed;
+    ``None`` shows it only when stderr is a terminal.
+
+    Returns a report: ``sources`` (per source: ``path``, ``shards``, ``samples``,
+    ``positions``, ``bytes``), ``shards_linked``, ``shards_copied``, ``num_samples`` and
+    ``num_positions`` (of the merged store) and ``metadata_conflicts``."""
+    if mode not in ("x", "a"):
+        raise ValueError(
+            f'invalid argument `mode`: {mode!r}; expected "x" (create) or "a" (merge '
+            "into the store at path)"
+        )
+    if isinstance(sources, (str, os.PathLike)):
+        raise TypeError("sources must be a sequence of store paths, not one path")
+    srcs = [os.fspath(s) for s in sources]
+    report = _with_progress_bar(
+        "merge",
+        progress,
+        lambda cb: dict(
+            _core.merge(os.fspath(path), srcs, append=mode == "a", copy=copy, progress=cb)
+        ),
+        reads_per_byte=1,
+    )
+    for s in report["sources"]:
+        s["path"] = os.fspath(s["path"])  # as given, a str: the report is plain JSON data
+    return report
+
+
 __all__ = [
     "Batch",
     "CorruptStoreError",
@@ -159,6 +221,7 @@ __all__ = [
     "config_fingerprint",
     "get_num_threads",
     "kd_loss",
+    "merge_stores",
     "open_store",
     "repair_store",
     "sampled_kd_loss",

@@ -102,6 +102,13 @@ def repair(
     remove_damaged: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]: ...
+def merge(
+    path: str,
+    sources: list[str],
+    append: bool = False,
+    copy: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]: ...
 
 # Loss kernels (python/logitcache/_loss_kernels.py is their only user). Arrays are zero-copy
 # numpy views of contiguous CPU tensors; bfloat16 arrays are uint16 views of their bits.

@@ -1,5 +1,5 @@
 """The ``logitcache`` command line: ``logitcache info PATH``, ``logitcache verify PATH``,
-``logitcache repair PATH``."""
+``logitcache repair PATH``, ``logitcache merge PATH SOURCE...``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import logitcache
-from logitcache.errors import CorruptStoreError, StoreError
+from logitcache.errors import CorruptStoreError, StoreError, StoreExistsError
 
 
 def _human_bytes(n: float) -> str:
@@ -150,6 +150,37 @@ def _repair(args: argparse.Namespace) -> int:
     return 1 if args.dry_run and not report["sound"] else 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    report = logitcache.merge_stores(
+        args.path,
+        args.sources,
+        mode="a" if args.append else "x",
+        copy=args.copy,
+        progress=None if args.progress else False,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for s in report["sources"]:
+        print(
+            f"{s['path']}: {s['shards']} shard(s), {s['samples']:,} samples, "
+            f"{s['positions']:,} positions, {_human_bytes(s['bytes'])}"
+        )
+    for key in report["metadata_conflicts"]:
+        print(
+            f"warning: the stores set metadata key {key!r} to different values; the last "
+            "one is kept",
+            file=sys.stderr,
+        )
+    shards = report["shards_linked"] + report["shards_copied"]
+    print(
+        f"MERGED into {args.path}: {shards} shard(s) ({report['shards_linked']} linked, "
+        f"{report['shards_copied']} copied); the store now holds "
+        f"{report['num_samples']:,} samples, {report['num_positions']:,} positions"
+    )
+    return 0
+
+
 def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -211,6 +242,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_report_options(p)
     p.set_defaults(func=_repair)
+    p = sub.add_parser(
+        "merge",
+        help="join stores written side by side (one per rank or job) into one store",
+        description="Make one store at PATH of the stores SOURCE...: every committed shard "
+        "of every source becomes a shard of PATH as it is (nothing decoded), hard-linked "
+        "where the file system allows it (no space used; shard files are never modified) "
+        "and copied, with its checksum checked, otherwise. The sources must agree on kind, "
+        "K, vocabulary, temperature, codec, teacher and tokenizer, and no sample id may be "
+        "in two of them. The sources are only read. PATH is committed like a writer's "
+        "store: a merge that fails or is killed leaves it as it was. Exit status: 0 merged, "
+        "2 refused (PATH exists without --append, stores that differ, a sample in two "
+        "stores, a locked PATH, a damaged copy).",
+    )
+    p.add_argument("path", metavar="PATH", help="the merged store's directory")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="store directories to merge")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the store at PATH (by default PATH must not exist)",
+    )
+    p.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy every shard file, checking it against its checksum, instead of "
+        "hard-linking it (the merged store then shares no file with its sources)",
+    )
+    _add_report_options(p)
+    p.set_defaults(func=_merge)
     return parser
 
 
@@ -221,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (StoreError, OSError) as e:
         print(f"logitcache {args.command}: {e}", file=sys.stderr)
+        if isinstance(e, StoreExistsError) and args.command == "merge":
+            print("to merge into it: logitcache merge --append ...", file=sys.stderr)
         if isinstance(e, CorruptStoreError) and args.command == "info":
             print(
                 f"every fault: logitcache verify {args.path}; to keep what can still be "

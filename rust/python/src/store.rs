@@ -660,9 +660,49 @@ fn repair<'py>(
     Ok(d)
 }
 
+/// Merge stores of the same configuration into one (see logitcache_core::merge); returns a
+/// report dict. `progress` as for [`verify`], with the bytes of shard files placed.
+#[pyfunction]
+#[pyo3(signature = (path, sources, append=false, copy=false, progress=None))]
+fn merge<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    sources: Vec<PathBuf>,
+    append: bool,
+    copy: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use logitcache_core::merge::{MergeOptions, merge_with_progress};
+    let progress = Progress::new(progress);
+    let opts = MergeOptions { append, copy };
+    let r = py
+        .detach(|| merge_with_progress(&path, &sources, opts, &|d, t| progress.call(d, t)))
+        .py_err()?;
+    progress.finish()?;
+    let merged = PyList::empty(py);
+    for s in &r.sources {
+        let e = PyDict::new(py);
+        e.set_item("path", &s.path)?;
+        e.set_item("shards", s.shards)?;
+        e.set_item("samples", s.samples)?;
+        e.set_item("positions", s.positions)?;
+        e.set_item("bytes", s.bytes)?;
+        merged.append(e)?;
+    }
+    let d = PyDict::new(py);
+    d.set_item("sources", merged)?;
+    d.set_item("shards_linked", r.shards_linked)?;
+    d.set_item("shards_copied", r.shards_copied)?;
+    d.set_item("num_samples", r.num_samples)?;
+    d.set_item("num_positions", r.num_positions)?;
+    d.set_item("metadata_conflicts", r.metadata_conflicts)?;
+    Ok(d)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(repair, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_class::<PyStoreWriter>()?;
     m.add_class::<PyStore>()?;
     Ok(())

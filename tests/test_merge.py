@@ -1,0 +1,235 @@
+"""`merge_stores` / `logitcache merge`: stores written side by side become one store in which
+every sample reads back exactly as from its source; what would not make one store is refused
+with nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_sampled, make_topk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import logitcache as lc
+from logitcache.cli import main
+
+
+def _write(
+    path: Path,
+    sample_ids: list[int],
+    *,
+    kind: str = "topk",
+    vocab: int = 200,
+    seed: int = 0,
+    **kwargs: object,
+) -> None:
+    rng = np.random.default_rng(seed)
+    k = 4 if kind == "topk" else 5
+    codec = None if kind == "topk" else "abs:0.01"
+    with lc.StoreWriter(
+        path,
+        vocab_size=vocab,
+        k=k,
+        kind=kind,
+        codec=codec,
+        chunk_positions=8,
+        shard_size=700,
+        **kwargs,  # type: ignore[arg-type]
+    ) as w:
+        for sid in sample_ids:
+            length = 1 + sid % 9
+            if kind == "topk":
+                w.add(sid, *make_topk(rng, length, k, vocab))
+            else:
+                inp, ids, counts, lps = make_sampled(rng, length, k, vocab)
+                w.add_sampled(sid, inp, ids, counts, lps)
+
+
+def _records(path: Path) -> dict[int, tuple[np.ndarray, ...]]:
+    store = lc.open_store(path)
+    out = {}
+    for sid in store.sample_ids():
+        r = store[int(sid)]
+        arrays = [r.input_ids, r.topk_ids, r.topk_logprobs]
+        if store.kind == "sampled":
+            arrays.append(r.counts)
+        out[int(sid)] = tuple(np.array(a) for a in arrays)
+    return out
+
+
+def _same(a: dict[int, tuple[np.ndarray, ...]], b: dict[int, tuple[np.ndarray, ...]]) -> None:
+    assert sorted(a) == sorted(b)
+    for sid in a:
+        for x, y in zip(a[sid], b[sid], strict=True):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert x.tobytes() == y.tobytes(), sid
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def _shard_paths(path: Path) -> list[Path]:
+    return [path / s["file"] for s in lc.open_store(path).meta["shards"]]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from(["topk", "sampled"]),
+    parts=st.lists(
+        st.lists(st.integers(0, 10**12), min_size=0, max_size=12, unique=True),
+        min_size=1,
+        max_size=4,
+    ),
+    copy=st.booleans(),
+)
+def test_merged_store_reads_back_every_source(
+    tmp_path_factory: pytest.TempPathFactory, kind: str, parts: list[list[int]], copy: bool
+) -> None:
+    """Random samples split over random stores: the merged store holds exactly their union,
+    each sample bit for bit as its source decodes it, verifies, and the sources are
+    untouched."""
+    seen: set[int] = set()
+    parts = [[s for s in p if not (s in seen or seen.add(s))] for p in parts]
+    root = tmp_path_factory.mktemp("merge")
+    sources = []
+    for i, ids in enumerate(parts):
+        src = root / f"rank{i}"
+        _write(src, ids, kind=kind, seed=i, metadata={"rank": i, "run": "r1"})
+        sources.append(src)
+    before = [_files(s) for s in sources]
+    want: dict[int, tuple[np.ndarray, ...]] = {}
+    for s in sources:
+        want.update(_records(s))
+    dest = root / "merged"
+    report = lc.merge_stores(dest, sources, copy=copy)
+    n_shards = sum(len(_shard_paths(s)) for s in sources)
+    assert report["shards_copied" if copy else "shards_linked"] == n_shards
+    assert report["num_samples"] == len(want) == len(lc.open_store(dest))
+    assert [Path(s["path"]) for s in report["sources"]] == sources
+    _same(_records(dest), want)
+    merged = lc.open_store(dest)
+    assert merged.meta["metadata"] == {"rank": len(parts) - 1, "run": "r1"}
+    assert report["metadata_conflicts"] == (["rank"] if len(parts) > 1 else [])
+    for shard in _shard_paths(dest):
+        assert shard.stat().st_nlink == (1 if copy else 2)
+    check = lc.verify_store(dest)
+    assert check["ok"] and not check["orphans"], check
+    assert [_files(s) for s in sources] == before
+
+
+def test_merge_into_an_existing_store_then_append(tmp_path: Path) -> None:
+    _write(tmp_path / "a", [1, 2, 3], teacher="t", metadata={"from": "a"})
+    _write(tmp_path / "b", [10, 11], seed=1)
+    _write(tmp_path / "c", [20], seed=2, tokenizer=None)
+    want = {**_records(tmp_path / "a"), **_records(tmp_path / "b"), **_records(tmp_path / "c")}
+    dest = tmp_path / "a"
+    report = lc.merge_stores(dest, [tmp_path / "b", str(tmp_path / "c")], mode="a")
+    assert report["num_samples"] == 6 and report["shards_linked"] >= 2
+    _same(_records(dest), want)
+    assert lc.open_store(dest).meta["teacher"]["name"] == "t"
+    assert lc.open_store(dest).meta["metadata"] == {"from": "a"}
+    with lc.StoreWriter(dest, vocab_size=200, k=4, mode="a") as w:
+        w.add(99, *make_topk(np.random.default_rng(5), 3, 4, 200))
+    assert len(lc.open_store(dest)) == 7
+    # mode="a" on a path without a store creates it.
+    report = lc.merge_stores(tmp_path / "new", [tmp_path / "b"], mode="a")
+    assert report["num_samples"] == 2
+
+
+def test_merge_refusals_change_nothing(tmp_path: Path) -> None:
+    _write(tmp_path / "a", [1, 2, 3])
+    _write(tmp_path / "b", [3, 4], seed=1)
+    _write(tmp_path / "v", [7], vocab=300)
+    _write(tmp_path / "s", [8], kind="sampled")
+    _write(tmp_path / "t1", [9], teacher="teacher-one")
+    _write(tmp_path / "t2", [10], teacher="teacher-two")
+    dest = tmp_path / "dest"
+    with pytest.raises(lc.DuplicateSampleError, match="duplicate sample id 3") as e:
+        lc.merge_stores(dest, [tmp_path / "a", tmp_path / "b"])
+    assert str(tmp_path / "a") in str(e.value) and str(tmp_path / "b") in str(e.value)
+    with pytest.raises(lc.StoreMismatchError, match="vocab_size expected 200, found 300") as e:
+        lc.merge_stores(dest, [tmp_path / "a", tmp_path / "v"])
+    assert str(tmp_path / "v") in str(e.value)
+    with pytest.raises(lc.StoreMismatchError, match="kind expected topk, found sampled"):
+        lc.merge_stores(dest, [tmp_path / "a", tmp_path / "s"])
+    with pytest.raises(
+        lc.StoreMismatchError, match=re.escape('teacher.name expected "teacher-one"')
+    ):
+        lc.merge_stores(dest, [tmp_path / "t1", tmp_path / "a", tmp_path / "t2"])
+    with pytest.raises(ValueError, match="are the same store"):
+        lc.merge_stores(dest, [tmp_path / "a", tmp_path / "." / "a"])
+    with pytest.raises(ValueError, match="no store to merge"):
+        lc.merge_stores(dest, [])
+    with pytest.raises(TypeError, match="sequence of store paths"):
+        lc.merge_stores(dest, str(tmp_path / "a"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode"):
+        lc.merge_stores(dest, [tmp_path / "a"], mode="w")
+    with pytest.raises(FileNotFoundError):
+        lc.merge_stores(dest, [tmp_path / "a", tmp_path / "missing"])
+    assert not dest.exists()
+
+    files = _files(tmp_path / "b")
+    with pytest.raises(lc.StoreExistsError):
+        lc.merge_stores(tmp_path / "b", [tmp_path / "v"])
+    with pytest.raises(ValueError, match="the destination itself"):
+        lc.merge_stores(tmp_path / "b", [tmp_path / "b"], mode="a")
+    with lc.StoreWriter(tmp_path / "b", vocab_size=200, k=4, mode="a"):
+        with pytest.raises(lc.StoreLockedError):
+            lc.merge_stores(tmp_path / "b", [tmp_path / "t1"], mode="a")
+    assert _files(tmp_path / "b") == files
+
+
+def test_a_copy_checks_every_byte(tmp_path: Path) -> None:
+    _write(tmp_path / "a", list(range(20)))
+    shard = _shard_paths(tmp_path / "a")[0]
+    raw = bytearray(shard.read_bytes())
+    raw[70] ^= 0x10  # inside the first chunk: opening the shard does not read it
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(lc.CorruptStoreError, match="CRC-32") as e:
+        lc.merge_stores(tmp_path / "dest", [tmp_path / "a"], copy=True)
+    assert str(shard) in str(e.value)
+    assert not (tmp_path / "dest").exists()
+    # A link does not read the file: the damage comes along, and verify finds it.
+    lc.merge_stores(tmp_path / "dest", [tmp_path / "a"])
+    assert not lc.verify_store(tmp_path / "dest")["ok"]
+
+
+def test_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path / "a", list(range(30)))
+    total = sum(p.stat().st_size for p in _shard_paths(tmp_path / "a"))
+    lc.merge_stores(tmp_path / "d1", [tmp_path / "a"], copy=True, progress=True)
+    err = capsys.readouterr().err
+    assert "merge" in err and "100%" in err, err
+    assert sum(p.stat().st_size for p in _shard_paths(tmp_path / "d1")) == total
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path / "a", [1, 2], metadata={"rank": 0})
+    _write(tmp_path / "b", [3], seed=1, metadata={"rank": 1})
+    dest = str(tmp_path / "m")
+    assert main(["merge", dest, str(tmp_path / "a"), str(tmp_path / "b"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "MERGED into" in out and "3 samples" in out, out
+    assert "'rank'" in err, err
+    assert main(["merge", dest, str(tmp_path / "a")]) == 2
+    out, err = capsys.readouterr()
+    assert "already exists" in err and "--append" in err, err
+    _write(tmp_path / "c", [4], seed=2)
+    assert main(["merge", "--append", "--copy", "--json", dest, str(tmp_path / "c")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards_copied"] == 1 and report["num_samples"] == 4
+    assert main(["merge", str(tmp_path / "x"), str(tmp_path / "a"), str(tmp_path / "m")]) == 2
+    assert "duplicate sample id 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
