@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod merge;
 pub mod pool;
 pub mod reader;
+pub mod rebuild;
 pub mod record;
 pub mod repair;
 pub mod source;

@@ -114,7 +114,7 @@ pub fn verify_with_progress(
     Ok(report)
 }
 
-fn file_crc(path: &Path, tick: &(dyn Fn(u64) + Sync)) -> Result<(u32, u64)> {
+pub(crate) fn file_crc(path: &Path, tick: &(dyn Fn(u64) + Sync)) -> Result<(u32, u64)> {
     let mut f = File::open(path).io_ctx("open shard", path)?;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -174,7 +174,7 @@ const EIO: i32 = 5;
 /// Whether an error met while checking a shard is evidence of damage. I/O errors are only
 /// when the file is missing, ends early, or the device reports a read error (EIO); others
 /// (permissions, too many open files, ...) say nothing about the bytes.
-fn is_damage(e: &Error) -> bool {
+pub(crate) fn is_damage(e: &Error) -> bool {
     match e {
         Error::Io { source, .. } => {
             matches!(

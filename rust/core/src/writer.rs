@@ -251,7 +251,7 @@ pub(crate) fn tool() -> String {
     format!("logitcache {}", crate::VERSION)
 }
 
-fn codec_info(c: LogprobCodec, zstd_level: i32) -> CodecInfo {
+pub(crate) fn codec_info(c: LogprobCodec, zstd_level: i32) -> CodecInfo {
     CodecInfo {
         logprobs: c.name().into(),
         step: matches!(c, LogprobCodec::Abs { .. }).then(|| f64::from(c.step())),

@@ -1100,3 +1100,152 @@ fn a_writer_adopts_shards_between_its_own_records() {
     assert_eq!(mine.shards[0].num_samples, 1);
     assert_eq!(mine.shards.last().unwrap().num_samples, 1);
 }
+
+/// A store whose manifest is damaged (or deleted) reads again after a rebuild from its
+/// shard files: the rebuilt manifest lists exactly the shards the old one did, with the
+/// same entries, and the configuration; teacher and metadata are what the caller gives;
+/// the damaged manifest is kept; a dry run changes nothing; a sound manifest is refused.
+#[test]
+fn rebuild_manifest_from_the_shards() {
+    use logitcache_core::manifest::{Manifest, TeacherInfo};
+    use logitcache_core::rebuild::{RebuildOptions, rebuild_manifest};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let mut sp = spec(Kind::TopK, 8, 1000, Some(LogprobCodec::Lossless));
+    sp.temperature = 0.7;
+    store_of(&path, 0, 60, sp.clone());
+    let original = Manifest::read(&path).unwrap();
+    assert!(original.shards.len() >= 4);
+    let want = records(&path);
+    let none = |_: u64, _: u64| {};
+
+    let err = rebuild_manifest(&path, &RebuildOptions::default(), &none).unwrap_err();
+    assert!(err.to_string().contains("nothing to rebuild"), "{err}");
+
+    let mpath = path.join("manifest.json");
+    flip_byte(&mpath, 60);
+    let damaged = std::fs::read(&mpath).unwrap();
+    assert!(Store::open(&path, &OpenOptions::default()).is_err());
+    let files = snapshot(&path);
+    let dry = RebuildOptions { dry_run: true, ..Default::default() };
+    let plan = rebuild_manifest(&path, &dry, &none).unwrap();
+    assert!(!plan.committed && plan.left_out.is_empty());
+    assert_eq!(plan.shards, original.shards);
+    assert!(plan.manifest_problem.contains("manifest.json"), "{}", plan.manifest_problem);
+    assert!(
+        plan.configuration.contains("k 8, vocab_size 1000, codec lossless"),
+        "{}",
+        plan.configuration
+    );
+    assert_eq!(snapshot(&path), files);
+
+    let seen = std::sync::Mutex::new(Vec::new());
+    let opts = RebuildOptions {
+        teacher: Some(TeacherInfo { name: Some("t".into()), config_fingerprint: None }),
+        metadata: Some(serde_json::json!({"note": "rebuilt"})),
+        ..Default::default()
+    };
+    let r = rebuild_manifest(&path, &opts, &|d, t| seen.lock().unwrap().push((d, t))).unwrap();
+    assert!(r.committed);
+    assert_eq!(r.kept_damaged.as_deref(), Some("manifest.json.damaged"));
+    assert_eq!(std::fs::read(path.join("manifest.json.damaged")).unwrap(), damaged);
+    let total: u64 = original.shards.iter().map(|s| s.bytes).sum();
+    assert_eq!(seen.lock().unwrap().last(), Some(&(total, total)));
+    let m = Manifest::read(&path).unwrap();
+    assert_eq!(m.shards, original.shards);
+    assert_eq!((m.num_samples, m.num_positions), (original.num_samples, original.num_positions));
+    assert_eq!((m.kind.as_str(), m.k, m.vocab_size, m.temperature), ("topk", 8, 1000, 0.7));
+    assert_eq!(m.codec.logprobs, original.codec.logprobs);
+    assert_eq!(m.teacher.unwrap().name.as_deref(), Some("t"));
+    assert_eq!(m.metadata, serde_json::json!({"note": "rebuilt"}));
+    assert_eq!(records(&path), want);
+    // The rebuilt store takes appends of the same configuration (0.7 read back as 0.7).
+    let mut w = StoreWriter::open(&path, sp, Mode::Append, small_opts()).unwrap();
+    write_topk(&mut w, 999, 4);
+    w.close().unwrap();
+
+    // A deleted manifest: the same.
+    std::fs::remove_file(&mpath).unwrap();
+    let r = rebuild_manifest(&path, &RebuildOptions::default(), &none).unwrap();
+    assert!(r.committed && r.kept_damaged.is_none());
+    assert_eq!(r.num_samples, 61);
+    assert!(logitcache_core::verify::verify(&path).unwrap().problems.is_empty());
+}
+
+/// What a rebuild takes, leaves out and refuses among the files of `shards/`: a complete
+/// shard that no manifest named is taken; a truncated one, or one renamed, is left out and
+/// reported; shards of another configuration, or two shards holding one sample, stop it
+/// with nothing changed and the files named. A damaged chunk does not stop it: repair, run
+/// next, gives the chunk up.
+#[test]
+fn rebuild_manifest_takes_only_what_is_sound_and_refuses_to_guess() {
+    use logitcache_core::manifest::Manifest;
+    use logitcache_core::rebuild::{RebuildOptions, rebuild_manifest};
+    use logitcache_core::repair::{RepairOptions, repair};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    store_of(&path, 0, 40, spec(Kind::TopK, 8, 1000, None));
+    let extra = dir.path().join("extra");
+    store_of(&extra, 500, 20, spec(Kind::TopK, 8, 1000, None));
+    let other = dir.path().join("other");
+    store_of(&other, 700, 3, spec(Kind::TopK, 4, 1000, None));
+    let original = Manifest::read(&path).unwrap();
+    let shard = |m: &Manifest, i: usize| m.shards[i].file.clone();
+    let put = |from: &Path, file: &str, seq: u64, uid: &str| {
+        let name = format!("shards/{seq:06}-{uid}.lcs");
+        std::fs::copy(from.join(file), path.join(&name)).unwrap();
+        name
+    };
+    let me = Manifest::read(&extra).unwrap();
+    let uncommitted = put(&extra, &shard(&me, 0), 90, &me.shards[0].uid);
+    let truncated = put(&extra, &shard(&me, 1), 91, &me.shards[1].uid);
+    let f = std::fs::OpenOptions::new().write(true).open(path.join(&truncated)).unwrap();
+    f.set_len(me.shards[1].bytes - 10).unwrap();
+    let renamed = put(&extra, &shard(&me, 0), 92, "00000000000000aa");
+    std::fs::remove_file(path.join("manifest.json")).unwrap();
+    let none = |_: u64, _: u64| {};
+    let dry = RebuildOptions { dry_run: true, ..Default::default() };
+
+    let r = rebuild_manifest(&path, &dry, &none).unwrap();
+    let taken: Vec<_> = r.shards.iter().map(|s| s.file.clone()).collect();
+    let mut want: Vec<_> = original.shards.iter().map(|s| s.file.clone()).collect();
+    want.push(uncommitted.clone());
+    assert_eq!(taken, want);
+    let left: Vec<_> = r.left_out.iter().map(|l| l.file.clone()).collect();
+    assert_eq!(left, vec![truncated.clone(), renamed.clone()]);
+    assert!(r.left_out[1].problem.contains("uid"), "{:?}", r.left_out);
+
+    // Another store's shard: two configurations.
+    let mo = Manifest::read(&other).unwrap();
+    let foreign = put(&other, &shard(&mo, 0), 93, &mo.shards[0].uid);
+    let err = rebuild_manifest(&path, &RebuildOptions::default(), &none).unwrap_err();
+    assert!(err.to_string().contains("2 different configurations"), "{err}");
+    assert!(err.to_string().contains(&foreign), "{err}");
+    assert!(!path.join("manifest.json").exists());
+    std::fs::remove_file(path.join(&foreign)).unwrap();
+
+    // A shard holding samples another shard holds.
+    let twin = put(&path, &shard(&original, 1), 94, "00000000000000bb");
+    let mut h = std::fs::read(path.join(&twin)).unwrap();
+    h[40..48].copy_from_slice(&0xbbu64.to_le_bytes());
+    let crc = crc32fast::hash(&h[..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(path.join(&twin), h).unwrap();
+    let err = rebuild_manifest(&path, &RebuildOptions::default(), &none).unwrap_err();
+    assert!(matches!(err, Error::DuplicateSample { .. }), "{err}");
+    assert!(err.to_string().contains(&twin) && err.to_string().contains(&shard(&original, 1)));
+    assert!(!path.join("manifest.json").exists());
+    std::fs::remove_file(path.join(&twin)).unwrap();
+
+    // A damaged chunk: taken; repair then gives it up.
+    let s0 = path.join(shard(&original, 0));
+    let (s0_reader, _) =
+        logitcache_core::reader::ShardReader::from_bytes(std::fs::read(&s0).unwrap(), &s0).unwrap();
+    flip_byte(&s0, s0_reader.footer.chunks[0].offset + 2);
+    let r = rebuild_manifest(&path, &RebuildOptions::default(), &none).unwrap();
+    assert!(r.committed && r.shards.len() == original.shards.len() + 1);
+    assert_eq!(r.num_samples, 40 + me.shards[0].num_samples);
+    let fixed = repair(&path, RepairOptions::default()).unwrap();
+    assert_eq!(fixed.repairs.len(), 1);
+    assert!(Store::open(&path, &OpenOptions::default()).is_ok());
+}
