@@ -1,16 +1,16 @@
 """logitcache: offline knowledge distillation stores and losses for language models.
 
 Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
-check it with :func:`verify_store`, mend a damaged one with :func:`repair_store`, join
-stores written side by side with :func:`merge_stores`; fit a student with :class:`KDLoss`
-and the functions of :mod:`logitcache.losses` (imported on first use: the store works
-without torch).
+check it with :func:`verify_store`, mend a damaged one with :func:`repair_store` (and
+:func:`rebuild_manifest` when its manifest is lost), join stores written side by side with
+:func:`merge_stores`; fit a student with :class:`KDLoss` and the functions of
+:mod:`logitcache.losses` (imported on first use: the store works without torch).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from logitcache import _core
@@ -88,7 +88,9 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     """Check every checksum (manifest, shard files, headers, footers, chunks) and every
     decoded value of a store. Returns a report: ``ok`` (no fault in committed data),
     ``problems`` (each names file, shard, chunk and what is wrong), ``orphans`` (files no
-    manifest refers to, e.g. left by a writer that was killed), and counts.
+    manifest refers to, e.g. left by a writer that was killed), ``manifest_ok`` (False
+    when the manifest cannot be read: then nothing else is checked and no file is called an
+    orphan; see :func:`rebuild_manifest`), and counts.
 
     ``progress=True`` shows a progress bar (tqdm, on stderr) of the store's bytes checked;
     ``None`` shows it only when stderr is a terminal. Each byte is read twice (the
@@ -113,9 +115,10 @@ def repair_store(
     truncated, damaged header, trailer or footer) is left out. The new manifest is
     committed atomically after the new shards are written, under the store's writer lock
     (:class:`StoreLockedError` while a writer is open): a repair that fails or is killed
-    leaves the store as it was. A damaged ``manifest.json`` cannot be repaired (it alone
-    records the configuration and which shards are committed): that raises
-    :class:`CorruptStoreError`, as does a sample id stored twice. A shard that cannot be
+    leaves the store as it was. A damaged ``manifest.json`` raises
+    :class:`CorruptStoreError` (a missing one :class:`FileNotFoundError`): rebuild it from
+    the shard files with :func:`rebuild_manifest` first. A sample id stored twice raises
+    :class:`CorruptStoreError` too. A shard that cannot be
     checked for a reason that says nothing about its bytes (e.g. permission denied) stops
     the repair with :class:`StoreError`, nothing changed.
 
@@ -139,6 +142,69 @@ def repair_store(
                 os.fspath(path), dry_run=dry_run, remove_damaged=remove_damaged, progress=cb
             )
         ),
+    )
+
+
+def rebuild_manifest(
+    path: str | os.PathLike[str],
+    *,
+    teacher: Any = None,
+    tokenizer: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+    progress: bool | None = False,
+) -> dict[str, Any]:
+    """Make a store whose ``manifest.json`` is damaged or missing readable again, from its
+    shard files.
+
+    A shard's header holds the store's configuration and its footer the samples, so the
+    new manifest lists every shard file in ``shards/`` that opens cleanly on its own,
+    with its counts and a freshly computed whole-file checksum. That includes a shard that a
+    writer finished but did not commit before it died (its samples are complete). A shard
+    that does not open (a killed writer's unfinished file, a damaged header, trailer or
+    footer, a name that does not match its header) is left out and reported. What only the
+    old manifest knew is taken from the arguments: ``teacher`` and ``tokenizer`` as for
+    :class:`StoreWriter` (a name, a dict with ``name`` and the fingerprint, or the
+    ``transformers`` object; e.g. another store's ``meta["teacher"]``) and ``metadata``;
+    left out, they are unknown (``None``, ``{}``).
+
+    Nothing is guessed where the files disagree: shards of different configurations raise
+    :class:`StoreError` and a sample id in two shards raises :class:`DuplicateSampleError`,
+    naming the files, with nothing changed: move away the ones that do not belong (a shard
+    left behind by a store that replaced this one, a damaged shard that :func:`repair_store`
+    already replaced) and call it again. A sound manifest is refused (:class:`StoreError`),
+    and so is a manifest of a newer format version (:class:`FormatVersionError`).
+
+    The damaged manifest is kept as ``manifest.json.damaged``; the new one is committed
+    atomically under the writer lock. Chunks are not checked: call :func:`repair_store`
+    next to give up damaged ones. ``dry_run=True`` reports the plan and changes nothing.
+    ``progress`` as for :func:`verify_store` (each shard file is read once).
+
+    Returns a report: ``manifest_problem`` (why the old manifest could not be read),
+    ``configuration`` (in words), ``shards`` (per shard taken: ``file``, ``num_samples``,
+    ``num_positions``, ``num_chunks``, ``bytes``), ``left_out`` (``file``, ``problem``),
+    ``num_samples``, ``num_positions``, ``committed`` and ``kept_damaged``."""
+    from logitcache.store import _metadata_json, _teacher_info, _tokenizer_info
+
+    teacher_name, teacher_fp = _teacher_info(teacher)
+    tok_name, tok_fp = _tokenizer_info(tokenizer)
+    metadata_json = _metadata_json(metadata)
+    return _with_progress_bar(
+        "rebuild",
+        progress,
+        lambda cb: dict(
+            _core.rebuild_manifest(
+                os.fspath(path),
+                dry_run=dry_run,
+                teacher_name=teacher_name,
+                teacher_fingerprint=teacher_fp,
+                tokenizer_name=tok_name,
+                tokenizer_fingerprint=tok_fp,
+                metadata_json=metadata_json,
+                progress=cb,
+            )
+        ),
+        reads_per_byte=1,
     )
 
 
@@ -223,6 +289,7 @@ __all__ = [
     "kd_loss",
     "merge_stores",
     "open_store",
+    "rebuild_manifest",
     "repair_store",
     "sampled_kd_loss",
     "set_num_threads",

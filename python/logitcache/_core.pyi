@@ -109,6 +109,17 @@ def merge(
     copy: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]: ...
+def rebuild_manifest(
+    path: str,
+    *,
+    dry_run: bool = False,
+    teacher_name: str | None = None,
+    teacher_fingerprint: str | None = None,
+    tokenizer_name: str | None = None,
+    tokenizer_fingerprint: str | None = None,
+    metadata_json: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]: ...
 
 # Loss kernels (python/logitcache/_loss_kernels.py is their only user). Arrays are zero-copy
 # numpy views of contiguous CPU tensors; bfloat16 arrays are uint16 views of their bits.

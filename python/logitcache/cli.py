@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +93,13 @@ def _verify(args: argparse.Namespace) -> int:
             f"{report['samples']:,} samples, {report['positions']:,} positions, "
             f"{_human_bytes(report['bytes'])} checked"
         )
-        if not report["ok"]:
+        if not report["manifest_ok"]:
+            print(
+                "to rebuild the manifest from the shard files: logitcache repair "
+                f"--rebuild-manifest --dry-run {args.path}",
+                file=sys.stderr,
+            )
+        elif not report["ok"]:
             print(
                 f"to keep what can still be read: logitcache repair --dry-run {args.path}",
                 file=sys.stderr,
@@ -100,7 +107,57 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _rebuild(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """The manifest part of ``repair --rebuild-manifest``: (exit status so far, report)."""
+    teacher: Any = None
+    tokenizer: Any = None
+    metadata: dict[str, Any] | None = None
+    if args.like is not None:
+        like = logitcache.open_store(args.like).meta
+        teacher, tokenizer, metadata = like["teacher"], like["tokenizer"], like["metadata"]
+    if args.teacher is not None:
+        teacher = args.teacher
+    if args.tokenizer is not None:
+        tokenizer = args.tokenizer
+    if args.metadata is not None:
+        try:
+            metadata = json.loads(args.metadata)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--metadata is not valid JSON: {e}") from None
+    report = logitcache.rebuild_manifest(
+        args.path,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        metadata=metadata,
+        dry_run=args.dry_run,
+        progress=None if args.progress else False,
+    )
+    if not args.json:
+        print(f"manifest: {report['manifest_problem']}", file=sys.stderr)
+        for left in report["left_out"]:
+            print(f"left out {left['file']}: {left['problem']}", file=sys.stderr)
+        head = "DRY RUN, nothing changed" if args.dry_run else "REBUILT the manifest"
+        print(
+            f"{head}: {len(report['shards'])} shard(s) "
+            f"{'would be ' if args.dry_run else ''}taken ({report['num_samples']:,} samples, "
+            f"{report['num_positions']:,} positions; {report['configuration']}), "
+            f"{len(report['left_out'])} left out"
+        )
+        if report["kept_damaged"]:
+            print(f"the damaged manifest is kept as {report['kept_damaged']}")
+    return (1 if args.dry_run else 0), report
+
+
 def _repair(args: argparse.Namespace) -> int:
+    rebuilt = None
+    if args.rebuild_manifest:
+        status, rebuilt = _rebuild(args)
+        if args.dry_run:
+            if args.json:
+                print(json.dumps({"rebuild": rebuilt}, indent=2))
+            return status
+    elif args.like is not None or args.teacher or args.tokenizer or args.metadata is not None:
+        raise ValueError("--like, --teacher, --tokenizer and --metadata need --rebuild-manifest")
     report = logitcache.repair_store(
         args.path,
         dry_run=args.dry_run,
@@ -114,7 +171,7 @@ def _repair(args: argparse.Namespace) -> int:
     if args.json:
         out = dict(report)
         out["lost_sample_ids"] = [int(i) for i in lost_ids]
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out if rebuilt is None else {"rebuild": rebuilt, "repair": out}, indent=2))
     elif report["sound"]:
         print(f"OK: {report['shards']} shards, nothing to repair")
     else:
@@ -221,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         "missing or truncated) is left out. The lost samples are reported. Takes the "
         "store's writer lock; a repair that fails or is killed changes nothing. Exit "
         "status: 0 the store is sound (repaired, or nothing to repair), 1 --dry-run found "
-        "damage, 2 the store cannot be repaired (e.g. its manifest.json is damaged) or is "
-        "locked by a writer.",
+        "damage, 2 the store cannot be repaired or is locked by a writer. A damaged or "
+        "missing manifest.json stops a repair: --rebuild-manifest writes a new one from the "
+        "shard files first (with --dry-run, only that step is planned).",
     )
     p.add_argument("path", help="store directory")
     p.add_argument(
@@ -239,6 +297,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the ids of the lost samples to FILE, one per line (those a readable "
         "footer names)",
+    )
+    p.add_argument(
+        "--rebuild-manifest",
+        action="store_true",
+        help="when manifest.json is damaged or missing: first write a new one listing every "
+        "shard file that opens cleanly on its own (the damaged one is kept as "
+        "manifest.json.damaged; shards of another configuration, or a sample in two shards, "
+        "stop it), then repair as usual",
+    )
+    p.add_argument(
+        "--like",
+        metavar="STORE",
+        help="with --rebuild-manifest: take teacher, tokenizer and metadata from this other "
+        "store's manifest (e.g. another rank's store of the same capture)",
+    )
+    p.add_argument("--teacher", metavar="NAME", help="with --rebuild-manifest: the teacher's name")
+    p.add_argument(
+        "--tokenizer", metavar="NAME", help="with --rebuild-manifest: the tokenizer's name"
+    )
+    p.add_argument(
+        "--metadata", metavar="JSON", help="with --rebuild-manifest: the metadata, a JSON object"
     )
     _add_report_options(p)
     p.set_defaults(func=_repair)
@@ -273,13 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _manifest_is_lost(e: Exception) -> bool:
+    """Whether ``e`` says the store's manifest.json is damaged or missing."""
+    where = getattr(e, "file", None) or getattr(e, "filename", None)
+    if where is None or os.path.basename(str(where)) != "manifest.json":
+        return False
+    return isinstance(e, (CorruptStoreError, FileNotFoundError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (StoreError, OSError) as e:
+    except (StoreError, OSError, ValueError) as e:
         print(f"logitcache {args.command}: {e}", file=sys.stderr)
+        if _manifest_is_lost(e) and not getattr(args, "rebuild_manifest", False):
+            print(
+                "to rebuild the manifest from the shard files: logitcache repair "
+                f"--rebuild-manifest --dry-run {args.path}",
+                file=sys.stderr,
+            )
+            return 2
         if isinstance(e, StoreExistsError) and args.command == "merge":
             print("to merge into it: logitcache merge --append ...", file=sys.stderr)
         if isinstance(e, CorruptStoreError) and args.command == "info":

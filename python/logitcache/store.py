@@ -112,6 +112,18 @@ def _tokenizer_info(tokenizer: Any) -> tuple[str | None, str | None]:
     return (name or None), vocab_fingerprint(get_vocab())
 
 
+def _metadata_json(metadata: Mapping[str, Any] | None) -> str | None:
+    """User metadata as the JSON object text the core takes; ValueError if it is not one."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(dict(metadata))
+    except TypeError as e:
+        raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
+
+
 def _to_numpy(x: Any, name: str, *, keep_bf16: bool = False) -> np.ndarray:
     """A numpy view of a numpy array or CPU torch tensor (no copy when already contiguous).
     bfloat16 tensors become float32, or with ``keep_bf16`` uint16 bit patterns tagged with
@@ -221,14 +233,7 @@ class StoreWriter:
             raise ValueError(f"chunk_positions must be positive, got {chunk_positions}")
         teacher_name, teacher_fp = _teacher_info(teacher)
         tok_name, tok_fp = _tokenizer_info(tokenizer)
-        metadata_json = None
-        if metadata is not None:
-            if not isinstance(metadata, Mapping):
-                raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
-            try:
-                metadata_json = json.dumps(dict(metadata))
-            except TypeError as e:
-                raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
+        metadata_json = _metadata_json(metadata)
         self.path = os.fspath(path)
         self._w = _core.StoreWriter(
             self.path,

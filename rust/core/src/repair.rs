@@ -100,8 +100,9 @@ pub fn repair_with_progress(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<RepairReport> {
     let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
-    // Everything hangs on the manifest: what it cannot tell (the configuration, the
-    // teacher, which shards are committed) cannot be rebuilt from the shards alone.
+    // Everything hangs on the manifest (which shards are committed, what they must hold);
+    // a damaged one is for `rebuild::rebuild_manifest`, which asks the caller what the
+    // shards cannot say.
     let manifest = Manifest::read(dir)?;
     let mpath = dir.join(MANIFEST_NAME);
     let p = params_from_manifest(&manifest, &mpath)?;

@@ -25,6 +25,10 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Files in the store directory that the manifest does not refer to.
     pub orphans: Vec<String>,
+    /// Whether the manifest could be read. When it could not, no shard was checked and no
+    /// file is called an orphan: which files belong to the store is what it would say
+    /// (`rebuild_manifest` finds out from the shards themselves).
+    pub manifest_ok: bool,
     pub shards: usize,
     pub chunks: usize,
     pub samples: u64,
@@ -58,7 +62,6 @@ pub fn verify_with_progress(
         Err(e @ Error::Io { .. }) => return Err(e),
         Err(e) => {
             report.problems.push(e.to_string());
-            report.orphans = orphans(dir, None)?;
             return Ok(report);
         }
     };
@@ -69,6 +72,7 @@ pub fn verify_with_progress(
             return Ok(report);
         }
     };
+    report.manifest_ok = true;
     report.shards = manifest.shards.len();
     report.samples = manifest.num_samples;
     report.positions = manifest.num_positions;
@@ -110,7 +114,7 @@ pub fn verify_with_progress(
         }
     }
     report.bytes = manifest.shards.iter().map(|s| s.bytes).sum();
-    report.orphans = orphans(dir, Some(&manifest))?;
+    report.orphans = orphans(dir, &manifest)?;
     Ok(report)
 }
 
@@ -334,9 +338,8 @@ fn check_values(
 }
 
 /// Files in the store directory that the committed manifest does not account for.
-fn orphans(dir: &Path, manifest: Option<&Manifest>) -> Result<Vec<String>> {
-    let known: HashSet<&str> =
-        manifest.map(|m| m.shards.iter().map(|s| s.file.as_str()).collect()).unwrap_or_default();
+fn orphans(dir: &Path, manifest: &Manifest) -> Result<Vec<String>> {
+    let known: HashSet<&str> = manifest.shards.iter().map(|s| s.file.as_str()).collect();
     let mut out = Vec::new();
     let sd = dir.join(SHARDS_DIR);
     if let Ok(rd) = std::fs::read_dir(&sd) {

@@ -610,6 +610,7 @@ fn verify<'py>(
     d.set_item("ok", r.ok())?;
     d.set_item("problems", r.problems)?;
     d.set_item("orphans", r.orphans)?;
+    d.set_item("manifest_ok", r.manifest_ok)?;
     d.set_item("shards", r.shards)?;
     d.set_item("chunks", r.chunks)?;
     d.set_item("samples", r.samples)?;
@@ -699,10 +700,77 @@ fn merge<'py>(
     Ok(d)
 }
 
+/// Rebuild a damaged or deleted manifest from the shard files (see
+/// logitcache_core::rebuild); returns a report dict. `progress` as for [`verify`], with
+/// the bytes of the shard files read.
+#[pyfunction]
+#[pyo3(signature = (
+    path, *, dry_run=false, teacher_name=None, teacher_fingerprint=None, tokenizer_name=None,
+    tokenizer_fingerprint=None, metadata_json=None, progress=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn rebuild_manifest<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    dry_run: bool,
+    teacher_name: Option<String>,
+    teacher_fingerprint: Option<String>,
+    tokenizer_name: Option<String>,
+    tokenizer_fingerprint: Option<String>,
+    metadata_json: Option<String>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use logitcache_core::rebuild::RebuildOptions;
+    let opts = RebuildOptions {
+        dry_run,
+        teacher: (teacher_name.is_some() || teacher_fingerprint.is_some())
+            .then_some(TeacherInfo { name: teacher_name, config_fingerprint: teacher_fingerprint }),
+        tokenizer: (tokenizer_name.is_some() || tokenizer_fingerprint.is_some()).then_some(
+            TokenizerInfo { name: tokenizer_name, vocab_fingerprint: tokenizer_fingerprint },
+        ),
+        metadata: json_value(metadata_json)?,
+    };
+    let progress = Progress::new(progress);
+    let r = py
+        .detach(|| {
+            logitcache_core::rebuild::rebuild_manifest(&path, &opts, &|d, t| progress.call(d, t))
+        })
+        .py_err()?;
+    progress.finish()?;
+    let shards = PyList::empty(py);
+    for s in &r.shards {
+        let e = PyDict::new(py);
+        e.set_item("file", &s.file)?;
+        e.set_item("num_samples", s.num_samples)?;
+        e.set_item("num_positions", s.num_positions)?;
+        e.set_item("num_chunks", s.num_chunks)?;
+        e.set_item("bytes", s.bytes)?;
+        shards.append(e)?;
+    }
+    let left_out = PyList::empty(py);
+    for l in &r.left_out {
+        let e = PyDict::new(py);
+        e.set_item("file", &l.file)?;
+        e.set_item("problem", &l.problem)?;
+        left_out.append(e)?;
+    }
+    let d = PyDict::new(py);
+    d.set_item("committed", r.committed)?;
+    d.set_item("manifest_problem", &r.manifest_problem)?;
+    d.set_item("configuration", &r.configuration)?;
+    d.set_item("shards", shards)?;
+    d.set_item("left_out", left_out)?;
+    d.set_item("num_samples", r.num_samples)?;
+    d.set_item("num_positions", r.num_positions)?;
+    d.set_item("kept_damaged", &r.kept_damaged)?;
+    Ok(d)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(repair, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(rebuild_manifest, m)?)?;
     m.add_class::<PyStoreWriter>()?;
     m.add_class::<PyStore>()?;
     Ok(())
