@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,23 @@ def make_sampled(
         counts[i, : len(a)] = c
         lps[i, : len(a)] = lp
     return input_ids, ids, counts, lps
+
+
+def store_contents(path: Any) -> dict[int, tuple[tuple[str, tuple[int, ...], bytes], ...]]:
+    """Every record of the store at ``path`` as (dtype, shape, bytes) per array (input ids,
+    target ids, log-probabilities, and counts for sampled stores): equal exactly when the
+    stores read back the same, bit for bit."""
+    import logitcache as lc
+
+    store = lc.open_store(path)
+    out = {}
+    for sid in store.sample_ids():
+        r = store[int(sid)]
+        arrays = [r.input_ids, r.topk_ids, r.topk_logprobs]
+        if store.kind == "sampled":
+            arrays.append(r.counts)
+        out[int(sid)] = tuple((a.dtype.str, a.shape, a.tobytes()) for a in map(np.asarray, arrays))
+    return out
 
 
 @pytest.fixture

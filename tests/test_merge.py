@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk
+from conftest import make_sampled, make_topk, store_contents
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,26 +48,6 @@ def _write(
             else:
                 inp, ids, counts, lps = make_sampled(rng, length, k, vocab)
                 w.add_sampled(sid, inp, ids, counts, lps)
-
-
-def _records(path: Path) -> dict[int, tuple[np.ndarray, ...]]:
-    store = lc.open_store(path)
-    out = {}
-    for sid in store.sample_ids():
-        r = store[int(sid)]
-        arrays = [r.input_ids, r.topk_ids, r.topk_logprobs]
-        if store.kind == "sampled":
-            arrays.append(r.counts)
-        out[int(sid)] = tuple(np.array(a) for a in arrays)
-    return out
-
-
-def _same(a: dict[int, tuple[np.ndarray, ...]], b: dict[int, tuple[np.ndarray, ...]]) -> None:
-    assert sorted(a) == sorted(b)
-    for sid in a:
-        for x, y in zip(a[sid], b[sid], strict=True):
-            assert x.dtype == y.dtype and x.shape == y.shape
-            assert x.tobytes() == y.tobytes(), sid
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -109,16 +89,16 @@ def test_merged_store_reads_back_every_source(
         _write(src, ids, kind=kind, seed=i, metadata={"rank": i, "run": "r1"})
         sources.append(src)
     before = [_files(s) for s in sources]
-    want: dict[int, tuple[np.ndarray, ...]] = {}
+    want: dict[int, tuple] = {}
     for s in sources:
-        want.update(_records(s))
+        want.update(store_contents(s))
     dest = root / "merged"
     report = lc.merge_stores(dest, sources, copy=copy)
     n_shards = sum(len(_shard_paths(s)) for s in sources)
     assert report["shards_copied" if copy else "shards_linked"] == n_shards
     assert report["num_samples"] == len(want) == len(lc.open_store(dest))
     assert [Path(s["path"]) for s in report["sources"]] == sources
-    _same(_records(dest), want)
+    assert store_contents(dest) == want
     merged = lc.open_store(dest)
     assert merged.meta["metadata"] == {"rank": len(parts) - 1, "run": "r1"}
     assert report["metadata_conflicts"] == (["rank"] if len(parts) > 1 else [])
@@ -133,11 +113,15 @@ def test_merge_into_an_existing_store_then_append(tmp_path: Path) -> None:
     _write(tmp_path / "a", [1, 2, 3], teacher="t", metadata={"from": "a"})
     _write(tmp_path / "b", [10, 11], seed=1)
     _write(tmp_path / "c", [20], seed=2, tokenizer=None)
-    want = {**_records(tmp_path / "a"), **_records(tmp_path / "b"), **_records(tmp_path / "c")}
+    want = {
+        **store_contents(tmp_path / "a"),
+        **store_contents(tmp_path / "b"),
+        **store_contents(tmp_path / "c"),
+    }
     dest = tmp_path / "a"
     report = lc.merge_stores(dest, [tmp_path / "b", str(tmp_path / "c")], mode="a")
     assert report["num_samples"] == 6 and report["shards_linked"] >= 2
-    _same(_records(dest), want)
+    assert store_contents(dest) == want
     assert lc.open_store(dest).meta["teacher"]["name"] == "t"
     assert lc.open_store(dest).meta["metadata"] == {"from": "a"}
     with lc.StoreWriter(dest, vocab_size=200, k=4, mode="a") as w:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk
+from conftest import make_sampled, make_topk, store_contents
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,23 +47,11 @@ def _store(path: Path, kind: str, n: int = 20) -> None:
                 w.add_sampled(sid * 3, inp, ids, counts, lps)
 
 
-def _records(path: Path) -> dict[int, list[bytes]]:
-    store = lc.open_store(path)
-    out = {}
-    for sid in store.sample_ids():
-        r = store[int(sid)]
-        arrays = [r.input_ids, r.topk_ids, r.topk_logprobs]
-        if store.kind == "sampled":
-            arrays.append(r.counts)
-        out[int(sid)] = [np.asarray(a).tobytes() for a in arrays]
-    return out
-
-
 @pytest.fixture(scope="module", params=["topk", "sampled"])
 def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp(request.param) / "s"
     _store(path, request.param)
-    return path, _records(path), lc.open_store(path).meta
+    return path, store_contents(path), lc.open_store(path).meta
 
 
 @settings(
@@ -95,7 +83,7 @@ def test_rebuild_after_any_damage_to_the_manifest(
     )
     assert report["committed"] and not report["left_out"]
     assert report["kept_damaged"] == (None if how == "delete" else "manifest.json.damaged")
-    assert _records(work) == original
+    assert store_contents(work) == original
     # Everything the old manifest said, shard entries included, but who wrote it and the
     # (informational) zstd level.
     ignore = ("created_by", "updated_by")
@@ -193,7 +181,7 @@ def test_cli(base: tuple[Path, dict, dict], tmp_path: Path, capsys: pytest.Captu
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rebuild"]["committed"] and report["repair"]["sound"]
-    assert _records(work) == original
+    assert store_contents(work) == original
     got = lc.open_store(work).meta
     assert (got["teacher"], got["tokenizer"], got["metadata"]) == (
         meta["teacher"],

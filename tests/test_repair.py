@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk
+from conftest import make_sampled, make_topk, store_contents
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,18 +38,6 @@ def _store(path: Path, kind: str) -> None:
                 w.add_sampled(sid * 10, inp, ids, counts, lps)
 
 
-def _records(path: Path) -> dict[int, tuple[np.ndarray, ...]]:
-    store = lc.open_store(path)
-    out = {}
-    for sid in store.sample_ids():
-        r = store[int(sid)]
-        arrays = [r.input_ids, r.topk_ids, r.topk_logprobs]
-        if store.kind == "sampled":
-            arrays.append(r.counts)
-        out[int(sid)] = tuple(np.array(a) for a in arrays)
-    return out
-
-
 def _shards(path: Path) -> list[str]:
     return [
         s["file"] for s in json.loads((path / "manifest.json").read_text())["manifest"]["shards"]
@@ -61,7 +49,7 @@ def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     path = tmp_path_factory.mktemp(request.param) / "s"
     _store(path, request.param)
     assert len(_shards(path)) >= 3
-    return path, _records(path)
+    return path, store_contents(path)
 
 
 @settings(
@@ -103,15 +91,15 @@ def test_repair_after_a_flipped_byte_anywhere(
         assert np.array_equal(report[key], plan[key]), key
     assert lc.verify_store(work)["ok"]
     store = lc.open_store(work)
-    got = _records(work)
+    got = store_contents(work)
     # Survivors read back bit for bit; exactly the reported samples are gone.
     for sid, arrays in got.items():
-        assert all(np.array_equal(a, b) for a, b in zip(arrays, original[sid], strict=True)), sid
+        assert arrays == original[sid], sid
     lost = set(original) - set(got)
     assert len(lost) == report["samples_lost"] == len(original) - len(store)
     assert (
         store.meta["num_positions"]
-        == sum(len(v[0]) for v in original.values()) - report["positions_lost"]
+        == sum(v[0][1][0] for v in original.values()) - report["positions_lost"]
     )
     (repair,) = report["repairs"]
     if repair["lost_ids_known"]:
@@ -125,7 +113,7 @@ def test_repair_after_a_flipped_byte_anywhere(
 def test_repair_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s"
     _store(path, "topk")
-    original = _records(path)
+    original = store_contents(path)
     assert main(["repair", str(path)]) == 0
     assert "nothing to repair" in capsys.readouterr().out
     victim_rel = _shards(path)[1]
@@ -159,7 +147,7 @@ def test_repair_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "REPAIRED" in out and "kept" in out
     lost = {int(line) for line in lost_file.read_text().split()}
-    assert lost and lost == set(original) - set(_records(path))
+    assert lost and lost == set(original) - set(store_contents(path))
     assert victim_rel not in _shards(path)
 
     assert main(["verify", str(path)]) == 0
