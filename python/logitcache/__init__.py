@@ -3,7 +3,8 @@
 Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
 check it with :func:`verify_store`, mend a damaged one with :func:`repair_store` (and
 :func:`rebuild_manifest` when its manifest is lost), join stores written side by side with
-:func:`merge_stores`; fit a student with :class:`KDLoss` and the functions of
+:func:`merge_stores`, and check that a capture's targets line up with its inputs with
+:func:`target_stats`; fit a student with :class:`KDLoss` and the functions of
 :mod:`logitcache.losses` (imported on first use: the store works without torch).
 """
 
@@ -26,6 +27,7 @@ from logitcache.errors import (
     StoreLockedError,
     StoreMismatchError,
 )
+from logitcache.stats import target_stats
 from logitcache.store import (
     Batch,
     PackedBatch,
@@ -294,6 +296,7 @@ __all__ = [
     "sampled_kd_loss",
     "set_num_threads",
     "sparse_kd_loss",
+    "target_stats",
     "token_metrics",
     "verify_store",
     "vocab_fingerprint",

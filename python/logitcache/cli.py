@@ -1,5 +1,5 @@
-"""The ``logitcache`` command line: ``logitcache info PATH``, ``logitcache verify PATH``,
-``logitcache repair PATH``, ``logitcache merge PATH SOURCE...``."""
+"""The ``logitcache`` command line: ``logitcache info PATH``, ``verify PATH``, ``repair PATH``,
+``stats PATH``, ``merge PATH SOURCE...``."""
 
 from __future__ import annotations
 
@@ -238,6 +238,49 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _percent(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def _stats(args: argparse.Namespace) -> int:
+    store = logitcache.open_store(args.path)
+    limit = None if args.samples == 0 else args.samples
+    st = logitcache.target_stats(store, max_samples=limit, seed=args.seed)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 1 if st["warning"] else 0
+    subset = "all" if st["samples"] == len(store) else f"random, seed {args.seed}"
+    rows = [
+        ("store", args.path),
+        ("samples read", f"{st['samples']:,} of {len(store):,} ({subset})"),
+        ("positions", f"{st['positions']:,}"),
+    ]
+    if st["top1_probability"] is not None:
+        rows.append(("top-1 probability", f"{st['top1_probability']:.3f} (mean)"))
+    if st["target_mass"] is not None:
+        tail = 1 - st["target_mass"]
+        rows.append(("top-K mass", f"{st['target_mass']:.3f} (mean; tail {tail:.3f})"))
+    if st["distinct_ids"] is not None:
+        rows.append(("distinct ids per row", f"{st['distinct_ids']:.1f} (mean)"))
+    names = {1: "input_ids[t + 1]", 0: "input_ids[t]", 2: "input_ids[t + 2]"}
+    for s in (1, 0, 2):
+        a = st["agreement"][s]
+        rows.append(
+            (
+                f"row t vs {names[s]}",
+                f"top-1 {_percent(a['top1'])}, in targets {_percent(a['in_targets'])}"
+                + (" (what a row predicts)" if s == 1 else ""),
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if st["warning"]:
+        print(f"WARNING: {st['warning']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -321,6 +364,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_report_options(p)
     p.set_defaults(func=_repair)
+    p = sub.add_parser(
+        "stats",
+        help="what the targets look like, and whether they line up with the input tokens",
+        description="Read a random subset of samples and print the mean top-1 probability, "
+        "the mean top-K mass (top-K stores) or distinct ids per row (sampled stores), and how "
+        "often a row's first target id is the next input token, the same one, or the one "
+        "after next. Row t holds the teacher's prediction of input_ids[t + 1], so a capture "
+        "shifted by one position shows up as better agreement with another token. Exit "
+        "status: 0, 1 the targets look shifted, 2 the store cannot be read.",
+    )
+    p.add_argument("path", help="store directory")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="samples to read, chosen at random (default 1000; 0: all)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_stats)
     p = sub.add_parser(
         "merge",
         help="join stores written side by side (one per rank or job) into one store",
