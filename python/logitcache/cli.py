@@ -1,14 +1,17 @@
 """The ``logitcache`` command line: ``logitcache info PATH``, ``verify PATH``, ``repair PATH``,
-``stats PATH``, ``merge PATH SOURCE...``."""
+``stats PATH``, ``show PATH SAMPLE_ID``, ``merge PATH SOURCE...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 import logitcache
 from logitcache.errors import CorruptStoreError, StoreError, StoreExistsError
@@ -281,6 +284,95 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _position_slice(text: str) -> slice:
+    """``A:B`` (either side may be left out, negatives count from the end) or ``A``."""
+    try:
+        if ":" not in text:
+            a = int(text)
+            return slice(a, a + 1 if a != -1 else None)
+        a, b = text.split(":", 1)
+        return slice(int(a) if a else None, int(b) if b else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B, A: , :B or A, got {text!r}") from None
+
+
+def _token_namer(path: str | None) -> Callable[[int], str]:
+    """id -> what to print for it: the token text from a tokenizer, else the id."""
+    if path is None:
+        return str
+    if os.path.isdir(path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError(
+                "--tokenizer DIR needs transformers (pip install 'logitcache[capture]'); "
+                "or give a tokenizer.json file"
+            ) from None
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+        def name(i: int) -> str:
+            return repr(tok.convert_ids_to_tokens(i))
+    else:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("--tokenizer FILE needs the tokenizers package") from None
+        if not os.path.exists(path):
+            raise FileNotFoundError(2, "no such tokenizer file", path)
+        tok = Tokenizer.from_file(path)
+
+        def name(i: int) -> str:
+            return repr(tok.id_to_token(i))
+
+    return name
+
+
+def _show(args: argparse.Namespace) -> int:
+    store = logitcache.open_store(args.path)
+    rec = store[args.sample_id]
+    name = _token_namer(args.tokenizer)
+    sampled = store.kind == "sampled"
+    rows = []
+    for t in range(len(rec))[args.positions]:
+        ids = rec.topk_ids[t]
+        lps = None if rec.topk_logprobs is None else rec.topk_logprobs[t]
+        counts = None if rec.counts is None else rec.counts[t]
+        if counts is not None:
+            keep = np.flatnonzero(counts > 0)
+            keep = keep[np.argsort(-counts[keep], kind="stable")]
+        else:
+            keep = np.arange(ids.shape[0])
+        targets = []
+        for j in keep[: args.top]:
+            e: dict[str, Any] = {"id": int(ids[j])}
+            if counts is not None:
+                e["count"] = int(counts[j])
+            if lps is not None:
+                e["logprob"] = float(lps[j])
+            targets.append(e)
+        row: dict[str, Any] = {"t": t, "input_id": int(rec.input_ids[t]), "targets": targets}
+        if not sampled and lps is not None:
+            row["rest"] = max(0.0, 1.0 - float(np.exp(lps.astype(np.float64)).sum()))
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"sample_id": args.sample_id, "kind": store.kind, "rows": rows}))
+        return 0
+    what = f"top-K (K = {store.k})" if not sampled else f"sampled (n = {store.k} draws)"
+    print(f"sample {args.sample_id}: {len(rec)} positions, {what}")
+    for row in rows:
+        parts = []
+        for e in row["targets"]:
+            text = name(e["id"])
+            if "count" in e:
+                text += f" {e['count']}/{store.k}"
+            if "logprob" in e:
+                text += f" {math.exp(e['logprob']):.4f}"
+            parts.append(text)
+        rest = f"  [rest {row['rest']:.4f}]" if "rest" in row else ""
+        print(f"{row['t']:>6}  {name(row['input_id'])} -> {' | '.join(parts)}{rest}")
+    return 0
+
+
 def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -385,6 +477,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_stats)
+    p = sub.add_parser(
+        "show",
+        help="print one sample's input tokens and targets",
+        description="Print, for each position of one sample, its input token and its first "
+        "targets: for top-K stores the ids with their probabilities and the rest (the mass "
+        "outside the K ids); for sampled stores the ids by count, with probabilities where "
+        "the store keeps them. Row t is the teacher's prediction of the token at t + 1.",
+    )
+    p.add_argument("path", help="store directory")
+    p.add_argument("sample_id", type=int, help="the sample's id")
+    p.add_argument(
+        "--positions",
+        type=_position_slice,
+        default=slice(None),
+        metavar="A:B",
+        help="positions to show, as a Python slice (default: all)",
+    )
+    p.add_argument("--top", type=int, default=5, metavar="N", help="targets per row (default 5)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="print tokens, not ids: a tokenizer.json file, or a local transformers "
+        "tokenizer directory",
+    )
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_show)
     p = sub.add_parser(
         "merge",
         help="join stores written side by side (one per rank or job) into one store",

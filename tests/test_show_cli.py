@@ -1,0 +1,90 @@
+"""`logitcache show`: one sample's rows as the store decodes them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_sampled, make_topk
+
+import logitcache as lc
+from logitcache.cli import main
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(2)
+    with lc.StoreWriter(tmp_path / "topk", vocab_size=50, k=6) as w:
+        w.add(7, *make_topk(rng, 9, 6, 50))
+    with lc.StoreWriter(tmp_path / "sampled", vocab_size=50, k=8, kind="sampled") as w:
+        inp, ids, counts, _ = make_sampled(rng, 4, 8, 50)
+        w.add_sampled(3, inp, ids, counts)
+    return tmp_path
+
+
+def test_json_is_the_record(stores: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = lc.open_store(stores / "topk")[7]
+    assert (
+        main(["show", "--json", "--top", "3", "--positions", "2:-2", str(stores / "topk"), "7"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert [r["t"] for r in out["rows"]] == list(range(2, 7))
+    for r in out["rows"]:
+        t = r["t"]
+        assert r["input_id"] == rec.input_ids[t]
+        assert [e["id"] for e in r["targets"]] == rec.topk_ids[t, :3].tolist()
+        assert [e["logprob"] for e in r["targets"]] == rec.topk_logprobs[t, :3].tolist()
+        rest = 1 - np.exp(rec.topk_logprobs[t].astype(np.float64)).sum()
+        assert math.isclose(r["rest"], max(rest, 0.0), abs_tol=1e-12)
+
+
+def test_text(stores: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = lc.open_store(stores / "topk")[7]
+    assert main(["show", "--positions", "-1", str(stores / "topk"), "7"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "sample 7: 9 positions, top-K (K = 6)"
+    p = math.exp(float(rec.topk_logprobs[8, 0]))
+    assert out[1].startswith(f"     8  {rec.input_ids[8]} -> {rec.topk_ids[8, 0]} {p:.4f} | ")
+    assert len(out) == 2 and out[1].count("|") == 4
+
+
+def test_sampled_rows_by_count(stores: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = lc.open_store(stores / "sampled")[3]
+    assert main(["show", "--json", "--top", "50", str(stores / "sampled"), "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for r in out["rows"]:
+        counts = [e["count"] for e in r["targets"]]
+        assert counts == sorted(counts, reverse=True) and sum(counts) == 8
+        t = r["t"]
+        live = rec.counts[t] > 0
+        assert sorted(e["id"] for e in r["targets"]) == sorted(rec.topk_ids[t][live].tolist())
+        assert "rest" not in r and "logprob" not in r["targets"][0]
+
+
+def test_tokens_from_a_tokenizer_file(
+    stores: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"tok{i}": i for i in range(50)}
+    Tokenizer(models.WordLevel(vocab, unk_token="tok0")).save(str(tmp_path / "tok.json"))
+    rec = lc.open_store(stores / "topk")[7]
+    argv = ["show", "--positions", "0", "--tokenizer", str(tmp_path / "tok.json")]
+    assert main([*argv, str(stores / "topk"), "7"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith(f"     0  'tok{rec.input_ids[0]}' -> 'tok{rec.topk_ids[0, 0]}' ")
+
+
+def test_errors(stores: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", str(stores / "topk"), "8"]) == 2
+    assert "8" in capsys.readouterr().err
+    assert main(["show", "--tokenizer", str(stores / "nope.json"), str(stores / "topk"), "7"]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["show", "--positions", "a:b", str(stores / "topk"), "7"])
+    assert e.value.code == 2
+    assert "expected A:B" in capsys.readouterr().err
