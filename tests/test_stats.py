@@ -139,6 +139,22 @@ def test_a_shifted_capture_is_flagged(tmp_path: Path, shift: int) -> None:
         assert ("same position" in got["warning"]) == (shift == -1)
 
 
+def test_a_constant_teacher_is_not_called_shifted(tmp_path: Path) -> None:
+    """An untrained teacher predicting its most frequent token everywhere matches every
+    shift about equally (here the same token slightly more often): no warning."""
+    rng = np.random.default_rng(1)
+    with lc.StoreWriter(tmp_path / "s", vocab_size=30, k=2) as w:
+        for sid in range(30):
+            tokens = np.where(rng.random(50) < 0.3, 0, rng.integers(1, 30, size=50))
+            tokens[0] = 0  # counted at shift 0 only: a little more agreement there
+            ids = np.tile([0, 1], (50, 1))
+            lps = np.tile(np.log([0.6, 0.1]).astype(np.float32), (50, 1))
+            w.add(sid, tokens, ids, lps)
+    got = lc.target_stats(tmp_path / "s")
+    assert got["agreement"][0]["top1"] > got["agreement"][1]["top1"] > 0.2
+    assert got["warning"] is None
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _aligned(tmp_path / "ok", 0)
     _aligned(tmp_path / "bad", 1)
