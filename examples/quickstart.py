@@ -119,11 +119,10 @@ def main() -> None:
             writer.add_logits(i, x, logits)
     report = lc.verify_store(out)
     store = lc.open_store(out, expect_vocab_size=vocab_size)
-    batch = store.read_batch(store.sample_ids()[:8])
-    top1 = batch.topk_ids[:, :-1, 0]
-    nxt = batch.input_ids[:, 1:]
-    acc = float((top1 == nxt)[batch.mask[:, 1:]].mean())
-    mass = float(np.exp(batch.topk_logprobs[batch.mask]).sum(axis=-1).mean())
+    padded = store.read_batch(store.sample_ids()[:8])
+    # The targets' summary, and the check that row t holds the prediction of token t + 1.
+    stats = lc.target_stats(store)
+    agree = stats["agreement"]
     bytes_total = sum(s["bytes"] for s in store.meta["shards"])
     print(f"store: {out}")
     print(f"  samples {len(store)}, positions {store.num_positions:,}, K = {store.k}")
@@ -132,10 +131,14 @@ def main() -> None:
         f"(raw int32 ids + float16 log-probs would be {store.k * 6 + 4})"
     )
     print(f"  verify: {'OK' if report['ok'] else report['problems']}")
+    print(f"  read_batch of 8: ids {padded.topk_ids.shape}, mask {padded.mask.shape}")
     print(
-        f"  teacher top-1 = next token on {acc:.1%} of positions; "
-        f"top-{store.k} mass {mass:.3f} on average"
+        f"  teacher top-1 = next token on {agree[1]['top1']:.1%} of positions (= the same "
+        f"token on {agree[0]['top1']:.1%}); top-{store.k} mass {stats['target_mass']:.3f} "
+        "on average"
     )
+    if stats["warning"]:
+        print(f"  WARNING: {stats['warning']}")
 
     # 5. A few distillation steps of a smaller student, straight from the store.
     student = LlamaForCausalLM(

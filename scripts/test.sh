@@ -23,7 +23,8 @@ if ! command -v strace >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-g
     apt-get install -y -qq strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
 fi
 
-echo "== python: ruff, pytest"
-"$VPY" -m ruff check python tests benches fuzz
-"$VPY" -m ruff format --check python tests benches fuzz
+echo "== python: ruff, mypy, pytest"
+"$VPY" -m ruff check python tests benches fuzz examples
+"$VPY" -m ruff format --check python tests benches fuzz examples
+"$VPY" -m mypy
 "$VPY" -m pytest -q

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+_KERNELS: tuple[Any, ...] | None
 try:
     from logitcache import _core
 

@@ -288,8 +288,8 @@ def _position_slice(text: str) -> slice:
     """``A:B`` (either side may be left out, negatives count from the end) or ``A``."""
     try:
         if ":" not in text:
-            a = int(text)
-            return slice(a, a + 1 if a != -1 else None)
+            at = int(text)
+            return slice(at, at + 1 if at != -1 else None)
         a, b = text.split(":", 1)
         return slice(int(a) if a else None, int(b) if b else None)
     except ValueError:
@@ -308,10 +308,10 @@ def _token_namer(path: str | None) -> Callable[[int], str]:
                 "--tokenizer DIR needs transformers (pip install 'logitcache[capture]'); "
                 "or give a tokenizer.json file"
             ) from None
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
 
         def name(i: int) -> str:
-            return repr(tok.convert_ids_to_tokens(i))
+            return repr(hf.convert_ids_to_tokens(i))
     else:
         try:
             from tokenizers import Tokenizer

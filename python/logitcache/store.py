@@ -539,8 +539,7 @@ class Store:
         n = inp.shape[0]
         if self.kind == "topk":
             ids = raw["ids"].view(np.int32).reshape(n, self.k)
-            lp = raw["logprobs"].reshape(n, self.k)
-            return Record(sample_id, inp, ids, lp)
+            return Record(sample_id, inp, ids, raw["logprobs"].reshape(n, self.k))
         row_lens = raw["row_lens"].astype(np.int64)
         width = int(row_lens.max()) if n else 0
         cols = np.arange(width)[None, :] < row_lens[:, None]
