@@ -802,13 +802,14 @@ pub enum ShardPlacement {
 /// manifest entry, and fsync it. A failed copy leaves no file behind.
 fn copy_shard_file(shard: &ShardReader, dest: &Path, tick: &dyn Fn(u64)) -> Result<()> {
     use std::io::Read;
+    let mut src = File::open(&shard.path).io_ctx("open shard", &shard.path)?;
+    // Created here, so removed on failure below; a file already there is not ours to remove.
+    let out = FsOpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .io_ctx("create shard", dest)?;
     let result = (|| {
-        let mut src = File::open(&shard.path).io_ctx("open shard", &shard.path)?;
-        let out = FsOpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dest)
-            .io_ctx("create shard", dest)?;
         let mut out = BufWriter::with_capacity(1 << 20, out);
         let mut buf = vec![0u8; 1 << 20];
         let mut hasher = crc32fast::Hasher::new();
