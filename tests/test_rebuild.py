@@ -171,6 +171,10 @@ def test_cli(base: tuple[Path, dict, dict], tmp_path: Path, capsys: pytest.Captu
         err = capsys.readouterr().err
         assert "repair --rebuild-manifest --dry-run" in err, (command, err)
         assert "orphan" not in err
+    # The hint names the store whose manifest is lost, not the command's first path.
+    assert main(["merge", str(tmp_path / "m"), str(src), str(work)]) == 2
+    assert f"--rebuild-manifest --dry-run {work}\n" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
     assert main(["repair", "--teacher", "x", str(work)]) == 2
     assert "need --rebuild-manifest" in capsys.readouterr().err
     assert main(["repair", "--rebuild-manifest", "--dry-run", "--no-progress", str(work)]) == 1

@@ -534,12 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _manifest_is_lost(e: Exception) -> bool:
-    """Whether ``e`` says the store's manifest.json is damaged or missing."""
+def _store_without_manifest(e: Exception) -> str | None:
+    """The store whose manifest.json ``e`` says is damaged or missing, if it says so."""
     where = getattr(e, "file", None) or getattr(e, "filename", None)
     if where is None or os.path.basename(str(where)) != "manifest.json":
-        return False
-    return isinstance(e, (CorruptStoreError, FileNotFoundError))
+        return None
+    if not isinstance(e, (CorruptStoreError, FileNotFoundError)):
+        return None
+    return os.path.dirname(str(where)) or "."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -549,10 +551,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (StoreError, OSError, ValueError) as e:
         print(f"logitcache {args.command}: {e}", file=sys.stderr)
-        if _manifest_is_lost(e) and not getattr(args, "rebuild_manifest", False):
+        lost = _store_without_manifest(e)
+        if lost is not None and not getattr(args, "rebuild_manifest", False):
             print(
                 "to rebuild the manifest from the shard files: logitcache repair "
-                f"--rebuild-manifest --dry-run {args.path}",
+                f"--rebuild-manifest --dry-run {lost}",
                 file=sys.stderr,
             )
             return 2
