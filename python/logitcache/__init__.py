@@ -120,9 +120,9 @@ def repair_store(
     leaves the store as it was. A damaged ``manifest.json`` raises
     :class:`CorruptStoreError` (a missing one :class:`FileNotFoundError`): rebuild it from
     the shard files with :func:`rebuild_manifest` first. A sample id stored twice raises
-    :class:`CorruptStoreError` too. A shard that cannot be
-    checked for a reason that says nothing about its bytes (e.g. permission denied) stops
-    the repair with :class:`StoreError`, nothing changed.
+    :class:`CorruptStoreError` too. A shard that cannot be checked for a reason that says
+    nothing about its bytes (e.g. permission denied) stops the repair with
+    :class:`StoreError`, nothing changed.
 
     ``dry_run=True`` checks and reports what a repair would do, changing nothing (and
     taking no lock). The damaged shard files stay on disk, unreferenced (``verify`` lists
