@@ -110,10 +110,10 @@ def test_stats_equal_the_definition(
     _close(want, {key: got[key] for key in want})
 
 
-def _aligned(path: Path, shift: int) -> None:
+def _aligned(path: Path, shift: int, vocab: int = 100) -> None:
     """Targets whose first id is input_ids[t + 1] in every row (shifted by ``shift``)."""
     rng = np.random.default_rng(0)
-    vocab, k = 100, 4
+    k = 4
     with lc.StoreWriter(path, vocab_size=vocab, k=k) as w:
         for sid in range(20):
             tokens = rng.integers(0, vocab, size=40)
@@ -153,6 +153,22 @@ def test_a_constant_teacher_is_not_called_shifted(tmp_path: Path) -> None:
     got = lc.target_stats(tmp_path / "s")
     assert got["agreement"][0]["top1"] > got["agreement"][1]["top1"] > 0.2
     assert got["warning"] is None
+
+
+def test_targets_unrelated_to_the_inputs_are_flagged(tmp_path: Path) -> None:
+    """Inputs from another tokenizer (here: token ids scrambled by a permutation) leave the
+    targets unrelated to them: flagged, while the same store with its own inputs is not."""
+    _aligned(tmp_path / "ok", 0, vocab=2000)
+    store = lc.open_store(tmp_path / "ok")
+    perm = np.random.default_rng(0).permutation(2000)
+    with lc.StoreWriter(tmp_path / "other", vocab_size=2000, k=4) as w:
+        for sid in store.sample_ids():
+            r = store[int(sid)]
+            w.add(int(sid), perm[r.input_ids], r.topk_ids, r.topk_logprobs)
+    assert lc.target_stats(tmp_path / "ok")["warning"] is None
+    got = lc.target_stats(tmp_path / "other")
+    assert got["agreement"][1]["in_targets"] < 0.05
+    assert "tokenizer" in got["warning"]
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

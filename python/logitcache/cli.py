@@ -463,8 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the mean top-K mass (top-K stores) or distinct ids per row (sampled stores), and how "
         "often a row's first target id is the next input token, the same one, or the one "
         "after next. Row t holds the teacher's prediction of input_ids[t + 1], so a capture "
-        "shifted by one position shows up as better agreement with another token. Exit "
-        "status: 0, 1 the targets look shifted, 2 the store cannot be read.",
+        "shifted by one position shows up as better agreement with another token, and "
+        "inputs from another tokenizer than the teacher's as targets that rarely hold the "
+        "next token. Exit status: 0, 1 the targets look shifted or unrelated to the inputs, "
+        "2 the store cannot be read.",
     )
     p.add_argument("path", help="store directory")
     p.add_argument(

@@ -41,8 +41,10 @@ def target_stats(
     whose first target id is ``input_ids[t + s]`` (``top1``) and whose ids include it
     (``in_targets``); and ``warning``, a sentence when the targets agree better with
     ``input_ids[t]`` or ``input_ids[t + 2]`` than with ``input_ids[t + 1]`` (a capture
-    shifted by one: more than twice as often, and in more than 5% of rows), else ``None``.
-    Statistics of an empty selection are ``None``.
+    shifted by one: more than twice as often, and in more than 5% of rows), or when the
+    next input token is among the targets in under 5% of at least 100 rows (inputs from
+    another tokenizer than the teacher's, or targets that are not the teacher's), else
+    ``None``. Statistics of an empty selection are ``None``.
 
     The first target id of a sampled row is its most drawn id (the first of equals).
     """
@@ -104,8 +106,27 @@ def target_stats(
         "target_mass": None if sampled or not positions else mass / positions,
         "distinct_ids": distinct / positions if sampled and positions else None,
         "agreement": agreement,
-        "warning": _shift_warning(agreement),
+        "warning": _warning(agreement),
     }
+
+
+#: Rows needed before unrelated targets are called out (a few rows prove nothing).
+MIN_ROWS_UNRELATED = 100
+
+
+def _warning(agreement: dict[int, dict[str, Any]]) -> str | None:
+    """A sentence when the targets do not look like predictions of the next input token."""
+    shifted = _shift_warning(agreement)
+    if shifted is not None:
+        return shifted
+    nxt = agreement[1]
+    if nxt["rows"] >= MIN_ROWS_UNRELATED and nxt["in_targets"] < 0.05:
+        return (
+            f"the next input token is among a row's targets in only {nxt['in_targets']:.1%} "
+            "of rows (a trained teacher's top-K holds it in most rows): are the input ids "
+            "from the teacher's tokenizer, and the targets the teacher's?"
+        )
+    return None
 
 
 def _shift_warning(agreement: dict[int, dict[str, Any]]) -> str | None:
