@@ -160,6 +160,10 @@ class CrashResult:
     killed_before_first_commit: int = 0
     killed_with_orphans: int = 0
     killed_with_temp_manifest: int = 0
+    # The killed store with its manifest deleted, rebuilt from its shard files.
+    rebuilt: int = 0
+    rebuild_failures: int = 0
+    rebuild_gained: int = 0  # samples of finished but uncommitted shards taken back
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -170,6 +174,7 @@ class CrashResult:
             + self.open_failures
             + self.verify_failures
             + self.resume_failures
+            + self.rebuild_failures
         )
 
 
@@ -270,6 +275,8 @@ def crash_trial(
             f"e.g. {sorted(missing)[:5]}"
         )
 
+    rebuild_trial(path, promised, present, res, f"trial {res.trials} ({kind})")
+
     # Resume to completion in this process.
     total = range(first + count)
     try:
@@ -291,6 +298,44 @@ def crash_trial(
         res.resume_failures += 1
         res.problems.append(f"trial {res.trials} ({kind}): resumed store incomplete or wrong")
     shutil.rmtree(path, ignore_errors=True)
+
+
+def rebuild_trial(
+    path: Path, promised: set[int], present: set[int], res: CrashResult, what: str
+) -> None:
+    """A copy of the killed store with its manifest deleted, rebuilt from its shard files:
+    every committed sample is back, as written, and besides them only samples of shards the
+    writer finished before it was killed."""
+    if not path.exists():
+        return
+    copy = path.with_name(path.name + "-rebuilt")
+    shutil.copytree(path, copy)
+    try:
+        (copy / "manifest.json").unlink(missing_ok=True)
+        try:
+            lc.rebuild_manifest(copy)
+        except (lc.StoreError, FileNotFoundError) as e:
+            # Nothing finished to rebuild from: right only if nothing was committed.
+            if promised:
+                res.rebuild_failures += 1
+                res.problems.append(f"{what}: rebuild failed: {e}")
+            return
+        res.rebuilt += 1
+        store = lc.open_store(copy)
+        got = {int(s) for s in store.sample_ids()}
+        if not promised <= got or not present <= got:
+            res.rebuild_failures += 1
+            res.problems.append(f"{what}: rebuilt store lacks {sorted(promised - got)[:5]}")
+        res.rebuild_gained += len(got - present)
+        wrong = [
+            sid for sid in got if not record_equal(store[sid], *make_record(sid, CRASH_V, CRASH_K))
+        ]
+        if wrong:
+            res.rebuild_failures += 1
+            res.problems.append(f"{what}: rebuilt samples differ, e.g. {wrong[:5]}")
+        del store
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _listdir(path: Path) -> list[str]:
@@ -1043,10 +1088,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r.trials} trials",
                         f"{r.committed_checked} committed samples checked",
                         f"lost {r.lost}, wrong {r.wrong}, open/verify/resume failures "
-                        f"{r.open_failures}/{r.verify_failures}/{r.resume_failures}",
+                        f"{r.open_failures}/{r.verify_failures}/{r.resume_failures}; "
+                        f"manifest deleted and rebuilt {r.rebuilt}, failures "
+                        f"{r.rebuild_failures}",
                         f"kills before 1st commit {r.killed_before_first_commit}, left "
                         f"orphan shards {r.killed_with_orphans}, left a temp manifest "
-                        f"{r.killed_with_temp_manifest}",
+                        f"{r.killed_with_temp_manifest}; rebuilds took back "
+                        f"{r.rebuild_gained} uncommitted samples",
                     )
                 )
                 problems += r.problems[: args.show_problems]

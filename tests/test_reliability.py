@@ -36,8 +36,10 @@ def test_sigkill_create_and_append(tmp_path: Path) -> None:
         assert r.trials == 3, kind
         assert r.problems == [], r.problems
         assert r.bad == 0
-    # Appends start from 20 committed samples: each trial checked at least those.
+    # Appends start from 20 committed samples: each trial checked at least those, and
+    # rebuilt each killed store's manifest from its shards.
     assert res["append"].committed_checked >= 3 * 20
+    assert res["append"].rebuilt == 3
 
 
 STRACE_WRITER = r"""
