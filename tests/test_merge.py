@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +220,43 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["merge", str(tmp_path / "x"), str(tmp_path / "a"), str(tmp_path / "m")]) == 2
     assert "duplicate sample id 1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+# The core's merge with a progress callback that kills the process at its first call, while
+# the first shard is being copied.
+KILLED_MERGE = r"""
+import os, signal, sys
+from logitcache import _core
+
+def die(done, total):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+_core.merge(sys.argv[1], sys.argv[2:], append=True, copy=True, progress=die)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_killed_merge_leaves_the_last_committed_state(tmp_path: Path, existing: bool) -> None:
+    """SIGKILL in the middle of a merge: the destination is as it was (or, new, a directory
+    without a manifest), the half-copied file an orphan; merging again completes it."""
+    _write(tmp_path / "a", list(range(40)))
+    _write(tmp_path / "b", list(range(100, 140)), seed=1)
+    dest = tmp_path / "dest"
+    if existing:
+        _write(dest, [1000, 1001], seed=2)
+    before = store_contents(dest) if existing else None
+    srcs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    proc = subprocess.run([sys.executable, "-c", KILLED_MERGE, str(dest), *srcs], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    if existing:
+        assert store_contents(dest) == before
+        report = lc.verify_store(dest)
+        assert report["ok"] and len(report["orphans"]) == 1, report
+    else:
+        assert dest.is_dir() and not (dest / "manifest.json").exists()
+        with pytest.raises(lc.StoreExistsError):
+            lc.merge_stores(dest, srcs)
+    lc.merge_stores(dest, srcs, mode="a", copy=True)
+    want = {**store_contents(tmp_path / "a"), **store_contents(tmp_path / "b"), **(before or {})}
+    assert store_contents(dest) == want
+    assert lc.verify_store(dest)["ok"]
