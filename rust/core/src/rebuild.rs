@@ -23,7 +23,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::codec::CodecParams;
+use crate::codec::{CodecParams, LogprobCodec};
 use crate::error::{Error, IoContext, Location, Result};
 use crate::format::{FORMAT_VERSION, HEADER_LEN, ShardHeader};
 use crate::manifest::{
@@ -228,13 +228,18 @@ struct Config {
 impl Config {
     fn describe(&self) -> String {
         let p = &self.params;
+        let codec = match p.logprobs {
+            LogprobCodec::Abs { .. } => format!("abs (step {})", p.logprobs.step()),
+            LogprobCodec::Kl { .. } => {
+                format!("kl (bound {})", p.logprobs.kl_bound().unwrap_or_default())
+            }
+            other => other.name().to_string(),
+        };
         format!(
-            "kind {}, k {}, vocab_size {}, codec {} (step {}), temperature {}",
+            "kind {}, k {}, vocab_size {}, codec {codec}, temperature {}",
             p.kind.name(),
             p.k,
             p.vocab_size,
-            p.logprobs.name(),
-            p.logprobs.step(),
             self.temperature
         )
     }
