@@ -1,9 +1,9 @@
 """What a store's targets look like, and whether they line up with its input tokens.
 
-The commonest silent error of a teacher capture is a shift by one: row ``t`` of a causal
-LM's output predicts token ``t + 1``, and a capture that stores ``logits[1:]`` against
-``input_ids[:-1]`` (or forgets to shift) trains the student on the wrong targets, with no
-error anywhere. A calibrated teacher's top-1 id equals the next input token far more often
+A teacher capture can go wrong without an error anywhere: row ``t`` of a causal LM's
+output predicts token ``t + 1``, and a capture that stores ``logits[1:]`` against
+``input_ids[:-1]`` (or shifts twice) trains the student on the wrong targets; so does one
+whose input ids come from another tokenizer than the teacher's. A calibrated teacher's top-1 id equals the next input token far more often
 than the current one or the one after next, so comparing the three exposes the shift.
 """
 
