@@ -3,8 +3,10 @@
 A teacher capture can go wrong without an error anywhere: row ``t`` of a causal LM's
 output predicts token ``t + 1``, and a capture that stores ``logits[1:]`` against
 ``input_ids[:-1]`` (or shifts twice) trains the student on the wrong targets; so does one
-whose input ids come from another tokenizer than the teacher's. A calibrated teacher's top-1 id equals the next input token far more often
-than the current one or the one after next, so comparing the three exposes the shift.
+whose input ids come from another tokenizer than the teacher's. A calibrated teacher's
+top-1 id equals the next input token far more often than the current one or the one after
+next, so comparing the three exposes a shift; and its top-K holds the next token in most
+rows, so targets that rarely do are not predictions of these inputs.
 """
 
 from __future__ import annotations
