@@ -84,6 +84,18 @@ def test_bad_topk_records_rejected(
     assert sorted(s.sample_ids().tolist()) == [0, 1, 6]
 
 
+def test_row_mass_limit(committed: Path, rng: np.random.Generator) -> None:
+    """Rows may hold a little more than probability 1 (rounding, and rows decoded from a
+    store quantized at abs:0.01 or finer, which round up to 1%), not 2% more."""
+    inp, ids, _ = _good(rng, 1)
+    with lc.StoreWriter(committed, vocab_size=V, k=K, mode="a") as w:
+        for sid, mass in ((7, 1.0), (8, 1.019)):
+            w.add(sid, inp, ids, np.log(np.full((1, K), mass / K, dtype=np.float64)))
+        with pytest.raises(lc.InvalidRecordError, match=r"add up to 1\.02"):
+            w.add(9, inp, ids, np.log(np.full((1, K), 1.021 / K, dtype=np.float64)))
+    assert 8 in lc.open_store(committed)
+
+
 def test_bad_sampled_records_rejected(tmp_path: Path, rng: np.random.Generator) -> None:
     n = 8
     with lc.StoreWriter(tmp_path / "s", vocab_size=V, k=n, kind="sampled") as w:

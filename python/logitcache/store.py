@@ -274,8 +274,10 @@ class StoreWriter:
                 softmax at the capture temperature (non-increasing along each row).
 
         Numpy arrays or CPU torch tensors. Raises ``InvalidRecordError`` (ids out of range or
-        repeated in a row, NaN/+inf/positive/unsorted log-probabilities, mass above 1),
-        ``DuplicateSampleError``, or ``ValueError`` for wrong shapes or dtypes.
+        repeated in a row, NaN/+inf/positive/unsorted log-probabilities, a row's
+        probabilities adding up to more than 1.02: a little above 1 is allowed for rounding,
+        and so that records decoded from a store at ``abs:0.01`` or finer can be written
+        again), ``DuplicateSampleError``, or ``ValueError`` for wrong shapes or dtypes.
         """
         self._w.add_topk(
             _sample_id(sample_id),

@@ -431,7 +431,8 @@ mod tests {
             // (row, fault): 0 none, 1 repeated id, 2 NaN, 3 positive, 4 unsorted
             fault in (0usize..6, 0u8..5),
             mass in proptest::sample::select(vec![
-                0.3f64, 0.999, 1.0, 1.0005, 1.0008, 1.00095, 1.001, 1.00101, 1.0011, 1.003, 1.02,
+                0.3f64, 0.999, 1.0, 1.001, 1.015, 1.019, 1.0195, 1.0199, 1.02, 1.02001, 1.0201,
+                1.021, 1.03, 1.05,
             ]),
         ) {
             let mut x = seed | 1;
