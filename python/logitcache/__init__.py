@@ -3,9 +3,10 @@
 Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
 check it with :func:`verify_store`, mend a damaged one with :func:`repair_store` (and
 :func:`rebuild_manifest` when its manifest is lost), join stores written side by side with
-:func:`merge_stores`, and check that a capture's targets line up with its inputs with
-:func:`target_stats`; fit a student with :class:`KDLoss` and the functions of
-:mod:`logitcache.losses` (imported on first use: the store works without torch).
+:func:`merge_stores`, re-encode or subset one with :func:`copy_store`, and check that a
+capture's targets line up with its inputs with :func:`target_stats`; fit a student with
+:class:`KDLoss` and the functions of :mod:`logitcache.losses` (imported on first use: the
+store works without torch).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from logitcache.store import (
     Store,
     StoreWriter,
     config_fingerprint,
+    copy_store,
     open_store,
     vocab_fingerprint,
 )
@@ -287,6 +289,7 @@ __all__ = [
     "StoreWriter",
     "__version__",
     "config_fingerprint",
+    "copy_store",
     "get_num_threads",
     "kd_loss",
     "merge_stores",

@@ -1,5 +1,5 @@
 """The ``logitcache`` command line: ``logitcache info PATH``, ``verify PATH``, ``repair PATH``,
-``stats PATH``, ``show PATH SAMPLE_ID``, ``merge PATH SOURCE...``."""
+``stats PATH``, ``show PATH SAMPLE_ID``, ``copy SOURCE PATH``, ``merge PATH SOURCE...``."""
 
 from __future__ import annotations
 
@@ -373,6 +373,38 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_ids(path: str | None) -> np.ndarray | None:
+    """Sample ids from a file, one per line (blank lines and ``#`` comments skipped)."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    try:
+        return np.array([int(x) for x in lines if x], dtype=np.uint64)
+    except ValueError as e:
+        raise ValueError(f"{path}: expected one sample id per line ({e})") from None
+
+
+def _copy(args: argparse.Namespace) -> int:
+    n = logitcache.copy_store(
+        args.source,
+        args.path,
+        sample_ids=_read_ids(args.ids),
+        exclude_ids=_read_ids(args.exclude_ids),
+        codec=args.codec,
+        mode="a" if args.append else "x",
+        progress=None if args.progress else False,
+    )
+    store = logitcache.open_store(args.path)
+    total = sum(s["bytes"] for s in store.meta["shards"])
+    per_token = total / store.num_positions if store.num_positions else float("nan")
+    print(
+        f"COPIED {n:,} samples into {args.path} ({_codec_text(store.meta['codec'])}); it now "
+        f"holds {len(store):,} samples, {per_token:.1f} bytes per token"
+    )
+    return 0
+
+
 def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -505,6 +537,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_show)
+    p = sub.add_parser(
+        "copy",
+        help="write a store's records into a new store: another codec, or a subset",
+        description="Decode the records of SOURCE and write them into a store at PATH with "
+        "the same configuration, teacher, tokenizer and metadata, and --codec (default: "
+        "SOURCE's): to store them with another codec, or to keep a subset (--ids FILE) or "
+        "drop some (--exclude-ids FILE; one sample id per line). A lossy codec's bound holds "
+        "against the values it is given: from a lossy SOURCE, its decoded values. Exit "
+        "status: 0 copied, 2 refused (PATH exists without --append, an id not in SOURCE, ...).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the store to read")
+    p.add_argument("path", metavar="PATH", help="the store to write")
+    p.add_argument("--codec", help="e.g. abs:0.01, kl:1e-3, lossless (default: SOURCE's)")
+    p.add_argument("--ids", metavar="FILE", help="copy only these samples")
+    p.add_argument("--exclude-ids", metavar="FILE", help="copy all samples but these")
+    p.add_argument(
+        "--append", action="store_true", help="add to the store at PATH (same configuration)"
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (by default one is shown on stderr when it is a terminal)",
+    )
+    p.set_defaults(func=_copy)
     p = sub.add_parser(
         "merge",
         help="join stores written side by side (one per rank or job) into one store",

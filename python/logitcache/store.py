@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from logitcache import _core
+from logitcache.errors import MissingSampleError
 
 __all__ = [
     "Batch",
@@ -256,6 +257,8 @@ class StoreWriter:
         self.kind: str = manifest["kind"]
         self.k: int = manifest["k"]
         self.vocab_size: int = manifest["vocab_size"]
+        #: How log-probabilities are stored (the manifest's ``codec`` object).
+        self.codec: dict[str, Any] = manifest["codec"]
 
     def add(
         self,
@@ -666,3 +669,89 @@ def _reopen_store(path: str, open_options: dict[str, Any], shard_uids: list[str]
             "gone); open it again with open_store"
         )
     return store
+
+
+def _codec_spec(codec: Mapping[str, Any]) -> str:
+    """The writer's codec argument that stores values as the manifest's codec does."""
+    name = codec["logprobs"]
+    if name == "abs":
+        # The writer takes the largest step whose half is within the bound: this one.
+        return f"abs:{codec['max_abs_error']!r}"
+    if name == "kl":
+        return f"kl:{codec['kl_bound']!r}"
+    return str(name)
+
+
+def copy_store(
+    source: Store | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    sample_ids: Sequence[int] | npt.ArrayLike | None = None,
+    exclude_ids: Sequence[int] | npt.ArrayLike | None = None,
+    codec: str | None = None,
+    mode: Literal["x", "a", "w"] = "x",
+    progress: bool | None = False,
+    **writer_options: Any,
+) -> int:
+    """Write records of a store into another store, decoded and encoded again: to store them
+    with another codec (capture losslessly, choose the codec later), or to keep a subset
+    (``sample_ids``: those; ``exclude_ids``: all but those, e.g. documents to be removed).
+
+    The new store takes the source's kind, K, vocabulary, temperature, teacher, tokenizer and
+    metadata; ``codec`` defaults to the source's. A lossy codec's bound holds against the
+    values it is given: from a lossless source, the originals; from a lossy one, its decoded
+    values (so the two errors can add up). Records are written in sample-id order. ``mode``
+    and ``writer_options`` (``chunk_positions``, ``shard_size``, ``zstd_level``) are
+    :class:`StoreWriter`'s. An id of ``sample_ids`` or ``exclude_ids`` that the source does
+    not hold raises :class:`MissingSampleError` before anything is written. ``progress=True``
+    shows a progress bar of samples (``None``: only when stderr is a terminal).
+
+    Returns the number of records written.
+    """
+    src = source if isinstance(source, Store) else open_store(source)
+    if sample_ids is not None and exclude_ids is not None:
+        raise ValueError("give sample_ids or exclude_ids, not both")
+    ids = np.sort(src.sample_ids())
+    for chosen in (sample_ids, exclude_ids):
+        if chosen is None:
+            continue
+        want = np.unique(_sample_id_array(chosen))
+        absent = want[~np.isin(want, ids)]
+        if absent.size:
+            raise MissingSampleError(
+                f"sample id {int(absent[0])} is not in the store {src.path}"
+                + (f" (nor are {absent.size - 1} more)" if absent.size > 1 else "")
+            )
+        ids = want if chosen is sample_ids else ids[~np.isin(ids, want)]
+    m = src.meta
+    from tqdm.auto import tqdm
+
+    with StoreWriter(
+        path,
+        vocab_size=src.vocab_size,
+        k=src.k,
+        kind=src.kind,  # type: ignore[arg-type]
+        codec=_codec_spec(m["codec"]) if codec is None else codec,
+        teacher=m["teacher"],
+        tokenizer=m["tokenizer"],
+        temperature=src.temperature,
+        metadata=m["metadata"],
+        mode=mode,
+        **writer_options,
+    ) as w:
+        keep_lp = w.codec["logprobs"] != "none"
+        if keep_lp and m["codec"]["logprobs"] == "none":
+            raise ValueError(
+                f"{src.path} keeps no log-probabilities; the copy's codec "
+                f'{w.codec["logprobs"]!r} needs them (use codec="none")'
+            )
+        disable = None if progress is None else not progress
+        for sid in tqdm(ids.tolist(), desc="copy", unit="sample", disable=disable):
+            r = src[sid]
+            if r.counts is None:
+                # Top-K records always carry log-probabilities.
+                w.add(sid, r.input_ids, r.topk_ids, np.asarray(r.topk_logprobs))
+            else:
+                lps = r.topk_logprobs if keep_lp else None
+                w.add_sampled(sid, r.input_ids, r.topk_ids, r.counts, lps)
+    return len(ids)

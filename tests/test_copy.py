@@ -1,0 +1,129 @@
+"""`copy_store` / `logitcache copy`: records written into a new store with another codec or as
+a subset, each within the new codec's bound of what was read, the identity carried over."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_sampled, make_topk, store_contents
+
+import logitcache as lc
+from logitcache.cli import main
+
+
+def _source(path: Path, kind: str = "topk", codec: str = "lossless", n: int = 12) -> None:
+    rng = np.random.default_rng(4)
+    k = 6
+    with lc.StoreWriter(
+        path,
+        vocab_size=300,
+        k=k,
+        kind=kind,  # type: ignore[arg-type]
+        codec=codec,
+        teacher={"name": "t", "config_fingerprint": "sha256:1"},
+        tokenizer="tok",
+        temperature=0.9,
+        metadata={"run": 3},
+        chunk_positions=16,
+    ) as w:
+        for sid in range(n):
+            if kind == "topk":
+                w.add(sid * 10, *make_topk(rng, 3 + sid % 7, k, 300))
+            else:
+                inp, ids, counts, lps = make_sampled(rng, 3 + sid % 7, k, 300)
+                w.add_sampled(sid * 10, inp, ids, counts, None if codec == "none" else lps)
+
+
+@pytest.mark.parametrize("codec", ["abs:0.01", "abs:0.001", "kl:1e-3", "lossless"])
+def test_recode(tmp_path: Path, codec: str) -> None:
+    _source(tmp_path / "src")
+    n = lc.copy_store(tmp_path / "src", tmp_path / "dst", codec=codec)
+    src, dst = lc.open_store(tmp_path / "src"), lc.open_store(tmp_path / "dst")
+    assert n == len(src) == len(dst)
+    for key in ("kind", "k", "vocab_size", "temperature", "teacher", "tokenizer", "metadata"):
+        assert dst.meta[key] == src.meta[key], key
+    assert dst.meta["codec"]["logprobs"] == codec.split(":")[0]
+    for sid in src.sample_ids():
+        a, b = src[int(sid)], dst[int(sid)]
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.topk_ids, b.topk_ids)
+        if codec == "lossless":
+            assert np.array_equal(a.topk_logprobs, b.topk_logprobs)
+        elif codec.startswith("abs"):
+            err = np.abs(a.topk_logprobs - b.topk_logprobs).max()
+            assert err <= dst.meta["codec"]["max_abs_error"]
+        else:  # the KL bound per position, rest bucket included
+            for p_row, q_row in zip(a.topk_logprobs, b.topk_logprobs, strict=True):
+                p, q = np.exp(p_row.astype(np.float64)), np.exp(q_row.astype(np.float64))
+                pr, qr = max(0.0, 1 - p.sum()), max(0.0, 1 - q.sum())
+                kl = float((p * (np.log(p) - np.log(q))).sum())
+                if pr > 0:
+                    kl += pr * math.log(pr / qr)
+                assert kl - (p.sum() + pr) + (q.sum() + qr) <= 1e-3 * (1 + 1e-6) + 1e-12
+    assert lc.verify_store(tmp_path / "dst")["ok"]
+
+
+def test_same_codec_by_default_and_subsets(tmp_path: Path) -> None:
+    _source(tmp_path / "src", codec="abs:0.01")
+    lc.copy_store(tmp_path / "src", tmp_path / "all")
+    assert (
+        lc.open_store(tmp_path / "all").meta["codec"]
+        == lc.open_store(tmp_path / "src").meta["codec"]
+    )
+    want = store_contents(tmp_path / "src")
+    assert lc.copy_store(tmp_path / "src", tmp_path / "some", sample_ids=[30, 10, 30]) == 2
+    assert sorted(store_contents(tmp_path / "some")) == [10, 30]
+    n = lc.copy_store(tmp_path / "src", tmp_path / "rest", exclude_ids=np.array([0, 110]))
+    assert n == 10 and sorted(store_contents(tmp_path / "rest")) == sorted(set(want) - {0, 110})
+    # Input ids and target ids are carried exactly (the values: test_recode).
+    got = store_contents(tmp_path / "rest")
+    assert all(got[s][:2] == want[s][:2] for s in got)
+
+
+def test_sampled(tmp_path: Path) -> None:
+    _source(tmp_path / "src", kind="sampled", codec="abs:0.01")
+    lc.copy_store(tmp_path / "src", tmp_path / "none", codec="none")
+    a, b = lc.open_store(tmp_path / "src"), lc.open_store(tmp_path / "none")
+    for sid in a.sample_ids():
+        ra, rb = a[int(sid)], b[int(sid)]
+        assert np.array_equal(ra.counts, rb.counts) and np.array_equal(ra.topk_ids, rb.topk_ids)
+        assert rb.topk_logprobs is None
+    with pytest.raises(ValueError, match="keeps no log-probabilities"):
+        lc.copy_store(tmp_path / "none", tmp_path / "back", codec="abs:0.01")
+    assert not (tmp_path / "back").exists()
+
+
+def test_refusals(tmp_path: Path) -> None:
+    _source(tmp_path / "src")
+    with pytest.raises(lc.MissingSampleError, match="sample id 5 "):
+        lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[10, 5])
+    with pytest.raises(lc.MissingSampleError, match="nor are 1 more"):
+        lc.copy_store(tmp_path / "src", tmp_path / "d", exclude_ids=[7, 8])
+    with pytest.raises(ValueError, match="not both"):
+        lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[0], exclude_ids=[10])
+    assert not (tmp_path / "d").exists()
+    lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[0])
+    with pytest.raises(lc.StoreExistsError):
+        lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[10])
+    with pytest.raises(lc.DuplicateSampleError):
+        lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[0], mode="a")
+    assert lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[10], mode="a") == 1
+    assert sorted(lc.open_store(tmp_path / "d").sample_ids().tolist()) == [0, 10]
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _source(tmp_path / "src")
+    (tmp_path / "ids.txt").write_text("# keep these\n10\n\n20  # and this\n")
+    argv = ["copy", "--codec", "abs:0.01", "--ids", str(tmp_path / "ids.txt"), "--no-progress"]
+    assert main([*argv, str(tmp_path / "src"), str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("COPIED 2 samples") and "abs (step" in out, out
+    assert sorted(lc.open_store(tmp_path / "d").sample_ids().tolist()) == [10, 20]
+    (tmp_path / "bad.txt").write_text("10\nx\n")
+    argv = ["copy", "--exclude-ids", str(tmp_path / "bad.txt"), str(tmp_path / "src")]
+    assert main([*argv, str(tmp_path / "e")]) == 2
+    assert "one sample id per line" in capsys.readouterr().err
+    assert main(["copy", str(tmp_path / "src"), str(tmp_path / "d")]) == 2
+    assert "already exists" in capsys.readouterr().err
