@@ -111,6 +111,12 @@ def test_refusals(tmp_path: Path) -> None:
         lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[0], mode="a")
     assert lc.copy_store(tmp_path / "src", tmp_path / "d", sample_ids=[10], mode="a") == 1
     assert sorted(lc.open_store(tmp_path / "d").sample_ids().tolist()) == [0, 10]
+    # Appending takes the destination's codec, unless told otherwise.
+    lc.copy_store(tmp_path / "src", tmp_path / "k", sample_ids=[0], codec="kl:1e-3")
+    lc.copy_store(tmp_path / "src", tmp_path / "k", sample_ids=[10], mode="a")
+    with pytest.raises(lc.StoreMismatchError, match="codec"):
+        lc.copy_store(tmp_path / "src", tmp_path / "k", sample_ids=[20], mode="a", codec="lossless")
+    assert len(lc.open_store(tmp_path / "k")) == 2
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -698,7 +698,8 @@ def copy_store(
     (``sample_ids``: those; ``exclude_ids``: all but those, e.g. documents to be removed).
 
     The new store takes the source's kind, K, vocabulary, temperature, teacher, tokenizer and
-    metadata; ``codec`` defaults to the source's. A lossy codec's bound holds against the
+    metadata; ``codec`` defaults to the source's (the destination's when appending to a
+    store). A lossy codec's bound holds against the
     values it is given: from a lossless source, the originals; from a lossy one, its decoded
     values (so the two errors can add up). Records are written in sample-id order. ``mode``
     and ``writer_options`` (``chunk_positions``, ``shard_size``, ``zstd_level``) are
@@ -724,6 +725,9 @@ def copy_store(
             )
         ids = want if chosen is sample_ids else ids[~np.isin(ids, want)]
     m = src.meta
+    appending = mode == "a" and os.path.exists(os.path.join(os.fspath(path), "manifest.json"))
+    if codec is None and not appending:
+        codec = _codec_spec(m["codec"])
     from tqdm.auto import tqdm
 
     with StoreWriter(
@@ -731,7 +735,7 @@ def copy_store(
         vocab_size=src.vocab_size,
         k=src.k,
         kind=src.kind,  # type: ignore[arg-type]
-        codec=_codec_spec(m["codec"]) if codec is None else codec,
+        codec=codec,
         teacher=m["teacher"],
         tokenizer=m["tokenizer"],
         temperature=src.temperature,
