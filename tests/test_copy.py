@@ -130,6 +130,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.txt").write_text("10\nx\n")
     argv = ["copy", "--exclude-ids", str(tmp_path / "bad.txt"), str(tmp_path / "src")]
     assert main([*argv, str(tmp_path / "e")]) == 2
-    assert "one sample id per line" in capsys.readouterr().err
+    assert "one sample id (0 to 2^64 - 1) per line" in capsys.readouterr().err
+    (tmp_path / "neg.txt").write_text("-1\n")
+    argv = ["copy", "--ids", str(tmp_path / "neg.txt"), str(tmp_path / "src")]
+    assert main([*argv, str(tmp_path / "e")]) == 2
+    assert "one sample id" in capsys.readouterr().err
     assert main(["copy", str(tmp_path / "src"), str(tmp_path / "d")]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -381,8 +381,8 @@ def _read_ids(path: str | None) -> np.ndarray | None:
         lines = [line.split("#", 1)[0].strip() for line in f]
     try:
         return np.array([int(x) for x in lines if x], dtype=np.uint64)
-    except ValueError as e:
-        raise ValueError(f"{path}: expected one sample id per line ({e})") from None
+    except (ValueError, OverflowError) as e:
+        raise ValueError(f"{path}: expected one sample id (0 to 2^64 - 1) per line ({e})") from None
 
 
 def _copy(args: argparse.Namespace) -> int:
