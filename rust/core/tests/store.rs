@@ -491,18 +491,25 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 type TopkRows = (Vec<i64>, Vec<i64>, Vec<f32>);
 
-fn many_shard_store(path: &Path, n: u64) -> Vec<(u64, TopkRows)> {
+/// A store of `n` samples with ids from `first`, in shards of a few samples each; returns
+/// what was written.
+fn store_of(path: &Path, first: u64, n: u64, spec: StoreSpec) -> Vec<(u64, TopkRows)> {
     let mut w = StoreWriter::open(
         path,
-        spec(Kind::TopK, 8, 1000, None),
+        spec,
         Mode::Create,
         WriterOptions { shard_bytes: 6000, ..small_opts() },
     )
     .unwrap();
-    let expect =
-        (0..n).map(|sid| (sid, write_topk(&mut w, sid, 10 + (sid as usize * 7) % 40))).collect();
+    let expect = (first..first + n)
+        .map(|sid| (sid, write_topk(&mut w, sid, 10 + (sid as usize * 7) % 40)))
+        .collect();
     w.close().unwrap();
     expect
+}
+
+fn many_shard_store(path: &Path, n: u64) -> Vec<(u64, TopkRows)> {
+    store_of(path, 0, n, spec(Kind::TopK, 8, 1000, None))
 }
 
 /// Repair gives up exactly what cannot be read: a damaged chunk's records (the rest of its
@@ -828,21 +835,6 @@ fn positioned_reads_of_many_shards_share_a_bounded_set_of_files() {
     let files = std::sync::Arc::clone(files);
     drop(s);
     assert_eq!(files.open_files(), 0, "a dropped store closes its files");
-}
-
-/// A store of `n` samples with ids from `first`, in shards of a few samples each.
-fn store_of(path: &Path, first: u64, n: u64, spec: StoreSpec) {
-    let mut w = StoreWriter::open(
-        path,
-        spec,
-        Mode::Create,
-        WriterOptions { shard_bytes: 6000, ..small_opts() },
-    )
-    .unwrap();
-    for sid in first..first + n {
-        write_topk(&mut w, sid, 10 + (sid as usize * 7) % 40);
-    }
-    w.close().unwrap();
 }
 
 fn with_identity(
