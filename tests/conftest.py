@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,36 @@ def make_sampled(
         counts[i, : len(a)] = c
         lps[i, : len(a)] = lp
     return input_ids, ids, counts, lps
+
+
+def write_store(
+    path: Any,
+    sample_ids: Iterable[int],
+    length: Callable[[int], int],
+    *,
+    kind: str = "topk",
+    k: int = 4,
+    vocab: int = 300,
+    seed: int = 0,
+    **writer_options: Any,
+) -> None:
+    """A store of records from :func:`make_topk` / :func:`make_sampled` (one generator seeded
+    with ``seed``, records in the order of ``sample_ids``, ``length(sample_id)`` positions
+    each). ``writer_options`` go to :class:`StoreWriter`; sampled stores default to codec
+    ``abs:0.01`` and keep log-probabilities unless the codec is ``none``."""
+    import logitcache as lc
+
+    rng = np.random.default_rng(seed)
+    if kind == "sampled":
+        writer_options.setdefault("codec", "abs:0.01")
+    with lc.StoreWriter(path, vocab_size=vocab, k=k, kind=kind, **writer_options) as w:
+        for sid in sample_ids:
+            if kind == "topk":
+                w.add(sid, *make_topk(rng, length(sid), k, vocab))
+            else:
+                inp, ids, counts, lps = make_sampled(rng, length(sid), k, vocab)
+                keep = w.codec["logprobs"] != "none"
+                w.add_sampled(sid, inp, ids, counts, lps if keep else None)
 
 
 def store_contents(path: Any) -> dict[int, tuple[tuple[str, tuple[int, ...], bytes], ...]]:

@@ -8,33 +8,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk, store_contents
+from conftest import store_contents, write_store
 
 import logitcache as lc
 from logitcache.cli import main
 
 
 def _source(path: Path, kind: str = "topk", codec: str = "lossless", n: int = 12) -> None:
-    rng = np.random.default_rng(4)
-    k = 6
-    with lc.StoreWriter(
+    write_store(
         path,
-        vocab_size=300,
-        k=k,
-        kind=kind,  # type: ignore[arg-type]
+        range(0, n * 10, 10),
+        lambda sid: 3 + sid // 10 % 7,
+        kind=kind,
+        k=6,
+        seed=4,
         codec=codec,
         teacher={"name": "t", "config_fingerprint": "sha256:1"},
         tokenizer="tok",
         temperature=0.9,
         metadata={"run": 3},
         chunk_positions=16,
-    ) as w:
-        for sid in range(n):
-            if kind == "topk":
-                w.add(sid * 10, *make_topk(rng, 3 + sid % 7, k, 300))
-            else:
-                inp, ids, counts, lps = make_sampled(rng, 3 + sid % 7, k, 300)
-                w.add_sampled(sid * 10, inp, ids, counts, None if codec == "none" else lps)
+    )
 
 
 @pytest.mark.parametrize("codec", ["abs:0.01", "abs:0.001", "kl:1e-3", "lossless"])

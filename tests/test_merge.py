@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk, store_contents
+from conftest import make_topk, store_contents, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,26 +31,18 @@ def _write(
     seed: int = 0,
     **kwargs: object,
 ) -> None:
-    rng = np.random.default_rng(seed)
-    k = 4 if kind == "topk" else 5
-    codec = None if kind == "topk" else "abs:0.01"
-    with lc.StoreWriter(
+    write_store(
         path,
-        vocab_size=vocab,
-        k=k,
+        sample_ids,
+        lambda sid: 1 + sid % 9,
         kind=kind,
-        codec=codec,
+        k=4 if kind == "topk" else 5,
+        vocab=vocab,
+        seed=seed,
         chunk_positions=8,
         shard_size=700,
-        **kwargs,  # type: ignore[arg-type]
-    ) as w:
-        for sid in sample_ids:
-            length = 1 + sid % 9
-            if kind == "topk":
-                w.add(sid, *make_topk(rng, length, k, vocab))
-            else:
-                inp, ids, counts, lps = make_sampled(rng, length, k, vocab)
-                w.add_sampled(sid, inp, ids, counts, lps)
+        **kwargs,
+    )
 
 
 def _files(path: Path) -> dict[str, bytes]:

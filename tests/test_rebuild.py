@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk, store_contents
+from conftest import make_topk, store_contents, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,13 +24,13 @@ from logitcache.cli import main
 
 
 def _store(path: Path, kind: str, n: int = 20) -> None:
-    rng = np.random.default_rng(3)
-    k = 4 if kind == "topk" else 6
-    with lc.StoreWriter(
+    write_store(
         path,
-        vocab_size=300,
-        k=k,
+        range(0, n * 3, 3),
+        lambda sid: 2 + sid // 3 % 6,
         kind=kind,
+        k=4 if kind == "topk" else 6,
+        seed=3,
         codec="lossless" if kind == "topk" else "abs:0.01",
         temperature=0.8,
         teacher={"name": "teacher", "config_fingerprint": "sha256:abc"},
@@ -38,13 +38,7 @@ def _store(path: Path, kind: str, n: int = 20) -> None:
         metadata={"run": 7},
         chunk_positions=10,
         shard_size=800,
-    ) as w:
-        for sid in range(n):
-            if kind == "topk":
-                w.add(sid * 3, *make_topk(rng, 2 + sid % 6, k, 300))
-            else:
-                inp, ids, counts, lps = make_sampled(rng, 2 + sid % 6, k, 300)
-                w.add_sampled(sid * 3, inp, ids, counts, lps)
+    )
 
 
 @pytest.fixture(scope="module", params=["topk", "sampled"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk, store_contents
+from conftest import store_contents, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,19 +23,16 @@ N_SAMPLES = 18
 
 def _store(path: Path, kind: str) -> None:
     """A store of several shards of several chunks each."""
-    rng = np.random.default_rng(7)
-    k = 4 if kind == "topk" else 6
-    codec = None if kind == "topk" else "abs:0.01"
-    with lc.StoreWriter(
-        path, vocab_size=300, k=k, kind=kind, codec=codec, chunk_positions=12, shard_size=900
-    ) as w:
-        for sid in range(N_SAMPLES):
-            length = 3 + sid % 7
-            if kind == "topk":
-                w.add(sid * 10, *make_topk(rng, length, k, 300))
-            else:
-                inp, ids, counts, lps = make_sampled(rng, length, k, 300)
-                w.add_sampled(sid * 10, inp, ids, counts, lps)
+    write_store(
+        path,
+        range(0, N_SAMPLES * 10, 10),
+        lambda sid: 3 + sid // 10 % 7,
+        kind=kind,
+        k=4 if kind == "topk" else 6,
+        seed=7,
+        chunk_positions=12,
+        shard_size=900,
+    )
 
 
 def _shards(path: Path) -> list[str]:
