@@ -164,8 +164,17 @@ impl ShardReader {
     /// not need a manifest is made, as in [`ShardReader::open`]; `path` only names the shard
     /// in error messages. Used by the fuzz targets and for shards received from elsewhere.
     pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<(ShardReader, CodecParams)> {
-        let loc = Location::file(path).shard(0);
-        let source = Source::from_bytes(bytes);
+        ShardReader::from_unlisted_source(Source::from_bytes(bytes), path, 0)
+    }
+
+    /// [`ShardReader::from_bytes`] for any source (a shard file with no manifest entry, as a
+    /// manifest rebuild finds them); `index` names the shard in errors.
+    pub fn from_unlisted_source(
+        source: Source,
+        path: &Path,
+        index: u32,
+    ) -> Result<(ShardReader, CodecParams)> {
+        let loc = Location::file(path).shard(index);
         if source.len() < HEADER_LEN as u64 {
             return Err(Error::corrupt(
                 loc,
@@ -174,7 +183,7 @@ impl ShardReader {
         }
         let header = ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc)?;
         let p = params_from_header(&header, &loc)?;
-        let shard = ShardReader::from_source(source, path.to_path_buf(), 0, None, &p)?;
+        let shard = ShardReader::from_source(source, path.to_path_buf(), index, None, &p)?;
         Ok((shard, p))
     }
 

@@ -24,12 +24,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::codec::{CodecParams, LogprobCodec};
-use crate::error::{Error, IoContext, Location, Result};
-use crate::format::{FORMAT_VERSION, HEADER_LEN, ShardHeader};
+use crate::error::{Error, IoContext, Result};
+use crate::format::FORMAT_VERSION;
 use crate::manifest::{
     self, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
 };
-use crate::reader::{ShardReader, params_from_header};
+use crate::reader::ShardReader;
 use crate::source::Source;
 use crate::verify::{file_crc, is_damage};
 use crate::writer::{self, SHARDS_DIR};
@@ -111,10 +111,14 @@ pub fn rebuild_manifest(
     let mut owner: HashMap<u64, usize> = HashMap::new();
     for (name, len) in names {
         let path = dir.join(&name);
-        let opened = open_unlisted(&path, report.shards.len() as u32).and_then(|(shard, p)| {
-            let (crc, read) = file_crc(&path, &tick)?;
-            Ok((shard, p, crc, read))
-        });
+        let opened = Source::open(&path, false)
+            .and_then(|src| {
+                ShardReader::from_unlisted_source(src, &path, report.shards.len() as u32)
+            })
+            .and_then(|(shard, p)| {
+                let (crc, read) = file_crc(&path, &tick)?;
+                Ok((shard, p, crc, read))
+            });
         let (shard, p, crc, read) = match opened {
             Ok(x) => x,
             Err(e) if is_damage(&e) => {
@@ -266,20 +270,6 @@ fn shard_files(dir: &Path) -> Result<Vec<(String, u64)>> {
         (seq.len(), seq.to_string(), n.clone())
     });
     Ok(out)
-}
-
-/// Open a shard with no manifest entry to check it against: the configuration comes from
-/// its header, every other check is made as at a store's open.
-fn open_unlisted(path: &Path, index: u32) -> Result<(ShardReader, CodecParams)> {
-    let loc = Location::file(path).shard(index);
-    let source = Source::open(path, false)?;
-    if source.len() < HEADER_LEN as u64 {
-        return Err(Error::corrupt(loc, format!("shard of {} bytes is too short", source.len())));
-    }
-    let header = ShardHeader::decode(&source.read(0, HEADER_LEN, &loc)?, &loc)?;
-    let p = params_from_header(&header, &loc)?;
-    let shard = ShardReader::from_source(source, path.to_path_buf(), index, None, &p)?;
-    Ok((shard, p))
 }
 
 /// The f64 a user most likely gave for a value the header keeps as f32 (0.7, not
