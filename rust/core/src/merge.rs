@@ -97,8 +97,12 @@ pub fn merge_with_progress(
         .chain(manifests.iter().zip(sources).map(|(m, s)| (m, s.as_path())));
     for (m, path) in all {
         check_append(path, m, &spec)?;
-        let theirs = spec_of(m, path)?;
-        fill_identity(&mut spec.teacher, &mut spec.tokenizer, &theirs);
+        fill_identity(
+            &mut spec.teacher,
+            &mut spec.tokenizer,
+            m.teacher.as_ref(),
+            m.tokenizer.as_ref(),
+        );
         if let Some(obj) = m.metadata.as_object() {
             for (k, v) in obj {
                 if let Some(old) = metadata.insert(k.clone(), v.clone())

@@ -460,7 +460,12 @@ impl StoreWriter {
                         dst.insert(k.clone(), v.clone());
                     }
                 }
-                fill_identity(&mut m.teacher, &mut m.tokenizer, &spec);
+                fill_identity(
+                    &mut m.teacher,
+                    &mut m.tokenizer,
+                    spec.teacher.as_ref(),
+                    spec.tokenizer.as_ref(),
+                );
                 (m, codec)
             }
             Mode::Create | Mode::Overwrite => {
@@ -848,20 +853,21 @@ fn copy_shard_file(shard: &ShardReader, dest: &Path, tick: &dyn Fn(u64)) -> Resu
     result
 }
 
-/// Take from `spec` the teacher and tokenizer fields that a store leaves unset (appending
-/// writers may know more than the writer that created the store; `check_append` has made
-/// sure that what both know agrees).
+/// Fill the teacher and tokenizer fields left unset with those of `other_teacher` and
+/// `other_tokenizer` (appending writers may know more than the writer that created the
+/// store; `check_append` has made sure that what both know agrees).
 pub(crate) fn fill_identity(
     teacher: &mut Option<TeacherInfo>,
     tokenizer: &mut Option<TokenizerInfo>,
-    spec: &StoreSpec,
+    other_teacher: Option<&TeacherInfo>,
+    other_tokenizer: Option<&TokenizerInfo>,
 ) {
-    if let Some(t) = &spec.teacher {
+    if let Some(t) = other_teacher {
         let s = teacher.get_or_insert_with(|| t.clone());
         s.name = s.name.take().or_else(|| t.name.clone());
         s.config_fingerprint = s.config_fingerprint.take().or_else(|| t.config_fingerprint.clone());
     }
-    if let Some(t) = &spec.tokenizer {
+    if let Some(t) = other_tokenizer {
         let s = tokenizer.get_or_insert_with(|| t.clone());
         s.name = s.name.take().or_else(|| t.name.clone());
         s.vocab_fingerprint = s.vocab_fingerprint.take().or_else(|| t.vocab_fingerprint.clone());
