@@ -25,6 +25,13 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    """Label-value lines, values aligned."""
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
 def _codec_text(codec: dict[str, Any]) -> str:
     name = codec["logprobs"]
     if name == "abs":
@@ -75,9 +82,7 @@ def _info(args: argparse.Namespace) -> int:
     ]
     if m.get("metadata"):
         rows.append(("metadata", json.dumps(m["metadata"])))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    _print_rows(rows)
     return 0
 
 
@@ -275,9 +280,7 @@ def _stats(args: argparse.Namespace) -> int:
                 + (" (what a row predicts)" if s == 1 else ""),
             )
         )
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    _print_rows(rows)
     if st["warning"]:
         print(f"WARNING: {st['warning']}", file=sys.stderr)
         return 1
