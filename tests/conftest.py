@@ -95,6 +95,19 @@ def store_contents(path: Any) -> dict[int, tuple[tuple[str, tuple[int, ...], byt
     return out
 
 
+def position_kl(p_row: np.ndarray, q_row: np.ndarray) -> float:
+    """KL between two top-K rows of log-probabilities, each with its rest bucket (1 - sum),
+    in float64, as the ``kl`` codec bounds it (the generalized KL, which stays >= 0 when
+    rounding makes a row's mass exceed 1)."""
+    p, q = np.exp(p_row.astype(np.float64)), np.exp(q_row.astype(np.float64))
+    pr, qr = max(0.0, 1 - p.sum()), max(0.0, 1 - q.sum())
+    live = p > 0
+    kl = float((p[live] * (np.log(p[live]) - np.log(q[live]))).sum())
+    if pr > 0:
+        kl += pr * np.log(pr / qr)
+    return kl - (p.sum() + pr) + (q.sum() + qr)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -67,5 +67,7 @@ def test_unpickling_a_replaced_store_is_refused(tmp_path: Path, rng: np.random.G
     _write(path, rng, range(3))
     data = pickle.dumps(lc.open_store(path))
     _write(path, rng, range(3), mode="w")  # same sample ids, other data
-    with pytest.raises(lc.StoreMismatchError, match="replaced since this Store was pickled"):
+    with pytest.raises(
+        lc.StoreMismatchError, match="replaced or rewritten since this Store was pickled"
+    ):
         pickle.loads(data)

@@ -3,17 +3,17 @@
 Write a store of teacher targets with :class:`StoreWriter`, read it with :func:`open_store`,
 check it with :func:`verify_store`, mend a damaged one with :func:`repair_store` (and
 :func:`rebuild_manifest` when its manifest is lost), join stores written side by side with
-:func:`merge_stores`, re-encode or subset one with :func:`copy_store`, and check that a
-capture's targets line up with its inputs with :func:`target_stats`; fit a student with
-:class:`KDLoss` and the functions of :mod:`logitcache.losses` (imported on first use: the
-store works without torch).
+:func:`merge_stores`, re-encode or subset one with :func:`copy_store`, take samples out of
+one in place with :func:`remove_samples`, and check that a capture's targets line up with
+its inputs with :func:`target_stats`; fit a student with :class:`KDLoss` and the functions
+of :mod:`logitcache.losses` (imported on first use: the store works without torch).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from logitcache import _core
 from logitcache._core import __version__, get_num_threads, set_num_threads
@@ -42,6 +42,8 @@ from logitcache.store import (
 )
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from logitcache.losses import (
         KDLoss,
         kd_loss,
@@ -271,6 +273,63 @@ def merge_stores(
     return report
 
 
+def remove_samples(
+    path: str | os.PathLike[str],
+    sample_ids: Iterable[int] | npt.ArrayLike,
+    *,
+    missing_ok: bool = False,
+    dry_run: bool = False,
+    progress: bool | None = False,
+) -> dict[str, Any]:
+    """Remove samples from the store at ``path`` in place (documents found to be
+    duplicates, test-set contamination, data that must be deleted).
+
+    Only the shards that hold them are rewritten, each as a new shard in the old one's
+    place: a chunk none of whose records goes keeps its stored bytes (its values stay bit
+    for bit what they were, whatever the codec), a chunk all of whose records go is left
+    out, and a chunk that holds both is decoded and its other records encoded again with
+    the store's codec (exact for ``"lossless"``; for a lossy codec its bound then holds
+    against the values decoded before). What is left reads back in the same order.
+
+    The removal is a writer: it holds the store's lock (:class:`StoreLockedError` while a
+    writer is open), writes the new shards, then commits the manifest atomically; one that
+    fails or is killed leaves the store as it was. The old shard files are deleted once the
+    new manifest is committed (a file that :func:`merge_stores` linked into another store
+    stays there). A damaged chunk in a shard to rewrite stops it (:class:`CorruptStoreError`;
+    run :func:`repair_store` first).
+
+    An id the store does not hold raises :class:`MissingSampleError` (the smallest such id)
+    with nothing changed, unless ``missing_ok=True``, which reports them. ``dry_run=True``
+    reports what would be removed and changes nothing. ``progress`` as for
+    :func:`merge_stores` (the bytes of the shards that held samples to remove).
+
+    Returns a report: ``shards`` (per shard that held some: ``file``, ``new_file`` (None
+    when nothing of it is left), ``samples_removed``, ``positions_removed``, ``samples_kept``,
+    ``chunks_copied``, ``chunks_reencoded``, ``chunks_dropped``), ``samples_removed``,
+    ``positions_removed``, ``missing_ids`` (uint64), ``num_samples`` and ``num_positions``
+    (left), ``bytes_before``, ``bytes_after`` and ``committed``."""
+    from logitcache.store import _sample_id_array
+
+    ids: Sequence[int] | npt.ArrayLike
+    if isinstance(sample_ids, (set, frozenset)):
+        ids = sorted(sample_ids)
+    elif isinstance(sample_ids, Iterator):
+        ids = list(cast("Iterator[int]", sample_ids))
+    else:
+        ids = cast("Sequence[int] | npt.ArrayLike", sample_ids)
+    sids = _sample_id_array(ids)
+    return _with_progress_bar(
+        "remove",
+        progress,
+        lambda cb: dict(
+            _core.remove_samples(
+                os.fspath(path), sids, dry_run=dry_run, missing_ok=missing_ok, progress=cb
+            )
+        ),
+        reads_per_byte=1,
+    )
+
+
 __all__ = [
     "Batch",
     "CorruptStoreError",
@@ -295,6 +354,7 @@ __all__ = [
     "merge_stores",
     "open_store",
     "rebuild_manifest",
+    "remove_samples",
     "repair_store",
     "sampled_kd_loss",
     "set_num_threads",

@@ -109,6 +109,13 @@ def merge(
     copy: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]: ...
+def remove_samples(
+    path: str,
+    sample_ids: NDArray[np.uint64],
+    dry_run: bool = False,
+    missing_ok: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]: ...
 def rebuild_manifest(
     path: str,
     *,

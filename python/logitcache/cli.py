@@ -1,5 +1,6 @@
 """The ``logitcache`` command line: ``logitcache info PATH``, ``verify PATH``, ``repair PATH``,
-``stats PATH``, ``show PATH SAMPLE_ID``, ``copy SOURCE PATH``, ``merge PATH SOURCE...``."""
+``stats PATH``, ``show PATH SAMPLE_ID``, ``copy SOURCE PATH``, ``merge PATH SOURCE...``,
+``remove PATH ID...``."""
 
 from __future__ import annotations
 
@@ -408,6 +409,52 @@ def _copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove(args: argparse.Namespace) -> int:
+    ids = [] if args.sample_ids is None else list(args.sample_ids)
+    from_file = _read_ids(args.ids)
+    if from_file is not None:
+        ids.extend(int(x) for x in from_file)
+    if not ids:
+        raise ValueError("no sample id to remove: give IDs or --ids FILE")
+    report = logitcache.remove_samples(
+        args.path,
+        ids,
+        missing_ok=args.missing_ok,
+        dry_run=args.dry_run,
+        progress=None if args.progress else False,
+    )
+    if args.json:
+        out = dict(report)
+        out["missing_ids"] = [int(x) for x in report["missing_ids"]]
+        print(json.dumps(out, indent=2))
+        return 0
+    would = "would be " if args.dry_run else ""
+    for s in report["shards"]:
+        if s["samples_kept"] == 0:
+            fate = f"nothing left: {would}dropped"
+        elif args.dry_run:
+            fate = f"would be rewritten with the {s['samples_kept']:,} other sample(s)"
+        else:
+            fate = (
+                f"rewritten as {s['new_file']} ({s['chunks_copied']} chunk(s) copied, "
+                f"{s['chunks_reencoded']} re-encoded, {s['chunks_dropped']} dropped)"
+            )
+        print(f"{s['file']}: {s['samples_removed']:,} sample(s) {would}removed; {fate}")
+    missing = report["missing_ids"]
+    if len(missing):
+        shown = ", ".join(str(int(x)) for x in missing[:10])
+        more = f" and {len(missing) - 10:,} more" if len(missing) > 10 else ""
+        print(f"not in the store (ignored): {shown}{more}", file=sys.stderr)
+    head = "DRY RUN, nothing changed" if args.dry_run else "REMOVED"
+    print(
+        f"{head}: {report['samples_removed']:,} sample(s) ({report['positions_removed']:,} "
+        f"positions) {would}removed from {len(report['shards'])} shard(s); the store "
+        f"{'would hold' if args.dry_run else 'now holds'} {report['num_samples']:,} samples, "
+        f"{_human_bytes(report['bytes_after'])} (was {_human_bytes(report['bytes_before'])})"
+    )
+    return 0
+
+
 def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -593,6 +640,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_report_options(p)
     p.set_defaults(func=_merge)
+    p = sub.add_parser(
+        "remove",
+        help="take samples out of a store in place",
+        description="Remove the samples ID... (and those listed in --ids FILE, one per line) "
+        "from the store at PATH. Only the shards that hold them are rewritten: chunks none "
+        "of whose records goes keep their stored bytes, chunks with removed and kept "
+        "records are decoded and the kept ones encoded again (exact for lossless stores; a "
+        "lossy codec's bound then holds against the values decoded before). Committed "
+        "atomically under the store's lock; the old shard files are deleted afterwards. "
+        "Exit status: 0 removed (or planned, with --dry-run), 2 refused (an id not in the "
+        "store without --missing-ok, a locked store, a damaged chunk in a shard to rewrite).",
+    )
+    p.add_argument("path", metavar="PATH", help="the store's directory")
+    p.add_argument("sample_ids", nargs="*", type=int, metavar="ID", help="sample ids to remove")
+    p.add_argument("--ids", metavar="FILE", help="remove the sample ids listed in FILE too")
+    p.add_argument(
+        "--missing-ok",
+        action="store_true",
+        help="ignore ids the store does not hold (by default one stops the removal)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="report what would be removed, change nothing"
+    )
+    _add_report_options(p)
+    p.set_defaults(func=_remove)
     return parser
 
 

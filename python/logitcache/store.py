@@ -483,7 +483,9 @@ class Store:
     A Store pickles (DataLoader workers started with ``spawn`` or ``forkserver`` receive the
     dataset pickled): the copy opens the store again at the same path with the same options.
     It then sees what is committed at that moment (samples appended since included); a store
-    replaced since (``mode="w"``) or moved raises on unpickling rather than giving other data.
+    replaced since (``mode="w"``), rewritten (:func:`logitcache.remove_samples`,
+    :func:`logitcache.repair_store`) or moved raises on unpickling rather than giving other
+    data.
     """
 
     def __init__(self, inner: _core.Store, path: str, open_options: dict[str, Any]) -> None:
@@ -665,8 +667,9 @@ def _reopen_store(path: str, open_options: dict[str, Any], shard_uids: list[str]
     if now[: len(shard_uids)] != shard_uids:
         gone = next(u for i, u in enumerate(shard_uids) if i >= len(now) or now[i] != u)
         raise _core.StoreMismatchError(
-            f"{path}: the store was replaced since this Store was pickled (shard {gone} is "
-            "gone); open it again with open_store"
+            f"{path}: the store was replaced or rewritten since this Store was pickled "
+            f"(shard {gone} is gone: a writer with mode='w', repair_store or remove_samples); "
+            "open it again with open_store"
         )
     return store
 

@@ -13,6 +13,7 @@ pub mod pool;
 pub mod reader;
 pub mod rebuild;
 pub mod record;
+pub mod remove;
 pub mod repair;
 pub mod source;
 #[cfg(test)]

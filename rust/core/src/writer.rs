@@ -132,7 +132,7 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn add_chunk(&mut self, payload: &[u8], buf: &ChunkBuf) -> Result<()> {
+    pub(crate) fn add_chunk(&mut self, payload: &[u8], buf: &ChunkBuf) -> Result<()> {
         let positions = buf.positions();
         let entries = buf.entries();
         // The footer's fields are u32: a count that does not fit is refused, never truncated

@@ -1241,3 +1241,186 @@ fn rebuild_manifest_takes_only_what_is_sound_and_refuses_to_guess() {
     assert_eq!(fixed.repairs.len(), 1);
     assert!(Store::open(&path, &OpenOptions::default()).is_ok());
 }
+
+/// The footer's sample ids of every shard of `dir`, shard by shard.
+fn shard_sample_ids(dir: &Path) -> Vec<Vec<u64>> {
+    let s = Store::open(dir, &OpenOptions::default()).unwrap();
+    s.shards.iter().map(|sh| sh.footer.records.iter().map(|r| r.sample_id).collect()).collect()
+}
+
+/// Removal takes exactly the asked samples out: a shard left with nothing is dropped, the
+/// others that held some are rewritten (untouched chunks copied byte for byte, chunks that
+/// held removed and kept records encoded again), shards that held none keep their files,
+/// the old files are deleted, and the store reads back as before minus the removed
+/// samples, in the same order (lossless: bit for bit; abs: within its bound of before).
+#[test]
+fn remove_samples_rewrites_only_the_shards_that_hold_them() {
+    use logitcache_core::manifest::Manifest;
+    use logitcache_core::remove::{RemoveOptions, remove_samples, remove_samples_with_progress};
+    use logitcache_core::verify::verify;
+    for codec in [Some(LogprobCodec::Lossless), None] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        store_of(&path, 0, 60, spec(Kind::TopK, 8, 1000, codec));
+        let before = records(&path);
+        let order = Store::open(&path, &OpenOptions::default()).unwrap().sample_ids();
+        let by_shard = shard_sample_ids(&path);
+        let m0 = Manifest::read(&path).unwrap();
+        let old_crcs: Vec<Vec<u32>> = Store::open(&path, &OpenOptions::default())
+            .unwrap()
+            .shards
+            .iter()
+            .map(|sh| sh.footer.chunks.iter().map(|e| e.crc32).collect())
+            .collect();
+        assert!(by_shard.len() >= 5 && by_shard[1].len() >= 2, "{by_shard:?}");
+        // Shard 1 whole, two samples of shard 3 (one shared chunk at least: records of 10-49
+        // positions in chunks of 50), the last sample of the store.
+        let mut gone: Vec<u64> = by_shard[1].clone();
+        gone.extend(&by_shard[3][..2]);
+        gone.push(*order.last().unwrap());
+        let last_shard = by_shard.len() - 1;
+
+        let plan =
+            remove_samples(&path, &gone, RemoveOptions { dry_run: true, ..Default::default() })
+                .unwrap();
+        assert!(!plan.committed);
+        assert_eq!(Manifest::read(&path).unwrap().shards, m0.shards, "a dry run changes nothing");
+
+        let seen = std::sync::Mutex::new(Vec::new());
+        let r = remove_samples_with_progress(&path, &gone, RemoveOptions::default(), &|d, t| {
+            seen.lock().unwrap().push((d, t))
+        })
+        .unwrap();
+        assert!(r.committed);
+        assert_eq!((r.samples_removed, r.num_samples), (gone.len() as u64, 60 - gone.len() as u64));
+        assert_eq!(plan.samples_removed, r.samples_removed);
+        assert_eq!(plan.positions_removed, r.positions_removed);
+        let want_files: Vec<&str> =
+            [1, 3, last_shard].iter().map(|&i| m0.shards[i].file.as_str()).collect();
+        assert_eq!(r.shards.iter().map(|s| s.file.as_str()).collect::<Vec<_>>(), want_files);
+        assert!(r.shards[0].new_file.is_none(), "shard 1 has nothing left");
+        assert_eq!(r.shards[0].chunks_dropped, m0.shards[1].num_chunks);
+        for (s, &i) in r.shards.iter().zip(&[1, 3, last_shard]) {
+            let n = s.chunks_copied + s.chunks_reencoded + s.chunks_dropped;
+            assert_eq!(n, m0.shards[i].num_chunks, "{s:?}");
+        }
+        assert!(r.shards.iter().map(|s| s.chunks_reencoded).sum::<u64>() >= 1, "{r:?}");
+        assert!(r.shards.iter().map(|s| s.chunks_copied).sum::<u64>() >= 1, "{r:?}");
+        let seen = seen.into_inner().unwrap();
+        let total: u64 = [1, 3, last_shard].iter().map(|&i| m0.shards[i].bytes).sum();
+        assert_eq!(seen.last().copied(), Some((total, total)));
+
+        let m = Manifest::read(&path).unwrap();
+        assert_eq!(m.shards.len(), m0.shards.len() - 1);
+        assert_eq!((m.num_samples, m.num_positions), (r.num_samples, r.num_positions));
+        assert_eq!(r.bytes_after, m.shards.iter().map(|s| s.bytes).sum::<u64>());
+        for (i, old) in m0.shards.iter().enumerate() {
+            let kept = m.shards.iter().any(|s| s == old);
+            assert_eq!(kept, ![1, 3, last_shard].contains(&i), "{}", old.file);
+            assert_eq!(path.join(&old.file).exists(), kept, "old files are deleted");
+        }
+        let v = verify(&path).unwrap();
+        assert!(v.problems.is_empty() && v.orphans.is_empty(), "{v:?}");
+        let s = Store::open(&path, &OpenOptions::default()).unwrap();
+        // Copied chunks are the old stored bytes (their checksums); the others are new.
+        for (rm, &i) in r.shards.iter().zip(&[1, 3, last_shard]) {
+            let Some(new) = &rm.new_file else { continue };
+            let sh = s.shards.iter().find(|sh| sh.info.file == *new).unwrap();
+            let same = sh.footer.chunks.iter().filter(|e| old_crcs[i].contains(&e.crc32)).count();
+            assert_eq!(same as u64, rm.chunks_copied, "{rm:?}");
+            assert_eq!(sh.footer.chunks.len() as u64, rm.chunks_copied + rm.chunks_reencoded);
+        }
+        let want_order: Vec<u64> = order.iter().copied().filter(|x| !gone.contains(x)).collect();
+        assert_eq!(s.sample_ids(), want_order, "the order of what is left is kept");
+        let after = records(&path);
+        let kept: Vec<&(u64, Record)> = before.iter().filter(|(x, _)| !gone.contains(x)).collect();
+        assert_eq!(after.len(), kept.len());
+        for ((sa, a), (sb, b)) in after.iter().zip(kept) {
+            assert_eq!((sa, &a.input_ids, &a.ids), (sb, &b.input_ids, &b.ids));
+            if codec.is_some() {
+                assert_eq!(a.logprobs, b.logprobs);
+            } else {
+                let bound = LogprobCodec::parse("abs:0.01").unwrap().max_abs_error().unwrap();
+                for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                    assert!(f64::from((x - y).abs()) <= bound, "{x} vs {y}");
+                }
+            }
+        }
+        // Unaffected shards' records are bit for bit what they were, whatever the codec.
+        for (sid, rec) in &after {
+            if by_shard[0].contains(sid) {
+                assert_eq!(Some(rec), before.iter().find(|(x, _)| x == sid).map(|(_, r)| r));
+            }
+        }
+        // Everything: an empty store that still opens and takes appends.
+        let rest = s.sample_ids();
+        drop(s);
+        let r = remove_samples(&path, &rest, RemoveOptions::default()).unwrap();
+        assert_eq!((r.num_samples, r.num_positions, r.bytes_after), (0, 0, 0));
+        assert_eq!(Store::open(&path, &OpenOptions::default()).unwrap().len(), 0);
+        let mut w =
+            StoreWriter::open(&path, spec(Kind::TopK, 8, 1000, codec), Mode::Append, small_opts())
+                .unwrap();
+        write_topk(&mut w, 7, 12);
+        w.close().unwrap();
+        assert_eq!(records(&path).len(), 1);
+    }
+}
+
+/// What a removal refuses or cannot finish leaves the store as it was: an id the store does
+/// not hold (unless missing_ok, which reports it), a locked store, a damaged chunk in a
+/// shard to rewrite (damage is not copied into a new shard), a manifest that cannot be
+/// committed.
+#[test]
+fn a_removal_that_fails_leaves_the_store_as_it_was() {
+    use logitcache_core::remove::{RemoveOptions, remove_samples};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    many_shard_store(&path, 30);
+    let files = snapshot(&path);
+
+    let err = remove_samples(&path, &[3, 999, 555], RemoveOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::MissingSample { sample_id: 555, .. }),
+        "the smallest missing id is named: {err}"
+    );
+    assert_eq!(snapshot(&path), files);
+    let r = remove_samples(
+        &path,
+        &[999, 555],
+        RemoveOptions { missing_ok: true, ..Default::default() },
+    )
+    .unwrap();
+    assert_eq!((r.missing_ids.clone(), r.samples_removed, r.committed), (vec![555, 999], 0, false));
+    assert_eq!(snapshot(&path), files);
+
+    {
+        let _w =
+            StoreWriter::open(&path, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts())
+                .unwrap();
+        let err = remove_samples(&path, &[3], RemoveOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Locked { .. }), "{err}");
+    }
+    assert_eq!(snapshot(&path), files);
+
+    let blocker = path.join(format!(".manifest.json.tmp-{}", std::process::id()));
+    std::fs::create_dir(&blocker).unwrap();
+    let err = remove_samples(&path, &[3], RemoveOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert_eq!(snapshot(&path), files, "the new shard must be removed again");
+    std::fs::remove_dir(&blocker).unwrap();
+
+    // A damaged chunk in the shard of a sample to remove, away from that sample.
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    let sh = &s.shards[0];
+    let last = sh.footer.chunks.len() - 1;
+    let e = sh.footer.chunks[last];
+    let victim = sh.footer.records[0].sample_id;
+    flip_byte(&sh.path, e.offset + 5);
+    drop(s);
+    let files = snapshot(&path);
+    let err = remove_samples(&path, &[victim], RemoveOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_eq!(snapshot(&path), files);
+}

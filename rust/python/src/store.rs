@@ -700,6 +700,52 @@ fn merge<'py>(
     Ok(d)
 }
 
+/// Remove samples from a store in place (see logitcache_core::remove); returns a report
+/// dict. `progress` as for [`verify`], with the bytes of the shards that held them.
+#[pyfunction]
+#[pyo3(signature = (path, sample_ids, dry_run=false, missing_ok=false, progress=None))]
+fn remove_samples<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    sample_ids: PyReadonlyArray1<'py, u64>,
+    dry_run: bool,
+    missing_ok: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use logitcache_core::remove::{RemoveOptions, remove_samples_with_progress};
+    let ids = contiguous(sample_ids.as_slice(), "sample_ids")?.to_vec();
+    let progress = Progress::new(progress);
+    let opts = RemoveOptions { dry_run, missing_ok };
+    let r = py
+        .detach(|| remove_samples_with_progress(&path, &ids, opts, &|d, t| progress.call(d, t)))
+        .py_err()?;
+    progress.finish()?;
+    let shards = PyList::empty(py);
+    for s in &r.shards {
+        let e = PyDict::new(py);
+        e.set_item("file", &s.file)?;
+        e.set_item("new_file", &s.new_file)?;
+        e.set_item("samples_removed", s.samples_removed)?;
+        e.set_item("positions_removed", s.positions_removed)?;
+        e.set_item("samples_kept", s.samples_kept)?;
+        e.set_item("chunks_copied", s.chunks_copied)?;
+        e.set_item("chunks_reencoded", s.chunks_reencoded)?;
+        e.set_item("chunks_dropped", s.chunks_dropped)?;
+        shards.append(e)?;
+    }
+    let d = PyDict::new(py);
+    d.set_item("shards", shards)?;
+    d.set_item("samples_removed", r.samples_removed)?;
+    d.set_item("positions_removed", r.positions_removed)?;
+    d.set_item("missing_ids", PyArray1::from_vec(py, r.missing_ids))?;
+    d.set_item("num_samples", r.num_samples)?;
+    d.set_item("num_positions", r.num_positions)?;
+    d.set_item("bytes_before", r.bytes_before)?;
+    d.set_item("bytes_after", r.bytes_after)?;
+    d.set_item("committed", r.committed)?;
+    Ok(d)
+}
+
 /// Rebuild a damaged or deleted manifest from the shard files (see
 /// logitcache_core::rebuild); returns a report dict. `progress` as for [`verify`], with
 /// the bytes of the shard files read.
@@ -771,6 +817,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(repair, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_samples, m)?)?;
     m.add_class::<PyStoreWriter>()?;
     m.add_class::<PyStore>()?;
     Ok(())

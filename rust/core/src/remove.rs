@@ -1,0 +1,277 @@
+//! `remove`: take samples out of a store in place.
+//!
+//! Documents found after the capture to be duplicates, test-set contamination or data that
+//! must be deleted leave the store without the rest being decoded: only the shards that hold
+//! them are rewritten, each as a new shard in the old one's place. A chunk none of whose
+//! records goes keeps its stored bytes (copied unchanged, so its values stay bit for bit
+//! what they were, whatever the codec); a chunk all of whose records go is left out; a chunk
+//! that holds both is decoded and its remaining records encoded again with the store's
+//! codec (exact for `lossless`; for a lossy codec the bound then holds against the values
+//! decoded before, as for any record written again).
+//!
+//! It is a writer like any other: it holds the store's lock, writes and fsyncs the new
+//! shards first, then replaces the manifest atomically, so a removal that fails or is
+//! killed leaves the store as it was (plus orphan files, which `verify` lists). The old
+//! shard files are deleted once the new manifest is committed (as a writer replacing a
+//! store does; a file hard-linked into another store by `merge` stays there).
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::codec::{self, ChunkBuf, CodecParams, DecodedChunk, EncodeScratch};
+use crate::error::{Error, Result};
+use crate::format::Kind;
+use crate::manifest::{self, MANIFEST_NAME, Manifest, ShardInfo};
+use crate::reader::{ShardReader, params_from_manifest};
+use crate::writer::{self, SHARDS_DIR, ShardWriter};
+
+/// What [`remove_samples`] may do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RemoveOptions {
+    /// Plan only: report what would be removed and rewritten, change nothing (and take no
+    /// lock).
+    pub dry_run: bool,
+    /// Ignore ids the store does not hold (by default one of them stops the removal before
+    /// anything changes).
+    pub missing_ok: bool,
+}
+
+/// What became of one shard that held samples to remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardRemoval {
+    /// The shard's file before the removal.
+    pub file: String,
+    /// The shard written in its place; `None` when none of its samples is left, or in a
+    /// dry run.
+    pub new_file: Option<String>,
+    pub samples_removed: u64,
+    pub positions_removed: u64,
+    /// Samples of the shard that stay.
+    pub samples_kept: u64,
+    /// Chunks whose stored bytes were copied unchanged.
+    pub chunks_copied: u64,
+    /// Chunks that held removed and remaining records: decoded and encoded again.
+    pub chunks_reencoded: u64,
+    /// Chunks that held only removed records.
+    pub chunks_dropped: u64,
+}
+
+/// What [`remove_samples`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoveReport {
+    /// The shards that held samples to remove, in manifest order.
+    pub shards: Vec<ShardRemoval>,
+    pub samples_removed: u64,
+    pub positions_removed: u64,
+    /// Requested ids the store does not hold, in increasing order (only with
+    /// [`RemoveOptions::missing_ok`]; otherwise the first of them is an error).
+    pub missing_ids: Vec<u64>,
+    /// The store's samples and positions after the removal.
+    pub num_samples: u64,
+    pub num_positions: u64,
+    /// Bytes of the store's shard files before and after (after: planned, in a dry run
+    /// only the shards dropped whole are counted out).
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Whether a new manifest was committed (false in a dry run and when nothing was to
+    /// be removed).
+    pub committed: bool,
+}
+
+/// Remove the samples `sample_ids` from the store at `dir`; see the module documentation.
+pub fn remove_samples(dir: &Path, sample_ids: &[u64], opts: RemoveOptions) -> Result<RemoveReport> {
+    remove_samples_with_progress(dir, sample_ids, opts, &|_, _| {})
+}
+
+/// [`remove_samples`], calling `progress(done, total)` with the bytes of the affected
+/// shards processed so far and their total.
+pub fn remove_samples_with_progress(
+    dir: &Path,
+    sample_ids: &[u64],
+    opts: RemoveOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<RemoveReport> {
+    let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
+    let manifest = Manifest::read(dir)?;
+    let p = params_from_manifest(&manifest, &dir.join(MANIFEST_NAME))?;
+    let mut wanted: HashSet<u64> = sample_ids.iter().copied().collect();
+
+    // Which shards hold what: footers only, one shard open at a time (a store may hold
+    // more shards than a process may open files).
+    let mut affected: Vec<usize> = Vec::new();
+    let mut report = RemoveReport {
+        bytes_before: manifest.shards.iter().map(|s| s.bytes).sum(),
+        ..Default::default()
+    };
+    for (i, info) in manifest.shards.iter().enumerate() {
+        let shard = ShardReader::open(dir, i as u32, info, &p, false)?;
+        let mut r = ShardRemoval { file: info.file.clone(), ..Default::default() };
+        for rec in &shard.footer.records {
+            if wanted.remove(&rec.sample_id) {
+                r.samples_removed += 1;
+                r.positions_removed += u64::from(rec.length);
+            } else {
+                r.samples_kept += 1;
+            }
+        }
+        if r.samples_removed > 0 {
+            affected.push(i);
+            report.shards.push(r);
+        }
+    }
+    report.missing_ids = wanted.into_iter().collect();
+    report.missing_ids.sort_unstable();
+    if let (false, Some(&sample_id)) = (opts.missing_ok, report.missing_ids.first()) {
+        return Err(Error::MissingSample { sample_id, path: dir.to_path_buf() });
+    }
+    report.samples_removed = report.shards.iter().map(|r| r.samples_removed).sum();
+    report.positions_removed = report.shards.iter().map(|r| r.positions_removed).sum();
+    report.num_samples = manifest.num_samples - report.samples_removed;
+    report.num_positions = manifest.num_positions - report.positions_removed;
+    let dropped_whole: u64 = affected
+        .iter()
+        .map(|&i| &manifest.shards[i])
+        .zip(&report.shards)
+        .filter(|(_, r)| r.samples_kept == 0)
+        .map(|(info, _)| info.bytes)
+        .sum();
+    report.bytes_after = report.bytes_before - dropped_whole;
+    if opts.dry_run || affected.is_empty() {
+        return Ok(report);
+    }
+
+    let removed: HashSet<u64> = sample_ids.iter().copied().collect();
+    let total: u64 = affected.iter().map(|&i| manifest.shards[i].bytes).sum();
+    let done = AtomicU64::new(0);
+    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let mut created: Vec<PathBuf> = Vec::new();
+    let rewritten =
+        rewrite_shards(dir, &manifest, &p, &affected, &removed, &mut report, &mut created, &tick);
+    let committed = rewritten.and_then(|new_infos| {
+        let mut m = manifest.clone();
+        let mut replacements = affected.iter().zip(new_infos).peekable();
+        let mut shards = Vec::with_capacity(m.shards.len());
+        for (i, info) in manifest.shards.iter().enumerate() {
+            match replacements.next_if(|(a, _)| **a == i) {
+                Some((_, Some(new))) => shards.push(new),
+                Some((_, None)) => {}
+                None => shards.push(info.clone()),
+            }
+        }
+        m.shards = shards;
+        m.num_samples = m.shards.iter().map(|s| s.num_samples).sum();
+        m.num_positions = m.shards.iter().map(|s| s.num_positions).sum();
+        m.updated_by = writer::tool();
+        manifest::sync_dir(&dir.join(SHARDS_DIR))?;
+        m.commit(dir)?;
+        Ok(m)
+    });
+    let m = match committed {
+        Ok(m) => m,
+        Err(e) => {
+            for path in created {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    report.committed = true;
+    report.bytes_after = m.shards.iter().map(|s| s.bytes).sum();
+    // The old files are no longer part of the store; a reader that opened them before
+    // keeps its open file. Failing to delete one leaves an orphan, not a fault.
+    for &i in &affected {
+        let _ = fs::remove_file(dir.join(&manifest.shards[i].file));
+    }
+    manifest::sync_dir(&dir.join(SHARDS_DIR))?;
+    progress(total, total);
+    Ok(report)
+}
+
+/// Write the new shard of every affected shard; returns, per affected shard, its new entry
+/// (`None` when none of its samples is left).
+#[allow(clippy::too_many_arguments)]
+fn rewrite_shards(
+    dir: &Path,
+    manifest: &Manifest,
+    p: &CodecParams,
+    affected: &[usize],
+    removed: &HashSet<u64>,
+    report: &mut RemoveReport,
+    created: &mut Vec<PathBuf>,
+    tick: &dyn Fn(u64),
+) -> Result<Vec<Option<ShardInfo>>> {
+    let mut next_seq = writer::max_seq(dir)?.map_or(0, |s| s + 1);
+    // Chunks are encoded again with the store's settings (the level is informational in the
+    // manifest; a level outside zstd's range there is not worth failing over).
+    let params = CodecParams { zstd_level: manifest.codec.zstd_level.clamp(1, 22), ..*p };
+    let mut scratch = EncodeScratch::default();
+    let mut buf = ChunkBuf::default();
+    let mut out = Vec::with_capacity(affected.len());
+    for (&i, r) in affected.iter().zip(report.shards.iter_mut()) {
+        let info = &manifest.shards[i];
+        if r.samples_kept == 0 {
+            r.chunks_dropped = info.num_chunks;
+            tick(info.bytes);
+            out.push(None);
+            continue;
+        }
+        let shard = ShardReader::open(dir, i as u32, info, p, false)?;
+        let mut header = shard.header.clone();
+        header.uid = writer::random_u64();
+        let mut w = ShardWriter::create(dir, next_seq, &header)?;
+        next_seq += 1;
+        created.push(w.path.clone());
+        for (c, e) in shard.footer.chunks.iter().enumerate() {
+            let first = e.first_record as usize;
+            let records = &shard.footer.records[first..first + e.num_records as usize];
+            let gone = records.iter().filter(|rec| removed.contains(&rec.sample_id)).count();
+            if gone == 0 {
+                w.copy_chunk(&shard.chunk_bytes(c)?, e, records)?;
+                r.chunks_copied += 1;
+            } else if gone == records.len() {
+                r.chunks_dropped += 1;
+            } else {
+                let decoded = shard.decode_chunk(c, p)?;
+                buf.clear();
+                for (j, rec) in records.iter().enumerate() {
+                    if !removed.contains(&rec.sample_id) {
+                        push_decoded(&mut buf, &decoded, j, rec.sample_id, p);
+                    }
+                }
+                codec::encode_chunk(&buf, &params, &mut scratch)?;
+                w.add_chunk(scratch.payload(), &buf)?;
+                r.chunks_reencoded += 1;
+            }
+            tick(u64::from(e.stored_len));
+        }
+        let new = w.finish()?;
+        // The new shard must open as the manifest will describe it before it is committed.
+        ShardReader::open(dir, i as u32, &new, p, false)?;
+        r.new_file = Some(new.file.clone());
+        out.push(Some(new));
+    }
+    Ok(out)
+}
+
+/// Append record `j` of a decoded chunk to `buf` as it was decoded (its values passed the
+/// writer's checks when first written, and decoding keeps what those checks ask for).
+fn push_decoded(buf: &mut ChunkBuf, d: &DecodedChunk, j: usize, sample_id: u64, p: &CodecParams) {
+    let (a, b) = (d.pos_offsets[j], d.pos_offsets[j + 1]);
+    let (ea, eb) = match p.kind {
+        Kind::TopK => (a * p.k as usize, b * p.k as usize),
+        Kind::Sampled => (d.entry_offsets[a], d.entry_offsets[b]),
+    };
+    buf.sample_ids.push(sample_id);
+    buf.lengths.push((b - a) as u32);
+    buf.input_ids.extend_from_slice(&d.input_ids[a..b]);
+    buf.ids.extend_from_slice(&d.ids[ea..eb]);
+    if p.kind == Kind::Sampled {
+        buf.row_lens.extend_from_slice(&d.row_lens[a..b]);
+        buf.counts.extend_from_slice(&d.counts[ea..eb]);
+    }
+    if !d.logprobs.is_empty() {
+        buf.logprobs.extend_from_slice(&d.logprobs[ea..eb]);
+    }
+}

@@ -1,0 +1,242 @@
+"""`remove_samples` / `logitcache remove`: samples taken out of a store in place; what is left
+reads back as before (bit for bit where its chunk was untouched or the codec is lossless,
+within the codec's bound otherwise), in the same order, and a removal that is refused, fails
+or is killed leaves the store as it was."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import position_kl, store_contents, write_store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import logitcache as lc
+from logitcache.cli import main
+
+
+def _write(path: Path, sample_ids: list[int], *, kind: str = "topk", **kwargs: object) -> None:
+    write_store(
+        path,
+        sample_ids,
+        lambda sid: 1 + sid % 11,
+        kind=kind,
+        k=4 if kind == "topk" else 5,
+        vocab=200,
+        chunk_positions=12,
+        shard_size=900,
+        **kwargs,
+    )
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def _same_record(
+    codec: dict[str, object], a: tuple[tuple[str, tuple[int, ...], bytes], ...], b: tuple
+) -> None:
+    """``b`` (after) is ``a`` (before) as the codec allows: ids, input ids and counts exact,
+    log-probabilities bit for bit (lossless), within the step's half (abs) or the KL bound
+    per position (kl)."""
+    assert a[:2] == b[:2] and a[3:] == b[3:]
+    if codec["logprobs"] in ("lossless", "none") or a[2] == b[2]:
+        assert a[2] == b[2]
+        return
+    (dt, shape, x), (_, _, y) = a[2], b[2]
+    before = np.frombuffer(x, dtype=dt).reshape(shape)
+    after = np.frombuffer(y, dtype=dt).reshape(shape)
+    assert np.array_equal(np.isinf(before), np.isinf(after))
+    if codec["logprobs"] == "abs":
+        live = np.isfinite(before)
+        assert np.abs(before[live] - after[live]).max() <= float(codec["max_abs_error"])  # type: ignore[arg-type]
+    else:
+        for p_row, q_row in zip(before, after, strict=True):
+            assert position_kl(p_row, q_row) <= float(codec["kl_bound"]) * (1 + 1e-6) + 1e-12  # type: ignore[arg-type]
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind_codec=st.sampled_from(
+        [
+            ("topk", "lossless"),
+            ("topk", "abs:0.01"),
+            ("topk", "kl:1e-3"),
+            ("sampled", "abs:0.01"),
+            ("sampled", "lossless"),
+            ("sampled", "none"),
+        ]
+    ),
+    ids=st.lists(st.integers(0, 10**12), min_size=1, max_size=40, unique=True),
+    data=st.data(),
+)
+def test_what_is_left_reads_back_as_before(
+    tmp_path_factory: pytest.TempPathFactory,
+    kind_codec: tuple[str, str],
+    ids: list[int],
+    data: st.DataObject,
+) -> None:
+    kind, codec = kind_codec
+    path = tmp_path_factory.mktemp("remove") / "s"
+    _write(path, ids, kind=kind, codec=codec, seed=len(ids))
+    before = store_contents(path)
+    meta = lc.open_store(path).meta
+    gone = data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=len(ids)))
+    report = lc.remove_samples(path, gone)
+    assert report["samples_removed"] == len(gone) and report["committed"] == bool(gone)
+    store = lc.open_store(path)
+    assert list(store.sample_ids()) == [s for s in ids if s not in gone], "order kept"
+    assert report["num_samples"] == len(store) and report["num_positions"] == store.num_positions
+    after = store_contents(path)
+    for sid, rec in after.items():
+        _same_record(meta["codec"], before[sid], rec)
+    check = lc.verify_store(path)
+    assert check["ok"] and not check["orphans"], check
+    assert report["bytes_after"] == sum(s["bytes"] for s in store.meta["shards"])
+
+
+def test_untouched_chunks_keep_their_bytes(tmp_path: Path) -> None:
+    """A kl store (encoding its decoded values again moves 39 of these 60 records): records
+    of chunks that held no removed sample are bit for bit what they were; only those that
+    shared a chunk with a removed one may move (within the bound: the test above)."""
+    ids = list(range(60))
+    _write(tmp_path / "s", ids, codec="kl:1e-3")
+    before = store_contents(tmp_path / "s")
+    report = lc.remove_samples(tmp_path / "s", [5, 6, 40])
+    rewritten = [s for s in report["shards"] if s["new_file"]]
+    assert rewritten and all(s["chunks_copied"] >= 1 for s in rewritten), report
+    after = store_contents(tmp_path / "s")
+    changed = {sid for sid in after if after[sid] != before[sid]}
+    assert changed, "the shared chunks were encoded again"
+    # Records of 1-11 positions in chunks closed at 12: a removed record shares its chunk with
+    # at most a few neighbours, which are the only records that may change.
+    assert changed <= {3, 4, 7, 8, 38, 39, 41, 42}, changed
+
+
+def test_refusals_change_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _write(path, list(range(20)))
+    files = _files(path)
+    with pytest.raises(lc.MissingSampleError, match="sample id 77 is not in the store"):
+        lc.remove_samples(path, [3, 99, 77])
+    with pytest.raises(KeyError):  # MissingSampleError is a KeyError, as for store[sid]
+        lc.remove_samples(path, [1000])
+    assert _files(path) == files
+    report = lc.remove_samples(path, {99, 77}, missing_ok=True)
+    assert list(report["missing_ids"]) == [77, 99] and not report["committed"]
+    assert _files(path) == files
+    plan = lc.remove_samples(path, range(5), dry_run=True)
+    assert plan["samples_removed"] == 5 and not plan["committed"]
+    assert _files(path) == files
+    for bad in ([-1], [[1, 2]], ["a"], [1.5]):
+        with pytest.raises((ValueError, TypeError)):
+            lc.remove_samples(path, bad)  # type: ignore[arg-type]
+    with lc.StoreWriter(path, vocab_size=200, k=4, mode="a"):
+        with pytest.raises(lc.StoreLockedError):
+            lc.remove_samples(path, [3])
+    assert _files(path) == files
+    # A damaged chunk in a shard to rewrite is not carried into a new shard.
+    shard = path / lc.open_store(path).meta["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[80] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    files = _files(path)
+    with pytest.raises(lc.CorruptStoreError, match="checksum"):
+        lc.remove_samples(path, [0])
+    assert _files(path) == files
+
+
+def test_ids_in_any_form_and_everything(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _write(path, list(range(30)))
+    lc.remove_samples(path, np.array([1, 2], dtype=np.int32))
+    lc.remove_samples(path, (i for i in (3, 4)))
+    lc.remove_samples(path, frozenset({5}))
+    assert sorted(store_contents(path)) == [0, *range(6, 30)]
+    report = lc.remove_samples(path, lc.open_store(path).sample_ids())
+    assert report["num_samples"] == 0 and report["bytes_after"] == 0
+    assert len(lc.open_store(path)) == 0 and lc.verify_store(path)["ok"]
+    assert not list((path / "shards").iterdir()), "the old shard files are deleted"
+
+
+def test_a_merged_store_keeps_shards_it_shares(tmp_path: Path) -> None:
+    """Removing from a store whose shards are hard links into another store (merge) deletes
+    this store's names only: the other store keeps reading its samples."""
+    _write(tmp_path / "a", list(range(10)))
+    lc.merge_stores(tmp_path / "m", [tmp_path / "a"])
+    want = store_contents(tmp_path / "a")
+    lc.remove_samples(tmp_path / "m", [1, 2, 3])
+    assert store_contents(tmp_path / "a") == want
+    assert lc.verify_store(tmp_path / "a")["ok"]
+    assert sorted(store_contents(tmp_path / "m")) == [0, *range(4, 10)]
+
+
+def test_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path / "s", list(range(40)))
+    lc.remove_samples(tmp_path / "s", [0, 39], progress=True)
+    err = capsys.readouterr().err
+    assert "remove" in err and "100%" in err, err
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s"
+    _write(path, list(range(30)))
+    files = _files(path)
+    assert main(["remove", str(path), "3", "4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "DRY RUN, nothing changed: 2 sample(s)" in out and "would be removed" in out, out
+    assert _files(path) == files
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("# contaminated\n5\n\n6  # dup of 5\n")
+    assert main(["remove", str(path), "3", "--ids", str(ids_file), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "REMOVED: 3 sample(s)" in out and "now holds 27 samples" in out, out
+    assert main(["remove", str(path), "3"]) == 2
+    assert "sample id 3 is not in the store" in capsys.readouterr().err
+    assert main(["remove", str(path), "3", "7", "--missing-ok", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["missing_ids"] == [3] and report["samples_removed"] == 1
+    assert main(["remove", str(path)]) == 2
+    assert "no sample id to remove" in capsys.readouterr().err
+    assert sorted(store_contents(path)) == [0, 1, 2, 4, *range(8, 30)]
+
+
+# The core's removal with a progress callback that kills the process at its first call (calls
+# come at most every 100 ms): after the first chunk of the first new shard.
+KILLED_REMOVE = r"""
+import os, signal, sys
+import numpy as np
+from logitcache import _core
+
+def die(done, total):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ids = np.array([int(x) for x in sys.argv[2:]], dtype=np.uint64)
+_core.remove_samples(sys.argv[1], ids, progress=die)
+"""
+
+
+def test_a_killed_removal_leaves_the_store_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _write(path, list(range(80)), codec="lossless")
+    before = store_contents(path)
+    gone = [str(s) for s in range(0, 80, 7)]
+    proc = subprocess.run([sys.executable, "-c", KILLED_REMOVE, str(path), *gone], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert store_contents(path) == before
+    report = lc.verify_store(path)
+    assert report["ok"] and report["orphans"], report
+    lc.remove_samples(path, [int(s) for s in gone])
+    assert store_contents(path) == {s: r for s, r in before.items() if str(s) not in gone}
