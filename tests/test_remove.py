@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,18 @@ import logitcache as lc
 from logitcache.cli import main
 
 
-def _write(path: Path, sample_ids: list[int], *, kind: str = "topk", **kwargs: object) -> None:
+def _write(
+    path: Path,
+    sample_ids: list[int],
+    *,
+    kind: str = "topk",
+    length: Callable[[int], int] = lambda sid: sid % 11,  # some records of no position
+    **kwargs: object,
+) -> None:
     write_store(
         path,
         sample_ids,
-        lambda sid: 1 + sid % 11,
+        length,
         kind=kind,
         k=4 if kind == "topk" else 5,
         vocab=200,
@@ -112,7 +120,7 @@ def test_untouched_chunks_keep_their_bytes(tmp_path: Path) -> None:
     of chunks that held no removed sample are bit for bit what they were; only those that
     shared a chunk with a removed one may move (within the bound: the test above)."""
     ids = list(range(60))
-    _write(tmp_path / "s", ids, codec="kl:1e-3")
+    _write(tmp_path / "s", ids, codec="kl:1e-3", length=lambda sid: 1 + sid % 11)
     before = store_contents(tmp_path / "s")
     report = lc.remove_samples(tmp_path / "s", [5, 6, 40])
     rewritten = [s for s in report["shards"] if s["new_file"]]
