@@ -96,20 +96,21 @@ pub fn remove_samples_with_progress(
     let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
     let manifest = Manifest::read(dir)?;
     let p = params_from_manifest(&manifest, &dir.join(MANIFEST_NAME))?;
-    let mut wanted: HashSet<u64> = sample_ids.iter().copied().collect();
+    let removed: HashSet<u64> = sample_ids.iter().copied().collect();
+    let mut found: HashSet<u64> = HashSet::with_capacity(removed.len());
 
     // Which shards hold what: footers only, one shard open at a time (a store may hold
     // more shards than a process may open files).
     let mut affected: Vec<usize> = Vec::new();
-    let mut report = RemoveReport {
-        bytes_before: manifest.shards.iter().map(|s| s.bytes).sum(),
-        ..Default::default()
-    };
+    let mut report = RemoveReport::default();
     for (i, info) in manifest.shards.iter().enumerate() {
+        // Opening checks the entry's size against the file's: the sum is of real sizes.
         let shard = ShardReader::open(dir, i as u32, info, &p, false)?;
+        report.bytes_before += info.bytes;
         let mut r = ShardRemoval { file: info.file.clone(), ..Default::default() };
         for rec in &shard.footer.records {
-            if wanted.remove(&rec.sample_id) {
+            if removed.contains(&rec.sample_id) {
+                found.insert(rec.sample_id);
                 r.samples_removed += 1;
                 r.positions_removed += u64::from(rec.length);
             } else {
@@ -121,15 +122,16 @@ pub fn remove_samples_with_progress(
             report.shards.push(r);
         }
     }
-    report.missing_ids = wanted.into_iter().collect();
+    report.missing_ids = removed.difference(&found).copied().collect();
     report.missing_ids.sort_unstable();
     if let (false, Some(&sample_id)) = (opts.missing_ok, report.missing_ids.first()) {
         return Err(Error::MissingSample { sample_id, path: dir.to_path_buf() });
     }
     report.samples_removed = report.shards.iter().map(|r| r.samples_removed).sum();
     report.positions_removed = report.shards.iter().map(|r| r.positions_removed).sum();
-    report.num_samples = manifest.num_samples - report.samples_removed;
-    report.num_positions = manifest.num_positions - report.positions_removed;
+    // (Each shard's counts were checked against its footer as it was opened.)
+    report.num_samples = manifest.num_samples.saturating_sub(report.samples_removed);
+    report.num_positions = manifest.num_positions.saturating_sub(report.positions_removed);
     let dropped_whole: u64 = affected
         .iter()
         .map(|&i| &manifest.shards[i])
@@ -137,12 +139,11 @@ pub fn remove_samples_with_progress(
         .filter(|(_, r)| r.samples_kept == 0)
         .map(|(info, _)| info.bytes)
         .sum();
-    report.bytes_after = report.bytes_before - dropped_whole;
+    report.bytes_after = report.bytes_before.saturating_sub(dropped_whole);
     if opts.dry_run || affected.is_empty() {
         return Ok(report);
     }
 
-    let removed: HashSet<u64> = sample_ids.iter().copied().collect();
     let total: u64 = affected.iter().map(|&i| manifest.shards[i].bytes).sum();
     let done = AtomicU64::new(0);
     let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
