@@ -12,7 +12,7 @@ of :mod:`logitcache.losses` (imported on first use: the store works without torc
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from logitcache import _core
@@ -35,6 +35,7 @@ from logitcache.store import (
     Record,
     Store,
     StoreWriter,
+    _with_progress_bar,
     config_fingerprint,
     copy_store,
     open_store,
@@ -62,32 +63,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(losses, name)
     raise AttributeError(f"module 'logitcache' has no attribute {name!r}")
-
-
-def _with_progress_bar(
-    desc: str,
-    progress: bool | None,
-    run: Callable[[Callable[[int, int], None] | None], dict[str, Any]],
-    reads_per_byte: int = 2,
-) -> dict[str, Any]:
-    """``run(callback)`` with a tqdm bar of bytes fed by the core's ``(done, total)`` calls,
-    which count every byte ``reads_per_byte`` times (verify and repair: twice, the
-    whole-file checksum, then decoding)."""
-    if progress is False:
-        return run(None)
-    from tqdm.auto import tqdm
-
-    disable = None if progress is None else False  # None: tqdm's test for a terminal
-    with tqdm(
-        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=disable
-    ) as bar:
-
-        def update(done: int, total: int) -> None:
-            bar.total = total / reads_per_byte
-            bar.n = done / reads_per_byte
-            bar.refresh()
-
-        return run(update)
 
 
 def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False) -> dict[str, Any]:

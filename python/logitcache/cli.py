@@ -590,12 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "copy",
         help="write a store's records into a new store: another codec, or a subset",
-        description="Decode the records of SOURCE and write them into a store at PATH with "
-        "the same configuration, teacher, tokenizer and metadata, and --codec (default: "
-        "SOURCE's): to store them with another codec, or to keep a subset (--ids FILE) or "
-        "drop some (--exclude-ids FILE; one sample id per line). A lossy codec's bound holds "
-        "against the values it is given: from a lossy SOURCE, its decoded values. Exit "
-        "status: 0 copied, 2 refused (PATH exists without --append, an id not in SOURCE, ...).",
+        description="Write the records of SOURCE into a store at PATH with the same "
+        "configuration, teacher, tokenizer and metadata, and --codec (default: SOURCE's): to "
+        "keep a subset (--ids FILE) or drop some (--exclude-ids FILE; one sample id per "
+        "line), or to store them with another codec. With SOURCE's codec, records are copied "
+        "as stored (only chunks shared with records left behind are decoded and encoded "
+        "again); with another, every record is, and a lossy codec's bound holds against the "
+        "values it is given: from a lossy SOURCE, its decoded values. Exit status: 0 copied, "
+        "2 refused (PATH exists without --append, an id not in SOURCE, ...).",
     )
     p.add_argument("source", metavar="SOURCE", help="the store to read")
     p.add_argument("path", metavar="PATH", help="the store to write")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -685,6 +685,32 @@ def _codec_spec(codec: Mapping[str, Any]) -> str:
     return str(name)
 
 
+def _with_progress_bar(
+    desc: str,
+    progress: bool | None,
+    run: Callable[[Callable[[int, int], None] | None], dict[str, Any]],
+    reads_per_byte: int = 2,
+) -> dict[str, Any]:
+    """``run(callback)`` with a tqdm bar of bytes fed by the core's ``(done, total)`` calls,
+    which count every byte ``reads_per_byte`` times (verify and repair: twice, the
+    whole-file checksum, then decoding)."""
+    if progress is False:
+        return run(None)
+    from tqdm.auto import tqdm
+
+    disable = None if progress is None else False  # None: tqdm's test for a terminal
+    with tqdm(
+        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=disable
+    ) as bar:
+
+        def update(done: int, total: int) -> None:
+            bar.total = total / reads_per_byte
+            bar.n = done / reads_per_byte
+            bar.refresh()
+
+        return run(update)
+
+
 def copy_store(
     source: Store | str | os.PathLike[str],
     path: str | os.PathLike[str],
@@ -696,26 +722,30 @@ def copy_store(
     progress: bool | None = False,
     **writer_options: Any,
 ) -> int:
-    """Write records of a store into another store, decoded and encoded again: to store them
-    with another codec (capture losslessly, choose the codec later), or to keep a subset
-    (``sample_ids``: those; ``exclude_ids``: all but those, e.g. documents to be removed).
+    """Write records of a store into another store: to keep a subset (``sample_ids``: those;
+    ``exclude_ids``: all but those), or to store them with another codec (capture
+    losslessly, choose the codec later).
 
     The new store takes the source's kind, K, vocabulary, temperature, teacher, tokenizer and
     metadata; ``codec`` defaults to the source's (the destination's when appending to a
-    store). A lossy codec's bound holds against the
-    values it is given: from a lossless source, the originals; from a lossy one, its decoded
-    values (so the two errors can add up). Records are written in sample-id order. ``mode``
-    and ``writer_options`` (``chunk_positions``, ``shard_size``, ``zstd_level``) are
+    store). With the source's codec, records are copied as they are stored: a chunk all of
+    whose records are copied keeps its stored bytes (its values bit for bit, checked against
+    its checksum), and only a chunk shared with records left behind is decoded and its
+    copied records encoded again. With another codec every record is decoded and encoded
+    again, and a lossy codec's bound holds against the values it is given: from a lossless
+    source, the originals; from a lossy one, its decoded values (so the two errors can add
+    up). Records keep the source's order. ``mode`` and ``writer_options``
+    (``chunk_positions``, ``shard_size``, ``zstd_level``; copied chunks keep their size) are
     :class:`StoreWriter`'s. An id of ``sample_ids`` or ``exclude_ids`` that the source does
     not hold raises :class:`MissingSampleError` before anything is written. ``progress=True``
-    shows a progress bar of samples (``None``: only when stderr is a terminal).
+    shows a progress bar (``None``: only when stderr is a terminal).
 
     Returns the number of records written.
     """
     src = source if isinstance(source, Store) else open_store(source)
     if sample_ids is not None and exclude_ids is not None:
         raise ValueError("give sample_ids or exclude_ids, not both")
-    ids = np.sort(src.sample_ids())
+    ids = src.sample_ids()  # the source's order
     for chosen in (sample_ids, exclude_ids):
         if chosen is None:
             continue
@@ -726,7 +756,7 @@ def copy_store(
                 f"sample id {int(absent[0])} is not in the store {src.path}"
                 + (f" (nor are {absent.size - 1} more)" if absent.size > 1 else "")
             )
-        ids = want if chosen is sample_ids else ids[~np.isin(ids, want)]
+        ids = ids[np.isin(ids, want) == (chosen is sample_ids)]
     m = src.meta
     appending = mode == "a" and os.path.exists(os.path.join(os.fspath(path), "manifest.json"))
     if codec is None and not appending:
@@ -752,6 +782,15 @@ def copy_store(
                 f"{src.path} keeps no log-probabilities; the copy's codec "
                 f'{w.codec["logprobs"]!r} needs them (use codec="none")'
             )
+        if all(w.codec[key] == m["codec"][key] for key in ("logprobs", "step", "kl_bound")):
+            ids64 = np.ascontiguousarray(ids, dtype=np.uint64)
+            _with_progress_bar(
+                "copy",
+                progress,
+                lambda cb: dict(w._w.copy_from(os.fspath(src.path), ids64, progress=cb)),
+                reads_per_byte=1,
+            )
+            return len(ids)
         disable = None if progress is None else not progress
         for sid in tqdm(ids.tolist(), desc="copy", unit="sample", disable=disable):
             r = src[sid]

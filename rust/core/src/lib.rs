@@ -2,6 +2,7 @@
 //! and the CPU loss kernels. This crate knows nothing of Python.
 
 pub mod codec;
+pub mod copy;
 pub mod error;
 pub mod format;
 #[doc(hidden)]

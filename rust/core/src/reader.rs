@@ -322,6 +322,18 @@ impl ShardReader {
         codec::PreparedTopk::new(&bytes, positions, e.num_entries as usize, p, &loc)
     }
 
+    /// The record table's entries of chunk `chunk`.
+    pub fn chunk_record_entries(&self, chunk: usize) -> Result<&[format::RecordEntry]> {
+        let e = self.footer.chunks.get(chunk);
+        e.and_then(|e| {
+            let first = e.first_record as usize;
+            self.footer.records.get(first..first.checked_add(e.num_records as usize)?)
+        })
+        .ok_or_else(|| {
+            Error::corrupt(self.location().chunk(chunk as u64), "chunk outside the record table")
+        })
+    }
+
     /// Records in chunk `chunk`.
     pub fn chunk_records(&self, chunk: usize) -> usize {
         self.footer.chunks.get(chunk).map_or(0, |e| e.num_records as usize)
@@ -954,7 +966,7 @@ pub fn extract(
     pool: &BufferPool,
 ) -> Record {
     let (p0, p1) = (chunk.pos_offsets[r], chunk.pos_offsets[r + 1]);
-    let (e0, e1) = entry_range(chunk, p0, p1, p);
+    let (e0, e1) = chunk.entry_range(p0, p1, p);
     fn copy<T: Pooled>(pool: &BufferPool, all: &[T], range: std::ops::Range<usize>) -> Vec<T> {
         if all.is_empty() {
             return Vec::new();
@@ -970,13 +982,6 @@ pub fn extract(
         ids: copy(pool, &chunk.ids, e0..e1),
         counts: copy(pool, &chunk.counts, e0..e1),
         logprobs: copy(pool, &chunk.logprobs, e0..e1),
-    }
-}
-
-fn entry_range(chunk: &DecodedChunk, p0: usize, p1: usize, p: &CodecParams) -> (usize, usize) {
-    match p.kind {
-        Kind::TopK => (p0 * p.k as usize, p1 * p.k as usize),
-        Kind::Sampled => (chunk.entry_offsets[p0], chunk.entry_offsets[p1]),
     }
 }
 

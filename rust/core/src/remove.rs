@@ -20,9 +20,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::codec::{self, ChunkBuf, CodecParams, DecodedChunk, EncodeScratch};
+use crate::codec::{self, ChunkBuf, CodecParams, EncodeScratch};
 use crate::error::{Error, Result};
-use crate::format::Kind;
 use crate::manifest::{self, MANIFEST_NAME, Manifest, ShardInfo};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{self, SHARDS_DIR, ShardWriter};
@@ -225,8 +224,7 @@ fn rewrite_shards(
         next_seq += 1;
         created.push(w.path.clone());
         for (c, e) in shard.footer.chunks.iter().enumerate() {
-            let first = e.first_record as usize;
-            let records = &shard.footer.records[first..first + e.num_records as usize];
+            let records = shard.chunk_record_entries(c)?;
             let gone = records.iter().filter(|rec| removed.contains(&rec.sample_id)).count();
             if gone == 0 {
                 w.copy_chunk(&shard.chunk_bytes(c)?, e, records)?;
@@ -238,7 +236,7 @@ fn rewrite_shards(
                 buf.clear();
                 for (j, rec) in records.iter().enumerate() {
                     if !removed.contains(&rec.sample_id) {
-                        push_decoded(&mut buf, &decoded, j, rec.sample_id, p);
+                        buf.push_decoded(&decoded, j, rec.sample_id, p);
                     }
                 }
                 codec::encode_chunk(&buf, &params, &mut scratch)?;
@@ -247,6 +245,7 @@ fn rewrite_shards(
             }
             tick(u64::from(e.stored_len));
         }
+        tick(info.bytes.saturating_sub(crate::copy::chunk_bytes(&shard)));
         let new = w.finish()?;
         // The new shard must open as the manifest will describe it before it is committed.
         ShardReader::open(dir, i as u32, &new, p, false)?;
@@ -254,25 +253,4 @@ fn rewrite_shards(
         out.push(Some(new));
     }
     Ok(out)
-}
-
-/// Append record `j` of a decoded chunk to `buf` as it was decoded (its values passed the
-/// writer's checks when first written, and decoding keeps what those checks ask for).
-fn push_decoded(buf: &mut ChunkBuf, d: &DecodedChunk, j: usize, sample_id: u64, p: &CodecParams) {
-    let (a, b) = (d.pos_offsets[j], d.pos_offsets[j + 1]);
-    let (ea, eb) = match p.kind {
-        Kind::TopK => (a * p.k as usize, b * p.k as usize),
-        Kind::Sampled => (d.entry_offsets[a], d.entry_offsets[b]),
-    };
-    buf.sample_ids.push(sample_id);
-    buf.lengths.push((b - a) as u32);
-    buf.input_ids.extend_from_slice(&d.input_ids[a..b]);
-    buf.ids.extend_from_slice(&d.ids[ea..eb]);
-    if p.kind == Kind::Sampled {
-        buf.row_lens.extend_from_slice(&d.row_lens[a..b]);
-        buf.counts.extend_from_slice(&d.counts[ea..eb]);
-    }
-    if !d.logprobs.is_empty() {
-        buf.logprobs.extend_from_slice(&d.logprobs[ea..eb]);
-    }
 }

@@ -157,7 +157,7 @@ pub fn repair_with_progress(
                     lost_ids_known: true,
                 };
                 for (c, e) in shard.footer.chunks.iter().enumerate() {
-                    let records = chunk_records(shard, c)?;
+                    let records = shard.chunk_record_entries(c)?;
                     if f.bad_chunks.binary_search(&c).is_ok() {
                         r.chunks_lost += 1;
                         r.samples_lost += records.len() as u64;
@@ -248,18 +248,6 @@ pub fn repair_with_progress(
     Ok(report)
 }
 
-/// The footer's records of chunk `c` (the footer was checked when the shard was opened:
-/// chunks tile the record table).
-fn chunk_records(shard: &ShardReader, c: usize) -> Result<&[crate::format::RecordEntry]> {
-    let e = &shard.footer.chunks[c];
-    let first = e.first_record as usize;
-    shard
-        .footer
-        .records
-        .get(first..first + e.num_records as usize)
-        .ok_or_else(|| Error::State("chunk records outside the record table".into()))
-}
-
 /// Write a new shard of the sound chunks of every damaged shard whose footer could be
 /// read; returns, per manifest shard, the new shard's entry (None for sound shards, for
 /// shards with nothing left, and for shards that cannot be located). `found` holds a
@@ -298,7 +286,7 @@ fn rewrite_damaged(
                 continue;
             }
             let bytes = shard.chunk_bytes(c)?;
-            w.copy_chunk(&bytes, e, chunk_records(shard, c)?)?;
+            w.copy_chunk(&bytes, e, shard.chunk_record_entries(c)?)?;
         }
         let info = w.finish()?;
         // The new shard must open as the manifest will describe it before it is committed.

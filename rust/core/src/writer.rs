@@ -19,7 +19,7 @@ use crate::format::{
 use crate::manifest::{
     self, CodecInfo, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
 };
-use crate::reader::{ShardReader, check_header, params_from_manifest};
+use crate::reader::{ShardReader, check_header, params_from_header, params_from_manifest};
 use crate::record::SeenIds;
 
 pub const LOCK_NAME: &str = ".lock";
@@ -207,6 +207,21 @@ impl ShardWriter {
             checksum: manifest::format_checksum(self.hasher.finalize()),
         })
     }
+}
+
+fn no_shard() -> Error {
+    Error::State("no shard being written".into())
+}
+
+/// What [`StoreWriter::copy_records`] added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopiedRecords {
+    pub samples: u64,
+    pub positions: u64,
+    /// Chunks whose stored bytes were copied as they are.
+    pub chunks_copied: u64,
+    /// Chunks of kept and other records: decoded, their kept records encoded again.
+    pub chunks_reencoded: u64,
 }
 
 /// A store being written. Call [`StoreWriter::close`] to commit; dropping it without
@@ -684,6 +699,15 @@ impl StoreWriter {
             return Ok(());
         }
         codec::encode_chunk(&self.pending, &self.params, &mut self.scratch)?;
+        self.start_shard()?;
+        let w = self.shard.as_mut().ok_or_else(no_shard)?;
+        w.add_chunk(self.scratch.payload(), &self.pending)?;
+        self.pending.clear();
+        self.finish_shard_if_full()
+    }
+
+    /// Start a shard unless one is being written.
+    fn start_shard(&mut self) -> Result<()> {
         if self.shard.is_none() {
             let h = self.header();
             let w = ShardWriter::create(&self.dir, self.next_seq, &h)?;
@@ -691,17 +715,122 @@ impl StoreWriter {
             self.uncommitted_files.push(w.path.clone());
             self.shard = Some(w);
         }
-        let full = if let Some(w) = self.shard.as_mut() {
-            w.add_chunk(self.scratch.payload(), &self.pending)?;
-            w.len + (HEADER_LEN as u64) >= self.opts.shard_bytes
-        } else {
-            false
+        Ok(())
+    }
+
+    fn finish_shard_if_full(&mut self) -> Result<()> {
+        let full = self
+            .shard
+            .as_ref()
+            .is_some_and(|w| w.len + (HEADER_LEN as u64) >= self.opts.shard_bytes);
+        if full { self.finish_shard() } else { Ok(()) }
+    }
+
+    /// Add the records of `shard`, a shard of another store encoded as this one is (kind, K,
+    /// vocabulary, codec, temperature: else [`Error::Mismatch`]), for which `keep` holds, in
+    /// their order, without decoding where it can: a chunk all of whose records are kept as
+    /// its stored bytes (checked against its CRC-32 as they are read, so its values stay bit
+    /// for bit what they were); a chunk of kept and other records decoded, its kept records
+    /// added as they were decoded (encoded again with this store's codec). `tick(bytes)` is
+    /// called with each chunk's stored size as it is done.
+    pub fn copy_records(
+        &mut self,
+        shard: &ShardReader,
+        keep: &dyn Fn(u64) -> bool,
+        tick: &dyn Fn(u64),
+    ) -> Result<CopiedRecords> {
+        self.check_open()?;
+        self.check_same_encoding(shard)?;
+        let p = self.params.clone();
+        let mut out = CopiedRecords::default();
+        for (c, e) in shard.footer.chunks.iter().enumerate() {
+            let records = shard.chunk_record_entries(c)?;
+            let kept = records.iter().filter(|r| keep(r.sample_id)).count();
+            if kept == records.len() {
+                self.add_chunk_bytes(&shard.chunk_bytes(c)?, e, records)?;
+                out.chunks_copied += 1;
+            } else if kept > 0 {
+                let d = shard.decode_chunk(c, &p)?;
+                for (j, r) in records.iter().enumerate().filter(|(_, r)| keep(r.sample_id)) {
+                    self.add(r.sample_id, r.length as usize, |buf, _| {
+                        buf.push_decoded(&d, j, r.sample_id, &p);
+                        Ok(())
+                    })?;
+                }
+                out.chunks_reencoded += 1;
+            }
+            for r in records.iter().filter(|r| keep(r.sample_id)) {
+                out.samples += 1;
+                out.positions += u64::from(r.length);
+            }
+            tick(u64::from(e.stored_len));
+        }
+        Ok(out)
+    }
+
+    /// A shard to copy records from must be encoded as this store is: its values are taken
+    /// as they are stored (or as they decode).
+    fn check_same_encoding(&self, shard: &ShardReader) -> Result<()> {
+        let src = params_from_header(&shard.header, &shard.location())?;
+        let mismatch = |field: &str, expected: String, found: String| Error::Mismatch {
+            path: shard.path.clone(),
+            field: field.into(),
+            expected,
+            found,
         };
-        self.pending.clear();
-        if full {
-            self.finish_shard()?;
+        let p = &self.params;
+        if src.kind != p.kind {
+            return Err(mismatch("kind", p.kind.name().into(), src.kind.name().into()));
+        }
+        if src.k != p.k {
+            return Err(mismatch("k", p.k.to_string(), src.k.to_string()));
+        }
+        if src.vocab_size != p.vocab_size {
+            return Err(mismatch(
+                "vocab_size",
+                p.vocab_size.to_string(),
+                src.vocab_size.to_string(),
+            ));
+        }
+        if src.logprobs != p.logprobs {
+            let show = |c: LogprobCodec| format!("{} (step {})", c.name(), c.step());
+            return Err(mismatch("codec", show(p.logprobs), show(src.logprobs)));
+        }
+        if shard.header.temperature != self.manifest.temperature as f32 {
+            return Err(mismatch(
+                "temperature",
+                self.manifest.temperature.to_string(),
+                shard.header.temperature.to_string(),
+            ));
         }
         Ok(())
+    }
+
+    /// Append a chunk copied from another shard of this store's encoding, after the records
+    /// added before it (so they keep their order).
+    fn add_chunk_bytes(
+        &mut self,
+        bytes: &[u8],
+        entry: &ChunkEntry,
+        records: &[RecordEntry],
+    ) -> Result<()> {
+        let mut ids = HashSet::with_capacity(records.len());
+        for r in records {
+            if self.known.contains(&r.sample_id) || !ids.insert(r.sample_id) {
+                return Err(Error::DuplicateSample {
+                    sample_id: r.sample_id,
+                    msg: format!(
+                        "it is already in {} (committed or added earlier by this writer)",
+                        self.dir.display()
+                    ),
+                });
+            }
+        }
+        self.flush_chunk()?;
+        self.start_shard()?;
+        self.shard.as_mut().ok_or_else(no_shard)?.copy_chunk(bytes, entry, records)?;
+        self.known.extend(ids);
+        self.finish_shard_if_full()
     }
 
     fn finish_shard(&mut self) -> Result<()> {

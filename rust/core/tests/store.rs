@@ -1424,3 +1424,73 @@ fn a_removal_that_fails_leaves_the_store_as_it_was() {
     assert!(err.to_string().contains("checksum"), "{err}");
     assert_eq!(snapshot(&path), files);
 }
+
+/// Records of a store of the same encoding are copied as they are stored, between records
+/// added one by one and in the source's order: chunks copied whole keep their bytes, a chunk
+/// shared with a record left behind is decoded and its other records encoded again; a
+/// store encoded otherwise, or a sample already in the destination, is refused.
+#[test]
+fn copy_records_takes_stored_chunks_in_order() {
+    use logitcache_core::copy::copy_records;
+    use std::collections::HashSet;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let lossless = spec(Kind::TopK, 8, 1000, Some(LogprobCodec::Lossless));
+    store_of(&src, 0, 40, lossless.clone());
+    let src_order = Store::open(&src, &OpenOptions::default()).unwrap().sample_ids();
+    let src_crcs: HashSet<u32> = Store::open(&src, &OpenOptions::default())
+        .unwrap()
+        .shards
+        .iter()
+        .flat_map(|s| s.footer.chunks.iter().map(|e| e.crc32).collect::<Vec<_>>())
+        .collect();
+    let keep: HashSet<u64> = src_order.iter().copied().filter(|&s| s != 5 && s != 6).collect();
+
+    let dest = dir.path().join("dest");
+    let mut w = StoreWriter::open(&dest, lossless.clone(), Mode::Create, small_opts()).unwrap();
+    write_topk(&mut w, 1000, 12);
+    let seen = std::sync::Mutex::new(Vec::new());
+    let r = copy_records(&mut w, &src, &keep, &|d, t| seen.lock().unwrap().push((d, t))).unwrap();
+    write_topk(&mut w, 1001, 7);
+    w.close().unwrap();
+    assert_eq!(r.samples, 38);
+    assert!(r.chunks_copied >= 1 && r.chunks_reencoded >= 1, "{r:?}");
+    let (d, t) = *seen.lock().unwrap().last().unwrap();
+    assert_eq!(d, t);
+
+    let s = Store::open(&dest, &OpenOptions::default()).unwrap();
+    let mut want_order = vec![1000];
+    want_order.extend(src_order.iter().copied().filter(|sid| keep.contains(sid)));
+    want_order.push(1001);
+    assert_eq!(s.sample_ids(), want_order);
+    let copied: usize = s
+        .shards
+        .iter()
+        .flat_map(|sh| sh.footer.chunks.iter())
+        .filter(|e| src_crcs.contains(&e.crc32))
+        .count();
+    assert_eq!(copied as u64, r.chunks_copied, "copied chunks are the source's bytes");
+    let before: std::collections::HashMap<u64, Record> = records(&src).into_iter().collect();
+    for (sid, rec) in records(&dest) {
+        if let Some(b) = before.get(&sid) {
+            assert_eq!(&rec, b, "lossless: every record bit for bit");
+        }
+    }
+    assert!(logitcache_core::verify::verify(&dest).unwrap().problems.is_empty());
+
+    // Refused before anything is added: another encoding, a sample already there.
+    for (other, field) in [
+        (spec(Kind::TopK, 4, 1000, Some(LogprobCodec::Lossless)), "k"),
+        (spec(Kind::TopK, 8, 1000, None), "codec"),
+        (StoreSpec { temperature: 2.0, ..lossless.clone() }, "temperature"),
+    ] {
+        let path = dir.path().join(format!("other-{field}"));
+        let mut w = StoreWriter::open(&path, other, Mode::Create, small_opts()).unwrap();
+        let err = copy_records(&mut w, &src, &keep, &|_, _| {}).unwrap_err();
+        assert!(matches!(&err, Error::Mismatch { field: f, .. } if f == field), "{err}");
+        assert_eq!(w.num_samples(), 0);
+    }
+    let mut w = StoreWriter::open(&dest, lossless, Mode::Append, small_opts()).unwrap();
+    let err = copy_records(&mut w, &src, &keep, &|_, _| {}).unwrap_err();
+    assert!(matches!(err, Error::DuplicateSample { .. }), "{err}");
+}

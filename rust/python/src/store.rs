@@ -1,5 +1,6 @@
 //! Bindings of the store: writer, reader, verify. Argument conversion and GIL release only.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -302,6 +303,35 @@ impl PyStoreWriter {
             })
         })
         .py_err()
+    }
+
+    /// Copy the records of the store at `source` with these sample ids into this store as
+    /// they are stored (see logitcache_core::copy); returns a report dict. `progress` as for
+    /// [`verify`], with the stored bytes of the source gone through.
+    #[pyo3(signature = (source, sample_ids, progress=None))]
+    fn copy_from<'py>(
+        &mut self,
+        py: Python<'py>,
+        source: PathBuf,
+        sample_ids: PyReadonlyArray1<'py, u64>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let keep: HashSet<u64> =
+            contiguous(sample_ids.as_slice(), "sample_ids")?.iter().copied().collect();
+        let progress = Progress::new(progress);
+        let w = &mut self.inner;
+        let r = py
+            .detach(|| {
+                logitcache_core::copy::copy_records(w, &source, &keep, &|d, t| progress.call(d, t))
+            })
+            .py_err()?;
+        progress.finish()?;
+        let d = PyDict::new(py);
+        d.set_item("samples", r.samples)?;
+        d.set_item("positions", r.positions)?;
+        d.set_item("chunks_copied", r.chunks_copied)?;
+        d.set_item("chunks_reencoded", r.chunks_reencoded)?;
+        Ok(d)
     }
 
     fn commit(&mut self, py: Python<'_>) -> PyResult<()> {

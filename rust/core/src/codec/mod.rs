@@ -152,6 +152,23 @@ impl ChunkBuf {
     pub fn clear(&mut self) {
         self.rollback(Mark([0; 7]));
     }
+    /// Append record `j` of a decoded chunk as it was decoded. Not checked again: its values
+    /// passed the writer's checks when first written, and decoding keeps what they ask for.
+    pub fn push_decoded(&mut self, d: &DecodedChunk, j: usize, sample_id: u64, p: &CodecParams) {
+        let (a, b) = (d.pos_offsets[j], d.pos_offsets[j + 1]);
+        let (ea, eb) = d.entry_range(a, b, p);
+        self.sample_ids.push(sample_id);
+        self.lengths.push((b - a) as u32);
+        self.input_ids.extend_from_slice(&d.input_ids[a..b]);
+        self.ids.extend_from_slice(&d.ids[ea..eb]);
+        if p.kind == Kind::Sampled {
+            self.row_lens.extend_from_slice(&d.row_lens[a..b]);
+            self.counts.extend_from_slice(&d.counts[ea..eb]);
+        }
+        if !d.logprobs.is_empty() {
+            self.logprobs.extend_from_slice(&d.logprobs[ea..eb]);
+        }
+    }
     /// Append a whole record (already validated).
     pub fn push(&mut self, r: &Record) {
         self.sample_ids.push(r.sample_id);
@@ -578,6 +595,16 @@ pub struct DecodedChunk {
     pub pos_offsets: Vec<usize>,
     /// Start entry of each position in `ids` (sampled only; len = positions + 1).
     pub entry_offsets: Vec<usize>,
+}
+
+impl DecodedChunk {
+    /// The target entries of positions `p0..p1`, as a range of the flat arrays.
+    pub fn entry_range(&self, p0: usize, p1: usize, p: &CodecParams) -> (usize, usize) {
+        match p.kind {
+            Kind::TopK => (p0 * p.k as usize, p1 * p.k as usize),
+            Kind::Sampled => (self.entry_offsets[p0], self.entry_offsets[p1]),
+        }
+    }
 }
 
 /// Where a top-K chunk is decoded to: one slot per position, K per position, and K per

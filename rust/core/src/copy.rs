@@ -1,0 +1,51 @@
+//! `copy`: records of one store written into another store of the same encoding, as they are
+//! stored (the fast and exact path of `copy_store` when the codec does not change).
+//!
+//! A chunk all of whose records are copied keeps its stored bytes; a chunk of copied and
+//! other records is decoded and its copied records encoded again (exact for `lossless`,
+//! within the codec's bound of the decoded values otherwise). Records keep the source's
+//! order. The destination is an open [`StoreWriter`]: what is copied is committed with it.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::Result;
+use crate::manifest::{MANIFEST_NAME, Manifest};
+use crate::reader::{ShardReader, params_from_manifest};
+use crate::writer::{CopiedRecords, StoreWriter};
+
+/// Copy the records of the store at `source` whose sample ids are in `keep` into `writer`;
+/// see the module documentation. The stores must be encoded alike (kind, K, vocabulary,
+/// codec, temperature: else [`crate::Error::Mismatch`] before anything is added).
+/// `progress(done, total)` gets the stored bytes of the source's chunks gone through.
+pub fn copy_records(
+    writer: &mut StoreWriter,
+    source: &Path,
+    keep: &HashSet<u64>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<CopiedRecords> {
+    let m = Manifest::read(source)?;
+    let p = params_from_manifest(&m, &source.join(MANIFEST_NAME))?;
+    let total: u64 = m.shards.iter().map(|s| s.bytes).sum();
+    let done = AtomicU64::new(0);
+    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let mut out = CopiedRecords::default();
+    // One shard open at a time: a store may hold more shards than a process may open files.
+    for (i, info) in m.shards.iter().enumerate() {
+        let shard = ShardReader::open(source, i as u32, info, &p, false)?;
+        let c = writer.copy_records(&shard, &|sid| keep.contains(&sid), &tick)?;
+        tick(info.bytes.saturating_sub(chunk_bytes(&shard)));
+        out.samples += c.samples;
+        out.positions += c.positions;
+        out.chunks_copied += c.chunks_copied;
+        out.chunks_reencoded += c.chunks_reencoded;
+    }
+    progress(total, total);
+    Ok(out)
+}
+
+/// Stored bytes of a shard's chunks (the rest of the file: header, footer, trailer).
+pub(crate) fn chunk_bytes(shard: &ShardReader) -> u64 {
+    shard.footer.chunks.iter().map(|e| u64::from(e.stored_len)).sum()
+}
