@@ -1,12 +1,13 @@
 """Removing samples from a store: in place (`remove_samples`) against copying all the others
-into a new store (`copy_store(..., exclude_ids=...)`), the way to do it before `remove`.
+into a new store (`copy_store(..., exclude_ids=...)`, which with the source's codec copies
+stored chunks too).
 
 Writes the synthetic teacher corpus (benches/synthetic.py) once per codec, then for each
 fraction of sequences removed (chosen at random, the same for both methods) times both on
 fresh copies of the store and reports: wall time, positions of the store per second, what
 the removal rewrote (chunks copied / encoded again / dropped), and how many of the remaining
-records read back different from before (in place: only records that shared a chunk with a
-removed one can; the copy encodes every record again).
+records read back different from before (only records that shared a chunk with a removed
+one can).
 
 This is a benchmark, not a test: run ``python benches/remove_bench.py`` and record what it
 prints in benches/README.md.
@@ -113,7 +114,7 @@ def main() -> None:
                 rate = corpus.n_positions / t_cp
                 print(
                     f"| {label} | copy_store(exclude_ids) | {t_cp:.2f} | {rate:,.0f} | "
-                    f"(all encoded again) | {changed:,} of {len(keep):,} |"
+                    f"(as stored, not counted) | {changed:,} of {len(keep):,} |"
                 )
                 shutil.rmtree(inplace)
                 shutil.rmtree(copied)
