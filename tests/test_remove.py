@@ -248,3 +248,19 @@ def test_a_killed_removal_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     assert report["ok"] and report["orphans"], report
     lc.remove_samples(path, [int(s) for s in gone])
     assert store_contents(path) == {s: r for s, r in before.items() if str(s) not in gone}
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_an_open_store_keeps_its_view(tmp_path: Path, mmap: bool) -> None:
+    """A reader that had the store open before the removal keeps reading what it saw (its maps
+    or open files of the deleted shard files); one opened after sees the removal."""
+    path = tmp_path / "s"
+    _write(path, list(range(30)))
+    before = store_contents(path)
+    old = lc.open_store(path, mmap=mmap)
+    lc.remove_samples(path, [4, 17])
+    assert 4 in old and 4 not in lc.open_store(path)
+    for sid in (4, 17, 5):
+        r = old[sid]
+        assert r.input_ids.tobytes() == before[sid][0][2]
+    assert len(old.read_packed([4, 17, 5]).offsets) == 4

@@ -19,7 +19,7 @@ use crate::format::{
 use crate::manifest::{
     self, CodecInfo, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
 };
-use crate::reader::{ShardReader, check_header, params_from_header, params_from_manifest};
+use crate::reader::{ShardReader, params_from_header, params_from_manifest};
 use crate::record::SeenIds;
 
 pub const LOCK_NAME: &str = ".lock";
@@ -623,9 +623,10 @@ impl StoreWriter {
     /// (size and CRC-32 of the whole file) as it is written. The shard's records belong to
     /// this store from the next commit on, like records added one by one.
     ///
-    /// The shard must have this store's configuration (its header is checked) and hold no
-    /// sample id already in this store or added since the last commit. `tick(bytes)` is
-    /// called as the file's bytes are copied (once, with its size, for a link).
+    /// The shard must be encoded as this store is (kind, K, vocabulary, codec, temperature:
+    /// else [`Error::Mismatch`]) and hold no sample id already in this store or added since
+    /// the last commit. `tick(bytes)` is called as the file's bytes are copied (once, with
+    /// its size, for a link).
     pub fn add_shard(
         &mut self,
         shard: &ShardReader,
@@ -633,17 +634,9 @@ impl StoreWriter {
         tick: &dyn Fn(u64),
     ) -> Result<ShardPlacement> {
         self.check_open()?;
-        let loc = shard.location();
+        // (Its header was checked against its own manifest entry, uid included, at open.)
+        self.check_same_encoding(shard)?;
         let uid = format!("{:016x}", shard.header.uid);
-        check_header(&shard.header, &uid, Some(&shard.info.uid), &self.params, &loc)?;
-        if shard.header.temperature != self.manifest.temperature as f32 {
-            return Err(Error::Mismatch {
-                path: shard.path.clone(),
-                field: "temperature".into(),
-                expected: self.manifest.temperature.to_string(),
-                found: shard.header.temperature.to_string(),
-            });
-        }
         let mut ids = HashSet::with_capacity(shard.footer.records.len());
         for r in &shard.footer.records {
             if self.known.contains(&r.sample_id) || !ids.insert(r.sample_id) {

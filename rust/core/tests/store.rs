@@ -1091,6 +1091,18 @@ fn a_writer_adopts_shards_between_its_own_records() {
     assert_eq!(mine.shards.len(), m.shards.len() + 2);
     assert_eq!(mine.shards[0].num_samples, 1);
     assert_eq!(mine.shards.last().unwrap().num_samples, 1);
+
+    // A shard of a store encoded otherwise is refused, naming the field.
+    let k4 = dir.path().join("k4");
+    store_of(&k4, 500, 3, spec(Kind::TopK, 4, 1000, None));
+    let m = Manifest::read(&k4).unwrap();
+    let p = params_from_manifest(&m, &k4.join("manifest.json")).unwrap();
+    let shard = ShardReader::open(&k4, 0, &m.shards[0], &p, false).unwrap();
+    let mut w =
+        StoreWriter::open(&path, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts())
+            .unwrap();
+    let err = w.add_shard(&shard, false, &|_| {}).unwrap_err();
+    assert!(matches!(&err, Error::Mismatch { field, .. } if field == "k"), "{err}");
 }
 
 /// A store whose manifest is damaged (or deleted) reads again after a rebuild from its
