@@ -218,9 +218,7 @@ fn rewrite_shards(
             continue;
         }
         let shard = ShardReader::open(dir, i as u32, info, p, false)?;
-        let mut header = shard.header.clone();
-        header.uid = writer::random_u64();
-        let mut w = ShardWriter::create(dir, next_seq, &header)?;
+        let mut w = ShardWriter::create_like(dir, next_seq, &shard.header)?;
         next_seq += 1;
         created.push(w.path.clone());
         for (c, e) in shard.footer.chunks.iter().enumerate() {

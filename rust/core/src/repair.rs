@@ -276,9 +276,7 @@ fn rewrite_damaged(
             out.push(None);
             continue;
         }
-        let mut header = shard.header.clone();
-        header.uid = writer::random_u64();
-        let mut w = ShardWriter::create(dir, next_seq, &header)?;
+        let mut w = ShardWriter::create_like(dir, next_seq, &shard.header)?;
         next_seq += 1;
         created.push(w.path.clone());
         for (c, e) in shard.footer.chunks.iter().enumerate() {

@@ -125,6 +125,12 @@ impl ShardWriter {
         Ok(w)
     }
 
+    /// A new shard with the header of `like` (a shard it replaces) and a uid of its own.
+    pub(crate) fn create_like(dir: &Path, seq: u64, like: &ShardHeader) -> Result<ShardWriter> {
+        let header = ShardHeader { uid: random_u64(), ..like.clone() };
+        ShardWriter::create(dir, seq, &header)
+    }
+
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.file.write_all(bytes).io_ctx("write shard", &self.path)?;
         self.hasher.update(bytes);
@@ -765,36 +771,14 @@ impl StoreWriter {
     /// as they are stored (or as they decode).
     fn check_same_encoding(&self, shard: &ShardReader) -> Result<()> {
         let src = params_from_header(&shard.header, &shard.location())?;
-        let mismatch = |field: &str, expected: String, found: String| Error::Mismatch {
-            path: shard.path.clone(),
-            field: field.into(),
-            expected,
-            found,
-        };
-        let p = &self.params;
-        if src.kind != p.kind {
-            return Err(mismatch("kind", p.kind.name().into(), src.kind.name().into()));
-        }
-        if src.k != p.k {
-            return Err(mismatch("k", p.k.to_string(), src.k.to_string()));
-        }
-        if src.vocab_size != p.vocab_size {
-            return Err(mismatch(
-                "vocab_size",
-                p.vocab_size.to_string(),
-                src.vocab_size.to_string(),
-            ));
-        }
-        if src.logprobs != p.logprobs {
-            let show = |c: LogprobCodec| format!("{} (step {})", c.name(), c.step());
-            return Err(mismatch("codec", show(p.logprobs), show(src.logprobs)));
-        }
+        check_encoding(&shard.path, &self.params, &src)?;
         if shard.header.temperature != self.manifest.temperature as f32 {
-            return Err(mismatch(
-                "temperature",
-                self.manifest.temperature.to_string(),
-                shard.header.temperature.to_string(),
-            ));
+            return Err(Error::Mismatch {
+                path: shard.path.clone(),
+                field: "temperature".into(),
+                expected: self.manifest.temperature.to_string(),
+                found: shard.header.temperature.to_string(),
+            });
         }
         Ok(())
     }
@@ -1005,30 +989,20 @@ pub(crate) fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result
         expected,
         found,
     };
-    if spec.kind.name() != m.kind {
-        return Err(mismatch("kind", spec.kind.name().into(), m.kind.clone()));
-    }
-    if spec.k != m.k {
-        return Err(mismatch("k", spec.k.to_string(), m.k.to_string()));
-    }
-    if spec.vocab_size != m.vocab_size {
-        return Err(mismatch("vocab_size", spec.vocab_size.to_string(), m.vocab_size.to_string()));
-    }
+    let stored = params_from_manifest(m, &dir.join(MANIFEST_NAME))?;
+    let want = CodecParams {
+        kind: spec.kind,
+        k: spec.k,
+        vocab_size: spec.vocab_size,
+        logprobs: spec.logprobs.unwrap_or(stored.logprobs),
+        zstd_level: stored.zstd_level,
+    };
+    check_encoding(dir, &want, &stored)?;
     if spec.temperature != m.temperature {
         return Err(mismatch(
             "temperature",
             spec.temperature.to_string(),
             m.temperature.to_string(),
-        ));
-    }
-    let stored = params_from_manifest(m, &dir.join(MANIFEST_NAME))?.logprobs;
-    if let Some(c) = spec.logprobs
-        && c != stored
-    {
-        return Err(mismatch(
-            "codec",
-            format!("{} (step {})", c.name(), c.step()),
-            format!("{} (step {})", stored.name(), stored.step()),
         ));
     }
     if let (Some(a), Some(b)) = (&spec.teacher, &m.teacher) {
@@ -1061,7 +1035,29 @@ pub(crate) fn check_append(dir: &Path, m: &Manifest, spec: &StoreSpec) -> Result
             ));
         }
     }
-    Ok(stored)
+    Ok(stored.logprobs)
+}
+
+/// The first of kind, K, vocabulary and codec in which `found` differs from `want`, as a
+/// mismatch of the store or shard at `path`.
+fn check_encoding(path: &Path, want: &CodecParams, found: &CodecParams) -> Result<()> {
+    let mismatch = |field: &str, expected: String, found: String| {
+        Err(Error::Mismatch { path: path.to_path_buf(), field: field.into(), expected, found })
+    };
+    if want.kind != found.kind {
+        return mismatch("kind", want.kind.name().into(), found.kind.name().into());
+    }
+    if want.k != found.k {
+        return mismatch("k", want.k.to_string(), found.k.to_string());
+    }
+    if want.vocab_size != found.vocab_size {
+        return mismatch("vocab_size", want.vocab_size.to_string(), found.vocab_size.to_string());
+    }
+    if want.logprobs != found.logprobs {
+        let show = |c: LogprobCodec| format!("{} (step {})", c.name(), c.step());
+        return mismatch("codec", show(want.logprobs), show(found.logprobs));
+    }
+    Ok(())
 }
 
 /// A name or fingerprint as messages show it: quoted, or `none`.
