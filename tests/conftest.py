@@ -95,6 +95,19 @@ def store_contents(path: Any) -> dict[int, tuple[tuple[str, tuple[int, ...], byt
     return out
 
 
+def store_files(path: Any) -> dict[str, bytes]:
+    """Every file of the store directory at ``path`` (but the lock) and its bytes: equal before
+    and after exactly when nothing in the store changed."""
+    from pathlib import Path
+
+    root = Path(path)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
 def position_kl(p_row: np.ndarray, q_row: np.ndarray) -> float:
     """KL between two top-K rows of log-probabilities, each with its rest bucket (1 - sum),
     in float64, as the ``kl`` codec bounds it (the generalized KL, which stays >= 0 when

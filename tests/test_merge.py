@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_topk, store_contents, write_store
+from conftest import make_topk, store_contents, store_files, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,14 +43,6 @@ def _write(
         shard_size=700,
         **kwargs,
     )
-
-
-def _files(path: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
 
 
 def _shard_paths(path: Path) -> list[Path]:
@@ -83,7 +75,7 @@ def test_merged_store_reads_back_every_source(
         src = root / f"rank{i}"
         _write(src, ids, kind=kind, seed=i, metadata={"rank": i, "run": "r1"})
         sources.append(src)
-    before = [_files(s) for s in sources]
+    before = [store_files(s) for s in sources]
     want: dict[int, tuple] = {}
     for s in sources:
         want.update(store_contents(s))
@@ -101,7 +93,7 @@ def test_merged_store_reads_back_every_source(
         assert shard.stat().st_nlink == (1 if copy else 2)
     check = lc.verify_store(dest)
     assert check["ok"] and not check["orphans"], check
-    assert [_files(s) for s in sources] == before
+    assert [store_files(s) for s in sources] == before
 
 
 def test_merge_into_an_existing_store_then_append(tmp_path: Path) -> None:
@@ -159,7 +151,7 @@ def test_merge_refusals_change_nothing(tmp_path: Path) -> None:
         lc.merge_stores(dest, [tmp_path / "a", tmp_path / "missing"])
     assert not dest.exists()
 
-    files = _files(tmp_path / "b")
+    files = store_files(tmp_path / "b")
     with pytest.raises(lc.StoreExistsError):
         lc.merge_stores(tmp_path / "b", [tmp_path / "v"])
     with pytest.raises(ValueError, match="the destination itself"):
@@ -167,7 +159,7 @@ def test_merge_refusals_change_nothing(tmp_path: Path) -> None:
     with lc.StoreWriter(tmp_path / "b", vocab_size=200, k=4, mode="a"):
         with pytest.raises(lc.StoreLockedError):
             lc.merge_stores(tmp_path / "b", [tmp_path / "t1"], mode="a")
-    assert _files(tmp_path / "b") == files
+    assert store_files(tmp_path / "b") == files
 
 
 def test_a_copy_checks_every_byte(tmp_path: Path) -> None:

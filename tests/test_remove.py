@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import position_kl, store_contents, write_store
+from conftest import position_kl, store_contents, store_files, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,14 +41,6 @@ def _write(
         shard_size=900,
         **kwargs,
     )
-
-
-def _files(path: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
 
 
 def _same_record(
@@ -136,34 +128,34 @@ def test_untouched_chunks_keep_their_bytes(tmp_path: Path) -> None:
 def test_refusals_change_nothing(tmp_path: Path) -> None:
     path = tmp_path / "s"
     _write(path, list(range(20)))
-    files = _files(path)
+    files = store_files(path)
     with pytest.raises(lc.MissingSampleError, match="sample id 77 is not in the store"):
         lc.remove_samples(path, [3, 99, 77])
     with pytest.raises(KeyError):  # MissingSampleError is a KeyError, as for store[sid]
         lc.remove_samples(path, [1000])
-    assert _files(path) == files
+    assert store_files(path) == files
     report = lc.remove_samples(path, {99, 77}, missing_ok=True)
     assert list(report["missing_ids"]) == [77, 99] and not report["committed"]
-    assert _files(path) == files
+    assert store_files(path) == files
     plan = lc.remove_samples(path, range(5), dry_run=True)
     assert plan["samples_removed"] == 5 and not plan["committed"]
-    assert _files(path) == files
+    assert store_files(path) == files
     for bad in ([-1], [[1, 2]], ["a"], [1.5]):
         with pytest.raises((ValueError, TypeError)):
             lc.remove_samples(path, bad)  # type: ignore[arg-type]
     with lc.StoreWriter(path, vocab_size=200, k=4, mode="a"):
         with pytest.raises(lc.StoreLockedError):
             lc.remove_samples(path, [3])
-    assert _files(path) == files
+    assert store_files(path) == files
     # A damaged chunk in a shard to rewrite is not carried into a new shard.
     shard = path / lc.open_store(path).meta["shards"][0]["file"]
     raw = bytearray(shard.read_bytes())
     raw[80] ^= 0x10
     shard.write_bytes(bytes(raw))
-    files = _files(path)
+    files = store_files(path)
     with pytest.raises(lc.CorruptStoreError, match="checksum"):
         lc.remove_samples(path, [0])
-    assert _files(path) == files
+    assert store_files(path) == files
 
 
 def test_ids_in_any_form_and_everything(tmp_path: Path) -> None:
@@ -201,11 +193,11 @@ def test_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s"
     _write(path, list(range(30)))
-    files = _files(path)
+    files = store_files(path)
     assert main(["remove", str(path), "3", "4", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "DRY RUN, nothing changed: 2 sample(s)" in out and "would be removed" in out, out
-    assert _files(path) == files
+    assert store_files(path) == files
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("# contaminated\n5\n\n6  # dup of 5\n")
     assert main(["remove", str(path), "3", "--ids", str(ids_file), "--no-progress"]) == 0
