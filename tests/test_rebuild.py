@@ -197,3 +197,20 @@ def test_cli(base: tuple[Path, dict, dict], tmp_path: Path, capsys: pytest.Captu
     got = lc.open_store(work).meta
     assert got["teacher"] == {"name": "t2", "config_fingerprint": None}
     assert got["metadata"] == {"a": 1}
+
+
+def test_no_store_at_the_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A path with no store at all is said to be missing, with no advice to rebuild a
+    manifest (that is for a store whose shards are there), and nothing is created."""
+    missing = tmp_path / "nothing-here"
+    for command in ("info", "verify", "repair", "remove"):
+        argv = [command, str(missing)] + (["1"] if command == "remove" else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "No such file or directory" in err and "rebuild" not in err, (command, err)
+        if command in ("repair", "remove"):  # of the store, not of its lock file
+            assert "open store" in err and ".lock" not in err, err
+    assert not missing.exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["repair", str(tmp_path / "file")]) == 2
+    assert "is not a store directory" in capsys.readouterr().err

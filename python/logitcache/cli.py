@@ -677,7 +677,9 @@ def _store_without_manifest(e: Exception) -> str | None:
         return None
     if not isinstance(e, (CorruptStoreError, FileNotFoundError)):
         return None
-    return os.path.dirname(str(where)) or "."
+    store = os.path.dirname(str(where)) or "."
+    # A directory without shards is no store whose manifest was lost (a mistyped path, say).
+    return store if os.path.isdir(os.path.join(store, "shards")) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

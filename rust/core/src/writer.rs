@@ -368,6 +368,17 @@ pub(crate) fn max_seq(dir: &Path) -> Result<Option<u64>> {
 }
 
 pub(crate) fn lock(dir: &Path) -> Result<File> {
+    // Said of the store, not of its lock file (which a missing store also lacks).
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::invalid_argument(
+                "path",
+                format!("{} is not a store directory", dir.display()),
+            ));
+        }
+        Err(e) => return Err(Error::io("open store", dir, e)),
+    }
     let path = dir.join(LOCK_NAME);
     let f = FsOpenOptions::new()
         .read(true)
