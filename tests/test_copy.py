@@ -152,3 +152,14 @@ def test_the_same_codec_copies_what_is_stored(
     assert len(changed) <= 8, changed
     assert all(got[s][:2] == want[s][:2] for s in got)
     assert lc.verify_store(tmp_path / "some")["ok"]
+
+
+def test_a_source_changed_since_it_was_opened(tmp_path: Path) -> None:
+    """copy_store given an open Store reads the store at its path as it is now: samples
+    removed since it was opened stop the copy, with nothing written."""
+    _source(tmp_path / "src", n=20)
+    store = lc.open_store(tmp_path / "src")
+    lc.remove_samples(tmp_path / "src", [30, 40])
+    with pytest.raises(lc.StoreError, match="2 of the samples to copy are gone"):
+        lc.copy_store(store, tmp_path / "d")
+    assert not (tmp_path / "d").exists()

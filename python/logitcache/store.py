@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from logitcache import _core
-from logitcache.errors import MissingSampleError
+from logitcache.errors import MissingSampleError, StoreError
 
 __all__ = [
     "Batch",
@@ -784,12 +784,18 @@ def copy_store(
             )
         if all(w.codec[key] == m["codec"][key] for key in ("logprobs", "step", "kl_bound")):
             ids64 = np.ascontiguousarray(ids, dtype=np.uint64)
-            _with_progress_bar(
+            report = _with_progress_bar(
                 "copy",
                 progress,
                 lambda cb: dict(w._w.copy_from(os.fspath(src.path), ids64, progress=cb)),
                 reads_per_byte=1,
             )
+            # The copy reads the store at src.path as it is now: an open Store may be older.
+            if report["samples"] != len(ids):
+                raise StoreError(
+                    f"{src.path} changed since it was opened: {len(ids) - report['samples']} "
+                    "of the samples to copy are gone; nothing was written (open it again)"
+                )
             return len(ids)
         disable = None if progress is None else not progress
         for sid in tqdm(ids.tolist(), desc="copy", unit="sample", disable=disable):
