@@ -208,9 +208,18 @@ def test_no_store_at_the_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "No such file or directory" in err and "rebuild" not in err, (command, err)
-        if command in ("repair", "remove"):  # of the store, not of its lock file
-            assert "open store" in err and ".lock" not in err, err
+        assert ".lock" not in err, err  # said of the store, not of its lock file
     assert not missing.exists()
     (tmp_path / "file").write_text("x")
     assert main(["repair", str(tmp_path / "file")]) == 2
-    assert "is not a store directory" in capsys.readouterr().err
+    assert "Not a directory" in capsys.readouterr().err
+    assert main(["repair", "--rebuild-manifest", str(tmp_path / "file")]) == 2
+    assert "Not a directory" in capsys.readouterr().err
+    assert main(["repair", "--rebuild-manifest", str(missing)]) == 2
+    assert "open store: No such file or directory" in capsys.readouterr().err
+    # A directory without a store: refused, and left without a lock file.
+    (tmp_path / "empty").mkdir()
+    for argv in (["repair", str(tmp_path / "empty")], ["remove", str(tmp_path / "empty"), "1"]):
+        assert main(argv) == 2
+        assert "manifest.json" in capsys.readouterr().err
+    assert not list((tmp_path / "empty").iterdir())

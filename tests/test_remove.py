@@ -164,7 +164,8 @@ def test_ids_in_any_form_and_everything(tmp_path: Path) -> None:
     lc.remove_samples(path, np.array([1, 2], dtype=np.int32))
     lc.remove_samples(path, (i for i in (3, 4)))
     lc.remove_samples(path, frozenset({5}))
-    assert sorted(store_contents(path)) == [0, *range(6, 30)]
+    lc.remove_samples(path, {6: "a", 7: "b"}.keys())
+    assert sorted(store_contents(path)) == [0, *range(8, 30)]
     report = lc.remove_samples(path, lc.open_store(path).sample_ids())
     assert report["num_samples"] == 0 and report["bytes_after"] == 0
     assert len(lc.open_store(path)) == 0 and lc.verify_store(path)["ok"]

@@ -12,8 +12,10 @@ of :mod:`logitcache.losses` (imported on first use: the store works without torc
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
 
 from logitcache import _core
 from logitcache._core import __version__, get_num_threads, set_num_threads
@@ -268,7 +270,9 @@ def remove_samples(
 
     The removal is a writer: it holds the store's lock (:class:`StoreLockedError` while a
     writer is open), writes the new shards, then commits the manifest atomically; one that
-    fails or is killed leaves the store as it was. The old shard files are deleted once the
+    fails or is killed leaves the store as it was (a failed fsync of the directory after the
+    new manifest is in place is reported, and keeps the old shard files too: see
+    docs/reliability.md). The old shard files are deleted once the
     new manifest is committed (a file that :func:`merge_stores` linked into another store
     stays there). A damaged chunk in a shard to rewrite stops it (:class:`CorruptStoreError`;
     run :func:`repair_store` first).
@@ -288,10 +292,10 @@ def remove_samples(
     ids: Sequence[int] | npt.ArrayLike
     if isinstance(sample_ids, (set, frozenset)):
         ids = sorted(sample_ids)
-    elif isinstance(sample_ids, Iterator):
-        ids = list(cast("Iterator[int]", sample_ids))
-    else:
-        ids = cast("Sequence[int] | npt.ArrayLike", sample_ids)
+    elif isinstance(sample_ids, (np.ndarray, list, tuple, range)):
+        ids = sample_ids
+    else:  # generators, dict keys, other iterables of ids
+        ids = list(cast("Iterable[int]", sample_ids))
     sids = _sample_id_array(ids)
     return _with_progress_bar(
         "remove",

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::manifest::{MANIFEST_NAME, Manifest};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{CopiedRecords, StoreWriter};
@@ -30,8 +30,27 @@ pub fn copy_records(
     let total: u64 = m.shards.iter().map(|s| s.bytes).sum();
     let done = AtomicU64::new(0);
     let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    // Every sample to copy is checked against the destination first, so that a duplicate
+    // stops the copy before anything is added. One shard open at a time: a store may hold
+    // more shards than a process may open files.
+    let mut seen = HashSet::with_capacity(keep.len());
+    for (i, info) in m.shards.iter().enumerate() {
+        let shard = ShardReader::open(source, i as u32, info, &p, false)?;
+        for r in shard.footer.records.iter().filter(|r| keep.contains(&r.sample_id)) {
+            if writer.holds(r.sample_id) || !seen.insert(r.sample_id) {
+                return Err(Error::DuplicateSample {
+                    sample_id: r.sample_id,
+                    msg: format!(
+                        "{} holds it, and it is already in {} (or earlier in {})",
+                        shard.path.display(),
+                        writer.dir().display(),
+                        source.display()
+                    ),
+                });
+            }
+        }
+    }
     let mut out = CopiedRecords::default();
-    // One shard open at a time: a store may hold more shards than a process may open files.
     for (i, info) in m.shards.iter().enumerate() {
         let shard = ShardReader::open(source, i as u32, info, &p, false)?;
         let c = writer.copy_records(&shard, &|sid| keep.contains(&sid), &tick)?;

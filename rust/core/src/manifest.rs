@@ -250,18 +250,41 @@ impl Manifest {
 
     /// Commit this manifest to `dir` atomically and durably: write a temporary file, fsync
     /// it, rename it over `manifest.json`, fsync the directory. A crash at any point leaves
-    /// either the old manifest or this one.
-    pub fn commit(&self, dir: &Path) -> Result<()> {
-        let bytes = self.to_file_bytes()?;
+    /// either the old manifest or this one. A failure says which of the two is in place
+    /// ([`CommitError`]): a caller cleaning up after a failed commit must not delete files
+    /// that the manifest in place, or the one a power loss may bring back, names.
+    pub fn commit(&self, dir: &Path) -> std::result::Result<(), CommitError> {
+        let bytes = self.to_file_bytes().map_err(CommitError::NotReplaced)?;
         let tmp = dir.join(format!(".{MANIFEST_NAME}.tmp-{}", std::process::id()));
         let path = dir.join(MANIFEST_NAME);
-        {
+        let written = (|| {
             let mut f = File::create(&tmp).io_ctx("create", &tmp)?;
             f.write_all(&bytes).io_ctx("write", &tmp)?;
             f.sync_all().io_ctx("fsync", &tmp)?;
+            fs::rename(&tmp, &path).io_ctx("rename into place", &path)
+        })();
+        written.map_err(CommitError::NotReplaced)?;
+        sync_dir(dir).map_err(CommitError::NotDurable)
+    }
+}
+
+/// Why [`Manifest::commit`] failed, and which manifest it left in place.
+#[derive(Debug)]
+pub enum CommitError {
+    /// Before the rename: the old manifest is the store's, untouched.
+    NotReplaced(Error),
+    /// After the rename: the new manifest is the store's, but the fsync of the directory
+    /// failed, so a power loss could still bring back the old one. The files of both must
+    /// be kept.
+    NotDurable(Error),
+}
+
+impl CommitError {
+    /// The error, whichever manifest is in place.
+    pub fn into_error(self) -> Error {
+        match self {
+            CommitError::NotReplaced(e) | CommitError::NotDurable(e) => e,
         }
-        fs::rename(&tmp, &path).io_ctx("rename into place", &path)?;
-        sync_dir(dir)
     }
 }
 

@@ -27,7 +27,7 @@ use crate::codec::{CodecParams, LogprobCodec};
 use crate::error::{Error, IoContext, Result};
 use crate::format::FORMAT_VERSION;
 use crate::manifest::{
-    self, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
+    self, CommitError, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
 };
 use crate::reader::ShardReader;
 use crate::source::Source;
@@ -217,7 +217,7 @@ pub fn rebuild_manifest(
         fs::copy(&mpath, &kept).io_ctx("keep the damaged manifest", &kept)?;
         report.kept_damaged = Some(DAMAGED_MANIFEST_NAME.into());
     }
-    m.commit(dir)?;
+    m.commit(dir).map_err(CommitError::into_error)?;
     report.committed = true;
     Ok(report)
 }

@@ -11,7 +11,9 @@
 //!
 //! It is a writer like any other: it holds the store's lock, writes and fsyncs the new
 //! shards first, then replaces the manifest atomically, so a removal that fails or is
-//! killed leaves the store as it was (plus orphan files, which `verify` lists). The old
+//! killed leaves the store as it was (plus orphan files, which `verify` lists), but for a
+//! failed fsync of the directory after the new manifest is in place: then it reports the
+//! error and keeps the old shard files as well as the new ones. The old
 //! shard files are deleted once the new manifest is committed (as a writer replacing a
 //! store does; a file hard-linked into another store by `merge` stays there).
 
@@ -22,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::codec::{self, ChunkBuf, CodecParams, EncodeScratch};
 use crate::error::{Error, Result};
-use crate::manifest::{self, MANIFEST_NAME, Manifest, ShardInfo};
+use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{self, SHARDS_DIR, ShardWriter};
 
@@ -92,6 +94,8 @@ pub fn remove_samples_with_progress(
     opts: RemoveOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<RemoveReport> {
+    // A directory without a store is refused before the lock would leave a file in it.
+    Manifest::read(dir)?;
     let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
     let manifest = Manifest::read(dir)?;
     let p = params_from_manifest(&manifest, &dir.join(MANIFEST_NAME))?;
@@ -165,17 +169,19 @@ pub fn remove_samples_with_progress(
         m.num_positions = m.shards.iter().map(|s| s.num_positions).sum();
         m.updated_by = writer::tool();
         manifest::sync_dir(&dir.join(SHARDS_DIR))?;
-        m.commit(dir)?;
         Ok(m)
     });
-    let m = match committed {
-        Ok(m) => m,
-        Err(e) => {
+    let m = match committed.map(|m| m.commit(dir).map(|()| m)) {
+        Ok(Ok(m)) => m,
+        Err(e) | Ok(Err(CommitError::NotReplaced(e))) => {
             for path in created {
                 let _ = fs::remove_file(path);
             }
             return Err(e);
         }
+        // The new manifest is in place (not durably): its new shards must stay, and so must
+        // the old ones a power loss could bring the old manifest back to.
+        Ok(Err(CommitError::NotDurable(e))) => return Err(e),
     };
     report.committed = true;
     report.bytes_after = m.shards.iter().map(|s| s.bytes).sum();
@@ -184,7 +190,8 @@ pub fn remove_samples_with_progress(
     for &i in &affected {
         let _ = fs::remove_file(dir.join(&manifest.shards[i].file));
     }
-    manifest::sync_dir(&dir.join(SHARDS_DIR))?;
+    // Best effort: the removal is committed; deletions lost to a power loss leave orphans.
+    let _ = manifest::sync_dir(&dir.join(SHARDS_DIR));
     progress(total, total);
     Ok(report)
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 
 use crate::error::{Error, Location, Result};
-use crate::manifest::{self, MANIFEST_NAME, Manifest, ShardInfo};
+use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::verify::{ShardInspection, inspect_shard_ticked};
 use crate::writer::{self, SHARDS_DIR, ShardWriter};
@@ -99,6 +99,8 @@ pub fn repair_with_progress(
     opts: RepairOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<RepairReport> {
+    // A directory without a store is refused before the lock would leave a file in it.
+    Manifest::read(dir)?;
     let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
     // Everything hangs on the manifest (which shards are committed, what they must hold);
     // a damaged one is for `rebuild::rebuild_manifest`, which asks the caller what the
@@ -222,9 +224,16 @@ pub fn repair_with_progress(
         m.num_positions = m.shards.iter().map(|s| s.num_positions).sum();
         m.updated_by = writer::tool();
         manifest::sync_dir(&dir.join(SHARDS_DIR))?;
-        m.commit(dir)
+        Ok(m)
     });
-    if let Err(e) = committed {
+    let not_committed = match committed.map(|m| m.commit(dir)) {
+        Ok(Ok(())) => None,
+        Err(e) | Ok(Err(CommitError::NotReplaced(e))) => Some(e),
+        // The repaired manifest is in place (not durably): its new shards must stay, and so
+        // must the damaged files a power loss could bring the old manifest back to.
+        Ok(Err(CommitError::NotDurable(e))) => return Err(e),
+    };
+    if let Some(e) = not_committed {
         for path in created {
             let _ = fs::remove_file(path);
         }

@@ -17,7 +17,8 @@ use crate::format::{
     ShardHeader, Trailer, crc32,
 };
 use crate::manifest::{
-    self, CodecInfo, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
+    self, CodecInfo, CommitError, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo,
+    TokenizerInfo,
 };
 use crate::reader::{ShardReader, params_from_header, params_from_manifest};
 use crate::record::SeenIds;
@@ -571,6 +572,11 @@ impl StoreWriter {
         &self.dir
     }
 
+    /// Whether the store holds `sample_id` (committed, or added since the last commit).
+    pub fn holds(&self, sample_id: u64) -> bool {
+        self.known.contains(&sample_id)
+    }
+
     /// Samples added since the last commit plus those committed.
     pub fn num_samples(&self) -> usize {
         self.known.len()
@@ -846,12 +852,22 @@ impl StoreWriter {
             let parent = d.parent().filter(|p| !p.as_os_str().is_empty());
             manifest::sync_dir(parent.unwrap_or(Path::new(".")))?;
         }
-        m.commit(&self.dir)?;
+        let committed = m.commit(&self.dir);
+        if let Err(CommitError::NotReplaced(e)) = committed {
+            return Err(e);
+        }
+        // The new manifest is in place: what it names is no longer this writer's to remove.
         self.new_dirs.clear();
         self.manifest = m;
         self.finished.clear();
         self.uncommitted_files.clear();
         self.ever_committed = true;
+        if let Err(CommitError::NotDurable(e)) = committed {
+            // A power loss could still bring back the replaced store's manifest: keep its
+            // shard files (orphans once the new manifest is durable).
+            self.replaced_files.clear();
+            return Err(e);
+        }
         // Shards of a replaced store are garbage once the new manifest is in place.
         for f in self.replaced_files.drain(..) {
             let _ = fs::remove_file(f);

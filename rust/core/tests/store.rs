@@ -1502,7 +1502,11 @@ fn copy_records_takes_stored_chunks_in_order() {
         assert!(matches!(&err, Error::Mismatch { field: f, .. } if f == field), "{err}");
         assert_eq!(w.num_samples(), 0);
     }
+    // Only the last sample to copy is already there (5 and 6 are not): nothing is added.
     let mut w = StoreWriter::open(&dest, lossless, Mode::Append, small_opts()).unwrap();
-    let err = copy_records(&mut w, &src, &keep, &|_, _| {}).unwrap_err();
-    assert!(matches!(err, Error::DuplicateSample { .. }), "{err}");
+    let held = w.num_samples();
+    let last = *src_order.iter().rev().find(|s| keep.contains(s)).unwrap();
+    let err = copy_records(&mut w, &src, &HashSet::from([5, 6, last]), &|_, _| {});
+    assert!(matches!(err, Err(Error::DuplicateSample { sample_id, .. }) if sample_id == last));
+    assert_eq!(w.num_samples(), held);
 }
