@@ -257,3 +257,69 @@ def test_an_open_store_keeps_its_view(tmp_path: Path, mmap: bool) -> None:
         r = old[sid]
         assert r.input_ids.tobytes() == before[sid][0][2]
     assert len(old.read_packed([4, 17, 5]).offsets) == 4
+
+
+# Ctrl-C in the middle of a removal, a merge and a verification: a progress callback that
+# sends SIGINT to its own process at its first call, from the core's thread; Python's
+# handler runs on the main thread, which looks for it every 50 ms while the core works (the
+# callback waits for that: these stores take less time than that to go through).
+INTERRUPTED = r"""
+import os, signal, sys, time
+import numpy as np
+from logitcache import _core
+
+def ctrl_c(done, total):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.3)
+
+what, path, other = sys.argv[1:]
+try:
+    if what == "remove":
+        ids = np.arange(0, 80, 3, dtype=np.uint64)
+        _core.remove_samples(path, ids, progress=ctrl_c)
+    elif what == "merge":
+        _core.merge(other, [path], copy=True, progress=ctrl_c)
+    else:
+        _core.verify(path, progress=ctrl_c)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("what", ["remove", "merge", "verify"])
+def test_ctrl_c_stops_the_work_with_nothing_changed(tmp_path: Path, what: str) -> None:
+    path = tmp_path / "s"
+    _write(path, list(range(80)), codec="lossless")
+    files = store_files(path)
+    argv = [sys.executable, "-c", INTERRUPTED, what, str(path), str(tmp_path / "m")]
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "interrupted", (proc.stdout, proc.stderr)
+    assert store_files(path) == files
+    assert not (tmp_path / "m").exists()
+    assert lc.verify_store(path)["ok"]
+
+
+def test_a_failing_progress_callback_stops_the_removal(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _write(path, list(range(40)))
+    files = store_files(path)
+
+    def fail(done: int, total: int) -> None:
+        raise RuntimeError("from the callback")
+
+    with pytest.raises(RuntimeError, match="from the callback"):
+        lc._core.remove_samples(path, np.arange(0, 40, 5, dtype=np.uint64), progress=fail)
+    assert store_files(path) == files
+
+
+def test_cli_reports_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path / "s", [1, 2])
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lc, "remove_samples", interrupted)
+    assert main(["remove", str(tmp_path / "s"), "1"]) == 130
+    assert "interrupted; nothing was changed" in capsys.readouterr().err

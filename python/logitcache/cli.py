@@ -687,6 +687,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        # The core stopped at its next shard or chunk, keeping nothing it had not committed.
+        print(f"logitcache {args.command}: interrupted; nothing was changed", file=sys.stderr)
+        return 130
     except (StoreError, OSError, ValueError) as e:
         print(f"logitcache {args.command}: {e}", file=sys.stderr)
         lost = _store_without_manifest(e)

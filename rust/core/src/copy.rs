@@ -8,28 +8,30 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::manifest::{MANIFEST_NAME, Manifest};
+use crate::progress::{Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{CopiedRecords, StoreWriter};
 
 /// Copy the records of the store at `source` whose sample ids are in `keep` into `writer`;
 /// see the module documentation. The stores must be encoded alike (kind, K, vocabulary,
 /// codec, temperature: else [`crate::Error::Mismatch`] before anything is added).
-/// `progress(done, total)` gets the stored bytes of the source's chunks gone through.
+/// `progress(done, total)` gets the bytes of the source's shards gone through; a `false`
+/// from it stops the copy before the next shard ([`crate::progress::stopped`]; what was
+/// added stays in the writer, uncommitted: abort it).
 pub fn copy_records(
     writer: &mut StoreWriter,
     source: &Path,
     keep: &HashSet<u64>,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: Progress<'_>,
 ) -> Result<CopiedRecords> {
     let m = Manifest::read(source)?;
     let p = params_from_manifest(&m, &source.join(MANIFEST_NAME))?;
     let total: u64 = m.shards.iter().map(|s| s.bytes).sum();
-    let done = AtomicU64::new(0);
-    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let ticker = Ticker::new(progress, total);
+    let tick = |n: u64| ticker.tick(n);
     // Every sample to copy is checked against the destination first, so that a duplicate
     // stops the copy before anything is added. One shard open at a time: a store may hold
     // more shards than a process may open files.
@@ -52,6 +54,7 @@ pub fn copy_records(
     }
     let mut out = CopiedRecords::default();
     for (i, info) in m.shards.iter().enumerate() {
+        ticker.check()?;
         let shard = ShardReader::open(source, i as u32, info, &p, false)?;
         let c = writer.copy_records(&shard, &|sid| keep.contains(&sid), &tick)?;
         tick(info.bytes.saturating_sub(chunk_bytes(&shard)));
@@ -60,7 +63,8 @@ pub fn copy_records(
         out.chunks_copied += c.chunks_copied;
         out.chunks_reencoded += c.chunks_reencoded;
     }
-    progress(total, total);
+    ticker.check()?;
+    ticker.finish();
     Ok(out)
 }
 

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod manifest;
 pub mod merge;
 pub mod pool;
+pub mod progress;
 pub mod reader;
 pub mod rebuild;
 pub mod record;

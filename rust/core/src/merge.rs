@@ -15,10 +15,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{MANIFEST_NAME, Manifest};
+use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{
     Mode, ShardPlacement, StoreSpec, StoreWriter, WriterOptions, check_append, fill_identity,
@@ -61,16 +61,18 @@ pub struct MergeReport {
 
 /// Merge the stores at `sources` into `dest`; see the module documentation.
 pub fn merge(dest: &Path, sources: &[PathBuf], opts: MergeOptions) -> Result<MergeReport> {
-    merge_with_progress(dest, sources, opts, &|_, _| {})
+    merge_with_progress(dest, sources, opts, &progress::ignore)
 }
 
 /// [`merge`], calling `progress(done, total)` with the bytes of shard files placed so far
-/// (a linked file counts whole at once) and the bytes of all the sources' shards.
+/// (a linked file counts whole at once) and the bytes of all the sources' shards; a `false`
+/// from it stops the merge before the next shard, with nothing changed
+/// ([`progress::stopped`]).
 pub fn merge_with_progress(
     dest: &Path,
     sources: &[PathBuf],
     opts: MergeOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: Progress<'_>,
 ) -> Result<MergeReport> {
     if sources.is_empty() {
         return Err(Error::invalid_argument("sources", "no store to merge"));
@@ -117,8 +119,8 @@ pub fn merge_with_progress(
     spec.metadata = Some(serde_json::Value::Object(metadata));
 
     let total: u64 = manifests.iter().flat_map(|m| &m.shards).map(|s| s.bytes).sum();
-    let done = AtomicU64::new(0);
-    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let ticker = Ticker::new(progress, total);
+    let tick = |n: u64| ticker.tick(n);
     let mode = if opts.append { Mode::Append } else { Mode::Create };
     // The level is informational (decoding does not depend on it); keep the base's.
     let zstd_level = base.codec.zstd_level.clamp(1, 22);
@@ -128,6 +130,7 @@ pub fn merge_with_progress(
     for (m, src) in manifests.iter().zip(sources) {
         let p = params_from_manifest(m, &src.join(MANIFEST_NAME))?;
         for (i, info) in m.shards.iter().enumerate() {
+            ticker.check()?;
             let shard = ShardReader::open(src, i as u32, info, &p, false)?;
             match writer.add_shard(&shard, opts.copy, &tick) {
                 Ok(ShardPlacement::Linked) => report.shards_linked += 1,
@@ -146,6 +149,7 @@ pub fn merge_with_progress(
             bytes: m.shards.iter().map(|s| s.bytes).sum(),
         });
     }
+    ticker.check()?;
     writer.close()?;
     report.num_samples = writer.manifest().num_samples;
     report.num_positions = writer.manifest().num_positions;

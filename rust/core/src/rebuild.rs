@@ -21,7 +21,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::codec::{CodecParams, LogprobCodec};
 use crate::error::{Error, IoContext, Result};
@@ -29,6 +28,7 @@ use crate::format::FORMAT_VERSION;
 use crate::manifest::{
     self, CommitError, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo, TokenizerInfo,
 };
+use crate::progress::{Progress, Ticker};
 use crate::reader::ShardReader;
 use crate::source::Source;
 use crate::verify::{file_crc, is_damage};
@@ -75,11 +75,12 @@ pub struct RebuildReport {
 
 /// Rebuild the manifest of the store at `dir`; see the module documentation.
 /// `progress(done, total)` counts the bytes of the shard files read (each is read once,
-/// for its whole-file checksum).
+/// for its whole-file checksum); a `false` from it stops the rebuild before the next shard
+/// file, with nothing changed ([`crate::progress::stopped`]).
 pub fn rebuild_manifest(
     dir: &Path,
     opts: &RebuildOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: Progress<'_>,
 ) -> Result<RebuildReport> {
     let manifest_problem = match Manifest::read(dir) {
         Ok(_) => {
@@ -103,13 +104,14 @@ pub fn rebuild_manifest(
 
     let names = shard_files(dir)?;
     let total = names.iter().map(|(_, len)| len).sum::<u64>();
-    let done = AtomicU64::new(0);
-    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let ticker = Ticker::new(progress, total);
+    let tick = |n: u64| ticker.tick(n);
     let mut report = RebuildReport { manifest_problem, ..Default::default() };
     // (configuration, the first shard that has it) of every configuration met.
     let mut configs: Vec<(Config, String)> = Vec::new();
     let mut owner: HashMap<u64, usize> = HashMap::new();
     for (name, len) in names {
+        ticker.check()?;
         let path = dir.join(&name);
         let opened = Source::open(&path, false)
             .and_then(|src| {
@@ -217,6 +219,7 @@ pub fn rebuild_manifest(
         fs::copy(&mpath, &kept).io_ctx("keep the damaged manifest", &kept)?;
         report.kept_damaged = Some(DAMAGED_MANIFEST_NAME.into());
     }
+    ticker.check()?;
     m.commit(dir).map_err(CommitError::into_error)?;
     report.committed = true;
     Ok(report)

@@ -20,11 +20,11 @@
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::codec::{self, ChunkBuf, CodecParams, EncodeScratch};
 use crate::error::{Error, Result};
 use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
+use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{self, SHARDS_DIR, ShardWriter};
 
@@ -83,16 +83,17 @@ pub struct RemoveReport {
 
 /// Remove the samples `sample_ids` from the store at `dir`; see the module documentation.
 pub fn remove_samples(dir: &Path, sample_ids: &[u64], opts: RemoveOptions) -> Result<RemoveReport> {
-    remove_samples_with_progress(dir, sample_ids, opts, &|_, _| {})
+    remove_samples_with_progress(dir, sample_ids, opts, &progress::ignore)
 }
 
 /// [`remove_samples`], calling `progress(done, total)` with the bytes of the affected
-/// shards processed so far and their total.
+/// shards processed so far and their total; a `false` from it stops the removal before the
+/// next chunk, with nothing changed ([`progress::stopped`]).
 pub fn remove_samples_with_progress(
     dir: &Path,
     sample_ids: &[u64],
     opts: RemoveOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: Progress<'_>,
 ) -> Result<RemoveReport> {
     // A directory without a store is refused before the lock would leave a file in it.
     Manifest::read(dir)?;
@@ -148,12 +149,12 @@ pub fn remove_samples_with_progress(
     }
 
     let total: u64 = affected.iter().map(|&i| manifest.shards[i].bytes).sum();
-    let done = AtomicU64::new(0);
-    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let ticker = Ticker::new(progress, total);
     let mut created: Vec<PathBuf> = Vec::new();
     let rewritten =
-        rewrite_shards(dir, &manifest, &p, &affected, &removed, &mut report, &mut created, &tick);
+        rewrite_shards(dir, &manifest, &p, &affected, &removed, &mut report, &mut created, &ticker);
     let committed = rewritten.and_then(|new_infos| {
+        ticker.check()?;
         let mut m = manifest.clone();
         let mut replacements = affected.iter().zip(new_infos).peekable();
         let mut shards = Vec::with_capacity(m.shards.len());
@@ -192,7 +193,7 @@ pub fn remove_samples_with_progress(
     }
     // Best effort: the removal is committed; deletions lost to a power loss leave orphans.
     let _ = manifest::sync_dir(&dir.join(SHARDS_DIR));
-    progress(total, total);
+    ticker.finish();
     Ok(report)
 }
 
@@ -207,8 +208,9 @@ fn rewrite_shards(
     removed: &HashSet<u64>,
     report: &mut RemoveReport,
     created: &mut Vec<PathBuf>,
-    tick: &dyn Fn(u64),
+    ticker: &Ticker<'_>,
 ) -> Result<Vec<Option<ShardInfo>>> {
+    let tick = |n: u64| ticker.tick(n);
     let mut next_seq = writer::max_seq(dir)?.map_or(0, |s| s + 1);
     // Chunks are encoded again with the store's settings (the level is informational in the
     // manifest; a level outside zstd's range there is not worth failing over).
@@ -229,6 +231,7 @@ fn rewrite_shards(
         next_seq += 1;
         created.push(w.path.clone());
         for (c, e) in shard.footer.chunks.iter().enumerate() {
+            ticker.check()?;
             let records = shard.chunk_record_entries(c)?;
             let gone = records.iter().filter(|rec| removed.contains(&rec.sample_id)).count();
             if gone == 0 {

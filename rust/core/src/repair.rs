@@ -19,12 +19,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
 use crate::error::{Error, Location, Result};
 use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
+use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::verify::{ShardInspection, inspect_shard_ticked};
 use crate::writer::{self, SHARDS_DIR, ShardWriter};
@@ -88,16 +88,18 @@ impl RepairReport {
 
 /// Repair the store at `dir`; see the module documentation.
 pub fn repair(dir: &Path, opts: RepairOptions) -> Result<RepairReport> {
-    repair_with_progress(dir, opts, &|_, _| {})
+    repair_with_progress(dir, opts, &progress::ignore)
 }
 
 /// [`repair`], calling `progress(done, total)` during its check of the store, as
 /// [`crate::verify::verify_with_progress`] does (the copies of sound chunks that follow are
-/// not counted: at most the size of the damaged shards).
+/// not counted: at most the size of the damaged shards). A `false` from `progress` stops
+/// the repair before the next shard is checked, or before its commit, with nothing changed
+/// ([`progress::stopped`]).
 pub fn repair_with_progress(
     dir: &Path,
     opts: RepairOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: Progress<'_>,
 ) -> Result<RepairReport> {
     // A directory without a store is refused before the lock would leave a file in it.
     Manifest::read(dir)?;
@@ -109,8 +111,8 @@ pub fn repair_with_progress(
     let mpath = dir.join(MANIFEST_NAME);
     let p = params_from_manifest(&manifest, &mpath)?;
     let total = 2 * manifest.shards.iter().map(|s| s.bytes).sum::<u64>();
-    let done = AtomicU64::new(0);
-    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let ticker = Ticker::new(progress, total);
+    let tick = |n: u64| ticker.tick(n);
     // Sound shards are kept by their sample ids only, not open: a store may hold more
     // shards than a process may open files (a shard with no fault is one whose problems
     // are empty; only damaged shards keep their reader, to copy from).
@@ -120,6 +122,9 @@ pub fn repair_with_progress(
             .par_iter()
             .enumerate()
             .map(|(i, info)| {
+                if ticker.stopping() {
+                    return (ShardInspection::default(), Vec::new());
+                }
                 let mut f = inspect_shard_ticked(dir, i as u32, info, &p, &tick);
                 let mut ids = Vec::new();
                 if f.problems.is_empty()
@@ -132,7 +137,8 @@ pub fn repair_with_progress(
             .collect()
     })?;
     let (found, sound_ids): (Vec<ShardInspection>, Vec<Vec<u64>>) = found.into_iter().unzip();
-    progress(total, total);
+    ticker.check()?;
+    ticker.finish();
     // Repair gives up only data shown to be damaged: a shard that could not be checked
     // (say, permission denied) is not dropped; the repair stops instead.
     if let Some(e) = found.iter().find_map(|f| f.unchecked.as_ref()) {
@@ -208,6 +214,7 @@ pub fn repair_with_progress(
     let mut created: Vec<PathBuf> = Vec::new();
     let rewritten = rewrite_damaged(dir, &found, &p, &mut report, &mut created);
     let committed = rewritten.and_then(|new_infos| {
+        ticker.check()?;
         let mut m = manifest.clone();
         m.shards = manifest
             .shards

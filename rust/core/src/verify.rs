@@ -14,6 +14,7 @@ use crate::codec::DecodedChunk;
 use crate::error::{Error, IoContext, Location, Result};
 use crate::format::Kind;
 use crate::manifest::{self, MANIFEST_NAME, Manifest};
+use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::record::{self, MAX_LOGPROB, MAX_ROW_MASS, SeenIds};
 use crate::writer::{LOCK_NAME, SHARDS_DIR};
@@ -44,18 +45,16 @@ impl VerifyReport {
 
 /// Verify the store at `dir`.
 pub fn verify(dir: &Path) -> Result<VerifyReport> {
-    verify_with_progress(dir, &|_, _| {})
+    verify_with_progress(dir, &progress::ignore)
 }
 
 /// [`verify`], calling `progress(done, total)` as it goes, from whichever thread did the
 /// work: `done` counts the bytes read for shards' whole-file checksums plus the stored bytes
 /// of the chunks decoded and checked, out of `total`, twice the bytes the manifest lists
 /// (shards are checked in parallel, so calls may arrive out of order; the last one is
-/// `(total, total)`). Nothing is called when the manifest cannot be read.
-pub fn verify_with_progress(
-    dir: &Path,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<VerifyReport> {
+/// `(total, total)`). Nothing is called when the manifest cannot be read. A `false` from
+/// `progress` stops the check before the next shard ([`progress::stopped`]).
+pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let manifest = match Manifest::read(dir) {
         Ok(m) => m,
@@ -77,14 +76,17 @@ pub fn verify_with_progress(
     report.samples = manifest.num_samples;
     report.positions = manifest.num_positions;
     let total = 2 * manifest.shards.iter().map(|s| s.bytes).sum::<u64>();
-    let done = AtomicU64::new(0);
-    let tick = |n: u64| progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+    let ticker = Ticker::new(progress, total);
+    let tick = |n: u64| ticker.tick(n);
     let results: Vec<(Vec<String>, usize, Vec<u64>)> = crate::threads::install(|| {
         manifest
             .shards
             .par_iter()
             .enumerate()
             .map(|(i, info)| {
+                if ticker.stopping() {
+                    return (Vec::new(), 0, Vec::new());
+                }
                 let found = inspect_shard_ticked(dir, i as u32, info, &p, &tick);
                 match found.reader {
                     Some(shard) => {
@@ -96,7 +98,8 @@ pub fn verify_with_progress(
             })
             .collect()
     })?;
-    progress(total, total);
+    ticker.check()?;
+    ticker.finish();
     // Sized from the ids actually read, not from the manifest's count (untrusted until the
     // shards agree with it: a corrupt count must not drive an allocation).
     let read: usize = results.iter().map(|r| r.2.len()).sum();
@@ -159,6 +162,7 @@ pub(crate) fn inspect_shard_ticked(
 }
 
 /// What checking one shard found: the faults, and what of the shard is sound.
+#[derive(Default)]
 pub(crate) struct ShardInspection {
     /// Each fault, as a message naming file, shard and chunk.
     pub problems: Vec<String>,

@@ -445,6 +445,7 @@ fn verify_reports_progress_up_to_twice_the_store_bytes() {
     let calls = std::sync::Mutex::new(Vec::new());
     let report = logitcache_core::verify::verify_with_progress(&path, &|done, total| {
         calls.lock().unwrap().push((done, total));
+        true
     })
     .unwrap();
     assert!(report.ok(), "{:?}", report.problems);
@@ -896,7 +897,8 @@ fn merge_makes_one_store_of_several() {
     let dest = dir.path().join("merged");
     let seen = std::sync::Mutex::new(Vec::new());
     let r = merge_with_progress(&dest, &srcs, MergeOptions::default(), &|d, t| {
-        seen.lock().unwrap().push((d, t))
+        seen.lock().unwrap().push((d, t));
+        true
     })
     .unwrap();
     assert_eq!((r.shards_linked, r.shards_copied), (shards, 0));
@@ -1121,7 +1123,7 @@ fn rebuild_manifest_from_the_shards() {
     let original = Manifest::read(&path).unwrap();
     assert!(original.shards.len() >= 4);
     let want = records(&path);
-    let none = |_: u64, _: u64| {};
+    let none = |_: u64, _: u64| true;
 
     let err = rebuild_manifest(&path, &RebuildOptions::default(), &none).unwrap_err();
     assert!(err.to_string().contains("nothing to rebuild"), "{err}");
@@ -1149,7 +1151,11 @@ fn rebuild_manifest_from_the_shards() {
         metadata: Some(serde_json::json!({"note": "rebuilt"})),
         ..Default::default()
     };
-    let r = rebuild_manifest(&path, &opts, &|d, t| seen.lock().unwrap().push((d, t))).unwrap();
+    let r = rebuild_manifest(&path, &opts, &|d, t| {
+        seen.lock().unwrap().push((d, t));
+        true
+    })
+    .unwrap();
     assert!(r.committed);
     assert_eq!(r.kept_damaged.as_deref(), Some("manifest.json.damaged"));
     assert_eq!(std::fs::read(path.join("manifest.json.damaged")).unwrap(), damaged);
@@ -1207,7 +1213,7 @@ fn rebuild_manifest_takes_only_what_is_sound_and_refuses_to_guess() {
     f.set_len(me.shards[1].bytes - 10).unwrap();
     let renamed = put(&extra, &shard(&me, 0), 92, "00000000000000aa");
     std::fs::remove_file(path.join("manifest.json")).unwrap();
-    let none = |_: u64, _: u64| {};
+    let none = |_: u64, _: u64| true;
     let dry = RebuildOptions { dry_run: true, ..Default::default() };
 
     let r = rebuild_manifest(&path, &dry, &none).unwrap();
@@ -1300,7 +1306,8 @@ fn remove_samples_rewrites_only_the_shards_that_hold_them() {
 
         let seen = std::sync::Mutex::new(Vec::new());
         let r = remove_samples_with_progress(&path, &gone, RemoveOptions::default(), &|d, t| {
-            seen.lock().unwrap().push((d, t))
+            seen.lock().unwrap().push((d, t));
+            true
         })
         .unwrap();
         assert!(r.committed);
@@ -1462,7 +1469,11 @@ fn copy_records_takes_stored_chunks_in_order() {
     let mut w = StoreWriter::open(&dest, lossless.clone(), Mode::Create, small_opts()).unwrap();
     write_topk(&mut w, 1000, 12);
     let seen = std::sync::Mutex::new(Vec::new());
-    let r = copy_records(&mut w, &src, &keep, &|d, t| seen.lock().unwrap().push((d, t))).unwrap();
+    let r = copy_records(&mut w, &src, &keep, &|d, t| {
+        seen.lock().unwrap().push((d, t));
+        true
+    })
+    .unwrap();
     write_topk(&mut w, 1001, 7);
     w.close().unwrap();
     assert_eq!(r.samples, 38);
@@ -1498,7 +1509,7 @@ fn copy_records_takes_stored_chunks_in_order() {
     ] {
         let path = dir.path().join(format!("other-{field}"));
         let mut w = StoreWriter::open(&path, other, Mode::Create, small_opts()).unwrap();
-        let err = copy_records(&mut w, &src, &keep, &|_, _| {}).unwrap_err();
+        let err = copy_records(&mut w, &src, &keep, &|_, _| true).unwrap_err();
         assert!(matches!(&err, Error::Mismatch { field: f, .. } if f == field), "{err}");
         assert_eq!(w.num_samples(), 0);
     }
@@ -1506,7 +1517,53 @@ fn copy_records_takes_stored_chunks_in_order() {
     let mut w = StoreWriter::open(&dest, lossless, Mode::Append, small_opts()).unwrap();
     let held = w.num_samples();
     let last = *src_order.iter().rev().find(|s| keep.contains(s)).unwrap();
-    let err = copy_records(&mut w, &src, &HashSet::from([5, 6, last]), &|_, _| {});
+    let err = copy_records(&mut w, &src, &HashSet::from([5, 6, last]), &|_, _| true);
     assert!(matches!(err, Err(Error::DuplicateSample { sample_id, .. }) if sample_id == last));
     assert_eq!(w.num_samples(), held);
+}
+
+/// A progress callback that returns false stops each long operation at its next shard or
+/// chunk with nothing changed: the store's files as they were, no new store, no orphans.
+#[test]
+fn a_progress_callback_can_stop_every_long_operation() {
+    use logitcache_core::merge::{MergeOptions, merge_with_progress};
+    use logitcache_core::progress::stopped;
+    use logitcache_core::rebuild::{RebuildOptions, rebuild_manifest};
+    use logitcache_core::remove::{RemoveOptions, remove_samples_with_progress};
+    use logitcache_core::repair::{RepairOptions, repair_with_progress};
+    use logitcache_core::verify::verify_with_progress;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    many_shard_store(&path, 30);
+    let files = snapshot(&path);
+    let stop = |_: u64, _: u64| false;
+    let is_stop = |e: Error| e.to_string() == stopped().to_string();
+
+    assert!(is_stop(verify_with_progress(&path, &stop).unwrap_err()));
+    let gone: Vec<u64> = (0..30).step_by(4).collect();
+    let e = remove_samples_with_progress(&path, &gone, RemoveOptions::default(), &stop);
+    assert!(is_stop(e.unwrap_err()));
+    assert_eq!(snapshot(&path), files, "a stopped removal changes nothing");
+    let dest = dir.path().join("m");
+    let e = merge_with_progress(&dest, std::slice::from_ref(&path), MergeOptions::default(), &stop);
+    assert!(is_stop(e.unwrap_err()));
+    assert!(!dest.exists(), "a stopped merge creates nothing");
+    // Repair checks every shard first: damage one chunk so that there is something to do.
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    flip_byte(&s.shards[0].path, s.shards[0].footer.chunks[0].offset + 5);
+    drop(s);
+    let files = snapshot(&path);
+    assert!(is_stop(repair_with_progress(&path, RepairOptions::default(), &stop).unwrap_err()));
+    assert_eq!(snapshot(&path), files, "a stopped repair changes nothing");
+    std::fs::remove_file(path.join("manifest.json")).unwrap();
+    let files = snapshot(&path);
+    assert!(is_stop(rebuild_manifest(&path, &RebuildOptions::default(), &stop).unwrap_err()));
+    assert_eq!(snapshot(&path), files, "a stopped rebuild changes nothing");
+    // After the stops, each runs to the end.
+    rebuild_manifest(&path, &RebuildOptions::default(), &|_, _| true).unwrap();
+    let r = repair_with_progress(&path, RepairOptions::default(), &|_, _| true).unwrap();
+    assert!(r.committed);
+    let first = Store::open(&path, &OpenOptions::default()).unwrap().sample_ids()[0];
+    let r = remove_samples_with_progress(&path, &[first], RemoveOptions::default(), &|_, _| true);
+    assert!(r.unwrap().committed);
 }

@@ -318,14 +318,9 @@ impl PyStoreWriter {
     ) -> PyResult<Bound<'py, PyDict>> {
         let keep: HashSet<u64> =
             contiguous(sample_ids.as_slice(), "sample_ids")?.iter().copied().collect();
-        let progress = Progress::new(progress);
         let w = &mut self.inner;
-        let r = py
-            .detach(|| {
-                logitcache_core::copy::copy_records(w, &source, &keep, &|d, t| progress.call(d, t))
-            })
-            .py_err()?;
-        progress.finish()?;
+        let r = Progress::new(progress)
+            .run(py, |p| logitcache_core::copy::copy_records(w, &source, &keep, p))?;
         let d = PyDict::new(py);
         d.set_item("samples", r.samples)?;
         d.set_item("positions", r.positions)?;
@@ -578,50 +573,105 @@ fn pooled_array<'py, T: PoolElement>(
 }
 
 /// A Python progress callback called from Rust threads: at most every 100 ms besides the
-/// last call (`done >= total`); an exception it raises stops further calls and is kept
-/// for [`Progress::finish`].
+/// last call (`done >= total`). An exception it raises, or Ctrl-C (see [`Progress::run`]),
+/// asks the core to stop (its progress callback returns false) and is raised when it has.
 struct Progress {
     callback: Option<Py<PyAny>>,
     last: std::sync::Mutex<Option<std::time::Instant>>,
     failed: std::sync::Mutex<Option<PyErr>>,
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
     fn new(callback: Option<Py<PyAny>>) -> Progress {
-        Progress { callback, last: Default::default(), failed: Default::default() }
+        Progress {
+            callback,
+            last: Default::default(),
+            failed: Default::default(),
+            stop: Default::default(),
+        }
     }
 
-    fn call(&self, done: u64, total: u64) {
-        let Some(cb) = &self.callback else { return };
-        let Ok(mut last) = self.last.lock() else { return };
+    /// The core's progress callback: false once the work should stop.
+    fn call(&self, done: u64, total: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.stop.load(Relaxed) {
+            return false;
+        }
+        let Some(cb) = &self.callback else { return true };
+        let Ok(mut last) = self.last.lock() else { return true };
         let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100));
         if !(due || done >= total) {
-            return;
+            return true;
         }
         *last = Some(std::time::Instant::now());
         Python::attach(|py| {
-            let Ok(mut failed) = self.failed.lock() else { return };
-            if failed.is_none()
-                && let Err(e) = cb.call1(py, (done, total))
-            {
-                *failed = Some(e);
+            if let Err(e) = cb.call1(py, (done, total)) {
+                self.fail(e);
             }
         });
+        !self.stop.load(Relaxed)
     }
 
-    /// The callback's exception, if it raised one.
-    fn finish(self) -> PyResult<()> {
-        match self.failed.into_inner().ok().flatten() {
-            Some(e) => Err(e),
-            None => Ok(()),
+    /// Keep the first exception, and ask the work to stop.
+    fn fail(&self, e: PyErr) {
+        if let Ok(mut failed) = self.failed.lock()
+            && failed.is_none()
+        {
+            *failed = Some(e);
         }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Run `work` (long core work that reports through the callback it is given) on a thread
+    /// of its own while this thread, without the GIL between its checks, watches for Ctrl-C:
+    /// Python runs signal handlers on the main thread only, and the work would otherwise
+    /// run to its end (and commit) with the KeyboardInterrupt waiting. The exception of a
+    /// signal handler or of the Python callback is raised first, else the work's error.
+    fn run<T: Send>(
+        self,
+        py: Python<'_>,
+        work: impl FnOnce(logitcache_core::progress::Progress<'_>) -> logitcache_core::Result<T> + Send,
+    ) -> PyResult<T> {
+        use std::sync::{Condvar, Mutex};
+        let finished = (Mutex::new(false), Condvar::new());
+        let outcome = std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let r = work(&|d, t| self.call(d, t));
+                if let Ok(mut f) = finished.0.lock() {
+                    *f = true;
+                }
+                finished.1.notify_all();
+                r
+            });
+            loop {
+                let done = py.detach(|| {
+                    let Ok(guard) = finished.0.lock() else { return true };
+                    let wait = std::time::Duration::from_millis(50);
+                    finished.1.wait_timeout_while(guard, wait, |f| !*f).map_or(true, |(g, _)| *g)
+                });
+                if done || worker.is_finished() {
+                    break;
+                }
+                if let Err(e) = py.check_signals() {
+                    self.fail(e);
+                }
+            }
+            worker.join()
+        });
+        let r = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        if let Some(e) = self.failed.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        r.py_err()
     }
 }
 
 /// Check every checksum and decoded value of a store; returns a report dict. `progress`,
 /// if given, is called as `progress(done, total)` (see verify_with_progress) from the
-/// verifying threads, at most every 100 ms besides the last call; an exception it raises
-/// stops further calls and is raised once verification is over.
+/// verifying threads, at most every 100 ms besides the last call; an exception it raises,
+/// or Ctrl-C, stops the work at its next shard or chunk and is raised (see
+/// [`Progress::run`]). So for the other long operations below.
 #[pyfunction]
 #[pyo3(signature = (path, progress=None))]
 fn verify<'py>(
@@ -629,13 +679,8 @@ fn verify<'py>(
     path: PathBuf,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let progress = Progress::new(progress);
-    let r = py
-        .detach(|| {
-            logitcache_core::verify::verify_with_progress(&path, &|d, t| progress.call(d, t))
-        })
-        .py_err()?;
-    progress.finish()?;
+    let r = Progress::new(progress)
+        .run(py, |p| logitcache_core::verify::verify_with_progress(&path, p))?;
     let d = PyDict::new(py);
     d.set_item("ok", r.ok())?;
     d.set_item("problems", r.problems)?;
@@ -661,11 +706,8 @@ fn repair<'py>(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     use logitcache_core::repair::{RepairOptions, repair_with_progress};
-    let progress = Progress::new(progress);
     let opts = RepairOptions { dry_run, remove_damaged };
-    let r =
-        py.detach(|| repair_with_progress(&path, opts, &|d, t| progress.call(d, t))).py_err()?;
-    progress.finish()?;
+    let r = Progress::new(progress).run(py, |p| repair_with_progress(&path, opts, p))?;
     let shards = PyList::empty(py);
     for s in &r.repairs {
         let e = PyDict::new(py);
@@ -704,12 +746,8 @@ fn merge<'py>(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     use logitcache_core::merge::{MergeOptions, merge_with_progress};
-    let progress = Progress::new(progress);
     let opts = MergeOptions { append, copy };
-    let r = py
-        .detach(|| merge_with_progress(&path, &sources, opts, &|d, t| progress.call(d, t)))
-        .py_err()?;
-    progress.finish()?;
+    let r = Progress::new(progress).run(py, |p| merge_with_progress(&path, &sources, opts, p))?;
     let merged = PyList::empty(py);
     for s in &r.sources {
         let e = PyDict::new(py);
@@ -744,12 +782,9 @@ fn remove_samples<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     use logitcache_core::remove::{RemoveOptions, remove_samples_with_progress};
     let ids = contiguous(sample_ids.as_slice(), "sample_ids")?.to_vec();
-    let progress = Progress::new(progress);
     let opts = RemoveOptions { dry_run, missing_ok };
-    let r = py
-        .detach(|| remove_samples_with_progress(&path, &ids, opts, &|d, t| progress.call(d, t)))
-        .py_err()?;
-    progress.finish()?;
+    let r =
+        Progress::new(progress).run(py, |p| remove_samples_with_progress(&path, &ids, opts, p))?;
     let shards = PyList::empty(py);
     for s in &r.shards {
         let e = PyDict::new(py);
@@ -806,13 +841,8 @@ fn rebuild_manifest<'py>(
         ),
         metadata: json_value(metadata_json)?,
     };
-    let progress = Progress::new(progress);
-    let r = py
-        .detach(|| {
-            logitcache_core::rebuild::rebuild_manifest(&path, &opts, &|d, t| progress.call(d, t))
-        })
-        .py_err()?;
-    progress.finish()?;
+    let r = Progress::new(progress)
+        .run(py, |p| logitcache_core::rebuild::rebuild_manifest(&path, &opts, p))?;
     let shards = PyList::empty(py);
     for s in &r.shards {
         let e = PyDict::new(py);
