@@ -2,7 +2,8 @@
 //!
 //! Documents found after the capture to be duplicates, test-set contamination or data that
 //! must be deleted leave the store without the rest being decoded: only the shards that hold
-//! them are rewritten, each as a new shard in the old one's place. A chunk none of whose
+//! them are rewritten, each as a new shard in the old one's place (and under its sequence
+//! number, so that a manifest rebuilt from the shard files keeps the order). A chunk none of whose
 //! records goes keeps its stored bytes (copied unchanged, so its values stay bit for bit
 //! what they were, whatever the codec); a chunk all of whose records go is left out; a chunk
 //! that holds both is decoded and its remaining records encoded again with the store's
@@ -227,8 +228,7 @@ fn rewrite_shards(
             continue;
         }
         let shard = ShardReader::open(dir, i as u32, info, p, false)?;
-        let mut w = ShardWriter::create_like(dir, next_seq, &shard.header)?;
-        next_seq += 1;
+        let mut w = ShardWriter::replacing(dir, &shard, &mut next_seq)?;
         created.push(w.path.clone());
         for (c, e) in shard.footer.chunks.iter().enumerate() {
             ticker.check()?;

@@ -292,8 +292,7 @@ fn rewrite_damaged(
             out.push(None);
             continue;
         }
-        let mut w = ShardWriter::create_like(dir, next_seq, &shard.header)?;
-        next_seq += 1;
+        let mut w = ShardWriter::replacing(dir, shard, &mut next_seq)?;
         created.push(w.path.clone());
         for (c, e) in shard.footer.chunks.iter().enumerate() {
             if f.bad_chunks.binary_search(&c).is_ok() {

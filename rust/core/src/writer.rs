@@ -126,9 +126,20 @@ impl ShardWriter {
         Ok(w)
     }
 
-    /// A new shard with the header of `like` (a shard it replaces) and a uid of its own.
-    pub(crate) fn create_like(dir: &Path, seq: u64, like: &ShardHeader) -> Result<ShardWriter> {
-        let header = ShardHeader { uid: random_u64(), ..like.clone() };
+    /// A new shard to take the place of `old` in its store: its header with a uid of its
+    /// own, under its sequence number (the names differ by uid), so that a manifest rebuilt
+    /// from the shard files lists it where the old one was. `next_seq` is taken, and
+    /// advanced, when the old name has no sequence number.
+    pub(crate) fn replacing(
+        dir: &Path,
+        old: &ShardReader,
+        next_seq: &mut u64,
+    ) -> Result<ShardWriter> {
+        let seq = seq_of(&old.info.file).unwrap_or_else(|| {
+            *next_seq += 1;
+            *next_seq - 1
+        });
+        let header = ShardHeader { uid: random_u64(), ..old.header.clone() };
         ShardWriter::create(dir, seq, &header)
     }
 
@@ -349,6 +360,11 @@ fn is_uncommitted_store(dir: &Path) -> Result<bool> {
 
 /// Largest sequence number among shard files already in `shards/` (orphans included), so
 /// that new shards never reuse a name.
+/// The sequence number in a shard file's name (`shards/NNNNNN-UID.lcs`).
+fn seq_of(file: &str) -> Option<u64> {
+    file.strip_prefix(SHARDS_DIR)?.strip_prefix('/')?.split_once('-')?.0.parse().ok()
+}
+
 pub(crate) fn max_seq(dir: &Path) -> Result<Option<u64>> {
     let sd = dir.join(SHARDS_DIR);
     let mut best = None;
