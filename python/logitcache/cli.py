@@ -410,7 +410,7 @@ def _copy(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    ids = [] if args.sample_ids is None else list(args.sample_ids)
+    ids = list(args.sample_ids)
     from_file = _read_ids(args.ids)
     if from_file is not None:
         ids.extend(int(x) for x in from_file)

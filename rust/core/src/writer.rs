@@ -386,16 +386,7 @@ pub(crate) fn max_seq(dir: &Path) -> Result<Option<u64>> {
 
 pub(crate) fn lock(dir: &Path) -> Result<File> {
     // Said of the store, not of its lock file (which a missing store also lacks).
-    match fs::metadata(dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::invalid_argument(
-                "path",
-                format!("{} is not a store directory", dir.display()),
-            ));
-        }
-        Err(e) => return Err(Error::io("open store", dir, e)),
-    }
+    fs::metadata(dir).io_ctx("open store", dir)?;
     let path = dir.join(LOCK_NAME);
     let f = FsOpenOptions::new()
         .read(true)
@@ -777,7 +768,13 @@ impl StoreWriter {
         let mut out = CopiedRecords::default();
         for (c, e) in shard.footer.chunks.iter().enumerate() {
             let records = shard.chunk_record_entries(c)?;
-            let kept = records.iter().filter(|r| keep(r.sample_id)).count();
+            let (mut kept, mut positions) = (0, 0);
+            for r in records.iter().filter(|r| keep(r.sample_id)) {
+                kept += 1;
+                positions += u64::from(r.length);
+            }
+            out.samples += kept as u64;
+            out.positions += positions;
             if kept == records.len() {
                 self.add_chunk_bytes(&shard.chunk_bytes(c)?, e, records)?;
                 out.chunks_copied += 1;
@@ -790,10 +787,6 @@ impl StoreWriter {
                     })?;
                 }
                 out.chunks_reencoded += 1;
-            }
-            for r in records.iter().filter(|r| keep(r.sample_id)) {
-                out.samples += 1;
-                out.positions += u64::from(r.length);
             }
             tick(u64::from(e.stored_len));
         }
