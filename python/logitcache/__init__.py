@@ -309,6 +309,28 @@ def remove_samples(
     )
 
 
+def clean_store(path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[str, Any]:
+    """Delete the files that the store's own writers left behind and its manifest does not
+    name: shard files of a writer that died before committing, the damaged shards
+    :func:`repair_store` left out, the old shards of a :func:`remove_samples` killed after
+    its commit, and temporary manifests.
+
+    The old shards of a removal matter most: a manifest rebuilt from the shard files
+    (:func:`rebuild_manifest`) would take them back, and with them the removed samples.
+    Files of any other making that the manifest does not name (``manifest.json.damaged``
+    kept by a rebuild, files someone put there, directories) are reported and kept.
+
+    It holds the store's lock (:class:`StoreLockedError` while a writer is open) and reads
+    the manifest under it, so it never deletes a shard a writer has just committed; a store
+    whose manifest cannot be read is refused (rebuild it first: the shard files may be all
+    that is left of it). A reader that opened the store before keeps the files it opened.
+    ``dry_run=True`` reports and deletes nothing.
+
+    Returns a report: ``deleted`` (paths relative to the store, to delete in a dry run),
+    ``bytes`` (their total size), ``kept`` (the other unnamed entries) and ``dry_run``."""
+    return dict(_core.clean(os.fspath(path), dry_run=dry_run))
+
+
 __all__ = [
     "Batch",
     "CorruptStoreError",
@@ -326,6 +348,7 @@ __all__ = [
     "StoreMismatchError",
     "StoreWriter",
     "__version__",
+    "clean_store",
     "config_fingerprint",
     "copy_store",
     "get_num_threads",

@@ -122,6 +122,7 @@ def remove_samples(
     missing_ok: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]: ...
+def clean(path: str, dry_run: bool = False) -> dict[str, object]: ...
 def rebuild_manifest(
     path: str,
     *,

@@ -1,6 +1,6 @@
 """The ``logitcache`` command line: ``logitcache info PATH``, ``verify PATH``, ``repair PATH``,
 ``stats PATH``, ``show PATH SAMPLE_ID``, ``copy SOURCE PATH``, ``merge PATH SOURCE...``,
-``remove PATH ID...``."""
+``remove PATH ID...``, ``clean PATH``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,11 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"FAULT: {p}", file=sys.stderr)
         for o in report["orphans"]:
             print(f"orphan (not in the manifest, safe to delete): {o}", file=sys.stderr)
+        if report["orphans"]:
+            print(
+                f"to delete the store's own leftovers among them: logitcache clean {args.path}",
+                file=sys.stderr,
+            )
         status = "OK" if report["ok"] else f"{len(report['problems'])} FAULT(S)"
         print(
             f"{status}: {report['shards']} shards, {report['chunks']} chunks, "
@@ -455,6 +460,24 @@ def _remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean(args: argparse.Namespace) -> int:
+    report = logitcache.clean_store(args.path, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    would = "would delete" if args.dry_run else "deleted"
+    for f in report["deleted"]:
+        print(f"{would} {f}")
+    for f in report["kept"]:
+        print(f"kept {f} (not written by a logitcache writer: delete it yourself if unwanted)")
+    head = "DRY RUN, nothing changed" if args.dry_run else "CLEANED"
+    print(
+        f"{head}: {len(report['deleted'])} file(s), {_human_bytes(report['bytes'])}, "
+        f"{would} from {args.path}"
+    )
+    return 0
+
+
 def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -667,6 +690,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_report_options(p)
     p.set_defaults(func=_remove)
+    p = sub.add_parser(
+        "clean",
+        help="delete the files a store's writers left behind that its manifest does not name",
+        description="Delete the orphan files of the store at PATH that logitcache itself "
+        "wrote: shard files a writer that died before committing left, damaged shards that "
+        "repair gave up, old shards of a removal killed after its commit (a manifest "
+        "rebuilt from the shard files would take those back, removed samples and all), and "
+        "temporary manifests. Other files the manifest does not name (manifest.json.damaged, "
+        "files of your own) are listed and kept. Works under the store's lock, reading the "
+        "manifest under it. Exit status: 0 cleaned (or planned, with --dry-run), 2 refused "
+        "(a locked store, a manifest that cannot be read: rebuild it first).",
+    )
+    p.add_argument("path", metavar="PATH", help="the store's directory")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be deleted, delete nothing"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_clean)
     return parser
 
 

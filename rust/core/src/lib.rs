@@ -1,6 +1,7 @@
 //! logitcache core: the on-disk store format, its codecs, the writer and reader,
 //! and the CPU loss kernels. This crate knows nothing of Python.
 
+pub mod clean;
 pub mod codec;
 pub mod copy;
 pub mod error;

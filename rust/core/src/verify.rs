@@ -342,7 +342,7 @@ fn check_values(
 }
 
 /// Files in the store directory that the committed manifest does not account for.
-fn orphans(dir: &Path, manifest: &Manifest) -> Result<Vec<String>> {
+pub(crate) fn orphans(dir: &Path, manifest: &Manifest) -> Result<Vec<String>> {
     let known: HashSet<&str> = manifest.shards.iter().map(|s| s.file.as_str()).collect();
     let mut out = Vec::new();
     let sd = dir.join(SHARDS_DIR);

@@ -358,13 +358,13 @@ fn is_uncommitted_store(dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Largest sequence number among shard files already in `shards/` (orphans included), so
-/// that new shards never reuse a name.
 /// The sequence number in a shard file's name (`shards/NNNNNN-UID.lcs`).
 fn seq_of(file: &str) -> Option<u64> {
     file.strip_prefix(SHARDS_DIR)?.strip_prefix('/')?.split_once('-')?.0.parse().ok()
 }
 
+/// Largest sequence number among shard files already in `shards/` (orphans included), so
+/// that new shards never reuse a name.
 pub(crate) fn max_seq(dir: &Path) -> Result<Option<u64>> {
     let sd = dir.join(SHARDS_DIR);
     let mut best = None;

@@ -1575,3 +1575,108 @@ fn a_progress_callback_can_stop_every_long_operation() {
     let r = remove_samples_with_progress(&path, &[first], RemoveOptions::default(), &|_, _| true);
     assert!(r.unwrap().committed);
 }
+
+/// Clean deletes the store's own leftovers and nothing else: the shard a removal killed
+/// after its commit did not get to delete (which a manifest rebuild would otherwise take
+/// back, removed samples and all), a killed writer's temporary manifest; files of other
+/// making are reported and kept. A dry run deletes nothing, a locked store or a directory
+/// without a manifest is refused, and the store reads and verifies as before.
+#[test]
+fn clean_deletes_only_the_stores_own_leftovers() {
+    use logitcache_core::clean::clean_store;
+    use logitcache_core::manifest::Manifest;
+    use logitcache_core::rebuild::{RebuildOptions, rebuild_manifest};
+    use logitcache_core::remove::{RemoveOptions, remove_samples};
+    use logitcache_core::verify::verify;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    store_of(&path, 0, 60, spec(Kind::TopK, 8, 1000, None));
+    let by_shard = shard_sample_ids(&path);
+    let m0 = Manifest::read(&path).unwrap();
+    // A removal of shard 1's samples, killed after its commit: its old file is still there.
+    let old = path.join(&m0.shards[1].file);
+    let saved = std::fs::read(&old).unwrap();
+    remove_samples(&path, &by_shard[1], RemoveOptions::default()).unwrap();
+    std::fs::write(&old, &saved).unwrap();
+    // The hazard: a rebuild from the shard files would bring the removed samples back.
+    std::fs::rename(path.join("manifest.json"), dir.path().join("m")).unwrap();
+    let dry = RebuildOptions { dry_run: true, ..Default::default() };
+    let plan = rebuild_manifest(&path, &dry, &|_, _| true).unwrap();
+    assert_eq!(plan.num_samples, 60);
+    std::fs::rename(dir.path().join("m"), path.join("manifest.json")).unwrap();
+
+    std::fs::write(path.join(".manifest.json.tmp-4242"), b"{").unwrap();
+    for kept in ["manifest.json.damaged", "notes.txt", "shards/junk.lcs.tmp"] {
+        std::fs::write(path.join(kept), b"x").unwrap();
+    }
+    std::fs::create_dir(path.join("shards/000999-0123456789abcdef.lcs")).unwrap();
+    let want_deleted = vec![".manifest.json.tmp-4242".to_string(), m0.shards[1].file.clone()];
+    let want_kept = [
+        "manifest.json.damaged",
+        "notes.txt",
+        "shards/000999-0123456789abcdef.lcs",
+        "shards/junk.lcs.tmp",
+    ];
+    let current = Store::open(&path, &OpenOptions::default()).unwrap().sample_ids();
+
+    let listing = |p: &Path| {
+        let mut v: Vec<_> = walk(p);
+        v.sort();
+        v
+    };
+    let files_before = listing(&path);
+    let r = clean_store(&path, true).unwrap();
+    assert!(r.dry_run);
+    assert_eq!(r.deleted, want_deleted);
+    assert_eq!(r.kept, want_kept);
+    assert_eq!(r.bytes, saved.len() as u64 + 1);
+    assert_eq!(listing(&path), files_before, "a dry run deletes nothing");
+
+    let lock = std::fs::File::open(path.join(".lock")).unwrap();
+    lock.lock().unwrap();
+    let err = clean_store(&path, false).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    drop(lock);
+    assert_eq!(listing(&path), files_before);
+
+    let r = clean_store(&path, false).unwrap();
+    assert!(!r.dry_run);
+    assert_eq!((r.deleted, r.kept.clone()), (want_deleted, want_kept.map(String::from).to_vec()));
+    assert!(!old.exists() && !path.join(".manifest.json.tmp-4242").exists());
+    for kept in want_kept {
+        assert!(path.join(kept).exists(), "{kept}");
+    }
+    let v = verify(&path).unwrap();
+    assert!(v.problems.is_empty(), "{v:?}");
+    assert_eq!(v.orphans, r.kept);
+    assert_eq!(Store::open(&path, &OpenOptions::default()).unwrap().sample_ids(), current);
+    assert_eq!(clean_store(&path, false).unwrap().deleted, Vec::<String>::new());
+
+    // Now a rebuild takes back exactly the committed store.
+    std::fs::remove_dir(path.join("shards/000999-0123456789abcdef.lcs")).unwrap();
+    std::fs::remove_file(path.join("manifest.json")).unwrap();
+    let plan = rebuild_manifest(&path, &dry, &|_, _| true).unwrap();
+    assert_eq!(plan.num_samples, current.len() as u64);
+
+    // No manifest: refused, and no lock file is left in the directory.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    assert!(clean_store(&other, false).is_err());
+    assert!(!other.join(".lock").exists());
+}
+
+/// Every file under `dir`, relative to it.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()).into_iter().map(|n| format!("{name}/{n}")));
+            out.push(format!("{name}/"));
+        } else {
+            out.push(name);
+        }
+    }
+    out
+}

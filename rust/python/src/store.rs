@@ -811,6 +811,20 @@ fn remove_samples<'py>(
     Ok(d)
 }
 
+/// Delete a store's orphan shard files and temporary manifests (see
+/// logitcache_core::clean); returns a report dict.
+#[pyfunction]
+#[pyo3(signature = (path, dry_run=false))]
+fn clean<'py>(py: Python<'py>, path: PathBuf, dry_run: bool) -> PyResult<Bound<'py, PyDict>> {
+    let r = py.detach(|| logitcache_core::clean::clean_store(&path, dry_run)).py_err()?;
+    let d = PyDict::new(py);
+    d.set_item("deleted", r.deleted)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("kept", r.kept)?;
+    d.set_item("dry_run", r.dry_run)?;
+    Ok(d)
+}
+
 /// Rebuild a damaged or deleted manifest from the shard files (see
 /// logitcache_core::rebuild); returns a report dict. `progress` as for [`verify`], with
 /// the bytes of the shard files read.
@@ -878,6 +892,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(remove_samples, m)?)?;
+    m.add_function(wrap_pyfunction!(clean, m)?)?;
     m.add_class::<PyStoreWriter>()?;
     m.add_class::<PyStore>()?;
     Ok(())
