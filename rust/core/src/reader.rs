@@ -461,9 +461,45 @@ pub struct Batch {
     pub counts: Vec<i32>,
 }
 
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// How many manifests [`Store::open`] tries when shard files vanish under it.
+const OPEN_ATTEMPTS: usize = 8;
+
 impl Store {
+    /// Open the store at `dir` as its committed manifest describes it.
+    ///
+    /// A writer that replaces the store (`mode="w"`), a removal or a clean deletes shard
+    /// files once its new manifest is committed; if that happens between the reading of
+    /// the manifest and the opening of the files it names, the open starts again from the
+    /// new manifest (up to [`OPEN_ATTEMPTS`] times, and only while the manifest keeps
+    /// changing), so a reader never fails for a store that is sound at every moment.
     pub fn open(dir: &Path, opts: &OpenOptions) -> Result<Store> {
-        let manifest = Manifest::read(dir)?;
+        Store::open_from(dir, Manifest::read(dir)?, opts)
+    }
+
+    /// [`Store::open`] from a manifest already read.
+    fn open_from(dir: &Path, mut manifest: Manifest, opts: &OpenOptions) -> Result<Store> {
+        for _ in 1..OPEN_ATTEMPTS {
+            match Store::open_manifest(dir, &manifest, opts) {
+                Err(e) if is_not_found(&e) => {
+                    let now = Manifest::read(dir)?;
+                    if now.shards == manifest.shards {
+                        // Missing, not replaced: the store is damaged.
+                        return Err(e);
+                    }
+                    manifest = now;
+                }
+                r => return r,
+            }
+        }
+        Store::open_manifest(dir, &manifest, opts)
+    }
+
+    fn open_manifest(dir: &Path, manifest: &Manifest, opts: &OpenOptions) -> Result<Store> {
+        let manifest = manifest.clone();
         let mpath = dir.join(crate::manifest::MANIFEST_NAME);
         let params = params_from_manifest(&manifest, &mpath)?;
         if let Some(v) = opts.expect_vocab_size
@@ -1126,4 +1162,73 @@ where
     // it up, and pad_to writes everything from `len` to the part's end.
     unsafe { out.set_len(n) };
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::LogprobCodec;
+    use crate::format::Kind;
+    use crate::writer::{Mode, StoreSpec, StoreWriter, WriterOptions};
+
+    fn write(dir: &Path, mode: Mode, ids: std::ops::Range<u64>) {
+        let spec = StoreSpec {
+            kind: Kind::TopK,
+            k: 2,
+            vocab_size: 50,
+            temperature: 1.0,
+            logprobs: Some(LogprobCodec::Lossless),
+            teacher: None,
+            tokenizer: None,
+            metadata: None,
+        };
+        let opts = WriterOptions { shard_bytes: 400, chunk_positions: 20, zstd_level: 1 };
+        let mut w = StoreWriter::open(dir, spec, mode, opts).unwrap();
+        for sid in ids {
+            let input: Vec<i64> = (0..9).map(|i| (i * 3 + sid as i64) % 50).collect();
+            let ids: Vec<i64> = (0..18).map(|i| (i * 7 + sid as i64) % 50).collect();
+            let lps: Vec<f32> = (0..18).map(|i| if i % 2 == 0 { -0.5 } else { -2.0 }).collect();
+            w.add(sid, 9, |buf, seen| {
+                crate::record::append_topk(
+                    buf,
+                    seen,
+                    sid,
+                    crate::record::IdArray::I64(&input),
+                    crate::record::IdArray::I64(&ids),
+                    &[9, 2],
+                    &lps,
+                    &[9, 2],
+                    2,
+                    50,
+                )
+            })
+            .unwrap();
+        }
+        w.close().unwrap();
+    }
+
+    /// A manifest read just before a removal (or a replacing writer) deleted shard files it
+    /// names: the open goes on from the manifest committed since. A shard file missing from
+    /// an unchanged manifest is still an error.
+    #[test]
+    fn an_open_that_loses_the_race_with_a_commit_starts_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        write(&dir, Mode::Create, 0..30);
+        let before = Manifest::read(&dir).unwrap();
+        assert!(before.shards.len() >= 3, "{:?}", before.shards);
+        crate::remove::remove_samples(&dir, &[0, 29], Default::default()).unwrap();
+        assert!(Store::open_manifest(&dir, &before, &OpenOptions::default()).is_err());
+        let s = Store::open_from(&dir, before.clone(), &OpenOptions::default()).unwrap();
+        assert_eq!(s.len(), 28);
+
+        write(&dir, Mode::Overwrite, 100..110);
+        let s = Store::open_from(&dir, before, &OpenOptions::default()).unwrap();
+        assert_eq!(s.sample_ids(), (100..110).collect::<Vec<u64>>());
+
+        let now = Manifest::read(&dir).unwrap();
+        std::fs::remove_file(dir.join(&now.shards[0].file)).unwrap();
+        let Err(err) = Store::open(&dir, &OpenOptions::default()) else { panic!("opened") };
+        assert!(is_not_found(&err), "{err}");
+    }
 }
