@@ -729,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        # The core stopped at its next shard or chunk, keeping nothing it had not committed.
+        # The core stopped at its next chunk, keeping nothing it had not committed.
         print(f"logitcache {args.command}: interrupted; nothing was changed", file=sys.stderr)
         return 130
     except (StoreError, OSError, ValueError) as e:

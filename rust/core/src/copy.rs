@@ -19,7 +19,7 @@ use crate::writer::{CopiedRecords, StoreWriter};
 /// see the module documentation. The stores must be encoded alike (kind, K, vocabulary,
 /// codec, temperature: else [`crate::Error::Mismatch`] before anything is added).
 /// `progress(done, total)` gets the bytes of the source's shards gone through; a `false`
-/// from it stops the copy before the next shard ([`crate::progress::stopped`]; what was
+/// from it stops the copy at the next chunk ([`crate::progress::stopped`]; what was
 /// added stays in the writer, uncommitted: abort it).
 pub fn copy_records(
     writer: &mut StoreWriter,

@@ -66,7 +66,7 @@ pub fn merge(dest: &Path, sources: &[PathBuf], opts: MergeOptions) -> Result<Mer
 
 /// [`merge`], calling `progress(done, total)` with the bytes of shard files placed so far
 /// (a linked file counts whole at once) and the bytes of all the sources' shards; a `false`
-/// from it stops the merge before the next shard, with nothing changed
+/// from it stops the merge before the next shard or within a copy, with nothing changed
 /// ([`progress::stopped`]).
 pub fn merge_with_progress(
     dest: &Path,

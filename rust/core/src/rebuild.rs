@@ -75,8 +75,8 @@ pub struct RebuildReport {
 
 /// Rebuild the manifest of the store at `dir`; see the module documentation.
 /// `progress(done, total)` counts the bytes of the shard files read (each is read once,
-/// for its whole-file checksum); a `false` from it stops the rebuild before the next shard
-/// file, with nothing changed ([`crate::progress::stopped`]).
+/// for its whole-file checksum); a `false` from it stops the rebuild within the shard file
+/// being read, with nothing changed ([`crate::progress::stopped`]).
 pub fn rebuild_manifest(
     dir: &Path,
     opts: &RebuildOptions,
@@ -123,6 +123,7 @@ pub fn rebuild_manifest(
             });
         let (shard, p, crc, read) = match opened {
             Ok(x) => x,
+            Err(_) if ticker.stopping() => return Err(crate::progress::stopped()),
             Err(e) if is_damage(&e) => {
                 tick(len);
                 report.left_out.push(LeftOut { file: name, problem: e.to_string() });

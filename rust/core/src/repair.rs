@@ -94,7 +94,7 @@ pub fn repair(dir: &Path, opts: RepairOptions) -> Result<RepairReport> {
 /// [`repair`], calling `progress(done, total)` during its check of the store, as
 /// [`crate::verify::verify_with_progress`] does (the copies of sound chunks that follow are
 /// not counted: at most the size of the damaged shards). A `false` from `progress` stops
-/// the repair before the next shard is checked, or before its commit, with nothing changed
+/// the repair at the next chunk of its check, or before its commit, with nothing changed
 /// ([`progress::stopped`]).
 pub fn repair_with_progress(
     dir: &Path,

@@ -14,7 +14,7 @@ use crate::codec::DecodedChunk;
 use crate::error::{Error, IoContext, Location, Result};
 use crate::format::Kind;
 use crate::manifest::{self, MANIFEST_NAME, Manifest};
-use crate::progress::{self, Progress, Ticker};
+use crate::progress::{self, Progress, Tick, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::record::{self, MAX_LOGPROB, MAX_ROW_MASS, SeenIds};
 use crate::writer::{LOCK_NAME, SHARDS_DIR};
@@ -53,7 +53,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
 /// of the chunks decoded and checked, out of `total`, twice the bytes the manifest lists
 /// (shards are checked in parallel, so calls may arrive out of order; the last one is
 /// `(total, total)`). Nothing is called when the manifest cannot be read. A `false` from
-/// `progress` stops the check before the next shard ([`progress::stopped`]).
+/// `progress` stops the check at its next chunk ([`progress::stopped`]).
 pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let manifest = match Manifest::read(dir) {
@@ -121,7 +121,9 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
     Ok(report)
 }
 
-pub(crate) fn file_crc(path: &Path, tick: &(dyn Fn(u64) + Sync)) -> Result<(u32, u64)> {
+/// The CRC-32 and length of the file at `path`; `tick` gets the bytes as they are read, and
+/// a `false` from it stops the reading with [`progress::stopped`].
+pub(crate) fn file_crc(path: &Path, tick: Tick<'_>) -> Result<(u32, u64)> {
     let mut f = File::open(path).io_ctx("open shard", path)?;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -133,7 +135,9 @@ pub(crate) fn file_crc(path: &Path, tick: &(dyn Fn(u64) + Sync)) -> Result<(u32,
         }
         h.update(&buf[..n]);
         total += n as u64;
-        tick(n as u64);
+        if !tick(n as u64) {
+            return Err(progress::stopped());
+        }
     }
     Ok((h.finalize(), total))
 }
@@ -146,12 +150,12 @@ pub(crate) fn inspect_shard_ticked(
     index: u32,
     info: &manifest::ShardInfo,
     p: &crate::codec::CodecParams,
-    tick: &(dyn Fn(u64) + Sync),
+    tick: Tick<'_>,
 ) -> ShardInspection {
     let ticked = AtomicU64::new(0);
     let count = |n: u64| {
         ticked.fetch_add(n, Ordering::Relaxed);
-        tick(n);
+        tick(n)
     };
     let found = inspect_shard(dir, index, info, p, &count);
     let owed = (2 * info.bytes).saturating_sub(ticked.into_inner());
@@ -196,13 +200,14 @@ pub(crate) fn is_damage(e: &Error) -> bool {
 
 /// Check one shard: its whole-file checksum, header, trailer, footer, and every chunk
 /// (checksum, decoding, the writer's rules on the decoded values). `tick` receives the
-/// bytes of the checksum pass and each chunk's stored bytes as they are done.
+/// bytes of the checksum pass and each chunk's stored bytes as they are done; a `false`
+/// from it cuts the inspection short (its result then says nothing: the caller must stop).
 pub(crate) fn inspect_shard(
     dir: &Path,
     index: u32,
     info: &manifest::ShardInfo,
     p: &crate::codec::CodecParams,
-    tick: &(dyn Fn(u64) + Sync),
+    tick: Tick<'_>,
 ) -> ShardInspection {
     let path = dir.join(&info.file);
     let loc = Location::file(&path).shard(index);
@@ -250,7 +255,10 @@ pub(crate) fn inspect_shard(
     };
     let mut seen = SeenIds::new(p.vocab_size);
     for c in 0..shard.num_chunks() {
-        tick(shard.footer.chunks.get(c).map_or(0, |e| u64::from(e.stored_len)));
+        if !tick(shard.footer.chunks.get(c).map_or(0, |e| u64::from(e.stored_len))) {
+            // Stopped: the caller keeps nothing of an inspection cut short.
+            return found;
+        }
         let cloc = loc.clone().chunk(c as u64);
         let checked = shard.decode_chunk(c, p).and_then(|d| check_values(&d, p, &mut seen, &cloc));
         if let Err(e) = checked {

@@ -20,6 +20,7 @@ use crate::manifest::{
     self, CodecInfo, CommitError, FORMAT_NAME, MANIFEST_NAME, Manifest, ShardInfo, TeacherInfo,
     TokenizerInfo,
 };
+use crate::progress;
 use crate::reader::{ShardReader, params_from_header, params_from_manifest};
 use crate::record::SeenIds;
 
@@ -656,12 +657,13 @@ impl StoreWriter {
     /// The shard must be encoded as this store is (kind, K, vocabulary, codec, temperature:
     /// else [`Error::Mismatch`]) and hold no sample id already in this store or added since
     /// the last commit. `tick(bytes)` is called as the file's bytes are copied (once, with
-    /// its size, for a link).
+    /// its size, for a link); a `false` from it stops a copy with [`progress::stopped`], the
+    /// partial file removed.
     pub fn add_shard(
         &mut self,
         shard: &ShardReader,
         copy: bool,
-        tick: &dyn Fn(u64),
+        tick: &dyn Fn(u64) -> bool,
     ) -> Result<ShardPlacement> {
         self.check_open()?;
         // (Its header was checked against its own manifest entry, uid included, at open.)
@@ -755,12 +757,13 @@ impl StoreWriter {
     /// its stored bytes (checked against its CRC-32 as they are read, so its values stay bit
     /// for bit what they were); a chunk of kept and other records decoded, its kept records
     /// added as they were decoded (encoded again with this store's codec). `tick(bytes)` is
-    /// called with each chunk's stored size as it is done.
+    /// called with each chunk's stored size as it is done; a `false` from it stops the copy
+    /// with [`progress::stopped`] (the records added so far stay uncommitted in the writer).
     pub fn copy_records(
         &mut self,
         shard: &ShardReader,
         keep: &dyn Fn(u64) -> bool,
-        tick: &dyn Fn(u64),
+        tick: &dyn Fn(u64) -> bool,
     ) -> Result<CopiedRecords> {
         self.check_open()?;
         self.check_same_encoding(shard)?;
@@ -788,7 +791,9 @@ impl StoreWriter {
                 }
                 out.chunks_reencoded += 1;
             }
-            tick(u64::from(e.stored_len));
+            if !tick(u64::from(e.stored_len)) {
+                return Err(progress::stopped());
+            }
         }
         Ok(out)
     }
@@ -947,7 +952,7 @@ pub enum ShardPlacement {
 
 /// Copy `shard`'s file to `dest` (a new file), checking size and CRC-32 against its
 /// manifest entry, and fsync it. A failed copy leaves no file behind.
-fn copy_shard_file(shard: &ShardReader, dest: &Path, tick: &dyn Fn(u64)) -> Result<()> {
+fn copy_shard_file(shard: &ShardReader, dest: &Path, tick: &dyn Fn(u64) -> bool) -> Result<()> {
     use std::io::Read;
     let mut src = File::open(&shard.path).io_ctx("open shard", &shard.path)?;
     // Created here, so removed on failure below; a file already there is not ours to remove.
@@ -971,7 +976,9 @@ fn copy_shard_file(shard: &ShardReader, dest: &Path, tick: &dyn Fn(u64)) -> Resu
             hasher.update(&buf[..n]);
             out.write_all(&buf[..n]).io_ctx("write shard", dest)?;
             len += n as u64;
-            tick(n as u64);
+            if !tick(n as u64) {
+                return Err(progress::stopped());
+            }
         }
         let crc = hasher.finalize();
         if len != shard.info.bytes || Some(crc) != manifest::parse_checksum(&shard.info.checksum) {

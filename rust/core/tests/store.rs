@@ -1075,8 +1075,8 @@ fn a_writer_adopts_shards_between_its_own_records() {
     let p = params_from_manifest(&m, &other.join("manifest.json")).unwrap();
     for (i, info) in m.shards.iter().enumerate() {
         let shard = ShardReader::open(&other, i as u32, info, &p, false).unwrap();
-        w.add_shard(&shard, i % 2 == 1, &|_| {}).unwrap();
-        let err = w.add_shard(&shard, false, &|_| {}).unwrap_err();
+        w.add_shard(&shard, i % 2 == 1, &|_| true).unwrap();
+        let err = w.add_shard(&shard, false, &|_| true).unwrap_err();
         assert!(matches!(err, Error::DuplicateSample { .. }), "{err}");
     }
     write_topk(&mut w, 2, 5);
@@ -1103,7 +1103,7 @@ fn a_writer_adopts_shards_between_its_own_records() {
     let mut w =
         StoreWriter::open(&path, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts())
             .unwrap();
-    let err = w.add_shard(&shard, false, &|_| {}).unwrap_err();
+    let err = w.add_shard(&shard, false, &|_| true).unwrap_err();
     assert!(matches!(&err, Error::Mismatch { field, .. } if field == "k"), "{err}");
 }
 
@@ -1574,6 +1574,61 @@ fn a_progress_callback_can_stop_every_long_operation() {
     let first = Store::open(&path, &OpenOptions::default()).unwrap().sample_ids()[0];
     let r = remove_samples_with_progress(&path, &[first], RemoveOptions::default(), &|_, _| true);
     assert!(r.unwrap().committed);
+}
+
+/// A stop asked for in the middle of a shard takes effect there, not once the shard is
+/// done: verify and repair stop within the shard's checksum pass or at its next chunk, a
+/// copy of records at its next chunk (the callback is not called again for each chunk left).
+#[test]
+fn a_stop_takes_effect_inside_a_shard() {
+    use logitcache_core::copy::copy_records;
+    use logitcache_core::repair::{RepairOptions, repair_with_progress};
+    use logitcache_core::verify::verify_with_progress;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let mut w = StoreWriter::open(
+        &path,
+        spec(Kind::TopK, 8, 1000, None),
+        Mode::Create,
+        WriterOptions { chunk_positions: 20, shard_bytes: 1 << 30, zstd_level: 3 },
+    )
+    .unwrap();
+    for sid in 0..60u64 {
+        write_topk(&mut w, sid, 15);
+    }
+    w.close().unwrap();
+    let src = Store::open(&path, &OpenOptions::default()).unwrap();
+    let chunks: usize = src.shards.iter().map(|s| s.footer.chunks.len()).sum();
+    let shards = src.shards.len();
+    assert_eq!(shards, 1);
+    assert!(chunks >= 30, "{chunks} chunks");
+    let calls = AtomicUsize::new(0);
+    let stop = |_: u64, _: u64| {
+        calls.fetch_add(1, Ordering::Relaxed);
+        false
+    };
+    let counted = |what: &str, run: &dyn Fn() -> bool| {
+        calls.store(0, Ordering::Relaxed);
+        assert!(run(), "{what} was not stopped");
+        // A tick of the checksum pass, and the rest of the shard's bytes counted at once.
+        let n = calls.load(Ordering::Relaxed);
+        assert!(n <= 2, "{what}: the callback was called {n} times after asking to stop");
+    };
+    counted("verify", &|| verify_with_progress(&path, &stop).is_err());
+    counted("repair", &|| repair_with_progress(&path, RepairOptions::default(), &stop).is_err());
+    let mut dest = StoreWriter::open(
+        &dir.path().join("d"),
+        spec(Kind::TopK, 8, 1000, None),
+        Mode::Create,
+        small_opts(),
+    )
+    .unwrap();
+    calls.store(0, Ordering::Relaxed);
+    let keep: HashSet<u64> = (0..60).collect();
+    assert!(copy_records(&mut dest, &path, &keep, &stop).is_err());
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
 }
 
 /// Clean deletes the store's own leftovers and nothing else: the shard a removal killed
