@@ -113,7 +113,8 @@ def test_clean_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
     assert main(["verify", str(path), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert f"to delete the store's own leftovers among them: logitcache clean {path}" in err
+    assert "orphan (not in the manifest): notes.txt" in err
+    assert f"(never a writer's while it is open): logitcache clean {path}" in err
     files = store_files(path)
     assert main(["clean", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import store_contents, write_store
+from conftest import store_contents, store_files, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,10 +139,21 @@ def test_repair_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "logitcache verify" in err and "logitcache repair --dry-run" in err
     other.write_bytes(sound)
 
+    # An ids file that cannot be written stops the repair before it changes anything.
+    files = store_files(path)
+    nowhere = tmp_path / "no" / "such" / "lost.txt"
+    assert main(["repair", "--lost-ids", str(nowhere), "--remove-damaged", str(path)]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+    assert store_files(path) == files
+    # One given (and not there before) is not left behind by a repair that fails.
     lost_file = tmp_path / "lost.txt"
+    with lc.StoreWriter(path, vocab_size=300, k=4, mode="a"):
+        assert main(["repair", "--lost-ids", str(lost_file), str(path)]) == 2
+    assert "locked" in capsys.readouterr().err and not lost_file.exists()
+    lost_file.write_text("stale\n" * 100)
     assert main(["repair", "--lost-ids", str(lost_file), str(path)]) == 0
     out = capsys.readouterr().out
-    assert "REPAIRED" in out and "kept" in out
+    assert "REPAIRED" in out and f"the damaged shard file(s) are kept: {victim_rel}" in out
     lost = {int(line) for line in lost_file.read_text().split()}
     assert lost and lost == set(original) - set(store_contents(path))
     assert victim_rel not in _shards(path)
@@ -206,3 +217,19 @@ def test_repair_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
     with pytest.raises(RuntimeError, match="stop at"):
         lc._core.repair(str(path), progress=fail)
+
+
+def test_repair_says_kept_only_of_files_it_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s"
+    _store(path, "topk")
+    (path / _shards(path)[0]).unlink()  # a missing shard: no file to keep
+    assert main(["repair", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "REPAIRED" in out and "kept" not in out, out
+    victim = path / _shards(path)[0]
+    victim.write_bytes(victim.read_bytes()[:-1])
+    assert main(["repair", "--remove-damaged", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "removed damaged file" in out and "kept" not in out, out

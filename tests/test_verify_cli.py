@@ -120,6 +120,19 @@ def test_cli_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "missing" in capsys.readouterr().err
 
 
+def test_cli_info_of_a_store_of_no_positions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bytes per token of a store with no position: JSON null (NaN is no JSON), "n/a"."""
+    with lc.StoreWriter(tmp_path / "e", vocab_size=300, k=4) as w:
+        w.add(0, *make_topk(np.random.default_rng(0), 0, 4, 300))
+    assert main(["info", "--json", str(tmp_path / "e")]) == 0
+    text = capsys.readouterr().out
+    assert "NaN" not in text and json.loads(text)["bytes_per_token"] is None
+    assert main(["info", str(tmp_path / "e")]) == 0
+    assert "n/a (no positions)" in capsys.readouterr().out
+
+
 def test_console_entry_points(tmp_path: Path) -> None:
     _small_store(tmp_path / "s")
     for cmd in (

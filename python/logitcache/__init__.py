@@ -71,7 +71,9 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     """Check every checksum (manifest, shard files, headers, footers, chunks) and every
     decoded value of a store. Returns a report: ``ok`` (no fault in committed data),
     ``problems`` (each names file, shard, chunk and what is wrong), ``orphans`` (files no
-    manifest refers to, e.g. left by a writer that was killed), ``manifest_ok`` (False
+    manifest refers to, e.g. left by a writer that was killed, or shards of a writer still
+    open that it has not committed yet: :func:`clean_store` deletes those that logitcache
+    wrote, never while a writer is open), ``manifest_ok`` (False
     when the manifest cannot be read: then nothing else is checked and no file is called an
     orphan; see :func:`rebuild_manifest`), and counts.
 

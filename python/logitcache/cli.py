@@ -50,7 +50,8 @@ def _info(args: argparse.Namespace) -> int:
     store = logitcache.open_store(args.path)
     m = store.meta
     total = sum(s["bytes"] for s in m["shards"])
-    per_token = total / m["num_positions"] if m["num_positions"] else float("nan")
+    # None (JSON null) for a store of no positions: NaN is not JSON.
+    per_token = total / m["num_positions"] if m["num_positions"] else None
     if args.json:
         out = dict(m)
         out["total_bytes"] = total
@@ -79,7 +80,7 @@ def _info(args: argparse.Namespace) -> int:
         ("positions", f"{m['num_positions']:,}"),
         ("shards", str(len(m["shards"]))),
         ("bytes", f"{total:,} ({_human_bytes(total)})"),
-        ("bytes per token", f"{per_token:.2f}"),
+        ("bytes per token", "n/a (no positions)" if per_token is None else f"{per_token:.2f}"),
     ]
     if m.get("metadata"):
         rows.append(("metadata", json.dumps(m["metadata"])))
@@ -95,10 +96,14 @@ def _verify(args: argparse.Namespace) -> int:
         for p in report["problems"]:
             print(f"FAULT: {p}", file=sys.stderr)
         for o in report["orphans"]:
-            print(f"orphan (not in the manifest, safe to delete): {o}", file=sys.stderr)
+            print(f"orphan (not in the manifest): {o}", file=sys.stderr)
         if report["orphans"]:
+            # Not "safe to delete": a writer that is still open has shards no manifest names
+            # yet, and other files may be the user's. clean waits for no writer: it refuses
+            # while one holds the lock, and keeps what logitcache did not write.
             print(
-                f"to delete the store's own leftovers among them: logitcache clean {args.path}",
+                "to delete those that logitcache wrote (never a writer's while it is open): "
+                f"logitcache clean {args.path}",
                 file=sys.stderr,
             )
         status = "OK" if report["ok"] else f"{len(report['problems'])} FAULT(S)"
@@ -172,16 +177,30 @@ def _repair(args: argparse.Namespace) -> int:
             return status
     elif args.like is not None or args.teacher or args.tokenizer or args.metadata is not None:
         raise ValueError("--like, --teacher, --tokenizer and --metadata need --rebuild-manifest")
-    report = logitcache.repair_store(
-        args.path,
-        dry_run=args.dry_run,
-        remove_damaged=args.remove_damaged,
-        progress=None if args.progress else False,
-    )
-    lost_ids = report["lost_sample_ids"]
+    # The ids file is opened before the repair: once a repair is committed (and, with
+    # --remove-damaged, the damaged files gone), a file that cannot be written loses them.
+    lost_file = None
     if args.lost_ids is not None:
-        with open(args.lost_ids, "w", encoding="utf-8") as f:
-            f.writelines(f"{int(i)}\n" for i in lost_ids)
+        created = not os.path.exists(args.lost_ids)
+        lost_file = open(args.lost_ids, "a", encoding="utf-8")
+    try:
+        report = logitcache.repair_store(
+            args.path,
+            dry_run=args.dry_run,
+            remove_damaged=args.remove_damaged,
+            progress=None if args.progress else False,
+        )
+    except BaseException:
+        if lost_file is not None:
+            lost_file.close()
+            if created:
+                os.remove(args.lost_ids)
+        raise
+    lost_ids = report["lost_sample_ids"]
+    if lost_file is not None:
+        with lost_file:
+            lost_file.truncate(0)
+            lost_file.writelines(f"{int(i)}\n" for i in lost_ids)
     if args.json:
         out = dict(report)
         out["lost_sample_ids"] = [int(i) for i in lost_ids]
@@ -216,8 +235,16 @@ def _repair(args: argparse.Namespace) -> int:
             f"{would}lost"
             + (f"; their ids written to {args.lost_ids}" if args.lost_ids is not None else "")
         )
-        if not args.dry_run and not report["removed"]:
-            print("the damaged shard files are kept (verify lists them as orphans)")
+        kept = [
+            r["file"]
+            for r in report["repairs"]
+            if os.path.exists(os.path.join(args.path, r["file"]))
+        ]
+        if not args.dry_run and kept:
+            print(
+                f"the damaged shard file(s) are kept: {', '.join(kept)} (verify lists them as "
+                "orphans; logitcache clean deletes them)"
+            )
     return 1 if args.dry_run and not report["sound"] else 0
 
 
@@ -406,10 +433,14 @@ def _copy(args: argparse.Namespace) -> int:
     )
     store = logitcache.open_store(args.path)
     total = sum(s["bytes"] for s in store.meta["shards"])
-    per_token = total / store.num_positions if store.num_positions else float("nan")
+    per_token = (
+        f"{total / store.num_positions:.1f} bytes per token"
+        if store.num_positions
+        else "no positions"
+    )
     print(
         f"COPIED {n:,} samples into {args.path} ({_codec_text(store.meta['codec'])}); it now "
-        f"holds {len(store):,} samples, {per_token:.1f} bytes per token"
+        f"holds {len(store):,} samples, {per_token}"
     )
     return 0
 
