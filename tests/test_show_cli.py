@@ -88,3 +88,19 @@ def test_errors(stores: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["show", "--positions", "a:b", str(stores / "topk"), "7"])
     assert e.value.code == 2
     assert "expected A:B" in capsys.readouterr().err
+    for top in ("0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            main(["show", "--top", top, str(stores / "topk"), "7"])
+        assert "expected a positive integer" in capsys.readouterr().err
+    for positions in ("100", "5:3", "9:"):
+        assert main(["show", f"--positions={positions}", str(stores / "topk"), "7"]) == 2
+        assert "selects none of sample 7's 9 positions" in capsys.readouterr().err
+    assert main(["show", "--positions=-2:", "--json", str(stores / "topk"), "7"]) == 0
+    assert [r["t"] for r in json.loads(capsys.readouterr().out)["rows"]] == [7, 8]
+    (stores / "bad.json").write_text("{")
+    assert main(["show", "--tokenizer", str(stores / "bad.json"), str(stores / "topk"), "7"]) == 2
+    assert "is not a tokenizer.json file" in capsys.readouterr().err
+    # A directory that holds no tokenizer: one line, not transformers' whole explanation.
+    assert main(["show", "--tokenizer", str(stores / "topk"), str(stores / "topk"), "7"]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer could be loaded" in err and len(err.strip().splitlines()) == 1, err

@@ -332,6 +332,16 @@ def _position_slice(text: str) -> slice:
         raise argparse.ArgumentTypeError(f"expected A:B, A: , :B or A, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _token_namer(path: str | None) -> Callable[[int], str]:
     """id -> what to print for it: the token text from a tokenizer, else the id."""
     if path is None:
@@ -344,7 +354,13 @@ def _token_namer(path: str | None) -> Callable[[int], str]:
                 "--tokenizer DIR needs transformers (pip install 'logitcache[capture]'); "
                 "or give a tokenizer.json file"
             ) from None
-        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"--tokenizer {path}: no tokenizer could be loaded ({first})"
+            ) from None
 
         def name(i: int) -> str:
             return repr(hf.convert_ids_to_tokens(i))
@@ -355,7 +371,10 @@ def _token_namer(path: str | None) -> Callable[[int], str]:
             raise ValueError("--tokenizer FILE needs the tokenizers package") from None
         if not os.path.exists(path):
             raise FileNotFoundError(2, "no such tokenizer file", path)
-        tok = Tokenizer.from_file(path)
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers package raises a bare Exception
+            raise ValueError(f"--tokenizer {path} is not a tokenizer.json file ({e})") from None
 
         def name(i: int) -> str:
             return repr(tok.id_to_token(i))
@@ -369,7 +388,15 @@ def _show(args: argparse.Namespace) -> int:
     name = _token_namer(args.tokenizer)
     sampled = store.kind == "sampled"
     rows = []
-    for t in range(len(rec))[args.positions]:
+    shown = range(len(rec))[args.positions]
+    if len(rec) and not shown:
+        sl = args.positions
+        raise ValueError(
+            f"--positions {'' if sl.start is None else sl.start}:"
+            f"{'' if sl.stop is None else sl.stop} selects none of sample {args.sample_id}'s "
+            f"{len(rec)} positions"
+        )
+    for t in shown:
         ids = rec.topk_ids[t]
         lps = None if rec.topk_logprobs is None else rec.topk_logprobs[t]
         counts = None if rec.counts is None else rec.counts[t]
@@ -630,9 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_position_slice,
         default=slice(None),
         metavar="A:B",
-        help="positions to show, as a Python slice (default: all)",
+        help="positions to show, as a Python slice (default: all); one that starts with a "
+        "minus sign takes the = form: --positions=-3:",
     )
-    p.add_argument("--top", type=int, default=5, metavar="N", help="targets per row (default 5)")
+    p.add_argument(
+        "--top", type=_positive_int, default=5, metavar="N", help="targets per row (default 5)"
+    )
     p.add_argument(
         "--tokenizer",
         metavar="PATH",
