@@ -204,8 +204,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["remove", str(path), "3", "--ids", str(ids_file), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "REMOVED: 3 sample(s)" in out and "now holds 27 samples" in out, out
-    assert main(["remove", str(path), "3"]) == 2
-    assert "sample id 3 is not in the store" in capsys.readouterr().err
+    assert main(["remove", str(path), "3", "1000", "1001"]) == 2
+    err = capsys.readouterr().err
+    assert f"remove: sample id 3 is not in the store {path} (nor are 2 more)\n" in err, err
+    assert "--missing-ok" in err
     assert main(["remove", str(path), "3", "7", "--missing-ok", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["missing_ids"] == [3] and report["samples_removed"] == 1

@@ -319,8 +319,10 @@ def test_add_logits_errors(tmp_path: Path) -> None:
 
 def test_missing_sample_is_a_key_error(committed: Path) -> None:
     s = lc.open_store(committed)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as e:
         s[12345]
+    # A sentence, not a quoted key as KeyError prints its argument.
+    assert str(e.value) == f"sample id 12345 is not in the store {committed}"
     with pytest.raises(lc.MissingSampleError, match="12345"):
         s.read_batch([0, 12345])
     with pytest.raises(lc.MissingSampleError, match="12345"):

@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 
 import logitcache
-from logitcache.errors import CorruptStoreError, StoreError, StoreExistsError
+from logitcache.errors import (
+    CorruptStoreError,
+    MissingSampleError,
+    StoreError,
+    StoreExistsError,
+)
 
 
 def _human_bytes(n: float) -> str:
@@ -803,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        if isinstance(e, MissingSampleError) and args.command == "remove":
+            print("to remove the others and report those: --missing-ok", file=sys.stderr)
         if isinstance(e, StoreExistsError) and args.command == "merge":
             print("to merge into it: logitcache merge --append ...", file=sys.stderr)
         if isinstance(e, CorruptStoreError) and args.command == "info":

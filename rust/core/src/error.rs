@@ -87,8 +87,9 @@ pub enum Error {
     DuplicateSample { sample_id: u64, msg: String },
 
     /// A sample id that is not in the store. Maps to `MissingSampleError` (a `KeyError`).
-    #[error("sample id {sample_id} is not in the store {}", path.display())]
-    MissingSample { sample_id: u64, path: PathBuf },
+    /// `more`: how many other requested ids are missing too, where counted.
+    #[error("sample id {sample_id} is not in the store {}{}", path.display(), nor_more(*more))]
+    MissingSample { sample_id: u64, path: PathBuf, more: u64 },
 
     /// Bytes that fail a checksum, a bound or a structural rule. Maps to `CorruptStoreError`.
     #[error("corrupt store data at {location}: {msg}")]
@@ -126,6 +127,10 @@ pub enum Error {
     },
 }
 
+fn nor_more(more: u64) -> String {
+    if more == 0 { String::new() } else { format!(" (nor are {more} more)") }
+}
+
 impl Error {
     /// Where the error happened, as far as it is known: the `Corrupt` location, else the path
     /// and sample id a variant carries (a store directory, a manifest or a shard file).
@@ -133,7 +138,7 @@ impl Error {
     pub fn location(&self) -> Location {
         match self {
             Error::Corrupt { location, .. } => location.clone(),
-            Error::MissingSample { sample_id, path } => Location::file(path).sample(*sample_id),
+            Error::MissingSample { sample_id, path, .. } => Location::file(path).sample(*sample_id),
             Error::InvalidRecord { sample_id, .. } | Error::DuplicateSample { sample_id, .. } => {
                 Location { sample_id: Some(*sample_id), ..Default::default() }
             }
@@ -178,7 +183,10 @@ mod tests {
         let corrupt = Location::file("/s/x.lcs").shard(1).chunk(2).offset(3).sample(4);
         let cases: Vec<(Error, Location)> = vec![
             (Error::corrupt(corrupt.clone(), "m"), corrupt),
-            (Error::MissingSample { sample_id: 9, path: p() }, Location::file("/s").sample(9)),
+            (
+                Error::MissingSample { sample_id: 9, path: p(), more: 0 },
+                Location::file("/s").sample(9),
+            ),
             (
                 Error::InvalidRecord { sample_id: 5, msg: "m".into() },
                 Location { sample_id: Some(5), ..Default::default() },

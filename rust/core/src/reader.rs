@@ -637,7 +637,7 @@ impl Store {
     }
 
     fn missing(&self, sample_id: u64) -> Error {
-        Error::MissingSample { sample_id, path: self.dir.clone() }
+        Error::MissingSample { sample_id, path: self.dir.clone(), more: 0 }
     }
 
     fn chunk(&self, shard: u32, chunk: u32) -> Result<Arc<DecodedChunk>> {

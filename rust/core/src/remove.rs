@@ -130,7 +130,8 @@ pub fn remove_samples_with_progress(
     report.missing_ids = removed.difference(&found).copied().collect();
     report.missing_ids.sort_unstable();
     if let (false, Some(&sample_id)) = (opts.missing_ok, report.missing_ids.first()) {
-        return Err(Error::MissingSample { sample_id, path: dir.to_path_buf() });
+        let more = report.missing_ids.len() as u64 - 1;
+        return Err(Error::MissingSample { sample_id, path: dir.to_path_buf(), more });
     }
     report.samples_removed = report.shards.iter().map(|r| r.samples_removed).sum();
     report.positions_removed = report.shards.iter().map(|r| r.positions_removed).sum();

@@ -71,7 +71,14 @@ fn classes(py: Python<'_>) -> PyResult<&Classes> {
             if let Some(extra) = extra {
                 bases.push(py.import("builtins")?.getattr(*extra)?.cast_into::<PyType>()?);
             }
-            sub.push(make_class(py, name, doc, PyTuple::new(py, bases)?)?.unbind());
+            let ty = make_class(py, name, doc, PyTuple::new(py, bases)?)?;
+            if *extra == Some("KeyError") {
+                // KeyError prints its message as a repr (quoted, escaped), being meant for a
+                // key; this one is a sentence.
+                let plain = py.import("builtins")?.getattr("BaseException")?.getattr("__str__")?;
+                ty.setattr("__str__", plain)?;
+            }
+            sub.push(ty.unbind());
         }
         Ok(Classes { store_error: store_error.unbind(), sub })
     })
