@@ -162,6 +162,29 @@ def test_append_refuses_a_mismatch_naming_the_field(
     _assert_intact(committed)
 
 
+@pytest.mark.parametrize(
+    ("written", "given", "expected", "found"),
+    [
+        ("kl:1e-3", "kl:1e-2", "kl (bound 0.01)", "kl (bound 0.001)"),
+        (
+            "abs:0.01",
+            "abs:0.001",
+            "abs (step 0.001953125, max abs error 0.0009765625)",
+            "abs (step 0.01953125, max abs error 0.009765625)",
+        ),
+        ("abs:0.01", "lossless", "lossless", "abs (step 0.01953125"),
+    ],
+)
+def test_a_codec_mismatch_shows_both_guarantees(
+    tmp_path: Path, rng: np.random.Generator, written: str, given: str, expected: str, found: str
+) -> None:
+    with lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, codec=written) as w:
+        w.add(0, *_good(rng))
+    with pytest.raises(lc.StoreMismatchError) as e:
+        lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, codec=given, mode="a")
+    assert f"codec expected {expected}, found {found}" in str(e.value), str(e.value)
+
+
 def test_modes(committed: Path, tmp_path: Path, rng: np.random.Generator) -> None:
     with pytest.raises(lc.StoreExistsError, match='mode="a"'):
         lc.StoreWriter(committed, vocab_size=V, k=K)

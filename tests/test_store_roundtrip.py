@@ -266,6 +266,15 @@ def test_metadata_teacher_tokenizer_and_fingerprints(tmp_path: Path) -> None:
         lc.open_store(tmp_path / "s", expect_tokenizer=Other())
     with pytest.raises(lc.StoreMismatchError, match=r"tokenizer\.name"):
         lc.open_store(tmp_path / "s", expect_tokenizer="another")
+    with lc.StoreWriter(tmp_path / "named", vocab_size=3, k=2, tokenizer="toy-tokenizer"):
+        pass
+    fp = {"vocab_fingerprint": "sha256:00"}
+    with pytest.raises(lc.StoreMismatchError) as e:
+        lc.open_store(tmp_path / "named", expect_tokenizer=fp)
+    assert str(e.value).endswith(
+        'tokenizer expected vocab_fingerprint "sha256:00", found name "toy-tokenizer" (nothing '
+        "to compare: no common name or fingerprint)"
+    ), str(e.value)
     with lc.StoreWriter(tmp_path / "s", vocab_size=3, k=2, mode="a", metadata={"more": 1}):
         pass
     assert lc.open_store(tmp_path / "s").meta["metadata"] == {"run": 7, "more": 1}

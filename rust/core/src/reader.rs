@@ -987,10 +987,22 @@ fn check_tokenizer(dir: &Path, want: &TokenizerInfo, have: Option<&TokenizerInfo
         (Some(a), Some(b)) => Err(mismatch("tokenizer.name", a.clone(), b.clone())),
         _ => Err(mismatch(
             "tokenizer",
-            format!("{want:?}"),
-            format!("{have:?} (nothing to compare: no common name or fingerprint)"),
+            describe_tokenizer(want),
+            format!(
+                "{} (nothing to compare: no common name or fingerprint)",
+                describe_tokenizer(have)
+            ),
         )),
     }
+}
+
+/// A tokenizer's identity as messages show it: `name "gpt2", vocab_fingerprint "sha256:.."`.
+fn describe_tokenizer(t: &TokenizerInfo) -> String {
+    let parts: Vec<String> = [("name", &t.name), ("vocab_fingerprint", &t.vocab_fingerprint)]
+        .into_iter()
+        .filter_map(|(field, v)| v.as_ref().map(|v| format!("{field} {v:?}")))
+        .collect();
+    if parts.is_empty() { "nothing".into() } else { parts.join(", ") }
 }
 
 /// Copy record `r` of a decoded chunk out as an owned record, in arrays from `pool`.

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
-use crate::codec::{CodecParams, LogprobCodec};
+use crate::codec::CodecParams;
 use crate::error::{Error, IoContext, Result};
 use crate::format::FORMAT_VERSION;
 use crate::manifest::{
@@ -236,13 +236,7 @@ struct Config {
 impl Config {
     fn describe(&self) -> String {
         let p = &self.params;
-        let codec = match p.logprobs {
-            LogprobCodec::Abs { .. } => format!("abs (step {})", p.logprobs.step()),
-            LogprobCodec::Kl { .. } => {
-                format!("kl (bound {})", p.logprobs.kl_bound().unwrap_or_default())
-            }
-            other => other.name().to_string(),
-        };
+        let codec = p.logprobs.describe();
         format!(
             "kind {}, k {}, vocab_size {}, codec {codec}, temperature {}",
             p.kind.name(),

@@ -1097,8 +1097,7 @@ fn check_encoding(path: &Path, want: &CodecParams, found: &CodecParams) -> Resul
         return mismatch("vocab_size", want.vocab_size.to_string(), found.vocab_size.to_string());
     }
     if want.logprobs != found.logprobs {
-        let show = |c: LogprobCodec| format!("{} (step {})", c.name(), c.step());
-        return mismatch("codec", show(want.logprobs), show(found.logprobs));
+        return mismatch("codec", want.logprobs.describe(), found.logprobs.describe());
     }
     Ok(())
 }

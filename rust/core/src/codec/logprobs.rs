@@ -152,6 +152,18 @@ impl LogprobCodec {
         }
     }
 
+    /// The codec as messages show it: its name and its guarantee (`abs (step 0.0195312, max
+    /// abs error 0.00976562)`, `kl (bound 0.001)`, `lossless`, `none`).
+    pub fn describe(self) -> String {
+        match self {
+            LogprobCodec::Abs { .. } => {
+                format!("abs (step {}, max abs error {})", self.step(), self.step() / 2.0)
+            }
+            LogprobCodec::Kl { bound } => format!("kl (bound {bound})"),
+            other => other.name().into(),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             LogprobCodec::None => "none",
