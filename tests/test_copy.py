@@ -124,7 +124,13 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, str(tmp_path / "e")]) == 2
     assert "one sample id" in capsys.readouterr().err
     assert main(["copy", str(tmp_path / "src"), str(tmp_path / "d")]) == 2
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a store" in err and "to copy into it: logitcache copy --append" in err
+    # The empty copy's summary says so (there is no bytes per token of nothing).
+    (tmp_path / "none.txt").write_text("")
+    argv = ["copy", "--ids", str(tmp_path / "none.txt"), str(tmp_path / "src")]
+    assert main([*argv, str(tmp_path / "empty")]) == 0
+    assert "holds 0 samples, no positions" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind_codec", [("topk", "kl:1e-3"), ("sampled", "abs:0.01")])

@@ -152,7 +152,7 @@ def test_merge_refusals_change_nothing(tmp_path: Path) -> None:
     assert not dest.exists()
 
     files = store_files(tmp_path / "b")
-    with pytest.raises(lc.StoreExistsError):
+    with pytest.raises(lc.StoreExistsError, match='merge into it with mode="a"'):
         lc.merge_stores(tmp_path / "b", [tmp_path / "v"])
     with pytest.raises(ValueError, match="the destination itself"):
         lc.merge_stores(tmp_path / "b", [tmp_path / "b"], mode="a")
@@ -196,7 +196,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "'rank'" in err, err
     assert main(["merge", dest, str(tmp_path / "a")]) == 2
     out, err = capsys.readouterr()
-    assert "already exists" in err and "--append" in err, err
+    assert "already holds a store" in err and "logitcache merge --append" in err, err
     _write(tmp_path / "c", [4], seed=2)
     assert main(["merge", "--append", "--copy", "--json", dest, str(tmp_path / "c")]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -185,6 +185,27 @@ def test_a_codec_mismatch_shows_both_guarantees(
     assert f"codec expected {expected}, found {found}" in str(e.value), str(e.value)
 
 
+def test_mode_x_says_what_is_at_the_path(committed: Path, tmp_path: Path) -> None:
+    """StoreExistsError says what is there and what to do, for each kind of thing there."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    (tmp_path / "started" / "shards").mkdir(parents=True)
+    (tmp_path / "started" / ".lock").write_text("")
+    for path, says in [
+        (committed, 'already holds a store; open it with mode="a" to append or mode="w"'),
+        (tmp_path / "empty", 'an empty directory); mode="a" writes a new store into it'),
+        (tmp_path / "file", "already exists and is not a directory"),
+        (tmp_path / "mine", "is not a logitcache store; choose another path"),
+        (tmp_path / "started", "holds no committed store (a writer is writing one there"),
+    ]:
+        with pytest.raises(lc.StoreExistsError) as e:
+            lc.StoreWriter(path, vocab_size=V, k=K)
+        assert str(e.value).startswith(f"{path} ") and says in str(e.value), str(e.value)
+    _assert_intact(committed)
+
+
 def test_modes(committed: Path, tmp_path: Path, rng: np.random.Generator) -> None:
     with pytest.raises(lc.StoreExistsError, match='mode="a"'):
         lc.StoreWriter(committed, vocab_size=V, k=K)

@@ -810,8 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if isinstance(e, MissingSampleError) and args.command == "remove":
             print("to remove the others and report those: --missing-ok", file=sys.stderr)
-        if isinstance(e, StoreExistsError) and args.command == "merge":
-            print("to merge into it: logitcache merge --append ...", file=sys.stderr)
+        if isinstance(e, StoreExistsError) and args.command == "copy":
+            print("to copy into it: logitcache copy --append ...", file=sys.stderr)
         if isinstance(e, CorruptStoreError) and args.command == "info":
             print(
                 f"every fault: logitcache verify {args.path}; to keep what can still be "

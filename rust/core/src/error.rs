@@ -105,8 +105,9 @@ pub enum Error {
     Mismatch { path: PathBuf, field: String, expected: String, found: String },
 
     /// `mode="x"` on a path that exists. Maps to `StoreExistsError` (a `FileExistsError`).
-    #[error("{} already exists; open it with mode=\"a\" to append or mode=\"w\" to replace it", path.display())]
-    StoreExists { path: PathBuf },
+    /// `msg` says what is there and what to do instead.
+    #[error("{} {msg}", path.display())]
+    StoreExists { path: PathBuf, msg: String },
 
     /// Another live writer holds the store's lock. Maps to `StoreLockedError`.
     #[error("store {} is locked by another writer ({msg})", path.display())]
@@ -144,7 +145,7 @@ impl Error {
             }
             Error::UnsupportedVersion { path, .. }
             | Error::Mismatch { path, .. }
-            | Error::StoreExists { path }
+            | Error::StoreExists { path, .. }
             | Error::Locked { path, .. }
             | Error::Io { path, .. } => Location::file(path),
             Error::InvalidArgument { .. } | Error::State(_) => Location::default(),
@@ -205,7 +206,7 @@ mod tests {
                 },
                 Location::file("/s"),
             ),
-            (Error::StoreExists { path: p() }, Location::file("/s")),
+            (Error::StoreExists { path: p(), msg: "m".into() }, Location::file("/s")),
             (Error::Locked { path: p(), msg: "m".into() }, Location::file("/s")),
             (Error::io("open", "/s", std::io::ErrorKind::NotFound.into()), Location::file("/s")),
             (Error::invalid_argument("a", "m"), Location::default()),

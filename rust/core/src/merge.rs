@@ -125,7 +125,17 @@ pub fn merge_with_progress(
     // The level is informational (decoding does not depend on it); keep the base's.
     let zstd_level = base.codec.zstd_level.clamp(1, 22);
     let wopts = WriterOptions { zstd_level, ..WriterOptions::default() };
-    let mut writer = StoreWriter::open(dest, spec, mode, wopts)?;
+    let mut writer = StoreWriter::open(dest, spec, mode, wopts).map_err(|e| {
+        match e {
+        // A merge has no mode="w": the writer's advice would not do here.
+        Error::StoreExists { path, .. } if path.join(MANIFEST_NAME).exists() => Error::StoreExists {
+            path,
+            msg: "already holds a store; merge into it with mode=\"a\" (logitcache merge --append)"
+                .into(),
+        },
+        e => e,
+    }
+    })?;
     let mut report = MergeReport { metadata_conflicts: conflicts, ..Default::default() };
     for (m, src) in manifests.iter().zip(sources) {
         let p = params_from_manifest(m, &src.join(MANIFEST_NAME))?;

@@ -345,14 +345,37 @@ fn validate_spec(spec: &StoreSpec, codec: LogprobCodec) -> Result<()> {
     Ok(())
 }
 
-/// A directory that a writer started but never committed: nothing but the lock file, the
-/// shards directory and temporary manifests (an empty directory counts too).
-fn is_uncommitted_store(dir: &Path) -> Result<bool> {
+/// [`Error::StoreExists`] for `mode="x"` on `dir`, saying what is there.
+fn store_exists(dir: &Path) -> Error {
+    let msg = if dir.join(MANIFEST_NAME).exists() {
+        "already holds a store; open it with mode=\"a\" to append or mode=\"w\" to replace it"
+    } else if !dir.is_dir() {
+        "already exists and is not a directory"
+    } else if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+        "already exists (an empty directory); mode=\"a\" writes a new store into it"
+    } else if holds_only_a_writers_files(dir).unwrap_or(false) {
+        "holds no committed store (a writer is writing one there, or died before its first \
+         commit); once no writer holds it, mode=\"a\" adopts the shards it finished and \
+         mode=\"w\" starts afresh"
+    } else {
+        "already exists and is not a logitcache store; choose another path"
+    };
+    Error::StoreExists { path: dir.to_path_buf(), msg: msg.into() }
+}
+
+/// A directory that a writer started: nothing but the lock file, the shards directory,
+/// temporary manifests and (committed since the caller looked) the manifest; an empty
+/// directory counts too.
+fn holds_only_a_writers_files(dir: &Path) -> Result<bool> {
     for e in fs::read_dir(dir).io_ctx("list", dir)? {
         let e = e.io_ctx("list", dir)?;
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if !(name == LOCK_NAME || name == SHARDS_DIR || name.starts_with(".manifest.json.tmp-")) {
+        if !(name == LOCK_NAME
+            || name == SHARDS_DIR
+            || name == MANIFEST_NAME
+            || name.starts_with(".manifest.json.tmp-"))
+        {
             return Ok(false);
         }
     }
@@ -437,17 +460,10 @@ impl StoreWriter {
             validate_spec(&spec, spec.logprobs.unwrap_or_else(|| default_codec(spec.kind)))?;
         }
         let mut created_dir = false;
-        let new_store = match mode {
-            Mode::Create => {
-                if exists {
-                    return Err(Error::StoreExists { path: dir.to_path_buf() });
-                }
-                true
-            }
-            Mode::Append => !has_manifest,
-            Mode::Overwrite => true,
-        };
-        if exists && !has_manifest && !is_uncommitted_store(dir)? {
+        if mode == Mode::Create && exists {
+            return Err(store_exists(dir));
+        }
+        if exists && !has_manifest && !holds_only_a_writers_files(dir)? {
             return Err(Error::invalid_argument(
                 "path",
                 format!(
@@ -466,12 +482,27 @@ impl StoreWriter {
                 new_dirs.push(p.to_path_buf());
                 d = p.parent();
             }
-            fs::create_dir_all(dir).io_ctx("create store directory", dir)?;
-            created_dir = true;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent).io_ctx("create store directory", parent)?;
+            }
+            // Only a directory made here is this writer's to remove again: another writer
+            // may have made it since `exists` was read (and may be writing in it).
+            match fs::create_dir(dir) {
+                Ok(()) => created_dir = true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    new_dirs.clear();
+                    if mode == Mode::Create {
+                        return Err(store_exists(dir));
+                    }
+                }
+                Err(e) => return Err(Error::io("create store directory", dir, e)),
+            }
         }
-        let mode = if new_store && mode == Mode::Append { Mode::Create } else { mode };
         let lock = match lock(dir) {
             Ok(l) => l,
+            // Locked: another writer took the directory made here before this one locked it,
+            // and is writing in it.
+            Err(e @ Error::Locked { .. }) => return Err(e),
             Err(e) => {
                 if created_dir {
                     let _ = fs::remove_dir_all(dir);
@@ -479,6 +510,13 @@ impl StoreWriter {
                 return Err(e);
             }
         };
+        // What is at the path is read again under the lock: a writer that held it before may
+        // have committed a store there since (appending then adds to it, creating refuses).
+        let has_manifest = dir.join(MANIFEST_NAME).exists();
+        if mode == Mode::Create && has_manifest {
+            return Err(store_exists(dir));
+        }
+        let mode = if mode == Mode::Append && !has_manifest { Mode::Create } else { mode };
         let shards_dir = dir.join(SHARDS_DIR);
         fs::create_dir_all(&shards_dir).io_ctx("create shards directory", &shards_dir)?;
 

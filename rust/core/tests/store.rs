@@ -1735,3 +1735,68 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Writers that open one new path at the same moment: with mode "x" exactly one creates the
+/// store and the others are refused without touching it (a loser used to remove the
+/// directory the winner was writing in); with mode "a", retried while locked, every
+/// writer's samples end up in the store (one that found no manifest before another's commit
+/// used to replace that store instead of appending to it).
+#[test]
+fn writers_racing_to_create_a_store_neither_remove_nor_replace_it() {
+    use std::sync::Barrier;
+    const WRITERS: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..15 {
+        let path = dir.path().join(format!("x{round}"));
+        let barrier = Barrier::new(WRITERS as usize);
+        let won: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..WRITERS)
+                .map(|t| {
+                    let (path, barrier) = (&path, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        let spec = spec(Kind::TopK, 4, 100, None);
+                        match StoreWriter::open(path, spec, Mode::Create, small_opts()) {
+                            Ok(mut w) => {
+                                write_topk(&mut w, t, 5);
+                                w.close().unwrap();
+                                true
+                            }
+                            Err(Error::StoreExists { .. } | Error::Locked { .. }) => false,
+                            Err(e) => panic!("{e}"),
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(won.iter().filter(|&&w| w).count(), 1, "{won:?}");
+        assert_eq!(Store::open(&path, &OpenOptions::default()).unwrap().len(), 1);
+
+        let path = dir.path().join(format!("a{round}"));
+        let barrier = Barrier::new(WRITERS as usize);
+        std::thread::scope(|s| {
+            for t in 0..WRITERS {
+                let (path, barrier) = (&path, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    loop {
+                        let spec = spec(Kind::TopK, 4, 100, None);
+                        match StoreWriter::open(path, spec, Mode::Append, small_opts()) {
+                            Ok(mut w) => {
+                                write_topk(&mut w, t, 5);
+                                w.close().unwrap();
+                                return;
+                            }
+                            Err(Error::Locked { .. }) => std::thread::yield_now(),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                });
+            }
+        });
+        let mut ids = Store::open(&path, &OpenOptions::default()).unwrap().sample_ids();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..WRITERS).collect::<Vec<_>>(), "round {round}");
+    }
+}
