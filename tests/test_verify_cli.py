@@ -133,6 +133,43 @@ def test_cli_info_of_a_store_of_no_positions(
     assert "n/a (no positions)" in capsys.readouterr().out
 
 
+def test_verify_reports_a_missing_manifest_as_a_fault(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store without its manifest is a store with a fault (exit 1, a JSON report), as one
+    with a damaged manifest; a path with no store at all is an error (exit 2)."""
+    store = tmp_path / "s"
+    _small_store(store)
+    (store / "manifest.json").unlink()
+    report = lc.verify_store(store)
+    assert not report["ok"] and not report["manifest_ok"] and report["orphans"] == []
+    assert "manifest.json is missing" in report["problems"][0]
+    assert main(["verify", "--json", str(store)]) == 1
+    assert json.loads(capsys.readouterr().out) == report
+    assert main(["verify", str(store)]) == 1
+    err = capsys.readouterr().err
+    assert "FAULT: " in err and "logitcache repair --rebuild-manifest --dry-run" in err, err
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError):
+        lc.verify_store(tmp_path / "plain")
+    assert main(["verify", str(tmp_path / "plain")]) == 2
+
+
+def test_cli_points_to_verify_and_repair_for_a_missing_shard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "s"
+    _small_store(store)
+    next((store / "shards").iterdir()).unlink()
+    for argv in (["info", str(store)], ["show", str(store), "0"], ["stats", str(store)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "No such file or directory" in err, err
+        assert f"logitcache verify {store}; " in err and f"repair --dry-run {store}" in err, err
+    assert main(["copy", str(store), str(tmp_path / "c")]) == 2
+    assert f"logitcache verify {store}; " in capsys.readouterr().err
+
+
 def test_console_entry_points(tmp_path: Path) -> None:
     _small_store(tmp_path / "s")
     for cmd in (

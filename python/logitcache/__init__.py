@@ -74,8 +74,10 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     manifest refers to, e.g. left by a writer that was killed, or shards of a writer still
     open that it has not committed yet: :func:`clean_store` deletes those that logitcache
     wrote, never while a writer is open), ``manifest_ok`` (False
-    when the manifest cannot be read: then nothing else is checked and no file is called an
-    orphan; see :func:`rebuild_manifest`), and counts.
+    when the manifest cannot be read, being damaged or missing from a directory that holds
+    ``shards/``: then nothing else is checked and no file is called an orphan; see
+    :func:`rebuild_manifest`), and counts. A path with no store raises
+    :class:`FileNotFoundError`.
 
     ``progress=True`` shows a progress bar (tqdm, on stderr) of the store's bytes checked;
     ``None`` shows it only when stderr is a terminal. Each byte is read twice (the

@@ -789,6 +789,19 @@ def _store_without_manifest(e: Exception) -> str | None:
     return store if os.path.isdir(os.path.join(store, "shards")) else None
 
 
+def _damaged_store(e: Exception) -> str | None:
+    """The store whose shard ``e`` says is damaged or missing, if it says so."""
+    if isinstance(e, CorruptStoreError):
+        where = getattr(e, "file", None)
+    elif isinstance(e, FileNotFoundError):
+        where = e.filename
+    else:
+        return None
+    if where is None or os.path.basename(os.path.dirname(str(where))) != "shards":
+        return None
+    return os.path.dirname(os.path.dirname(str(where))) or "."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -812,10 +825,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("to remove the others and report those: --missing-ok", file=sys.stderr)
         if isinstance(e, StoreExistsError) and args.command == "copy":
             print("to copy into it: logitcache copy --append ...", file=sys.stderr)
-        if isinstance(e, CorruptStoreError) and args.command == "info":
+        damaged = _damaged_store(e)
+        if damaged is not None and args.command not in ("verify", "repair"):
             print(
-                f"every fault: logitcache verify {args.path}; to keep what can still be "
-                f"read: logitcache repair --dry-run {args.path}",
+                f"every fault: logitcache verify {damaged}; to keep what can still be "
+                f"read: logitcache repair --dry-run {damaged}",
                 file=sys.stderr,
             )
         return 2

@@ -26,7 +26,8 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Files in the store directory that the manifest does not refer to.
     pub orphans: Vec<String>,
-    /// Whether the manifest could be read. When it could not, no shard was checked and no
+    /// Whether the manifest could be read (it cannot when damaged, or missing from a
+    /// directory that holds `shards/`). When it could not, no shard was checked and no
     /// file is called an orphan: which files belong to the store is what it would say
     /// (`rebuild_manifest` finds out from the shards themselves).
     pub manifest_ok: bool,
@@ -58,6 +59,18 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
     let mut report = VerifyReport::default();
     let manifest = match Manifest::read(dir) {
         Ok(m) => m,
+        // A store whose manifest is gone (its shards are there) is a store with a fault, as
+        // one whose manifest is damaged; a path with no store, or a manifest that could not
+        // be read for a reason that says nothing of the store, is an error.
+        Err(Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound && dir.join(SHARDS_DIR).is_dir() =>
+        {
+            report.problems.push(format!(
+                "{} is missing (the shard files are there: the manifest can be rebuilt from them)",
+                dir.join(MANIFEST_NAME).display()
+            ));
+            return Ok(report);
+        }
         Err(e @ Error::Io { .. }) => return Err(e),
         Err(e) => {
             report.problems.push(e.to_string());
