@@ -336,11 +336,33 @@ def test_bad_writer_arguments(tmp_path: Path) -> None:
         ({"vocab_size": 10, "k": 2, "metadata": {"x": object()}}, "JSON"),
         ({"vocab_size": 10, "k": 2, "shard_size": "lots"}, "shard_size"),
         ({"vocab_size": 10, "k": 2, "zstd_level": 40}, "zstd_level"),
+        # Numbers of the wrong type are refused, not truncated or failing deep inside.
+        ({"vocab_size": 10.0, "k": 2}, "vocab_size must be an integer, got 10.0"),
+        ({"vocab_size": 10, "k": True}, "k must be an integer, got True"),
+        ({"vocab_size": 10, "k": 2, "chunk_positions": 1.5}, "chunk_positions must be an integer"),
+        ({"vocab_size": 10, "k": 2, "chunk_positions": "8"}, "chunk_positions must be an integer"),
+        ({"vocab_size": 10, "k": 2, "chunk_positions": 0}, "chunk_positions must be at least 1"),
+        (
+            {"vocab_size": 10, "k": 2, "shard_size": 1e9},
+            "shard_size must be an integer, got 1000000000.0",
+        ),
+        ({"vocab_size": 10, "k": 2, "shard_size": 0}, "shard_size must be at least 1"),
+        ({"vocab_size": 10, "k": 2, "zstd_level": 2.5}, "zstd_level must be an integer"),
     ]
     for i, (kwargs, match) in enumerate(cases):
         with pytest.raises(ValueError, match=match):
             lc.StoreWriter(tmp_path / f"s{i}", **kwargs)
         assert not (tmp_path / f"s{i}").exists(), kwargs
+    with lc.StoreWriter(tmp_path / "ok", vocab_size=np.int64(10), k=np.int32(2), shard_size=4096):
+        pass
+    for kwargs, match in [
+        ({"cache_chunks": -1}, "cache_chunks must be at least 0, got -1"),
+        ({"cache_chunks": 2.0}, "cache_chunks must be an integer"),
+        ({"expect_vocab_size": "10"}, "expect_vocab_size must be an integer, got '10'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lc.open_store(tmp_path / "ok", **kwargs)
+    assert len(lc.open_store(tmp_path / "ok", expect_vocab_size=np.int64(10))) == 0
 
 
 def test_add_logits_errors(tmp_path: Path) -> None:

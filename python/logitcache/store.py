@@ -37,11 +37,19 @@ _SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "name_or_path"}
 
 
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``: ints and numpy integers only (a float
+    would be truncated without a word, a bool is no count)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return int(value)
+
+
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"shard_size must be positive, got {size}")
-        return size
+    if not isinstance(size, str):
+        return _int_arg("shard_size", size, 1)
     text = size.strip().upper().replace(" ", "")
     number = text.rstrip("KMGTIB")
     unit = text[len(number) :]
@@ -225,13 +233,12 @@ class StoreWriter:
         shard_size: int | str = "1GiB",
         zstd_level: int = 1,
     ) -> None:
-        for name, value in (("vocab_size", vocab_size), ("k", k)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        vocab_size = _int_arg("vocab_size", vocab_size, 1)
+        k = _int_arg("k", k, 1)
         if vocab_size >= 2**31:
             raise ValueError(f"vocab_size must be below 2**31, got {vocab_size}")
-        if chunk_positions < 1:
-            raise ValueError(f"chunk_positions must be positive, got {chunk_positions}")
+        chunk_positions = _int_arg("chunk_positions", chunk_positions, 1)
+        zstd_level = _int_arg("zstd_level", zstd_level, 1)
         teacher_name, teacher_fp = _teacher_info(teacher)
         tok_name, tok_fp = _tokenizer_info(tokenizer)
         metadata_json = _metadata_json(metadata)
@@ -647,6 +654,9 @@ def open_store(
     checksums are checked on every read.
     """
     name, fp = _tokenizer_info(expect_tokenizer)
+    if expect_vocab_size is not None:
+        expect_vocab_size = _int_arg("expect_vocab_size", expect_vocab_size, 1)
+    cache_chunks = _int_arg("cache_chunks", cache_chunks, 0)
     p = os.fspath(path)
     inner = _core.Store(
         p,
