@@ -63,6 +63,8 @@ def test_same_codec_by_default_and_subsets(tmp_path: Path) -> None:
     want = store_contents(tmp_path / "src")
     assert lc.copy_store(tmp_path / "src", tmp_path / "some", sample_ids=[30, 10, 30]) == 2
     assert sorted(store_contents(tmp_path / "some")) == [10, 30]
+    assert lc.copy_store(tmp_path / "src", tmp_path / "set", sample_ids={10, 30}) == 2
+    assert sorted(store_contents(tmp_path / "set")) == [10, 30]
     n = lc.copy_store(tmp_path / "src", tmp_path / "rest", exclude_ids=np.array([0, 110]))
     assert n == 10 and sorted(store_contents(tmp_path / "rest")) == sorted(set(want) - {0, 110})
     # Input ids and target ids are carried exactly (the values: test_recode).

@@ -165,6 +165,8 @@ def test_ids_in_any_form_and_everything(tmp_path: Path) -> None:
     lc.remove_samples(path, (i for i in (3, 4)))
     lc.remove_samples(path, frozenset({5}))
     lc.remove_samples(path, {6: "a", 7: "b"}.keys())
+    with pytest.raises(ValueError, match="got the single id 8"):
+        lc.remove_samples(path, 8)  # type: ignore[arg-type]
     assert sorted(store_contents(path)) == [0, *range(8, 30)]
     report = lc.remove_samples(path, lc.open_store(path).sample_ids())
     assert report["num_samples"] == 0 and report["bytes_after"] == 0

@@ -396,6 +396,17 @@ def test_missing_sample_is_a_key_error(committed: Path) -> None:
     for bad in ([[0, 1]], np.array([0.5]), [-1]):
         with pytest.raises(ValueError, match=r"sample_ids? must"):
             s.read_packed(bad)
+    # Any iterable of ids reads in its order; a set has none, and one id is not a batch.
+    ids = [int(x) for x in s.sample_ids()[:3]]
+    want = s.read_packed(ids)
+    for given in (iter(ids), dict.fromkeys(ids).keys(), (x for x in ids)):
+        got = s.read_packed(given)  # type: ignore[arg-type]
+        assert got.sample_ids.tolist() == ids
+        assert np.array_equal(got.topk_ids, want.topk_ids)
+    with pytest.raises(ValueError, match="is a set, which has no order"):
+        s.read_batch(set(ids))
+    with pytest.raises(ValueError, match="got the single id 3"):
+        s.read_batch(3)  # type: ignore[arg-type]
     empty = s.read_packed([])
     assert empty.input_ids.shape == (0,) and empty.offsets.tolist() == [0]
     assert 12345 not in s and "0" not in s and 0 in s

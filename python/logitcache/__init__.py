@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from logitcache import _core
 from logitcache._core import __version__, get_num_threads, set_num_threads
@@ -293,14 +291,7 @@ def remove_samples(
     (left), ``bytes_before``, ``bytes_after`` and ``committed``."""
     from logitcache.store import _sample_id_array
 
-    ids: Sequence[int] | npt.ArrayLike
-    if isinstance(sample_ids, (set, frozenset)):
-        ids = sorted(sample_ids)
-    elif isinstance(sample_ids, (np.ndarray, list, tuple, range)):
-        ids = sample_ids
-    else:  # generators, dict keys, other iterables of ids
-        ids = list(cast("Iterable[int]", sample_ids))
-    sids = _sample_id_array(ids)
+    sids = _sample_id_array(sample_ids, ordered=False)
     return _with_progress_bar(
         "remove",
         progress,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -445,8 +445,27 @@ class Batch:
         return int(self.sample_ids.shape[0])
 
 
-def _sample_id_array(sample_ids: Sequence[int] | npt.ArrayLike) -> np.ndarray:
-    """Sample ids as a 1-D uint64 array, refusing what is not one."""
+def _sample_id_array(
+    sample_ids: Iterable[int] | npt.ArrayLike, *, ordered: bool = True
+) -> np.ndarray:
+    """Sample ids as a 1-D uint64 array, refusing what is not one. Any iterable of ids is
+    taken (a generator, dict keys); a set only where the order does not matter
+    (``ordered=False``: it is then sorted)."""
+    if isinstance(sample_ids, (set, frozenset)):
+        if ordered:
+            raise ValueError(
+                "sample_ids is a set, which has no order; give a sequence (e.g. sorted(ids))"
+            )
+        sample_ids = sorted(sample_ids)
+    elif isinstance(sample_ids, (int, np.integer)):
+        raise ValueError(
+            f"sample_ids must be a sequence of ids, got the single id {sample_ids!r} "
+            "(a list of one will do)"
+        )
+    elif not isinstance(sample_ids, (np.ndarray, list, tuple, range, str, bytes)) and isinstance(
+        sample_ids, Iterable
+    ):
+        sample_ids = [*sample_ids]  # generators, dict keys, other iterables of ids
     if isinstance(sample_ids, (list, tuple, range)):
         # Python ints may exceed int64; numpy would turn a mix into float64.
         return np.fromiter((_sample_id(x) for x in sample_ids), dtype=np.uint64)
@@ -567,9 +586,11 @@ class Store:
             lp[cols] = raw["logprobs"]
         return Record(sample_id, inp, ids, lp, counts)
 
-    def read_batch(self, sample_ids: Sequence[int] | npt.ArrayLike) -> Batch:
+    def read_batch(self, sample_ids: Iterable[int] | npt.ArrayLike) -> Batch:
         """Decode many records into padded arrays, with the GIL released and chunks decoded in
         parallel on the shared pool. Raises ``MissingSampleError`` for an unknown id.
+        ``sample_ids``: a list, array, range or any other iterable of ids, read in its
+        order (a set, having none, is refused).
 
         The arrays are writeable and yours for as long as anything refers to them (views and
         ``torch.from_numpy`` tensors included). Once nothing does, the store keeps their
@@ -588,7 +609,7 @@ class Store:
             counts=raw.get("counts"),
         )
 
-    def read_packed(self, sample_ids: Sequence[int] | npt.ArrayLike) -> PackedBatch:
+    def read_packed(self, sample_ids: Iterable[int] | npt.ArrayLike) -> PackedBatch:
         """Like :meth:`read_batch`, but the records follow one another without padding
         (``offsets`` gives where each starts): no memory or copying is spent on padding,
         which for records of mixed lengths is often most of a padded batch. Its arrays'
@@ -725,8 +746,8 @@ def copy_store(
     source: Store | str | os.PathLike[str],
     path: str | os.PathLike[str],
     *,
-    sample_ids: Sequence[int] | npt.ArrayLike | None = None,
-    exclude_ids: Sequence[int] | npt.ArrayLike | None = None,
+    sample_ids: Iterable[int] | npt.ArrayLike | None = None,
+    exclude_ids: Iterable[int] | npt.ArrayLike | None = None,
     codec: str | None = None,
     mode: Literal["x", "a", "w"] = "x",
     progress: bool | None = False,
@@ -759,7 +780,7 @@ def copy_store(
     for chosen in (sample_ids, exclude_ids):
         if chosen is None:
             continue
-        want = np.unique(_sample_id_array(chosen))
+        want = np.unique(_sample_id_array(chosen, ordered=False))
         absent = want[~np.isin(want, ids)]
         if absent.size:
             raise MissingSampleError(
