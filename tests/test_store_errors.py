@@ -429,3 +429,35 @@ def test_damaged_shard_version_is_corruption_naming_the_shard(
     with pytest.raises(lc.CorruptStoreError, match=r"shard 1.*format version 8193.*damaged"):
         lc.open_store(tmp_path / "s")
     assert not lc.verify_store(tmp_path / "s")["ok"]
+
+
+def test_a_writer_dropped_unclosed_warns(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Dropped without close(): what was added since the last commit is discarded, as an
+    exception would discard it, and a RuntimeWarning says so; a writer with nothing to lose
+    gets the usual ResourceWarning; a closed one nothing."""
+    import gc
+    import warnings
+
+    w = lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K)
+    w.add(0, *_good(rng))
+    w.commit()
+    w.add(1, *_good(rng))
+    w.add(2, *_good(rng))
+    with pytest.warns(RuntimeWarning, match=r"the 2 sample\(s\) added since its last commit"):
+        del w
+        gc.collect()
+    assert lc.open_store(tmp_path / "s").sample_ids().tolist() == [0]
+    w = lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a")
+    with pytest.warns(ResourceWarning, match="unclosed StoreWriter"):
+        del w
+        gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a") as w:
+            w.add(3, *_good(rng))
+        del w
+        w = lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a")
+        w.abort()
+        del w
+        gc.collect()
+    assert len(lc.open_store(tmp_path / "s")) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -213,7 +214,8 @@ class StoreWriter:
 
     Records become visible when the writer commits: at :meth:`close` (the end of the ``with``
     block) or at an explicit :meth:`commit` checkpoint. An exception inside the ``with`` block,
-    or a killed process, leaves the last committed state.
+    or a killed process, leaves the last committed state; so does a writer garbage-collected
+    without :meth:`close` (with a ``RuntimeWarning`` when that discards samples).
     """
 
     def __init__(
@@ -380,6 +382,24 @@ class StoreWriter:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"StoreWriter({self.path!r}, kind={self.kind!r}, k={self.k}, {state})"
+
+    def __del__(self) -> None:
+        # A writer dropped without close() or abort() discards what it added since its last
+        # commit (as an exception would). Said loudly when that is data, since a forgotten
+        # close() in a script otherwise loses a whole capture without a word.
+        w = getattr(self, "_w", None)  # None: __init__ failed
+        if w is None or w.closed:
+            return
+        lost = w.num_uncommitted
+        if lost:
+            warnings.warn(
+                f"StoreWriter({self.path!r}) was not closed: the {lost} sample(s) added since "
+                "its last commit are discarded (use it in a with block, or call close())",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            warnings.warn(f"unclosed StoreWriter({self.path!r})", ResourceWarning, stacklevel=2)
 
 
 def _sample_id(sample_id: Any) -> int:

@@ -628,6 +628,11 @@ impl StoreWriter {
         self.known.len()
     }
 
+    /// Samples added since the last commit (what an abort discards).
+    pub fn num_uncommitted(&self) -> usize {
+        self.known.len().saturating_sub(self.manifest.num_samples as usize)
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed { Err(Error::State("the writer is closed".into())) } else { Ok(()) }
     }

@@ -354,6 +354,11 @@ impl PyStoreWriter {
         self.inner.num_samples()
     }
 
+    #[getter]
+    fn num_uncommitted(&self) -> usize {
+        self.inner.num_uncommitted()
+    }
+
     /// The manifest this writer will extend, as JSON.
     fn manifest_json(&self) -> PyResult<String> {
         serde_json::to_string(self.inner.manifest())
