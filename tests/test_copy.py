@@ -125,6 +125,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["copy", "--ids", str(tmp_path / "neg.txt"), str(tmp_path / "src")]
     assert main([*argv, str(tmp_path / "e")]) == 2
     assert "one sample id" in capsys.readouterr().err
+    both = ["--ids", str(tmp_path / "none.txt"), "--exclude-ids", str(tmp_path / "none.txt")]
+    with pytest.raises(SystemExit):
+        main(["copy", *both, str(tmp_path / "src"), str(tmp_path / "d2")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["copy", "--append", str(tmp_path / "src"), str(tmp_path / "src")]) == 2
+    assert "is the source store itself" in capsys.readouterr().err
     assert main(["copy", str(tmp_path / "src"), str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "already holds a store" in err and "to copy into it: logitcache copy --append" in err

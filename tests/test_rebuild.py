@@ -190,6 +190,11 @@ def test_cli(base: tuple[Path, dict, dict], tmp_path: Path, capsys: pytest.Captu
     argv = ["repair", "--rebuild-manifest", "--teacher", "t2", "--metadata", "{", str(work)]
     assert main(argv) == 2
     assert "--metadata is not valid JSON" in capsys.readouterr().err
+    assert main([*argv[:-2], "[1]", str(work)]) == 2
+    assert "--metadata must be a JSON object, got '[1]'" in capsys.readouterr().err
+    like = ["repair", "--rebuild-manifest", "--like", str(tmp_path / "nosuch"), str(work)]
+    assert main(like) == 2
+    assert f"--like {tmp_path / 'nosuch'}: " in capsys.readouterr().err
     argv[-2] = '{"a": 1}'
     assert main(argv) == 0
     out = capsys.readouterr().out

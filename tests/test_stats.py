@@ -184,6 +184,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == 20 and report["agreement"]["2"]["top1"] == 1.0
     assert main(["stats", str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit):
+        main(["stats", "--samples", "-5", str(tmp_path / "ok")])
+    assert "expected 0 or a positive integer, got '-5'" in capsys.readouterr().err
 
 
 def test_bad_arguments(tmp_path: Path) -> None:

@@ -182,6 +182,18 @@ def test_console_entry_points(tmp_path: Path) -> None:
         assert r.returncode == 0 and "info" in r.stdout and "verify" in r.stdout
 
 
+def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
+    """`logitcache verify --json PATH | head -c 0`: the closed pipe ends the command quietly
+    (status 141, as a shell reports SIGPIPE), without a traceback or an error message."""
+    _small_store(tmp_path / "s")
+    cmd = [sys.executable, "-m", "logitcache", "verify", "--json", str(tmp_path / "s")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the interpreter has started: it writes to a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
+
+
 def test_verify_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _small_store(tmp_path / "s")
     store_bytes = sum(f.stat().st_size for f in (tmp_path / "s" / "shards").iterdir())

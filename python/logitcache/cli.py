@@ -137,7 +137,10 @@ def _rebuild(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     tokenizer: Any = None
     metadata: dict[str, Any] | None = None
     if args.like is not None:
-        like = logitcache.open_store(args.like).meta
+        try:
+            like = logitcache.open_store(args.like).meta
+        except (StoreError, OSError) as e:
+            raise ValueError(f"--like {args.like}: {e}") from None
         teacher, tokenizer, metadata = like["teacher"], like["tokenizer"], like["metadata"]
     if args.teacher is not None:
         teacher = args.teacher
@@ -148,6 +151,8 @@ def _rebuild(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
             metadata = json.loads(args.metadata)
         except json.JSONDecodeError as e:
             raise ValueError(f"--metadata is not valid JSON: {e}") from None
+        if not isinstance(metadata, dict):
+            raise ValueError(f"--metadata must be a JSON object, got {args.metadata!r}")
     report = logitcache.rebuild_manifest(
         args.path,
         teacher=teacher,
@@ -335,6 +340,17 @@ def _position_slice(text: str) -> slice:
         return slice(int(a) if a else None, int(b) if b else None)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected A:B, A: , :B or A, got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    """A count of 0 or more (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return n
 
 
 def _positive_int(text: str) -> int:
@@ -639,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="store directory")
     p.add_argument(
         "--samples",
-        type=int,
+        type=_count,
         default=1000,
         metavar="N",
         help="samples to read, chosen at random (default 1000; 0: all)",
@@ -691,8 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE", help="the store to read")
     p.add_argument("path", metavar="PATH", help="the store to write")
     p.add_argument("--codec", help="e.g. abs:0.01, kl:1e-3, lossless (default: SOURCE's)")
-    p.add_argument("--ids", metavar="FILE", help="copy only these samples")
-    p.add_argument("--exclude-ids", metavar="FILE", help="copy all samples but these")
+    subset = p.add_mutually_exclusive_group()
+    subset.add_argument("--ids", metavar="FILE", help="copy only these samples")
+    subset.add_argument("--exclude-ids", metavar="FILE", help="copy all samples but these")
     p.add_argument(
         "--append", action="store_true", help="add to the store at PATH (same configuration)"
     )
@@ -807,6 +824,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader of our output went away (`logitcache verify --json | head`): nothing
+        # left to say, and nothing to say it to. Python would complain again at exit while
+        # flushing stdout, so it is pointed at /dev/null first. 128 + SIGPIPE, as a shell
+        # reports a command a broken pipe stopped.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         # The core stopped at its next chunk, keeping nothing it had not committed.
         print(f"logitcache {args.command}: interrupted; nothing was changed", file=sys.stderr)

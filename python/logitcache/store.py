@@ -796,6 +796,9 @@ def copy_store(
     src = source if isinstance(source, Store) else open_store(source)
     if sample_ids is not None and exclude_ids is not None:
         raise ValueError("give sample_ids or exclude_ids, not both")
+    if os.path.exists(path) and os.path.samefile(path, src.path):
+        # mode="w" would delete what it copies from; "a" would find every id there already.
+        raise ValueError(f"{os.fspath(path)} is the source store itself")
     ids = src.sample_ids()  # the source's order
     for chosen in (sample_ids, exclude_ids):
         if chosen is None:
@@ -831,7 +834,7 @@ def copy_store(
         if keep_lp and m["codec"]["logprobs"] == "none":
             raise ValueError(
                 f"{src.path} keeps no log-probabilities; the copy's codec "
-                f'{w.codec["logprobs"]!r} needs them (use codec="none")'
+                f'{w.codec["logprobs"]!r} needs them (use the codec "none")'
             )
         if all(w.codec[key] == m["codec"][key] for key in ("logprobs", "step", "kl_bound")):
             ids64 = np.ascontiguousarray(ids, dtype=np.uint64)
