@@ -120,7 +120,7 @@ def test_clean_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert "would delete .manifest.json.tmp-31337" in out
     assert "would delete shards/999999-0123456789abcdef.lcs" in out
-    assert "kept notes.txt (not written by a logitcache writer" in out
+    assert "kept notes.txt (clean deletes only orphan shard files and temporary" in out
     assert "DRY RUN, nothing changed: 2 file(s), 11 B" in out, out
     assert store_files(path) == files
 
@@ -129,6 +129,9 @@ def test_clean_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert "locked" in capsys.readouterr().err
         with pytest.raises(lc.StoreLockedError):
             lc.clean_store(path)
+        # A plan made while a writer is open would call its shards orphans: refused too.
+        with pytest.raises(lc.StoreLockedError):
+            lc.clean_store(path, dry_run=True)
     assert store_files(path) == files
 
     assert main(["clean", str(path), "--json"]) == 0

@@ -154,6 +154,10 @@ def test_merge_refusals_change_nothing(tmp_path: Path) -> None:
     files = store_files(tmp_path / "b")
     with pytest.raises(lc.StoreExistsError, match='merge into it with mode="a"'):
         lc.merge_stores(tmp_path / "b", [tmp_path / "v"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(lc.StoreExistsError) as e:
+        lc.merge_stores(tmp_path / "empty", [tmp_path / "v"])
+    assert 'mode="a" (logitcache merge --append) writes a new store into it' in str(e.value)
     with pytest.raises(ValueError, match="the destination itself"):
         lc.merge_stores(tmp_path / "b", [tmp_path / "b"], mode="a")
     with lc.StoreWriter(tmp_path / "b", vocab_size=200, k=4, mode="a"):

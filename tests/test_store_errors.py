@@ -198,7 +198,7 @@ def test_mode_x_says_what_is_at_the_path(committed: Path, tmp_path: Path) -> Non
         (tmp_path / "empty", 'an empty directory); mode="a" writes a new store into it'),
         (tmp_path / "file", "already exists and is not a directory"),
         (tmp_path / "mine", "is not a logitcache store; choose another path"),
-        (tmp_path / "started", "holds no committed store (a writer is writing one there"),
+        (tmp_path / "started", "`logitcache repair --rebuild-manifest` makes a store of the"),
     ]:
         with pytest.raises(lc.StoreExistsError) as e:
             lc.StoreWriter(path, vocab_size=V, k=K)
@@ -407,6 +407,10 @@ def test_missing_sample_is_a_key_error(committed: Path) -> None:
         s.read_batch(set(ids))
     with pytest.raises(ValueError, match="got the single id 3"):
         s.read_batch(3)  # type: ignore[arg-type]
+    import torch
+
+    got = s.read_packed(torch.tensor(ids))
+    assert got.sample_ids.tolist() == ids
     empty = s.read_packed([])
     assert empty.input_ids.shape == (0,) and empty.offsets.tolist() == [0]
     assert 12345 not in s and "0" not in s and 0 in s

@@ -4,6 +4,7 @@ it with a non-zero exit status."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -187,7 +188,9 @@ def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
     (status 141, as a shell reports SIGPIPE), without a traceback or an error message."""
     _small_store(tmp_path / "s")
     cmd = [sys.executable, "-m", "logitcache", "verify", "--json", str(tmp_path / "s")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Block-buffered stdout, as a pipe normally gets (the output is written at the flush).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # before the interpreter has started: it writes to a closed pipe
     err = proc.stderr.read().decode()

@@ -548,7 +548,10 @@ def _clean(args: argparse.Namespace) -> int:
     for f in report["deleted"]:
         print(f"{would} {f}")
     for f in report["kept"]:
-        print(f"kept {f} (not written by a logitcache writer: delete it yourself if unwanted)")
+        print(
+            f"kept {f} (clean deletes only orphan shard files and temporary manifests: "
+            "delete it yourself if unwanted)"
+        )
     head = "DRY RUN, nothing changed" if args.dry_run else "CLEANED"
     print(
         f"{head}: {len(report['deleted'])} file(s), {_human_bytes(report['bytes'])}, "
@@ -823,7 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        # Flushed here, not at exit: a pipe closed by its reader then raises below.
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:
         # The reader of our output went away (`logitcache verify --json | head`): nothing
         # left to say, and nothing to say it to. Python would complain again at exit while

@@ -482,8 +482,11 @@ def _sample_id_array(
             f"sample_ids must be a sequence of ids, got the single id {sample_ids!r} "
             "(a list of one will do)"
         )
-    elif not isinstance(sample_ids, (np.ndarray, list, tuple, range, str, bytes)) and isinstance(
-        sample_ids, Iterable
+    elif (
+        not isinstance(sample_ids, (np.ndarray, list, tuple, range, str, bytes))
+        # Arrays of other libraries (torch, jax, pandas) convert as arrays, not one by one.
+        and not any(hasattr(sample_ids, a) for a in ("__array__", "__array_interface__"))
+        and isinstance(sample_ids, Iterable)
     ):
         sample_ids = [*sample_ids]  # generators, dict keys, other iterables of ids
     if isinstance(sample_ids, (list, tuple, range)):

@@ -17,7 +17,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest};
 use crate::verify::orphans;
 use crate::writer::{self, SHARDS_DIR};
@@ -42,10 +42,23 @@ pub fn clean_store(dir: &Path, dry_run: bool) -> Result<CleanReport> {
     // A directory without a readable manifest is refused before the lock would leave a
     // file in it.
     Manifest::read(dir)?;
-    let _lock = if dry_run { None } else { Some(writer::lock(dir)?) };
+    let _lock = if dry_run {
+        // A writer that is open has shards no manifest names yet: a plan that called them
+        // orphans would be one the real run refuses.
+        writer::check_unlocked(dir)?;
+        None
+    } else {
+        Some(writer::lock(dir)?)
+    };
     // Read again under the lock: a writer that committed in between added shards that the
     // first reading does not name.
     let manifest = Manifest::read(dir)?;
+    if !dry_run {
+        // The manifest just read must be the one a power loss comes back to before any file
+        // it does not name goes: after a commit whose directory fsync failed, the previous
+        // manifest may still be the durable one, and it names the shards about to go.
+        manifest::sync_dir(dir)?;
+    }
     let mut report = CleanReport { dry_run, ..Default::default() };
     for name in orphans(dir, &manifest)? {
         let path = dir.join(&name);
@@ -58,7 +71,12 @@ pub fn clean_store(dir: &Path, dry_run: bool) -> Result<CleanReport> {
         };
         if !dry_run {
             // A reader that opened the file before keeps its open file or map.
-            fs::remove_file(&path).io_ctx("delete", &path)?;
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                // Gone already (deleted by hand meanwhile): nothing left to do for it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("delete", &path, e)),
+            }
         }
         report.bytes += meta.len();
         report.deleted.push(name);

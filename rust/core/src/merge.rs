@@ -21,7 +21,8 @@ use crate::manifest::{MANIFEST_NAME, Manifest};
 use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{
-    Mode, ShardPlacement, StoreSpec, StoreWriter, WriterOptions, check_append, fill_identity,
+    ExistsAdvice, Mode, ShardPlacement, StoreSpec, StoreWriter, WriterOptions, check_append,
+    fill_identity, store_exists,
 };
 
 /// What [`merge`] may do.
@@ -125,16 +126,10 @@ pub fn merge_with_progress(
     // The level is informational (decoding does not depend on it); keep the base's.
     let zstd_level = base.codec.zstd_level.clamp(1, 22);
     let wopts = WriterOptions { zstd_level, ..WriterOptions::default() };
-    let mut writer = StoreWriter::open(dest, spec, mode, wopts).map_err(|e| {
-        match e {
+    let mut writer = StoreWriter::open(dest, spec, mode, wopts).map_err(|e| match e {
         // A merge has no mode="w": the writer's advice would not do here.
-        Error::StoreExists { path, .. } if path.join(MANIFEST_NAME).exists() => Error::StoreExists {
-            path,
-            msg: "already holds a store; merge into it with mode=\"a\" (logitcache merge --append)"
-                .into(),
-        },
+        Error::StoreExists { path, .. } => store_exists(&path, ExistsAdvice::Merge),
         e => e,
-    }
     })?;
     let mut report = MergeReport { metadata_conflicts: conflicts, ..Default::default() };
     for (m, src) in manifests.iter().zip(sources) {

@@ -215,6 +215,8 @@ pub fn rebuild_manifest(
     };
     let mpath = dir.join(MANIFEST_NAME);
     m.validate(&mpath)?;
+    // The last point to stop with nothing changed: the damaged manifest is copied next.
+    ticker.check()?;
     if mpath.exists() {
         let kept = dir.join(DAMAGED_MANIFEST_NAME);
         fs::copy(&mpath, &kept).io_ctx("keep the damaged manifest", &kept)?;

@@ -345,22 +345,46 @@ fn validate_spec(spec: &StoreSpec, codec: LogprobCodec) -> Result<()> {
     Ok(())
 }
 
-/// [`Error::StoreExists`] for `mode="x"` on `dir`, saying what is there.
-fn store_exists(dir: &Path) -> Error {
-    let msg = if dir.join(MANIFEST_NAME).exists() {
-        "already holds a store; open it with mode=\"a\" to append or mode=\"w\" to replace it"
-    } else if !dir.is_dir() {
-        "already exists and is not a directory"
-    } else if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
-        "already exists (an empty directory); mode=\"a\" writes a new store into it"
-    } else if holds_only_a_writers_files(dir).unwrap_or(false) {
-        "holds no committed store (a writer is writing one there, or died before its first \
-         commit); once no writer holds it, mode=\"a\" adopts the shards it finished and \
-         mode=\"w\" starts afresh"
-    } else {
-        "already exists and is not a logitcache store; choose another path"
+/// Who is told what to do instead when a path already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExistsAdvice {
+    /// A writer (`mode="a"` appends, `mode="w"` replaces).
+    Writer,
+    /// A merge (`mode="a"` / `--append` merges into it; there is no replacing).
+    Merge,
+}
+
+/// [`Error::StoreExists`] for creating a store at `dir`, saying what is there and what to
+/// do instead.
+pub(crate) fn store_exists(dir: &Path, advice: ExistsAdvice) -> Error {
+    let into = match advice {
+        ExistsAdvice::Writer => "mode=\"a\"",
+        ExistsAdvice::Merge => "mode=\"a\" (logitcache merge --append)",
     };
-    Error::StoreExists { path: dir.to_path_buf(), msg: msg.into() }
+    let msg = if dir.join(MANIFEST_NAME).exists() {
+        match advice {
+            ExistsAdvice::Writer => format!(
+                "already holds a store; open it with {into} to append or mode=\"w\" to replace it"
+            ),
+            ExistsAdvice::Merge => format!("already holds a store; merge into it with {into}"),
+        }
+    } else if !dir.is_dir() {
+        "already exists and is not a directory".into()
+    } else if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+        format!("already exists (an empty directory); {into} writes a new store into it")
+    } else if holds_only_a_writers_files(dir).unwrap_or(false) {
+        // Not "mode=a adopts it": a new store there leaves the finished shards as orphans
+        // (which clean would delete); only a rebuild takes them.
+        format!(
+            "holds no committed store (a writer is writing one there, or died before its \
+             first commit); once no writer holds it, `logitcache repair --rebuild-manifest` \
+             makes a store of the shards it finished, while {into} starts a new store there \
+             and leaves them as orphans"
+        )
+    } else {
+        "already exists and is not a logitcache store; choose another path".into()
+    };
+    Error::StoreExists { path: dir.to_path_buf(), msg }
 }
 
 /// A directory that a writer started: nothing but the lock file, the shards directory,
@@ -385,6 +409,32 @@ fn holds_only_a_writers_files(dir: &Path) -> Result<bool> {
 /// The sequence number in a shard file's name (`shards/NNNNNN-UID.lcs`).
 fn seq_of(file: &str) -> Option<u64> {
     file.strip_prefix(SHARDS_DIR)?.strip_prefix('/')?.split_once('-')?.0.parse().ok()
+}
+
+/// [`Error::Locked`] when a writer holds the lock of the store at `dir`, without taking the
+/// lock (nor creating or writing the lock file): for what only reports.
+pub(crate) fn check_unlocked(dir: &Path) -> Result<()> {
+    let path = dir.join(LOCK_NAME);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        // No lock file: no writer has ever opened the store.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("open lock file", &path, e)),
+    };
+    // A shared lock is refused while a writer holds the exclusive one. (A writer trying to
+    // lock in the instant this one holds it is refused too: a report is not worth more
+    // than that instant.)
+    match f.try_lock_shared() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            Err(Error::Locked {
+                path: dir.to_path_buf(),
+                msg: format!("lock held by {}", holder.trim()),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    }
 }
 
 /// Largest sequence number among shard files already in `shards/` (orphans included), so
@@ -453,6 +503,9 @@ impl StoreWriter {
                 format!("{} is outside 1..=22", opts.zstd_level),
             ));
         }
+        // `new/.` names `new`: without the dot, creating its last component is creating it.
+        let dir_buf: PathBuf = dir.components().collect();
+        let dir = dir_buf.as_path();
         let exists = dir.exists();
         let has_manifest = dir.join(MANIFEST_NAME).exists();
         if !(mode == Mode::Append && has_manifest) {
@@ -461,7 +514,7 @@ impl StoreWriter {
         }
         let mut created_dir = false;
         if mode == Mode::Create && exists {
-            return Err(store_exists(dir));
+            return Err(store_exists(dir, ExistsAdvice::Writer));
         }
         if exists && !has_manifest && !holds_only_a_writers_files(dir)? {
             return Err(Error::invalid_argument(
@@ -482,30 +535,38 @@ impl StoreWriter {
                 new_dirs.push(p.to_path_buf());
                 d = p.parent();
             }
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::create_dir_all(parent).io_ctx("create store directory", parent)?;
-            }
-            // Only a directory made here is this writer's to remove again: another writer
-            // may have made it since `exists` was read (and may be writing in it).
-            match fs::create_dir(dir) {
-                Ok(()) => created_dir = true,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    new_dirs.clear();
-                    if mode == Mode::Create {
-                        return Err(store_exists(dir));
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+            match (dir.components().next_back(), parent) {
+                (Some(std::path::Component::Normal(_)), parent) => {
+                    if let Some(parent) = parent {
+                        fs::create_dir_all(parent).io_ctx("create store directory", parent)?;
+                    }
+                    // Only a directory made here is this writer's to remove again: another
+                    // writer may have made it since `exists` was read (and be writing in it).
+                    // (Its entry is fsynced at the first commit all the same.)
+                    match fs::create_dir(dir) {
+                        Ok(()) => created_dir = true,
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                            if mode == Mode::Create {
+                                return Err(store_exists(dir, ExistsAdvice::Writer));
+                            }
+                        }
+                        Err(e) => return Err(Error::io("create store directory", dir, e)),
                     }
                 }
-                Err(e) => return Err(Error::io("create store directory", dir, e)),
+                // `a/b/..`: a directory that exists once its parents do, never this writer's.
+                _ => fs::create_dir_all(dir).io_ctx("create store directory", dir)?,
             }
         }
         let lock = match lock(dir) {
             Ok(l) => l,
             // Locked: another writer took the directory made here before this one locked it,
-            // and is writing in it.
-            Err(e @ Error::Locked { .. }) => return Err(e),
+            // and is writing in it. Any other failure: removed only while it is still empty
+            // (another writer may hold its lock all the same, say after a failure of this
+            // process's own to open a file).
             Err(e) => {
-                if created_dir {
-                    let _ = fs::remove_dir_all(dir);
+                if created_dir && !matches!(e, Error::Locked { .. }) {
+                    let _ = fs::remove_dir(dir);
                 }
                 return Err(e);
             }
@@ -514,9 +575,18 @@ impl StoreWriter {
         // have committed a store there since (appending then adds to it, creating refuses).
         let has_manifest = dir.join(MANIFEST_NAME).exists();
         if mode == Mode::Create && has_manifest {
-            return Err(store_exists(dir));
+            return Err(store_exists(dir, ExistsAdvice::Writer));
         }
         let mode = if mode == Mode::Append && !has_manifest { Mode::Create } else { mode };
+        if mode != Mode::Append {
+            // (Also when the manifest the first look found is gone now.)
+            validate_spec(&spec, spec.logprobs.unwrap_or_else(|| default_codec(spec.kind)))?;
+            if !new_dirs.iter().any(|d| d == dir) {
+                // A new store where another writer made the directory: its entry is fsynced
+                // at the first commit here, whoever made it.
+                new_dirs.push(dir.to_path_buf());
+            }
+        }
         let shards_dir = dir.join(SHARDS_DIR);
         fs::create_dir_all(&shards_dir).io_ctx("create shards directory", &shards_dir)?;
 

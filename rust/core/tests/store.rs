@@ -1563,10 +1563,15 @@ fn a_progress_callback_can_stop_every_long_operation() {
     let files = snapshot(&path);
     assert!(is_stop(repair_with_progress(&path, RepairOptions::default(), &stop).unwrap_err()));
     assert_eq!(snapshot(&path), files, "a stopped repair changes nothing");
-    std::fs::remove_file(path.join("manifest.json")).unwrap();
+    std::fs::write(path.join("manifest.json"), b"damaged").unwrap();
     let files = snapshot(&path);
     assert!(is_stop(rebuild_manifest(&path, &RebuildOptions::default(), &stop).unwrap_err()));
     assert_eq!(snapshot(&path), files, "a stopped rebuild changes nothing");
+    // Asked at the very end (every shard read): the damaged manifest is not kept either.
+    let at_end = |d: u64, t: u64| d < t;
+    let e = rebuild_manifest(&path, &RebuildOptions::default(), &at_end).unwrap_err();
+    assert!(is_stop(e));
+    assert_eq!(snapshot(&path), files, "a rebuild stopped at its end changes nothing");
     // After the stops, each runs to the end.
     rebuild_manifest(&path, &RebuildOptions::default(), &|_, _| true).unwrap();
     let r = repair_with_progress(&path, RepairOptions::default(), &|_, _| true).unwrap();
@@ -1609,6 +1614,7 @@ fn a_stop_takes_effect_inside_a_shard() {
         calls.fetch_add(1, Ordering::Relaxed);
         false
     };
+    let is_stop = |e: Error| e.to_string() == logitcache_core::progress::stopped().to_string();
     let counted = |what: &str, run: &dyn Fn() -> bool| {
         calls.store(0, Ordering::Relaxed);
         assert!(run(), "{what} was not stopped");
@@ -1616,8 +1622,10 @@ fn a_stop_takes_effect_inside_a_shard() {
         let n = calls.load(Ordering::Relaxed);
         assert!(n <= 2, "{what}: the callback was called {n} times after asking to stop");
     };
-    counted("verify", &|| verify_with_progress(&path, &stop).is_err());
-    counted("repair", &|| repair_with_progress(&path, RepairOptions::default(), &stop).is_err());
+    counted("verify", &|| is_stop(verify_with_progress(&path, &stop).unwrap_err()));
+    counted("repair", &|| {
+        is_stop(repair_with_progress(&path, RepairOptions::default(), &stop).unwrap_err())
+    });
     let mut dest = StoreWriter::open(
         &dir.path().join("d"),
         spec(Kind::TopK, 8, 1000, None),
@@ -1627,7 +1635,7 @@ fn a_stop_takes_effect_inside_a_shard() {
     .unwrap();
     calls.store(0, Ordering::Relaxed);
     let keep: HashSet<u64> = (0..60).collect();
-    assert!(copy_records(&mut dest, &path, &keep, &stop).is_err());
+    assert!(is_stop(copy_records(&mut dest, &path, &keep, &stop).unwrap_err()));
     assert_eq!(calls.load(Ordering::Relaxed), 1);
 }
 
@@ -1799,4 +1807,22 @@ fn writers_racing_to_create_a_store_neither_remove_nor_replace_it() {
         ids.sort_unstable();
         assert_eq!(ids, (0..WRITERS).collect::<Vec<_>>(), "round {round}");
     }
+}
+
+/// A store path whose last part is "." or ".." names a directory like any other (creating
+/// the store's own directory by its last part alone would fail for "new/.").
+#[test]
+fn a_store_path_may_end_in_dot_or_dot_dot() {
+    let dir = tempfile::tempdir().unwrap();
+    let dotted = dir.path().join("new").join(".");
+    let mut w =
+        StoreWriter::open(&dotted, spec(Kind::TopK, 8, 1000, None), Mode::Create, small_opts())
+            .unwrap();
+    write_topk(&mut w, 1, 3);
+    w.close().unwrap();
+    assert_eq!(Store::open(&dir.path().join("new"), &OpenOptions::default()).unwrap().len(), 1);
+    let up = dir.path().join("up").join("sub").join("..");
+    let w = StoreWriter::open(&up, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts());
+    w.unwrap().close().unwrap();
+    assert!(dir.path().join("up").join("manifest.json").exists());
 }
