@@ -319,7 +319,8 @@ def clean_store(path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[
     the manifest under it, so it never deletes a shard a writer has just committed; a store
     whose manifest cannot be read is refused (rebuild it first: the shard files may be all
     that is left of it). A reader that opened the store before keeps the files it opened.
-    ``dry_run=True`` reports and deletes nothing.
+    ``dry_run=True`` reports and deletes nothing (and is refused while a writer is open, whose
+    unfinished shards it would list).
 
     Returns a report: ``deleted`` (paths relative to the store, to delete in a dry run),
     ``bytes`` (their total size), ``kept`` (the other unnamed entries) and ``dry_run``."""
