@@ -411,6 +411,23 @@ fn seq_of(file: &str) -> Option<u64> {
     file.strip_prefix(SHARDS_DIR)?.strip_prefix('/')?.split_once('-')?.0.parse().ok()
 }
 
+/// Whether the open file `f` is the file at `path` now (same device and inode).
+fn is_same_file(f: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (f.metadata(), fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (f, path);
+        true
+    }
+}
+
 /// [`Error::Locked`] when a writer holds the lock of the store at `dir`, without taking the
 /// lock (nor creating or writing the lock file): for what only reports.
 pub(crate) fn check_unlocked(dir: &Path) -> Result<()> {
@@ -470,6 +487,16 @@ pub(crate) fn lock(dir: &Path) -> Result<File> {
         .open(&path)
         .io_ctx("open lock file", &path)?;
     match f.try_lock() {
+        // A writer aborting a store it created removes the lock file before it lets go of
+        // the lock: a lock taken on the file it had (opened just before the removal) is a
+        // lock on a file no other writer will see, and the next one would make a new lock
+        // file and take that too. So the lock only counts on the file still at the path.
+        Ok(()) if !is_same_file(&f, &path) => Err(Error::Locked {
+            path: dir.to_path_buf(),
+            msg: "the lock file was removed while it was being taken (a writer aborting a \
+                  new store): try again"
+                .into(),
+        }),
         Ok(()) => {
             // Best effort: who holds it, for the next writer's error message.
             let _ = f.set_len(0);
@@ -1218,4 +1245,23 @@ fn check_encoding(path: &Path, want: &CodecParams, found: &CodecParams) -> Resul
 /// A name or fingerprint as messages show it: quoted, or `none`.
 fn quoted(v: &Option<String>) -> String {
     v.as_deref().map_or_else(|| "none".into(), |s| format!("{s:?}"))
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    /// A lock file opened before it was removed (and replaced) is not the store's lock.
+    #[test]
+    fn a_lock_counts_only_on_the_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        let old = File::create(&path).unwrap();
+        assert!(is_same_file(&old, &path));
+        fs::remove_file(&path).unwrap();
+        assert!(!is_same_file(&old, &path));
+        File::create(&path).unwrap();
+        assert!(!is_same_file(&old, &path));
+        assert!(is_same_file(&File::open(&path).unwrap(), &path));
+    }
 }
