@@ -471,8 +471,8 @@ const OPEN_ATTEMPTS: usize = 8;
 impl Store {
     /// Open the store at `dir` as its committed manifest describes it.
     ///
-    /// A writer that replaces the store (`mode="w"`), a removal or a clean deletes shard
-    /// files once its new manifest is committed; if that happens between the reading of
+    /// A writer that replaces the store (`mode="w"`) or a removal deletes shard files once
+    /// its new manifest is committed; if that happens between the reading of
     /// the manifest and the opening of the files it names, the open starts again from the
     /// new manifest (up to [`OPEN_ATTEMPTS`] times, and only while the manifest keeps
     /// changing), so a reader never fails for a store that is sound at every moment.
