@@ -1179,45 +1179,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::LogprobCodec;
-    use crate::format::Kind;
-    use crate::writer::{Mode, StoreSpec, StoreWriter, WriterOptions};
-
-    fn write(dir: &Path, mode: Mode, ids: std::ops::Range<u64>) {
-        let spec = StoreSpec {
-            kind: Kind::TopK,
-            k: 2,
-            vocab_size: 50,
-            temperature: 1.0,
-            logprobs: Some(LogprobCodec::Lossless),
-            teacher: None,
-            tokenizer: None,
-            metadata: None,
-        };
-        let opts = WriterOptions { shard_bytes: 400, chunk_positions: 20, zstd_level: 1 };
-        let mut w = StoreWriter::open(dir, spec, mode, opts).unwrap();
-        for sid in ids {
-            let input: Vec<i64> = (0..9).map(|i| (i * 3 + sid as i64) % 50).collect();
-            let ids: Vec<i64> = (0..18).map(|i| (i * 7 + sid as i64) % 50).collect();
-            let lps: Vec<f32> = (0..18).map(|i| if i % 2 == 0 { -0.5 } else { -2.0 }).collect();
-            w.add(sid, 9, |buf, seen| {
-                crate::record::append_topk(
-                    buf,
-                    seen,
-                    sid,
-                    crate::record::IdArray::I64(&input),
-                    crate::record::IdArray::I64(&ids),
-                    &[9, 2],
-                    &lps,
-                    &[9, 2],
-                    2,
-                    50,
-                )
-            })
-            .unwrap();
-        }
-        w.close().unwrap();
-    }
+    use crate::test_util::write_small_store as write;
+    use crate::writer::Mode;
 
     /// A manifest read just before a removal (or a replacing writer) deleted shard files it
     /// names: the open goes on from the manifest committed since. A shard file missing from

@@ -214,7 +214,7 @@ pub(crate) fn is_damage(e: &Error) -> bool {
 /// Check one shard: its whole-file checksum, header, trailer, footer, and every chunk
 /// (checksum, decoding, the writer's rules on the decoded values). `tick` receives the
 /// bytes of the checksum pass and each chunk's stored bytes as they are done; a `false`
-/// from it cuts the inspection short (its result then says nothing: the caller must stop).
+/// from it cuts the inspection short, the shard then `unchecked` ([`progress::stopped`]).
 pub(crate) fn inspect_shard(
     dir: &Path,
     index: u32,
@@ -236,7 +236,21 @@ pub(crate) fn inspect_shard(
             found.unchecked = Some(e);
         }
     };
-    match file_crc(&path, tick) {
+    // A stop leaves the shard unchecked, not damaged: a caller that missed the stop would
+    // then refuse to act on it (repair) instead of giving up data for it.
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let tick = |n: u64| {
+        let go = tick(n);
+        if !go {
+            stopped.store(true, Ordering::Relaxed);
+        }
+        go
+    };
+    let cut_short = |mut found: ShardInspection| {
+        found.unchecked = Some(progress::stopped());
+        found
+    };
+    match file_crc(&path, &tick) {
         Ok((crc, len)) => {
             let want = manifest::parse_checksum(&info.checksum);
             if Some(crc) != want || len != info.bytes {
@@ -254,6 +268,7 @@ pub(crate) fn inspect_shard(
                 );
             }
         }
+        Err(_) if stopped.load(Ordering::Relaxed) => return cut_short(found),
         Err(e) => {
             fail(&mut found, e);
             return found;
@@ -269,8 +284,7 @@ pub(crate) fn inspect_shard(
     let mut seen = SeenIds::new(p.vocab_size);
     for c in 0..shard.num_chunks() {
         if !tick(shard.footer.chunks.get(c).map_or(0, |e| u64::from(e.stored_len))) {
-            // Stopped: the caller keeps nothing of an inspection cut short.
-            return found;
+            return cut_short(found);
         }
         let cloc = loc.clone().chunk(c as u64);
         let checked = shard.decode_chunk(c, p).and_then(|d| check_values(&d, p, &mut seen, &cloc));
@@ -392,6 +406,29 @@ mod tests {
     use super::*;
     use crate::codec::{CodecParams, LogprobCodec};
     use crate::test_util::xorshift;
+
+    /// An inspection stopped in its checksum pass or at a chunk leaves the shard unchecked
+    /// (the stop error), with no problem recorded: nothing a caller could take for damage.
+    #[test]
+    fn a_stopped_inspection_is_unchecked_not_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        crate::test_util::write_small_store(&dir, crate::writer::Mode::Create, 0..30);
+        let m = Manifest::read(&dir).unwrap();
+        let p = params_from_manifest(&m, &dir.join(MANIFEST_NAME)).unwrap();
+        let info = &m.shards[0];
+        // Stop at the first tick (the checksum pass), then at the first chunk.
+        for go_for in [0, 1] {
+            let calls = AtomicU64::new(0);
+            let tick = |_: u64| calls.fetch_add(1, Ordering::Relaxed) < go_for;
+            let found = inspect_shard(&dir, 0, info, &p, &tick);
+            assert!(found.problems.is_empty(), "{:?}", found.problems);
+            let unchecked = found.unchecked.map(|e| e.to_string());
+            assert_eq!(unchecked, Some(progress::stopped().to_string()));
+        }
+        let found = inspect_shard(&dir, 0, info, &p, &|_| true);
+        assert!(found.problems.is_empty() && found.unchecked.is_none() && found.reader.is_some());
+    }
 
     /// `check_values` by its definition: every row through the stamps and the exact loop
     /// (what it was before the quick checks went in front).
