@@ -169,7 +169,11 @@ impl Source {
                 Ok(Cow::Owned(buf))
             }
             Source::Cached { path, files, key, .. } => {
-                let file = files.file(*key, path).io_ctx("open shard", path)?;
+                // Reopened: the name may have gone since the store was opened (a removal or a
+                // replacing writer deletes replaced shards), which only a new open can see.
+                let file = files
+                    .file(*key, path)
+                    .io_ctx("reopen shard (if a removal or a replacing writer deleted it since the store was opened: open the store again)", path)?;
                 let mut buf = vec![0u8; len];
                 read_exact_at(&file, &mut buf, offset).io_ctx("read shard", path)?;
                 Ok(Cow::Owned(buf))
