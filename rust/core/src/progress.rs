@@ -3,8 +3,9 @@
 //!
 //! Each takes a `progress(done, total)` callback; returning `false` asks the operation to
 //! stop. It does at its next safe point (the next chunk, or the next MiB of a file read or
-//! copied whole), keeping nothing it has not committed (new files removed as on any failure), and returns [`stopped`]. The
-//! Python bindings return `false` once Ctrl-C is pressed or the Python callback raised.
+//! copied whole), keeping nothing it has not committed (new files removed as on any
+//! failure), and returns [`stopped`]. The Python bindings return `false` once Ctrl-C is
+//! pressed or the Python callback raised.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
