@@ -474,7 +474,7 @@ impl Store {
     /// A writer that replaces the store (`mode="w"`) or a removal deletes shard files once
     /// its new manifest is committed; if that happens between the reading of
     /// the manifest and the opening of the files it names, the open starts again from the
-    /// new manifest (up to [`OPEN_ATTEMPTS`] times, and only while the manifest keeps
+    /// new manifest (up to 8 times, and only while the manifest keeps
     /// changing), so a reader never fails for a store that is sound at every moment.
     pub fn open(dir: &Path, opts: &OpenOptions) -> Result<Store> {
         Store::open_from(dir, Manifest::read(dir)?, opts)

@@ -72,7 +72,7 @@ fn round_nonneg(x: f64) -> u64 {
     (if q as f64 - x > 0.5 { q - 1 } else { q }) as u64
 }
 
-/// The float32 value of level `l` at unit 2^-shift. Levels never exceed [`max_level`]
+/// The float32 value of level `l` at unit 2^-shift. Levels never exceed `max_level`
 /// (2^42; the encoder and the decoder both check), so the conversion goes through i64,
 /// exact either way and one instruction where u64 takes several.
 #[inline]
