@@ -119,7 +119,8 @@ def test_lock_released_when_holder_dies(tmp_path: Path) -> None:
         lc.StoreWriter(path, vocab_size=10, k=2, mode="a")
     proc.kill()
     proc.wait()
-    # The dead writer never committed: the directory is an uncommitted store that "a" adopts.
+    # The dead writer never committed: "a" writes a new store in its directory (whatever
+    # shards it finished would stay as orphans).
     with lc.StoreWriter(path, vocab_size=10, k=2, mode="a") as w:
         w.add(1, np.array([1]), np.array([[1, 2]]), np.array([[-1.0, -2.0]], np.float32))
     assert len(lc.open_store(path)) == 1

@@ -378,8 +378,8 @@ pub(crate) fn store_exists(dir: &Path, advice: ExistsAdvice) -> Error {
         format!(
             "holds no committed store (a writer is writing one there, or died before its \
              first commit); once no writer holds it, `logitcache repair --rebuild-manifest` \
-             makes a store of the shards it finished, while {into} starts a new store there \
-             and leaves them as orphans"
+             makes a store of the shards it finished (if any), while {into} starts a new \
+             store there and leaves them as orphans"
         )
     } else {
         "already exists and is not a logitcache store; choose another path".into()
@@ -486,7 +486,19 @@ pub(crate) fn lock(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .io_ctx("open lock file", &path)?;
-    match f.try_lock() {
+    // A shared lock held for an instant (a `clean --dry-run` looking whether a writer is
+    // open) is waited out rather than taken for a writer: a few tries over ~40 ms.
+    let mut tries = 0;
+    let taken = loop {
+        match f.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if tries < 4 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => break r,
+        }
+    };
+    match taken {
         // A writer aborting a store it created removes the lock file before it lets go of
         // the lock: a lock taken on the file it had (opened just before the removal) is a
         // lock on a file no other writer will see, and the next one would make a new lock
@@ -581,8 +593,24 @@ impl StoreWriter {
                         Err(e) => return Err(Error::io("create store directory", dir, e)),
                     }
                 }
-                // `a/b/..`: a directory that exists once its parents do, never this writer's.
-                _ => fs::create_dir_all(dir).io_ctx("create store directory", dir)?,
+                // `a/b/..` names a directory only once `a/b` exists, and never a new one:
+                // there is nothing to create, and no new store to make in what it names.
+                _ => {
+                    return Err(Error::invalid_argument(
+                        "path",
+                        format!(
+                            "{} does not exist and does not end in a name to create",
+                            dir.display()
+                        ),
+                    ));
+                }
+            }
+            // Made by another writer since the first look: what is in it now decides.
+            if !created_dir
+                && !dir.join(MANIFEST_NAME).exists()
+                && !holds_only_a_writers_files(dir)?
+            {
+                return Err(store_exists(dir, ExistsAdvice::Writer));
             }
         }
         let lock = match lock(dir) {
@@ -593,93 +621,108 @@ impl StoreWriter {
             // process's own to open a file).
             Err(e) => {
                 if created_dir && !matches!(e, Error::Locked { .. }) {
+                    // A lock file no writer ever wrote its pid into is this one's own.
+                    let lockfile = dir.join(LOCK_NAME);
+                    if fs::metadata(&lockfile).is_ok_and(|m| m.len() == 0) {
+                        let _ = fs::remove_file(&lockfile);
+                    }
                     let _ = fs::remove_dir(dir);
                 }
                 return Err(e);
             }
         };
-        // What is at the path is read again under the lock: a writer that held it before may
-        // have committed a store there since (appending then adds to it, creating refuses).
-        let has_manifest = dir.join(MANIFEST_NAME).exists();
-        if mode == Mode::Create && has_manifest {
-            return Err(store_exists(dir, ExistsAdvice::Writer));
-        }
-        let mode = if mode == Mode::Append && !has_manifest { Mode::Create } else { mode };
-        if mode != Mode::Append {
-            // (Also when the manifest the first look found is gone now.)
-            validate_spec(&spec, spec.logprobs.unwrap_or_else(|| default_codec(spec.kind)))?;
-            if !new_dirs.iter().any(|d| d == dir) {
-                // A new store where another writer made the directory: its entry is fsynced
-                // at the first commit here, whoever made it.
-                new_dirs.push(dir.to_path_buf());
+        // Under the lock. A failure from here on removes a directory this writer made (as
+        // an abort does), lest a retry find a "store a writer died in" that never held data.
+        let opened = (|| -> Result<_> {
+            // What is at the path is read again under the lock: a writer that held it before may
+            // have committed a store there since (appending then adds to it, creating refuses).
+            let has_manifest = dir.join(MANIFEST_NAME).exists();
+            if mode == Mode::Create && has_manifest {
+                return Err(store_exists(dir, ExistsAdvice::Writer));
             }
-        }
-        let shards_dir = dir.join(SHARDS_DIR);
-        fs::create_dir_all(&shards_dir).io_ctx("create shards directory", &shards_dir)?;
+            let mode = if mode == Mode::Append && !has_manifest { Mode::Create } else { mode };
+            if mode != Mode::Append {
+                // (Also when the manifest the first look found is gone now.)
+                validate_spec(&spec, spec.logprobs.unwrap_or_else(|| default_codec(spec.kind)))?;
+            }
+            let shards_dir = dir.join(SHARDS_DIR);
+            fs::create_dir_all(&shards_dir).io_ctx("create shards directory", &shards_dir)?;
 
-        let mut known = HashSet::new();
-        let mut replaced_files = Vec::new();
-        let (manifest, codec) = match mode {
-            Mode::Append => {
-                let m = Manifest::read(dir)?;
-                let codec = check_append(dir, &m, &spec)?;
-                let p = params_from_manifest(&m, &dir.join(MANIFEST_NAME))?;
-                for (i, info) in m.shards.iter().enumerate() {
-                    let s = ShardReader::open(dir, i as u32, info, &p, false)?;
-                    known.extend(s.footer.records.iter().map(|r| r.sample_id));
-                }
-                let mut m = m;
-                if let Some(extra) = &spec.metadata
-                    && let (Some(dst), Some(src)) = (m.metadata.as_object_mut(), extra.as_object())
-                {
-                    for (k, v) in src {
-                        dst.insert(k.clone(), v.clone());
+            let mut known = HashSet::new();
+            let mut replaced_files = Vec::new();
+            let (manifest, codec) = match mode {
+                Mode::Append => {
+                    let m = Manifest::read(dir)?;
+                    let codec = check_append(dir, &m, &spec)?;
+                    let p = params_from_manifest(&m, &dir.join(MANIFEST_NAME))?;
+                    for (i, info) in m.shards.iter().enumerate() {
+                        let s = ShardReader::open(dir, i as u32, info, &p, false)?;
+                        known.extend(s.footer.records.iter().map(|r| r.sample_id));
                     }
-                }
-                fill_identity(
-                    &mut m.teacher,
-                    &mut m.tokenizer,
-                    spec.teacher.as_ref(),
-                    spec.tokenizer.as_ref(),
-                );
-                (m, codec)
-            }
-            Mode::Create | Mode::Overwrite => {
-                let codec = spec.logprobs.unwrap_or_else(|| default_codec(spec.kind));
-                if mode == Mode::Overwrite && has_manifest {
-                    // The old store stays readable until the first commit replaces it.
-                    if let Ok(old) = Manifest::read(dir) {
-                        replaced_files = old.shards.iter().map(|s| dir.join(&s.file)).collect();
+                    let mut m = m;
+                    if let Some(extra) = &spec.metadata
+                        && let (Some(dst), Some(src)) =
+                            (m.metadata.as_object_mut(), extra.as_object())
+                    {
+                        for (k, v) in src {
+                            dst.insert(k.clone(), v.clone());
+                        }
                     }
+                    fill_identity(
+                        &mut m.teacher,
+                        &mut m.tokenizer,
+                        spec.teacher.as_ref(),
+                        spec.tokenizer.as_ref(),
+                    );
+                    (m, codec)
                 }
-                let m = Manifest {
-                    format: FORMAT_NAME.into(),
-                    format_version: FORMAT_VERSION,
-                    kind: spec.kind.name().into(),
-                    k: spec.k,
-                    vocab_size: spec.vocab_size,
-                    temperature: spec.temperature,
-                    codec: codec_info(codec, opts.zstd_level),
-                    teacher: spec.teacher.clone(),
-                    tokenizer: spec.tokenizer.clone(),
-                    created_by: tool(),
-                    updated_by: tool(),
-                    metadata: spec.metadata.clone().unwrap_or_else(|| serde_json::json!({})),
-                    num_samples: 0,
-                    num_positions: 0,
-                    shards: Vec::new(),
-                };
-                (m, codec)
+                Mode::Create | Mode::Overwrite => {
+                    let codec = spec.logprobs.unwrap_or_else(|| default_codec(spec.kind));
+                    if mode == Mode::Overwrite && has_manifest {
+                        // The old store stays readable until the first commit replaces it.
+                        if let Ok(old) = Manifest::read(dir) {
+                            replaced_files = old.shards.iter().map(|s| dir.join(&s.file)).collect();
+                        }
+                    }
+                    let m = Manifest {
+                        format: FORMAT_NAME.into(),
+                        format_version: FORMAT_VERSION,
+                        kind: spec.kind.name().into(),
+                        k: spec.k,
+                        vocab_size: spec.vocab_size,
+                        temperature: spec.temperature,
+                        codec: codec_info(codec, opts.zstd_level),
+                        teacher: spec.teacher.clone(),
+                        tokenizer: spec.tokenizer.clone(),
+                        created_by: tool(),
+                        updated_by: tool(),
+                        metadata: spec.metadata.clone().unwrap_or_else(|| serde_json::json!({})),
+                        num_samples: 0,
+                        num_positions: 0,
+                        shards: Vec::new(),
+                    };
+                    (m, codec)
+                }
+            };
+            let params = CodecParams {
+                kind: spec.kind,
+                k: manifest.k,
+                vocab_size: manifest.vocab_size,
+                logprobs: codec,
+                zstd_level: opts.zstd_level,
+            };
+            let next_seq = max_seq(dir)?.map_or(0, |s| s + 1);
+            Ok((mode, manifest, params, known, replaced_files, next_seq))
+        })();
+        let (mode, manifest, params, known, replaced_files, next_seq) = match opened {
+            Ok(parts) => parts,
+            Err(e) => {
+                if created_dir {
+                    remove_created_store(dir, Some(lock));
+                }
+                return Err(e);
             }
         };
-        let params = CodecParams {
-            kind: spec.kind,
-            k: manifest.k,
-            vocab_size: manifest.vocab_size,
-            logprobs: codec,
-            zstd_level: opts.zstd_level,
-        };
-        let next_seq = max_seq(dir)?.map_or(0, |s| s + 1);
         Ok(StoreWriter {
             dir: dir.to_path_buf(),
             mode,
@@ -1058,10 +1101,7 @@ impl StoreWriter {
         }
         self.finished.clear();
         if !self.ever_committed && self.created_dir {
-            let _ = fs::remove_dir(self.dir.join(SHARDS_DIR));
-            let _ = fs::remove_file(self.dir.join(LOCK_NAME));
-            self.lock = None;
-            let _ = fs::remove_dir(&self.dir);
+            remove_created_store(&self.dir, self.lock.take());
         }
         self.lock = None;
     }
@@ -1073,6 +1113,17 @@ impl StoreWriter {
     pub fn mode(&self) -> Mode {
         self.mode
     }
+}
+
+/// Remove the directory of a store this writer created and never committed: its empty
+/// `shards/`, then its lock file while the lock is still held (a writer that opened the
+/// file just before finds it gone once it has the lock: see [`lock`]), then the directory,
+/// if nothing else is in it.
+fn remove_created_store(dir: &Path, lock: Option<File>) {
+    let _ = fs::remove_dir(dir.join(SHARDS_DIR));
+    let _ = fs::remove_file(dir.join(LOCK_NAME));
+    drop(lock);
+    let _ = fs::remove_dir(dir);
 }
 
 impl Drop for StoreWriter {
@@ -1247,7 +1298,7 @@ fn quoted(v: &Option<String>) -> String {
     v.as_deref().map_or_else(|| "none".into(), |s| format!("{s:?}"))
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod lock_tests {
     use super::*;
 
@@ -1263,5 +1314,27 @@ mod lock_tests {
         File::create(&path).unwrap();
         assert!(!is_same_file(&old, &path));
         assert!(is_same_file(&File::open(&path).unwrap(), &path));
+    }
+
+    /// A shared lock held for an instant (clean's dry run looking for a writer) delays a
+    /// writer's lock a little instead of refusing it; an exclusive one refuses it.
+    #[test]
+    fn a_passing_shared_lock_is_waited_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        File::create(&path).unwrap();
+        let probe = File::open(&path).unwrap();
+        probe.lock_shared().unwrap();
+        let held = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            drop(probe);
+        });
+        let got = lock(dir.path());
+        held.join().unwrap();
+        assert!(got.is_ok(), "{:?}", got.err());
+        drop(got);
+        let writer = lock(dir.path()).unwrap();
+        assert!(matches!(lock(dir.path()), Err(Error::Locked { .. })));
+        drop(writer);
     }
 }

@@ -1809,8 +1809,10 @@ fn writers_racing_to_create_a_store_neither_remove_nor_replace_it() {
     }
 }
 
-/// A store path whose last part is "." or ".." names a directory like any other (creating
-/// the store's own directory by its last part alone would fail for "new/.").
+/// A store path whose last part is "." names the directory before it (creating "new/."
+/// creates "new"); one ending in ".." is taken only where it names an existing directory,
+/// with the checks any existing path gets: a missing "up/sub/.." is refused with nothing
+/// created (it used to create "up/sub" and write a store into "up", whatever "up" held).
 #[test]
 fn a_store_path_may_end_in_dot_or_dot_dot() {
     let dir = tempfile::tempdir().unwrap();
@@ -1822,7 +1824,20 @@ fn a_store_path_may_end_in_dot_or_dot_dot() {
     w.close().unwrap();
     assert_eq!(Store::open(&dir.path().join("new"), &OpenOptions::default()).unwrap().len(), 1);
     let up = dir.path().join("up").join("sub").join("..");
-    let w = StoreWriter::open(&up, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts());
-    w.unwrap().close().unwrap();
-    assert!(dir.path().join("up").join("manifest.json").exists());
+    for mode in [Mode::Create, Mode::Append, Mode::Overwrite] {
+        let w = StoreWriter::open(&up, spec(Kind::TopK, 8, 1000, None), mode, small_opts());
+        let Err(err) = w else { panic!("{mode:?} opened {}", up.display()) };
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        assert!(!dir.path().join("up").exists(), "nothing is created");
+    }
+    // Existing: ".." names "new", which holds a store, and is taken as such.
+    let into = dir.path().join("new").join("shards").join("..");
+    let w = StoreWriter::open(&into, spec(Kind::TopK, 8, 1000, None), Mode::Create, small_opts());
+    assert!(matches!(w, Err(Error::StoreExists { .. })));
+    let mut w =
+        StoreWriter::open(&into, spec(Kind::TopK, 8, 1000, None), Mode::Append, small_opts())
+            .unwrap();
+    write_topk(&mut w, 2, 3);
+    w.close().unwrap();
+    assert_eq!(Store::open(&dir.path().join("new"), &OpenOptions::default()).unwrap().len(), 2);
 }
