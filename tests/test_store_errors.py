@@ -465,3 +465,29 @@ def test_a_writer_dropped_unclosed_warns(tmp_path: Path, rng: np.random.Generato
         del w
         gc.collect()
     assert len(lc.open_store(tmp_path / "s")) == 2
+
+
+def test_lock_timeout_waits_for_the_other_writer(tmp_path: Path, rng: np.random.Generator) -> None:
+    """With lock_timeout a writer waits for the one that holds the store (and then appends
+    to what it committed); without, or when the time is up, StoreLockedError."""
+    import threading
+    import time
+
+    first = lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K)
+    first.add(0, *_good(rng))
+    with pytest.raises(lc.StoreLockedError):
+        lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a")
+    start = time.monotonic()
+    with pytest.raises(lc.StoreLockedError):
+        lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a", lock_timeout=0.2)
+    assert time.monotonic() - start >= 0.2
+    closer = threading.Timer(0.3, first.close)
+    closer.start()
+    with lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a", lock_timeout=60) as w:
+        assert first.closed, "the second writer opened while the first held the store"
+        w.add(1, *_good(rng))
+    closer.join()
+    assert sorted(lc.open_store(tmp_path / "s").sample_ids().tolist()) == [0, 1]
+    for bad in (-1, "1", True, float("nan")):
+        with pytest.raises(ValueError, match="lock_timeout"):
+            lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a", lock_timeout=bad)  # type: ignore[arg-type]

@@ -6,9 +6,11 @@ A store is a directory of immutable, checksummed shard files plus ``manifest.jso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from logitcache import _core
-from logitcache.errors import MissingSampleError, StoreError
+from logitcache.errors import MissingSampleError, StoreError, StoreLockedError
 
 __all__ = [
     "Batch",
@@ -211,6 +213,11 @@ class StoreWriter:
         shard_size: Bytes per shard file before a new one is started (``"1GiB"``).
         zstd_level: zstd compression level (1-22). Level 1 is the default: on top-K streams
             it compresses as well as higher levels (benches/README.md) and is the fastest.
+        lock_timeout: Seconds to wait for another writer of the store to finish (jobs that
+            append to one store one after the other). By default a store that another writer
+            holds is refused at once with :class:`StoreLockedError`; with a timeout the open
+            is tried again, with pauses growing to 0.5 s, until it succeeds or the time is up
+            (then :class:`StoreLockedError`). Ctrl-C interrupts the wait.
 
     Records become visible when the writer commits: at :meth:`close` (the end of the ``with``
     block) or at an explicit :meth:`commit` checkpoint. An exception inside the ``with`` block,
@@ -234,6 +241,7 @@ class StoreWriter:
         chunk_positions: int = 1024,
         shard_size: int | str = "1GiB",
         zstd_level: int = 1,
+        lock_timeout: float = 0.0,
     ) -> None:
         vocab_size = _int_arg("vocab_size", vocab_size, 1)
         k = _int_arg("k", k, 1)
@@ -244,8 +252,13 @@ class StoreWriter:
         teacher_name, teacher_fp = _teacher_info(teacher)
         tok_name, tok_fp = _tokenizer_info(tokenizer)
         metadata_json = _metadata_json(metadata)
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
+            raise ValueError(f"lock_timeout must be a number of seconds, got {lock_timeout!r}")
+        if not lock_timeout >= 0:
+            raise ValueError(f"lock_timeout must be at least 0, got {lock_timeout!r}")
         self.path = os.fspath(path)
-        self._w = _core.StoreWriter(
+        open_writer = functools.partial(
+            _core.StoreWriter,
             self.path,
             vocab_size=int(vocab_size),
             k=int(k),
@@ -262,6 +275,20 @@ class StoreWriter:
             shard_bytes=_parse_size(shard_size),
             zstd_level=int(zstd_level),
         )
+        # Waited for here, in Python, so that Ctrl-C interrupts the wait. Each try is a whole
+        # open: what is at the path is looked at again once the other writer is done.
+        deadline = time.monotonic() + lock_timeout
+        pause = 0.01
+        while True:
+            try:
+                self._w = open_writer()
+                break
+            except StoreLockedError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.5)
         manifest = json.loads(self._w.manifest_json())
         self.kind: str = manifest["kind"]
         self.k: int = manifest["k"]
