@@ -342,25 +342,23 @@ def _position_slice(text: str) -> slice:
         raise argparse.ArgumentTypeError(f"expected A:B, A: , :B or A, got {text!r}") from None
 
 
-def _count(text: str) -> int:
-    """A count of 0 or more (argparse type)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
-    return n
+def _int_at_least(minimum: int, wanted: str) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (``wanted`` says so in words)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return n
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+_count = _int_at_least(0, "0 or a positive integer")
+_positive_int = _int_at_least(1, "a positive integer")
 
 
 def _token_namer(path: str | None) -> Callable[[int], str]:

@@ -411,6 +411,13 @@ fn seq_of(file: &str) -> Option<u64> {
     file.strip_prefix(SHARDS_DIR)?.strip_prefix('/')?.split_once('-')?.0.parse().ok()
 }
 
+/// [`Error::Locked`] for the store at `dir` whose lock file `path` another writer holds,
+/// naming the holder as its lock file says (best effort).
+fn held_by_another(dir: &Path, path: &Path) -> Error {
+    let holder = fs::read_to_string(path).unwrap_or_default();
+    Error::Locked { path: dir.to_path_buf(), msg: format!("lock held by {}", holder.trim()) }
+}
+
 /// Whether the open file `f` is the file at `path` now (same device and inode).
 fn is_same_file(f: &File, path: &Path) -> bool {
     #[cfg(unix)]
@@ -438,18 +445,11 @@ pub(crate) fn check_unlocked(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io("open lock file", &path, e)),
     };
-    // A shared lock is refused while a writer holds the exclusive one. (A writer trying to
-    // lock in the instant this one holds it is refused too: a report is not worth more
-    // than that instant.)
+    // A shared lock is refused while a writer holds the exclusive one. (A writer locking in
+    // the instant this one holds it waits it out: see `lock`.)
     match f.try_lock_shared() {
         Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = fs::read_to_string(&path).unwrap_or_default();
-            Err(Error::Locked {
-                path: dir.to_path_buf(),
-                msg: format!("lock held by {}", holder.trim()),
-            })
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(held_by_another(dir, &path)),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
     }
 }
@@ -515,13 +515,7 @@ pub(crate) fn lock(dir: &Path) -> Result<File> {
             let _ = (&f).write_all(format!("pid {}\n", std::process::id()).as_bytes());
             Ok(f)
         }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = fs::read_to_string(&path).unwrap_or_default();
-            Err(Error::Locked {
-                path: dir.to_path_buf(),
-                msg: format!("lock held by {}", holder.trim()),
-            })
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(held_by_another(dir, &path)),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
     }
 }

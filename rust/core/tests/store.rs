@@ -1682,25 +1682,20 @@ fn clean_deletes_only_the_stores_own_leftovers() {
     ];
     let current = Store::open(&path, &OpenOptions::default()).unwrap().sample_ids();
 
-    let listing = |p: &Path| {
-        let mut v: Vec<_> = walk(p);
-        v.sort();
-        v
-    };
-    let files_before = listing(&path);
+    let files_before = snapshot(&path);
     let r = clean_store(&path, true).unwrap();
     assert!(r.dry_run);
     assert_eq!(r.deleted, want_deleted);
     assert_eq!(r.kept, want_kept);
     assert_eq!(r.bytes, saved.len() as u64 + 1);
-    assert_eq!(listing(&path), files_before, "a dry run deletes nothing");
+    assert_eq!(snapshot(&path), files_before, "a dry run deletes nothing");
 
     let lock = std::fs::File::open(path.join(".lock")).unwrap();
     lock.lock().unwrap();
     let err = clean_store(&path, false).unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err}");
     drop(lock);
-    assert_eq!(listing(&path), files_before);
+    assert_eq!(snapshot(&path), files_before);
 
     let r = clean_store(&path, false).unwrap();
     assert!(!r.dry_run);
@@ -1726,22 +1721,6 @@ fn clean_deletes_only_the_stores_own_leftovers() {
     std::fs::create_dir(&other).unwrap();
     assert!(clean_store(&other, false).is_err());
     assert!(!other.join(".lock").exists());
-}
-
-/// Every file under `dir`, relative to it.
-fn walk(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if e.file_type().unwrap().is_dir() {
-            out.extend(walk(&e.path()).into_iter().map(|n| format!("{name}/{n}")));
-            out.push(format!("{name}/"));
-        } else {
-            out.push(name);
-        }
-    }
-    out
 }
 
 /// Writers that open one new path at the same moment: with mode "x" exactly one creates the
