@@ -100,6 +100,45 @@ def test_orphans_reported_not_faults(tmp_path: Path) -> None:
     assert report["orphans"] == ["shards/000099-00000000000000ff.lcs"]
 
 
+def test_verify_names_an_open_writer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """While a writer has the store open, verify checks its last commit and names the writer,
+    whose finished shards are orphans until it commits; before its first commit there is
+    nothing to verify (StoreLockedError, exit 2), where a store that lost its manifest would
+    be reported damaged."""
+    store = tmp_path / "s"
+    me = f"pid {os.getpid()}"
+    rng = np.random.default_rng(6)
+
+    def add_samples(w: lc.StoreWriter, ids: range) -> None:
+        for sid in ids:
+            w.add(sid, *make_topk(rng, 6, 4, 300))
+
+    w = lc.StoreWriter(store, vocab_size=300, k=4, chunk_positions=8, shard_size=300)
+    add_samples(w, range(20))
+    assert any((store / "shards").iterdir())
+    with pytest.raises(lc.StoreLockedError, match=f"{me}: it has not committed a manifest"):
+        lc.verify_store(store)
+    assert main(["verify", str(store)]) == 2
+    assert "nothing to verify" in capsys.readouterr().err
+    w.close()
+    assert lc.verify_store(store)["writer"] is None
+
+    w = lc.StoreWriter(store, mode="a", vocab_size=300, k=4, chunk_positions=8, shard_size=300)
+    add_samples(w, range(20, 40))
+    report = lc.verify_store(store)
+    assert report["ok"] and report["orphans"] and report["writer"] == me, report
+    assert report["samples"] == 20
+    assert main(["verify", str(store)]) == 0
+    err = capsys.readouterr().err
+    assert f"a writer ({me}) has the store open" in err, err
+    assert "the orphans may be shards it has not committed yet" in err, err
+    w.close()
+    report = lc.verify_store(store)
+    assert report["writer"] is None and report["orphans"] == [] and report["samples"] == 40
+    assert main(["verify", str(store)]) == 0
+    assert "has the store open" not in capsys.readouterr().err
+
+
 def test_cli_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _small_store(tmp_path / "s")
     assert main(["info", str(tmp_path / "s")]) == 0

@@ -71,11 +71,13 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     ``problems`` (each names file, shard, chunk and what is wrong), ``orphans`` (files no
     manifest refers to, e.g. left by a writer that was killed, or shards of a writer still
     open that it has not committed yet: :func:`clean_store` deletes those that logitcache
-    wrote, never while a writer is open), ``manifest_ok`` (False
-    when the manifest cannot be read, being damaged or missing from a directory that holds
-    ``shards/``: then nothing else is checked and no file is called an orphan; see
-    :func:`rebuild_manifest`), and counts. A path with no store raises
-    :class:`FileNotFoundError`.
+    wrote, never while a writer is open), ``writer`` (who held the store's lock when the
+    orphans were listed, e.g. ``"pid 1234"``, or None when no writer had the store open),
+    ``manifest_ok`` (False when the manifest cannot be read, being damaged or missing from a
+    directory that holds ``shards/``: then nothing else is checked and no file is called an
+    orphan; see :func:`rebuild_manifest`), and counts. A path with no store raises
+    :class:`FileNotFoundError`; a store whose writer has not committed it yet (no manifest,
+    the lock held) raises :class:`StoreLockedError`.
 
     ``progress=True`` shows a progress bar (tqdm, on stderr) of the store's bytes checked;
     ``None`` shows it only when stderr is a terminal. Each byte is read twice (the

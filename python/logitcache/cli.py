@@ -102,6 +102,17 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"FAULT: {p}", file=sys.stderr)
         for o in report["orphans"]:
             print(f"orphan (not in the manifest): {o}", file=sys.stderr)
+        if report["writer"] is not None:
+            print(
+                f"a writer ({report['writer']}) has the store open: this checked its last "
+                "commit"
+                + (
+                    ", and the orphans may be shards it has not committed yet"
+                    if report["orphans"]
+                    else ""
+                ),
+                file=sys.stderr,
+            )
         if report["orphans"]:
             # Not "safe to delete": a writer that is still open has shards no manifest names
             # yet, and other files may be the user's. clean waits for no writer: it refuses

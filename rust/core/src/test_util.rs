@@ -18,6 +18,13 @@ pub(crate) fn xorshift(x: &mut u64) -> u64 {
 /// A lossless top-K store (K = 2, V = 50) of the samples `ids`, 9 positions each, in shards
 /// of about 400 bytes (several shards of several chunks).
 pub(crate) fn write_small_store(dir: &Path, mode: Mode, ids: std::ops::Range<u64>) {
+    let mut w = open_small_store(dir, mode);
+    add_small_samples(&mut w, ids);
+    w.close().unwrap();
+}
+
+/// The writer of [`write_small_store`], open and empty.
+pub(crate) fn open_small_store(dir: &Path, mode: Mode) -> StoreWriter {
     let spec = StoreSpec {
         kind: Kind::TopK,
         k: 2,
@@ -29,7 +36,11 @@ pub(crate) fn write_small_store(dir: &Path, mode: Mode, ids: std::ops::Range<u64
         metadata: None,
     };
     let opts = WriterOptions { shard_bytes: 400, chunk_positions: 20, zstd_level: 1 };
-    let mut w = StoreWriter::open(dir, spec, mode, opts).unwrap();
+    StoreWriter::open(dir, spec, mode, opts).unwrap()
+}
+
+/// Adds the samples `ids` of [`write_small_store`] to `w`.
+pub(crate) fn add_small_samples(w: &mut StoreWriter, ids: std::ops::Range<u64>) {
     for sid in ids {
         let input: Vec<i64> = (0..9).map(|i| (i * 3 + sid as i64) % 50).collect();
         let ids: Vec<i64> = (0..18).map(|i| (i * 7 + sid as i64) % 50).collect();
@@ -50,5 +61,4 @@ pub(crate) fn write_small_store(dir: &Path, mode: Mode, ids: std::ops::Range<u64
         })
         .unwrap();
     }
-    w.close().unwrap();
 }

@@ -26,6 +26,11 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Files in the store directory that the manifest does not refer to.
     pub orphans: Vec<String>,
+    /// Who held the store's lock when the orphans were listed ("pid N"), if a writer did:
+    /// the orphans may then include the shards it has not committed yet. `None` when no
+    /// writer had the store open, or when that could not be found out (a lock file that
+    /// cannot be opened): it only qualifies the orphans, so it fails nothing.
+    pub writer: Option<String>,
     /// Whether the manifest could be read (it cannot when damaged, or missing from a
     /// directory that holds `shards/`). When it could not, no shard was checked and no
     /// file is called an orphan: which files belong to the store is what it would say
@@ -59,17 +64,33 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
     let mut report = VerifyReport::default();
     let manifest = match Manifest::read(dir) {
         Ok(m) => m,
-        // A store whose manifest is gone (its shards are there) is a store with a fault, as
-        // one whose manifest is damaged; a path with no store, or a manifest that could not
-        // be read for a reason that says nothing of the store, is an error.
-        Err(Error::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound && dir.join(SHARDS_DIR).is_dir() =>
+        // No manifest: a writer creating the store has not committed yet (nothing to check,
+        // nothing damaged); a store whose manifest is gone (its shards are there) is a store
+        // with a fault, as one whose manifest is damaged; a path with no store, or a
+        // manifest that could not be read for a reason that says nothing of the store, is
+        // an error.
+        Err(e)
+            if matches!(&e, Error::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound) =>
         {
-            report.problems.push(format!(
-                "{} is missing (the shard files are there: the manifest can be rebuilt from them)",
-                dir.join(MANIFEST_NAME).display()
-            ));
-            return Ok(report);
+            if let Ok(Some(holder)) = crate::writer::lock_holder(dir) {
+                return Err(Error::Locked {
+                    path: dir.to_path_buf(),
+                    msg: format!(
+                        "lock held by {holder}: it has not committed a manifest yet, so there \
+                         is nothing to verify"
+                    ),
+                });
+            }
+            if dir.join(SHARDS_DIR).is_dir() {
+                report.problems.push(format!(
+                    "{} is missing (the shard files are there: the manifest can be rebuilt \
+                     from them)",
+                    dir.join(MANIFEST_NAME).display()
+                ));
+                return Ok(report);
+            }
+            return Err(e);
         }
         Err(e @ Error::Io { .. }) => return Err(e),
         Err(e) => {
@@ -131,6 +152,7 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
     }
     report.bytes = manifest.shards.iter().map(|s| s.bytes).sum();
     report.orphans = orphans(dir, &manifest)?;
+    report.writer = crate::writer::lock_holder(dir).ok().flatten();
     Ok(report)
 }
 
@@ -428,6 +450,36 @@ mod tests {
         }
         let found = inspect_shard(&dir, 0, info, &p, &|_| true);
         assert!(found.problems.is_empty() && found.unchecked.is_none() && found.reader.is_some());
+    }
+
+    /// verify names the writer that has the store open, whose finished but uncommitted
+    /// shards are among the orphans, and before that writer's first commit refuses (the
+    /// store is locked) instead of calling the missing manifest damage.
+    #[test]
+    fn verify_names_an_open_writer() {
+        use crate::test_util::{add_small_samples, open_small_store};
+        use crate::writer::Mode;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let me = format!("pid {}", std::process::id());
+        let mut w = open_small_store(&dir, Mode::Create);
+        add_small_samples(&mut w, 0..30);
+        assert!(dir.join(crate::writer::SHARDS_DIR).is_dir());
+        let err = verify(&dir).unwrap_err();
+        assert!(matches!(err, Error::Locked { .. }) && err.to_string().contains(&me), "{err}");
+        w.close().unwrap();
+        let r = verify(&dir).unwrap();
+        assert!(r.ok() && r.orphans.is_empty() && r.writer.is_none(), "{r:?}");
+
+        let mut w = open_small_store(&dir, Mode::Append);
+        add_small_samples(&mut w, 30..60);
+        let r = verify(&dir).unwrap();
+        assert!(r.ok() && !r.orphans.is_empty(), "{r:?}");
+        assert_eq!(r.writer.as_deref(), Some(me.as_str()));
+        w.close().unwrap();
+        let r = verify(&dir).unwrap();
+        assert!(r.ok() && r.orphans.is_empty() && r.writer.is_none(), "{r:?}");
+        assert_eq!(r.samples, 60);
     }
 
     /// `check_values` by its definition: every row through the stamps and the exact loop

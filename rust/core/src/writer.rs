@@ -413,9 +413,18 @@ fn seq_of(file: &str) -> Option<u64> {
 
 /// [`Error::Locked`] for the store at `dir` whose lock file `path` another writer holds,
 /// naming the holder as its lock file says (best effort).
-fn held_by_another(dir: &Path, path: &Path) -> Error {
-    let holder = fs::read_to_string(path).unwrap_or_default();
-    Error::Locked { path: dir.to_path_buf(), msg: format!("lock held by {}", holder.trim()) }
+/// What a writer holding the lock wrote in the lock file ("pid N"), or what to say in the
+/// instant between its taking the lock and writing it.
+fn lock_holder_text(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    match text.trim() {
+        "" => "a process that has not written its pid yet".to_string(),
+        holder => holder.to_string(),
+    }
+}
+
+fn held_by_another(dir: &Path, holder: &str) -> Error {
+    Error::Locked { path: dir.to_path_buf(), msg: format!("lock held by {holder}") }
 }
 
 /// Whether the open file `f` is the file at `path` now (same device and inode).
@@ -435,22 +444,31 @@ fn is_same_file(f: &File, path: &Path) -> bool {
     }
 }
 
-/// [`Error::Locked`] when a writer holds the lock of the store at `dir`, without taking the
-/// lock (nor creating or writing the lock file): for what only reports.
-pub(crate) fn check_unlocked(dir: &Path) -> Result<()> {
+/// Whether a writer holds the lock of the store at `dir`: `Some` of what it wrote in the
+/// lock file ("pid N") when one does, found without taking the lock (nor creating or writing
+/// the lock file): for what only reports.
+pub(crate) fn lock_holder(dir: &Path) -> Result<Option<String>> {
     let path = dir.join(LOCK_NAME);
     let f = match File::open(&path) {
         Ok(f) => f,
         // No lock file: no writer has ever opened the store.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("open lock file", &path, e)),
     };
     // A shared lock is refused while a writer holds the exclusive one. (A writer locking in
     // the instant this one holds it waits it out: see `lock`.)
     match f.try_lock_shared() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(held_by_another(dir, &path)),
+        Ok(()) => Ok(None),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(Some(lock_holder_text(&path))),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    }
+}
+
+/// [`Error::Locked`] when a writer holds the lock of the store at `dir` ([`lock_holder`]).
+pub(crate) fn check_unlocked(dir: &Path) -> Result<()> {
+    match lock_holder(dir)? {
+        None => Ok(()),
+        Some(holder) => Err(held_by_another(dir, &holder)),
     }
 }
 
@@ -515,7 +533,9 @@ pub(crate) fn lock(dir: &Path) -> Result<File> {
             let _ = (&f).write_all(format!("pid {}\n", std::process::id()).as_bytes());
             Ok(f)
         }
-        Err(std::fs::TryLockError::WouldBlock) => Err(held_by_another(dir, &path)),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(held_by_another(dir, &lock_holder_text(&path)))
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
     }
 }

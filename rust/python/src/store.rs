@@ -690,6 +690,7 @@ fn verify<'py>(
     d.set_item("ok", r.ok())?;
     d.set_item("problems", r.problems)?;
     d.set_item("orphans", r.orphans)?;
+    d.set_item("writer", r.writer)?;
     d.set_item("manifest_ok", r.manifest_ok)?;
     d.set_item("shards", r.shards)?;
     d.set_item("chunks", r.chunks)?;
