@@ -218,6 +218,56 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sorted(store_contents(path)) == [0, 1, 2, 4, *range(8, 30)]
 
 
+def test_old_shard_files_that_cannot_be_deleted_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal that commits and then cannot delete an old shard file (here a directory
+    stands at its name, which unlink refuses even to root) reports the file and the error:
+    its bytes still hold the removed samples. The CLI lists it, points to clean and exits
+    1; clean deletes the file once it can."""
+    path = tmp_path / "s"
+    _write(path, list(range(30)))
+    blocked: list[str] = []
+
+    def block_deletion(done: int, total: int) -> None:
+        # Called as the removal rewrites the old shard, which it has open (mapped) by then.
+        victim = path / blocked[-1]
+        if victim.is_file():
+            victim.unlink()
+            victim.mkdir()
+
+    real = lc._core.remove_samples
+    monkeypatch.setattr(
+        lc._core,
+        "remove_samples",
+        lambda *args, **kwargs: real(*args, **{**kwargs, "progress": block_deletion}),
+    )
+    blocked.append(lc.remove_samples(path, [3], dry_run=True)["shards"][0]["file"])
+    report = lc.remove_samples(path, [3])
+    assert report["committed"] and report["samples_removed"] == 1
+    [left] = report["left_behind"]
+    assert left["file"] == blocked[-1] and "Is a directory" in left["error"], left
+    assert 3 not in store_contents(path) and lc.verify_store(path)["ok"]
+
+    blocked.append(lc.remove_samples(path, [4], dry_run=True)["shards"][0]["file"])
+    assert main(["remove", str(path), "4"]) == 1
+    captured = capsys.readouterr()
+    assert "REMOVED: 1 sample(s)" in captured.out
+    assert f"could not delete old shard file {blocked[-1]}: " in captured.err, captured.err
+    assert f"still holds removed samples: once the cause is fixed, logitcache clean {path}" in (
+        captured.err
+    )
+    assert main(["remove", str(path), "5", "--json"]) == 0  # nothing blocked this time
+    assert json.loads(capsys.readouterr().out)["left_behind"] == []
+
+    for name in blocked:
+        (path / name).rmdir()
+    before = store_contents(path)
+    assert sorted(before) == [0, 1, 2, *range(6, 30)]
+    lc.clean_store(path)
+    assert lc.verify_store(path)["orphans"] == [] and store_contents(path) == before
+
+
 # The core's removal with a progress callback that kills the process at its first call (calls
 # come at most every 100 ms): after the first chunk of the first new shard.
 KILLED_REMOVE = r"""

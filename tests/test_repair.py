@@ -233,3 +233,41 @@ def test_repair_says_kept_only_of_files_it_kept(
     assert main(["repair", "--remove-damaged", str(path)]) == 0
     out = capsys.readouterr().out
     assert "removed damaged file" in out and "kept" not in out, out
+
+
+def test_damaged_files_that_cannot_be_deleted_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--remove-damaged that cannot delete a damaged file after its commit reports the file
+    and the error with the rest of the report (the lost ids), where it used to raise and lose
+    the report of a repair that was done; the CLI exits 1 and points to clean."""
+    path = tmp_path / "s"
+    _store(path, "topk")
+    name = _shards(path)[1]
+    victim = path / name
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+
+    def block_deletion(done: int, total: int) -> None:
+        # At the end of the check, which has opened (mapped) what it keeps of the shard.
+        if done == total and victim.is_file():
+            victim.unlink()
+            victim.mkdir()
+
+    real = lc._core.repair
+    monkeypatch.setattr(
+        lc._core,
+        "repair",
+        lambda *args, **kwargs: real(*args, **{**kwargs, "progress": block_deletion}),
+    )
+    lost_file = tmp_path / "lost.txt"
+    assert main(["repair", "--remove-damaged", "--lost-ids", str(lost_file), str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "REPAIRED: 1 of" in captured.out and "removed damaged file" not in captured.out
+    assert "kept" not in captured.out, captured.out
+    assert f"could not delete damaged shard file {name}: " in captured.err, captured.err
+    assert "Is a directory" in captured.err and f"logitcache clean {path}" in captured.err
+    lost = [int(x) for x in lost_file.read_text().split()]
+    assert lost and lc.verify_store(path)["ok"]
+    assert not any(sid in store_contents(path) for sid in lost)

@@ -119,8 +119,10 @@ def repair_store(
     ``chunks_kept``, ``chunks_lost``, ``samples_lost``, ``positions_lost``,
     ``lost_ids_known``), ``lost_sample_ids`` (numpy uint64, sorted: the lost samples whose
     ids a footer names; a shard that cannot be located loses samples whose ids are
-    unknown), ``samples_lost``, ``positions_lost`` (all of them), ``shards`` and
-    ``removed``."""
+    unknown), ``samples_lost``, ``positions_lost`` (all of them), ``shards``, ``removed``
+    (the damaged files deleted) and ``left_behind`` (damaged files that could not be deleted
+    after the commit: ``[{"file": ..., "error": ...}]``; the repair stands, and
+    :func:`clean_store` deletes them once the cause is fixed)."""
     return _with_progress_bar(
         "repair",
         progress,
@@ -290,7 +292,10 @@ def remove_samples(
     when nothing of it is left), ``samples_removed``, ``positions_removed``, ``samples_kept``,
     ``chunks_copied``, ``chunks_reencoded``, ``chunks_dropped``), ``samples_removed``,
     ``positions_removed``, ``missing_ids`` (uint64), ``num_samples`` and ``num_positions``
-    (left), ``bytes_before``, ``bytes_after`` and ``committed``."""
+    (left), ``bytes_before``, ``bytes_after``, ``committed`` and ``left_behind`` (old shard
+    files that could not be deleted after the commit, ``[{"file": ..., "error": ...}]``:
+    the store no longer refers to them, but their bytes still hold removed samples;
+    :func:`clean_store` deletes them once the cause is fixed)."""
     from logitcache.store import _sample_id_array
 
     sids = _sample_id_array(sample_ids, ordered=False)

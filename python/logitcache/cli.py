@@ -246,6 +246,7 @@ def _repair(args: argparse.Namespace) -> int:
             )
         for f in report["removed"]:
             print(f"removed damaged file {f}")
+        _report_left_behind(args.path, report["left_behind"], "damaged shard file", "takes space")
         if args.dry_run:
             head = "DRY RUN, nothing changed"
         else:
@@ -256,17 +257,18 @@ def _repair(args: argparse.Namespace) -> int:
             f"{would}lost"
             + (f"; their ids written to {args.lost_ids}" if args.lost_ids is not None else "")
         )
+        left = {f["file"] for f in report["left_behind"]}
         kept = [
             r["file"]
             for r in report["repairs"]
-            if os.path.exists(os.path.join(args.path, r["file"]))
+            if os.path.exists(os.path.join(args.path, r["file"])) and r["file"] not in left
         ]
         if not args.dry_run and kept:
             print(
                 f"the damaged shard file(s) are kept: {', '.join(kept)} (verify lists them as "
                 "orphans; logitcache clean deletes them)"
             )
-    return 1 if args.dry_run and not report["sound"] else 0
+    return 1 if (args.dry_run and not report["sound"]) or report["left_behind"] else 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -516,11 +518,12 @@ def _remove(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         progress=None if args.progress else False,
     )
+    status = 1 if report["left_behind"] else 0
     if args.json:
         out = dict(report)
         out["missing_ids"] = [int(x) for x in report["missing_ids"]]
         print(json.dumps(out, indent=2))
-        return 0
+        return status
     would = "would be " if args.dry_run else ""
     for s in report["shards"]:
         if s["samples_kept"] == 0:
@@ -545,7 +548,23 @@ def _remove(args: argparse.Namespace) -> int:
         f"{'would hold' if args.dry_run else 'now holds'} {report['num_samples']:,} samples, "
         f"{_human_bytes(report['bytes_after'])} (was {_human_bytes(report['bytes_before'])})"
     )
-    return 0
+    _report_left_behind(
+        args.path, report["left_behind"], "old shard file", "still holds removed samples"
+    )
+    return status
+
+
+def _report_left_behind(path: str, left: list[dict[str, str]], what: str, why: str) -> None:
+    """Files a committed operation could not delete afterwards, and what to do about them."""
+    for f in left:
+        print(f"could not delete {what} {f['file']}: {f['error']}", file=sys.stderr)
+    if left:
+        print(
+            f"the store no longer refers to {'it' if len(left) == 1 else 'them'}, but "
+            f"{'it' if len(left) == 1 else 'each'} {why}: once the cause is fixed, "
+            f"logitcache clean {path}",
+            file=sys.stderr,
+        )
 
 
 def _clean(args: argparse.Namespace) -> int:
@@ -609,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
         "missing or truncated) is left out. The lost samples are reported. Takes the "
         "store's writer lock; a repair that fails or is killed changes nothing. Exit "
         "status: 0 the store is sound (repaired, or nothing to repair), 1 --dry-run found "
-        "damage, 2 the store cannot be repaired or is locked by a writer. A damaged or "
+        "damage, or --remove-damaged could not delete a damaged file (the repair is "
+        "committed), 2 the store cannot be repaired or is locked by a writer. A damaged or "
         "missing manifest.json stops a repair: --rebuild-manifest writes a new one from the "
         "shard files first (with --dry-run, only that step is planned).",
     )
@@ -769,8 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
         "records are decoded and the kept ones encoded again (exact for lossless stores; a "
         "lossy codec's bound then holds against the values decoded before). Committed "
         "atomically under the store's lock; the old shard files are deleted afterwards. "
-        "Exit status: 0 removed (or planned, with --dry-run), 2 refused (an id not in the "
-        "store without --missing-ok, a locked store, a damaged chunk in a shard to rewrite).",
+        "Exit status: 0 removed (or planned, with --dry-run), 1 removed, but an old shard "
+        "file, which still holds removed samples, could not be deleted (listed with the "
+        "error; logitcache clean PATH deletes it once the cause is fixed), 2 refused (an id "
+        "not in the store without --missing-ok, a locked store, a damaged chunk in a shard "
+        "to rewrite).",
     )
     p.add_argument("path", metavar="PATH", help="the store's directory")
     p.add_argument("sample_ids", nargs="*", type=int, metavar="ID", help="sample ids to remove")

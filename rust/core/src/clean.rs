@@ -36,6 +36,36 @@ pub struct CleanReport {
     pub dry_run: bool,
 }
 
+/// A file that a commit left out of the store and that could not be deleted after it
+/// (`verify` lists it as an orphan; [`clean_store`] deletes it once the cause is fixed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLeft {
+    /// Relative to the store directory.
+    pub file: String,
+    /// Why it could not be deleted.
+    pub error: String,
+}
+
+/// Delete the files `names` (relative to `dir`) that a commit has just left out of the
+/// store, after it: the commit stands whatever happens here, so a file that cannot be
+/// deleted is reported, not an error. Returns the files deleted (not those gone already)
+/// and those left.
+pub(crate) fn delete_left_out<'a>(
+    dir: &Path,
+    names: impl IntoIterator<Item = &'a str>,
+) -> (Vec<String>, Vec<FileLeft>) {
+    let (mut deleted, mut left) = (Vec::new(), Vec::new());
+    for name in names {
+        // A reader that opened the file before keeps its open file or map.
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => deleted.push(name.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => left.push(FileLeft { file: name.to_string(), error: e.to_string() }),
+        }
+    }
+    (deleted, left)
+}
+
 /// Delete the orphan shard files and temporary manifests of the store at `dir`; see the
 /// module documentation. A dry run only reports.
 pub fn clean_store(dir: &Path, dry_run: bool) -> Result<CleanReport> {

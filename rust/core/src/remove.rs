@@ -22,6 +22,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::clean::{FileLeft, delete_left_out};
 use crate::codec::{self, ChunkBuf, CodecParams, EncodeScratch};
 use crate::error::{Error, Result};
 use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
@@ -80,6 +81,10 @@ pub struct RemoveReport {
     /// Whether a new manifest was committed (false in a dry run and when nothing was to
     /// be removed).
     pub committed: bool,
+    /// Old shard files that could not be deleted after the commit, with the error: they
+    /// still hold the removed samples' bytes, though the store no longer refers to them
+    /// (`verify` lists them as orphans; `clean` deletes them once the cause is fixed).
+    pub left_behind: Vec<FileLeft>,
 }
 
 /// Remove the samples `sample_ids` from the store at `dir`; see the module documentation.
@@ -188,11 +193,10 @@ pub fn remove_samples_with_progress(
     };
     report.committed = true;
     report.bytes_after = m.shards.iter().map(|s| s.bytes).sum();
-    // The old files are no longer part of the store; a reader that opened them before
-    // keeps its open file. Failing to delete one leaves an orphan, not a fault.
-    for &i in &affected {
-        let _ = fs::remove_file(dir.join(&manifest.shards[i].file));
-    }
+    // The old files are no longer part of the store. Failing to delete one leaves an
+    // orphan, not a fault, but one that holds what was to be removed: it is reported.
+    let old_files = affected.iter().map(|&i| manifest.shards[i].file.as_str());
+    report.left_behind = delete_left_out(dir, old_files).1;
     // Best effort: the removal is committed; deletions lost to a power loss leave orphans.
     let _ = manifest::sync_dir(&dir.join(SHARDS_DIR));
     ticker.finish();

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::clean::{FileLeft, delete_left_out};
 use crate::error::{Error, Location, Result};
 use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
 use crate::progress::{self, Progress, Ticker};
@@ -77,6 +78,9 @@ pub struct RepairReport {
     pub committed: bool,
     /// Damaged shard files deleted ([`RepairOptions::remove_damaged`]).
     pub removed: Vec<String>,
+    /// Damaged shard files that could not be deleted after the commit, with the error
+    /// (`verify` lists them as orphans; `clean` deletes them once the cause is fixed).
+    pub left_behind: Vec<FileLeft>,
 }
 
 impl RepairReport {
@@ -251,15 +255,12 @@ pub fn repair_with_progress(
     }
     report.committed = true;
     if opts.remove_damaged {
-        for r in &report.repairs {
-            let path = dir.join(&r.file);
-            match fs::remove_file(&path) {
-                Ok(()) => report.removed.push(r.file.clone()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove damaged shard", &path, e)),
-            }
-        }
-        manifest::sync_dir(&dir.join(SHARDS_DIR))?;
+        // After the commit, which stands whatever happens here: an error now would lose the
+        // report (the lost ids) of a repair that was done.
+        let damaged = report.repairs.iter().map(|r| r.file.as_str());
+        (report.removed, report.left_behind) = delete_left_out(dir, damaged);
+        // Best effort: deletions lost to a power loss leave orphans.
+        let _ = manifest::sync_dir(&dir.join(SHARDS_DIR));
     }
     Ok(report)
 }

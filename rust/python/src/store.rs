@@ -736,7 +736,23 @@ fn repair<'py>(
     d.set_item("samples_lost", r.samples_lost)?;
     d.set_item("positions_lost", r.positions_lost)?;
     d.set_item("removed", r.removed)?;
+    d.set_item("left_behind", files_left(py, &r.left_behind)?)?;
     Ok(d)
+}
+
+/// A report's `left_behind`: a list of `{"file": ..., "error": ...}` dicts.
+fn files_left<'py>(
+    py: Python<'py>,
+    files: &[logitcache_core::clean::FileLeft],
+) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    for f in files {
+        let e = PyDict::new(py);
+        e.set_item("file", &f.file)?;
+        e.set_item("error", &f.error)?;
+        out.append(e)?;
+    }
+    Ok(out)
 }
 
 /// Merge stores of the same configuration into one (see logitcache_core::merge); returns a
@@ -814,6 +830,7 @@ fn remove_samples<'py>(
     d.set_item("bytes_before", r.bytes_before)?;
     d.set_item("bytes_after", r.bytes_after)?;
     d.set_item("committed", r.committed)?;
+    d.set_item("left_behind", files_left(py, &r.left_behind)?)?;
     Ok(d)
 }
 
