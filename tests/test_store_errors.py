@@ -467,6 +467,26 @@ def test_a_writer_dropped_unclosed_warns(tmp_path: Path, rng: np.random.Generato
     assert len(lc.open_store(tmp_path / "s")) == 2
 
 
+def test_replaced_shards_that_cannot_be_deleted_are_warned_of(
+    committed: Path, rng: np.random.Generator
+) -> None:
+    """mode="w" deletes the replaced store's shard files after its commit; one it cannot
+    delete (a directory stands at its name) gets a RuntimeWarning naming the file, the error
+    and clean, where it used to stay without a word. The commit stands."""
+    old = json.loads((committed / "manifest.json").read_text())["manifest"]["shards"]
+    blocked = committed / old[0]["file"]
+    blocked.unlink()
+    blocked.mkdir()
+    with pytest.warns(RuntimeWarning, match="could not delete 1 shard file") as caught:
+        with lc.StoreWriter(committed, vocab_size=V, k=K, mode="w") as w:
+            w.add(9, *_good(rng))
+    message = str(caught[0].message)
+    assert old[0]["file"] in message and "Is a directory" in message, message
+    assert f"logitcache clean {committed}" in message
+    assert lc.open_store(committed).sample_ids().tolist() == [9]
+    assert lc.verify_store(committed)["orphans"] == [old[0]["file"]]
+
+
 def test_lock_timeout_waits_for_the_other_writer(tmp_path: Path, rng: np.random.Generator) -> None:
     """With lock_timeout a writer waits for the one that holds the store (and then appends
     to what it committed); without, or when the time is up, StoreLockedError."""

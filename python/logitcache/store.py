@@ -203,7 +203,8 @@ class StoreWriter:
         metadata: A JSON-serialisable dict kept in the manifest (merged on append).
         mode: ``"x"`` create (refuses an existing path), ``"a"`` append to a store of the same
             configuration (refuses a mismatch, naming the field; creates the store if missing),
-            ``"w"`` replace (the old store stays readable until the first commit).
+            ``"w"`` replace (the old store stays readable until the first commit, after
+            which its shard files are deleted; one that cannot be gets a RuntimeWarning).
         chunk_positions: A chunk (the unit of compression and of random access) holds at
             most this many positions, or a single record longer than that: it is closed once
             full and before a record that would not fit. With the default 1024, reading a
@@ -374,10 +375,26 @@ class StoreWriter:
     def commit(self) -> None:
         """Checkpoint: make everything added so far durable and visible to readers."""
         self._w.commit()
+        self._warn_left_behind()
 
     def close(self) -> None:
         """Commit and release the store (idempotent)."""
         self._w.close()
+        self._warn_left_behind()
+
+    def _warn_left_behind(self) -> None:
+        # mode="w": the replaced store's shard files are deleted after the first commit,
+        # which stands whether or not they can be.
+        left = self._w.take_left_behind()
+        if left:
+            files = "; ".join(f"{f['file']}: {f['error']}" for f in left)
+            warnings.warn(
+                f"could not delete {len(left)} shard file(s) of the store replaced at "
+                f"{self.path!r} ({files}); the store no longer refers to them: once the "
+                f"cause is fixed, logitcache clean {self.path} deletes them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def abort(self) -> None:
         """Discard what was added since the last commit and release the store."""

@@ -10,6 +10,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use crate::clean::{FileLeft, delete_left_out};
 use crate::codec::{self, ChunkBuf, CodecParams, LogprobCodec};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
@@ -262,7 +263,11 @@ pub struct StoreWriter {
     shard: Option<ShardWriter>,
     finished: Vec<ShardInfo>,
     uncommitted_files: Vec<PathBuf>,
-    replaced_files: Vec<PathBuf>,
+    /// Shard files of the store a `mode="w"` writer replaces (relative to `dir`), deleted
+    /// after its first commit.
+    replaced_files: Vec<String>,
+    /// Those of them that could not be deleted, until [`StoreWriter::take_left_behind`].
+    left_behind: Vec<FileLeft>,
     next_seq: u64,
     seen: SeenIds,
     scratch: codec::EncodeScratch,
@@ -695,7 +700,7 @@ impl StoreWriter {
                     if mode == Mode::Overwrite && has_manifest {
                         // The old store stays readable until the first commit replaces it.
                         if let Ok(old) = Manifest::read(dir) {
-                            replaced_files = old.shards.iter().map(|s| dir.join(&s.file)).collect();
+                            replaced_files = old.shards.iter().map(|s| s.file.clone()).collect();
                         }
                     }
                     let m = Manifest {
@@ -754,6 +759,7 @@ impl StoreWriter {
             finished: Vec::new(),
             uncommitted_files: Vec::new(),
             replaced_files,
+            left_behind: Vec::new(),
             next_seq,
             scratch: codec::EncodeScratch::default(),
             closed: false,
@@ -780,6 +786,13 @@ impl StoreWriter {
     /// Samples added since the last commit plus those committed.
     pub fn num_samples(&self) -> usize {
         self.known.len()
+    }
+
+    /// Shard files of the replaced store (`Mode::Overwrite`) that could not be deleted
+    /// after the commit, with the error; emptied by the call. The store no longer refers to
+    /// them (`clean` deletes them once the cause is fixed).
+    pub fn take_left_behind(&mut self) -> Vec<FileLeft> {
+        std::mem::take(&mut self.left_behind)
     }
 
     /// Samples added since the last commit (what an abort discards).
@@ -1079,10 +1092,11 @@ impl StoreWriter {
             self.replaced_files.clear();
             return Err(e);
         }
-        // Shards of a replaced store are garbage once the new manifest is in place.
-        for f in self.replaced_files.drain(..) {
-            let _ = fs::remove_file(f);
-        }
+        // Shards of a replaced store are garbage once the new manifest is in place; the
+        // commit stands whether or not they can be deleted.
+        let replaced = std::mem::take(&mut self.replaced_files);
+        let (_, left) = delete_left_out(&self.dir, replaced.iter().map(String::as_str));
+        self.left_behind.extend(left);
         Ok(())
     }
 

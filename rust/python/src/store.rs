@@ -359,6 +359,12 @@ impl PyStoreWriter {
         self.inner.num_uncommitted()
     }
 
+    /// Shard files of the replaced store that a commit could not delete (see
+    /// StoreWriter::take_left_behind), as `{"file", "error"}` dicts; emptied by the call.
+    fn take_left_behind<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        files_left(py, &self.inner.take_left_behind())
+    }
+
     /// The manifest this writer will extend, as JSON.
     fn manifest_json(&self) -> PyResult<String> {
         serde_json::to_string(self.inner.manifest())
