@@ -158,10 +158,13 @@ def main() -> None:
     for step in range(args.student_steps):
         b = store.read_batch(ids_all[(step * 8) % len(ids_all) :][:8])
         input_ids = torch.from_numpy(b.input_ids).long()
-        # Row t of the targets predicts token t+1: labels are the inputs shifted left.
+        # Row t of the targets predicts token t+1: labels are the inputs shifted left. The
+        # last position of a record has no next token (the padding after a shorter record
+        # is not one): -100 there and on the padding ignores those rows.
         labels = torch.full_like(input_ids, -100)
         labels[:, :-1] = input_ids[:, 1:]
-        labels[~torch.from_numpy(b.mask)] = -100
+        positions = torch.arange(input_ids.shape[1])
+        labels[positions >= torch.from_numpy(b.lengths)[:, None] - 1] = -100
         batch = {
             "labels": labels,
             "topk_ids": torch.from_numpy(b.topk_ids).long(),

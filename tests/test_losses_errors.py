@@ -134,8 +134,20 @@ def test_negative_topk_ids() -> None:
 def test_repeated_topk_ids() -> None:
     ids, logprobs = _topk(2)
     ids[0, 1] = ids[0, 0]
-    with pytest.raises(ValueError, match=r"topk_ids.*distinct"):
+    with pytest.raises(ValueError, match=r"topk_ids.*distinct") as e:
         losses.sparse_kd_loss(_z(2), ids, logprobs, tail="renormalize")
+    assert "padding" not in str(e.value)
+    # A padded batch's padding row (id 0 throughout, log-probability -inf) passed without a
+    # mask: the message says what it looks like and how to leave it out.
+    ids, logprobs = _topk(2)
+    ids[1] = 0
+    logprobs[1] = -math.inf
+    with pytest.raises(
+        ValueError, match=r"position 1\); a row of one id repeated is what a padded"
+    ):
+        losses.sparse_kd_loss(_z(2), ids, logprobs)
+    mask = torch.tensor([True, False])
+    assert torch.isfinite(losses.sparse_kd_loss(_z(2), ids, logprobs, mask=mask))
 
 
 def test_sampled_ids_beyond_student_vocabulary() -> None:

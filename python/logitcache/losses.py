@@ -283,7 +283,20 @@ def _check_ids(arg: str, ids: Tensor, valid: Tensor, vocab: int, present: Tensor
         keyed = torch.where(live, ids, pad_ids)
         ordered = keyed.sort(dim=1).values
         duplicate = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-        _raise_if(duplicate.any(1), arg, "a row repeats a token id; ids must be distinct")
+        row = _first_bad_row(duplicate.any(1))
+        if row is not None:
+            # A store's padded batch pads with rows of id 0 (log-probability -inf).
+            padding = bool((keyed[row] == keyed[row, 0]).all())
+            hint = (
+                "; a row of one id repeated is what a padded batch's padding looks like: leave "
+                "padding out with mask= (the batch's mask) or labels=ignore_index there"
+                if padding
+                else ""
+            )
+            raise ValueError(
+                f"{arg}: a row repeats a token id; ids must be distinct (first at flattened "
+                f"position {row}){hint}"
+            )
 
 
 def _check_normalizer(normalizer: object, reduction: str) -> Tensor | float | None:
@@ -1219,7 +1232,7 @@ def kd_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# Batches from the data layer
+# Batches of training targets
 
 #: Batch keys :class:`KDLoss` and :func:`token_metrics` read (others are ignored).
 BATCH_KEYS = (
@@ -1295,7 +1308,8 @@ def _cross_entropy(
 
 
 class KDLoss(nn.Module):
-    """Knowledge-distillation loss for a batch from the data layer:
+    """Knowledge-distillation loss for a batch of training targets (from a store: the
+    README's "From a stored batch to the loss"):
     ``loss = kd_weight * T^2 * D(teacher, student) + (1 - kd_weight) * CE(labels, student)``.
 
     ``D`` is :func:`sparse_kd_loss`, :func:`sampled_kd_loss` or :func:`kd_loss`, chosen by the
@@ -1321,7 +1335,7 @@ class KDLoss(nn.Module):
     Example::
 
         loss_fn = KDLoss(divergence="forward_kl", temperature=1.0, kd_weight=0.5)
-        for batch in loader:          # keys from the data layer
+        for batch in loader:          # keys of BATCH_KEYS (labels shifted by the caller)
             logits = model(batch["input_ids"]).logits
             loss = loss_fn(logits, batch)
             loss.backward()
@@ -1397,7 +1411,7 @@ class KDLoss(nn.Module):
 
         Args:
             student_logits: ``[..., V_s]``, position-aligned with the batch's targets.
-            batch: a mapping with the data layer's keys (:data:`BATCH_KEYS`; others such as
+            batch: a mapping with the keys of :data:`BATCH_KEYS` (others such as
                 ``input_ids`` are ignored). Exactly one teacher target kind must be present
                 unless ``kd_weight == 0``.
             labels, mask: override ``batch["labels"]`` / ``batch["mask"]``.
