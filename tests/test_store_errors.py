@@ -394,7 +394,7 @@ def test_missing_sample_is_a_key_error(committed: Path) -> None:
     with pytest.raises(lc.MissingSampleError, match="12345"):
         s.read_packed([0, 12345])
     for bad in ([[0, 1]], np.array([0.5]), [-1]):
-        with pytest.raises(ValueError, match=r"sample_ids? must"):
+        with pytest.raises(ValueError, match=r"sample_ids?(\[0\])? must"):
             s.read_packed(bad)
     # Any iterable of ids reads in its order; a set has none, and one id is not a batch.
     ids = [int(x) for x in s.sample_ids()[:3]]
@@ -414,6 +414,21 @@ def test_missing_sample_is_a_key_error(committed: Path) -> None:
     empty = s.read_packed([])
     assert empty.input_ids.shape == (0,) and empty.offsets.tolist() == [0]
     assert 12345 not in s and "0" not in s and 0 in s
+    # One id in any integer form that says it is one (__index__): a 0-d torch tensor too;
+    # never a bool, a float or a float tensor.
+    first = ids[0]
+    assert s[torch.tensor(first)].sample_id == first and torch.tensor(first) in s
+    assert s[np.uint64(first)].sample_id == first
+    for bad, named in (
+        (True, "bool"),
+        (torch.tensor(True), "Tensor"),
+        (torch.tensor(1.0), "Tensor"),
+    ):
+        with pytest.raises(ValueError, match=f"sample_id must be an integer, got {named}"):
+            s[bad]  # type: ignore[index]
+        assert bad not in s
+    with pytest.raises(ValueError, match=r"sample_ids\[1\] must be an integer, got list"):
+        s.read_batch([first, [first]])  # type: ignore[list-item]
 
 
 def test_damaged_shard_version_is_corruption_naming_the_shard(

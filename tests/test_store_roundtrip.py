@@ -212,6 +212,37 @@ def test_single_gets_equal_batch_and_iteration(tmp_path: Path, rng: np.random.Ge
         assert np.array_equal(b.topk_ids[i, :n], recs[sid].topk_ids)
         assert np.array_equal(b.topk_logprobs[i, :n], recs[sid].topk_logprobs)
     assert s.sample_lengths().tolist() == [len(recs[sid]) for sid in s.sample_ids()]
+    assert s.sample_lengths().dtype == np.int64  # as Batch.lengths; torch has no uint32 ops
+
+
+def test_close_releases_the_shards(tmp_path: Path, rng: np.random.Generator) -> None:
+    """close() (or leaving a with block) lets go of the shards' maps at once; arrays read
+    before stay valid, and every later read raises StoreError."""
+    with lc.StoreWriter(tmp_path / "s", vocab_size=500, k=5) as w:
+        for sid in range(4):
+            w.add(sid, *make_topk(rng, 6, 5, 500))
+    shard_dir = str((tmp_path / "s" / "shards").resolve())
+
+    def mapped() -> int:
+        return sum(shard_dir in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    with lc.open_store(tmp_path / "s", mmap=True) as store:
+        rec = store[2]
+        batch = store.read_batch([1, 3])
+        want = rec.topk_ids.copy(), batch.topk_logprobs.copy()
+        assert mapped() >= 1 and not store.closed
+    assert store.closed and mapped() == 0
+    assert np.array_equal(rec.topk_ids, want[0]) and np.array_equal(batch.topk_logprobs, want[1])
+    for use in (
+        lambda: store[2],
+        lambda: store.read_batch([1]),
+        lambda: len(store),
+        lambda: 2 in store,
+    ):
+        with pytest.raises(lc.StoreError, match="is closed"):
+            use()
+    store.close()  # idempotent
+    assert "closed" in repr(store)
 
 
 def test_add_logits_matches_numpy_reference(tmp_path: Path, rng: np.random.Generator) -> None:

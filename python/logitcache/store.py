@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 import os
 import time
 import warnings
@@ -328,8 +329,13 @@ class StoreWriter:
 
     def add_logits(self, sample_id: int, input_ids: npt.ArrayLike, logits: Any) -> None:
         """Add one sequence from the teacher's full logits ``[L, V]`` (float32, float16 or
-        bfloat16; numpy or a torch tensor). Log-softmax at the capture temperature and top-K
-        run in Rust on all cores of the shared pool."""
+        bfloat16; numpy or a torch tensor, any strides; float64 is cast to float32 first, so
+        values beyond float32's range become infinite and +inf is refused). Log-softmax at
+        the capture temperature (``log_softmax(logits / temperature)``) and top-K run in
+        Rust on all cores of the shared pool. Rows are ordered by log-probability, ties by
+        the lower id first (``torch.topk`` may order ties otherwise). A row with fewer than
+        K finite logits (a masked vocabulary) is filled with masked ids, lowest first, at
+        log-probability -inf."""
         a = _to_numpy(logits, "logits", keep_bf16=True)
         if a.dtype == _BF16_TAG:
             dtype, arr = "bfloat16", np.ascontiguousarray(a.view(np.uint16))
@@ -446,12 +452,22 @@ class StoreWriter:
             warnings.warn(f"unclosed StoreWriter({self.path!r})", ResourceWarning, stacklevel=2)
 
 
-def _sample_id(sample_id: Any) -> int:
-    if isinstance(sample_id, bool) or not isinstance(sample_id, (int, np.integer)):
-        raise ValueError(f"sample_id must be an integer, got {type(sample_id).__name__}")
-    if not 0 <= int(sample_id) < 2**64:
-        raise ValueError(f"sample_id must be in [0, 2**64), got {sample_id}")
-    return int(sample_id)
+def _sample_id(sample_id: Any, name: str = "sample_id") -> int:
+    # Any integer that says it is one through __index__: Python and numpy integers, a 0-d
+    # integer tensor (torch). A bool is an int to Python but never an id.
+    is_bool = isinstance(sample_id, (bool, np.bool_)) or str(getattr(sample_id, "dtype", "")) in (
+        "bool",
+        "torch.bool",
+    )
+    try:
+        value = None if is_bool else operator.index(sample_id)
+    except TypeError:
+        value = None
+    if value is None:
+        raise ValueError(f"{name} must be an integer, got {type(sample_id).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -490,7 +506,12 @@ class Batch:
 
     ``input_ids`` is ``[B, L]`` (padded with 0); ``topk_ids`` / ``topk_logprobs`` /
     ``counts`` are ``[B, L, W]`` with W = K (top-K) or the widest sampled row; padding is id 0
-    (top-K) or -1 (sampled), log-probability -inf and count 0.
+    (top-K) or -1 (sampled), log-probability -inf and count 0. Dtypes: ``sample_ids``
+    uint64, ``lengths`` int64, ``input_ids`` / ``topk_ids`` / ``counts`` int32 (cast ids to
+    int64 for ``F.cross_entropy`` targets; the losses take int32), ``topk_logprobs`` float32.
+    For a sampled store ``topk_ids`` holds the sampled ids: they go to the losses as
+    ``sampled_ids`` with ``counts`` as ``sampled_counts`` (README, "From a stored batch to
+    the loss").
     """
 
     sample_ids: np.ndarray
@@ -535,7 +556,10 @@ def _sample_id_array(
         sample_ids = [*sample_ids]  # generators, dict keys, other iterables of ids
     if isinstance(sample_ids, (list, tuple, range)):
         # Python ints may exceed int64; numpy would turn a mix into float64.
-        return np.fromiter((_sample_id(x) for x in sample_ids), dtype=np.uint64)
+        return np.fromiter(
+            (_sample_id(x, f"sample_ids[{i}]") for i, x in enumerate(sample_ids)),
+            dtype=np.uint64,
+        )
     sids = np.asarray(sample_ids)
     if sids.ndim != 1:
         raise ValueError(f"sample_ids must be 1-D, got shape {sids.shape}")
@@ -554,7 +578,8 @@ class PackedBatch:
     ``input_ids`` is ``[N]`` with N = ``sum(lengths)``; ``topk_ids`` / ``topk_logprobs`` /
     ``counts`` are ``[N, W]`` with W = K (top-K) or the widest sampled row (sampled rows are
     padded to it with id -1, log-probability -inf and count 0). Record ``i`` is rows
-    ``offsets[i]:offsets[i + 1]``.
+    ``offsets[i]:offsets[i + 1]``. Dtypes as :class:`Batch`'s; ``offsets`` is int64 (flash
+    attention's ``cu_seqlens`` wants int32: ``.to(torch.int32)``).
     """
 
     sample_ids: np.ndarray
@@ -582,7 +607,7 @@ class Store:
     """
 
     def __init__(self, inner: _core.Store, path: str, open_options: dict[str, Any]) -> None:
-        self._s = inner
+        self._s: _core.Store | _ClosedStore = inner
         self.path = path
         self._open_options = open_options
         self.meta: dict[str, Any] = json.loads(inner.manifest_json())
@@ -595,9 +620,10 @@ class Store:
         return len(self._s)
 
     def __contains__(self, sample_id: object) -> bool:
-        if isinstance(sample_id, bool) or not isinstance(sample_id, (int, np.integer)):
+        try:
+            return _sample_id(sample_id) in self._s
+        except ValueError:
             return False
-        return 0 <= int(sample_id) < 2**64 and int(sample_id) in self._s
 
     def __iter__(self) -> Iterator[Record]:
         for sid in self.sample_ids():
@@ -608,8 +634,9 @@ class Store:
         return self._s.sample_ids()
 
     def sample_lengths(self) -> np.ndarray:
-        """Length of every sample (uint32), in the order of :meth:`sample_ids`."""
-        return self._s.sample_lengths()
+        """Length of every sample (int64, as a batch's ``lengths``: torch compares and
+        indexes with it, not with uint32), in the order of :meth:`sample_ids`."""
+        return self._s.sample_lengths().astype(np.int64)
 
     @property
     def num_positions(self) -> int:
@@ -631,8 +658,8 @@ class Store:
     def __getitem__(self, sample_id: int) -> Record:
         """One record (``MissingSampleError`` for an unknown id). Its arrays' memory is reused
         once released, as :meth:`read_batch` says."""
-        raw = self._s.get(_sample_id(sample_id))
-        return self._record(int(sample_id), raw)
+        sid = _sample_id(sample_id)
+        return self._record(sid, self._s.get(sid))
 
     def _record(self, sample_id: int, raw: dict[str, np.ndarray]) -> Record:
         inp = raw["input_ids"].view(np.int32)
@@ -702,6 +729,28 @@ class Store:
 
         return verify_store(self.path)
 
+    def close(self) -> None:
+        """Release the store's memory maps, open files and chunk cache now rather than when
+        the object is garbage-collected (idempotent). Arrays already read stay valid; any
+        later read raises :class:`StoreError`. Also ``with open_store(path) as store:``."""
+        if not isinstance(self._s, _ClosedStore):
+            self._s = _ClosedStore(self.path)
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self._s, _ClosedStore)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
     def __reduce__(self) -> tuple[Any, ...]:
         shard_uids = [s["uid"] for s in self.meta["shards"]]
         # Absolute: the process that unpickles may run elsewhere in the file system.
@@ -711,8 +760,28 @@ class Store:
     def __repr__(self) -> str:
         return (
             f"Store({self.path!r}, kind={self.kind!r}, k={self.k}, vocab_size={self.vocab_size}, "
-            f"samples={len(self)}, positions={self.num_positions})"
+            f"samples={self.meta['num_samples']}, positions={self.num_positions}"
+            + (", closed)" if self.closed else ")")
         )
+
+
+class _ClosedStore:
+    """Stands for the core's store once :meth:`Store.close` dropped it: every use raises."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def _closed(self) -> StoreError:
+        return StoreError(f"the store {self._path} is closed")
+
+    def __getattr__(self, name: str) -> Any:
+        raise self._closed()
+
+    def __len__(self) -> int:
+        raise self._closed()
+
+    def __contains__(self, sample_id: object) -> bool:
+        raise self._closed()
 
 
 def open_store(
