@@ -136,10 +136,13 @@ fn row_topk(
     for &x in row.iter() {
         sum += (f64::from(x) * inv_t - m).exp();
     }
-    let lse = m + sum.ln();
+    // Subtracted as (x - m) - ln(sum), not x - (m + ln(sum)): for logits so large that
+    // m + ln(sum) rounds to m (|m| above ~1e15 in f64), the latter would lose ln(sum) and make
+    // every top entry 0, a row of more than one certain token.
+    let log_sum = sum.ln();
     for (j, &(x, id)) in heap.iter().enumerate() {
         out_ids[j] = id;
-        let lp = f64::from(x) * inv_t - lse;
+        let lp = (f64::from(x) * inv_t - m) - log_sum;
         // A log-probability is never positive; rounding must not make it so.
         out_lp[j] = lp.min(0.0) as f32;
     }
@@ -214,6 +217,18 @@ mod tests {
                     assert!((f64::from(*a) - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} {b}");
                 }
             }
+        }
+    }
+
+    /// Huge logits (where m + ln(sum) rounds to m, even in f64) still give log-probabilities
+    /// of a distribution: equal logits share the mass.
+    #[test]
+    fn huge_logits_keep_the_row_a_distribution() {
+        for big in [3e38f32, 1e20, -1e30] {
+            let row = [big, big, big, f32::NEG_INFINITY];
+            let (_, lps) = topk_from_logits(1, Logits::F32(&row), 1, 4, 4, 1.0).unwrap();
+            let want = -(3.0f64.ln()) as f32;
+            assert_eq!(lps, [want, want, want, f32::NEG_INFINITY], "{big}");
         }
     }
 
