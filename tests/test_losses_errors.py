@@ -143,7 +143,7 @@ def test_repeated_topk_ids() -> None:
     ids[1] = 0
     logprobs[1] = -math.inf
     with pytest.raises(
-        ValueError, match=r"position 1\); a row of one id repeated is what a padded"
+        ValueError, match=r"position 1\); a row of id 0 throughout is what a padded"
     ):
         losses.sparse_kd_loss(_z(2), ids, logprobs)
     mask = torch.tensor([True, False])

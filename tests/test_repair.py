@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +263,9 @@ def test_damaged_files_that_cannot_be_deleted_are_reported(
         lambda *args, **kwargs: real(*args, **{**kwargs, "progress": block_deletion}),
     )
     lost_file = tmp_path / "lost.txt"
-    assert main(["repair", "--remove-damaged", "--lost-ids", str(lost_file), str(path)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the command says it itself, not as a warning too
+        assert main(["repair", "--remove-damaged", "--lost-ids", str(lost_file), str(path)]) == 1
     captured = capsys.readouterr()
     assert "REPAIRED: 1 of" in captured.out and "removed damaged file" not in captured.out
     assert "kept" not in captured.out, captured.out
@@ -271,3 +274,12 @@ def test_damaged_files_that_cannot_be_deleted_are_reported(
     lost = [int(x) for x in lost_file.read_text().split()]
     assert lost and lc.verify_store(path)["ok"]
     assert not any(sid in store_contents(path) for sid in lost)
+    # The Python function says it with a warning too, for a caller that does not read the
+    # report.
+    data = bytearray((path / _shards(path)[0]).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim = path / _shards(path)[0]  # block_deletion reads `victim` when called
+    victim.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match=r"could not delete 1 damaged shard file\(s\) \("):
+        report = lc.repair_store(path, remove_damaged=True)
+    assert report["left_behind"][0]["file"] == victim.relative_to(path).as_posix()

@@ -427,6 +427,12 @@ def test_missing_sample_is_a_key_error(committed: Path) -> None:
         with pytest.raises(ValueError, match=f"sample_id must be an integer, got {named}"):
             s[bad]  # type: ignore[index]
         assert bad not in s
+    # A one-element tensor is not one id (torch's __index__ would take it): a slice of ids
+    # meant as a batch must not read as one record.
+    for bad in (torch.tensor([first]), torch.tensor([[first]])):
+        with pytest.raises(ValueError, match=r"must be an integer, got Tensor of shape \("):
+            s[bad]  # type: ignore[index]
+        assert bad not in s
     with pytest.raises(ValueError, match=r"sample_ids\[1\] must be an integer, got list"):
         s.read_batch([first, [first]])  # type: ignore[list-item]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,9 @@ def test_close_releases_the_shards(tmp_path: Path, rng: np.random.Generator) -> 
             use()
     store.close()  # idempotent
     assert "closed" in repr(store)
+    with pytest.raises(lc.StoreError, match="is closed") as e:
+        pickle.dumps(store)  # a copy would be an open store
+    assert e.value.file is None and e.value.sample_id is None  # as for any StoreError
 
 
 def test_add_logits_matches_numpy_reference(tmp_path: Path, rng: np.random.Generator) -> None:

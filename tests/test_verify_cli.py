@@ -130,13 +130,14 @@ def test_verify_names_an_open_writer(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert report["samples"] == 20
     assert main(["verify", str(store)]) == 0
     err = capsys.readouterr().err
-    assert f"a writer ({me}) has the store open" in err, err
+    assert f"a writer ({me}) had the store open" in err, err
     assert "the orphans may be shards it has not committed yet" in err, err
+    assert f"(once the writer has closed): logitcache clean {store}" in err, err
     w.close()
     report = lc.verify_store(store)
     assert report["writer"] is None and report["orphans"] == [] and report["samples"] == 40
     assert main(["verify", str(store)]) == 0
-    assert "has the store open" not in capsys.readouterr().err
+    assert "had the store open" not in capsys.readouterr().err
 
 
 def test_cli_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

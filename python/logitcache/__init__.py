@@ -12,6 +12,7 @@ of :mod:`logitcache.losses` (imported on first use: the store works without torc
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +72,8 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     ``problems`` (each names file, shard, chunk and what is wrong), ``orphans`` (files no
     manifest refers to, e.g. left by a writer that was killed, or shards of a writer still
     open that it has not committed yet: :func:`clean_store` deletes those that logitcache
-    wrote, never while a writer is open), ``writer`` (who held the store's lock when the
-    orphans were listed, e.g. ``"pid 1234"``, or None when no writer had the store open),
+    wrote, never while a writer is open), ``writer`` (who held the store's lock as the check
+    finished, or else as it started, e.g. ``"pid 1234"``, or None),
     ``manifest_ok`` (False when the manifest cannot be read, being damaged or missing from a
     directory that holds ``shards/``: then nothing else is checked and no file is called an
     orphan; see :func:`rebuild_manifest`), and counts. A path with no store raises
@@ -121,9 +122,9 @@ def repair_store(
     ids a footer names; a shard that cannot be located loses samples whose ids are
     unknown), ``samples_lost``, ``positions_lost`` (all of them), ``shards``, ``removed``
     (the damaged files deleted) and ``left_behind`` (damaged files that could not be deleted
-    after the commit: ``[{"file": ..., "error": ...}]``; the repair stands, and
-    :func:`clean_store` deletes them once the cause is fixed)."""
-    return _with_progress_bar(
+    after the commit: ``[{"file": ..., "error": ...}]``, also said by a RuntimeWarning; the
+    repair stands, and :func:`clean_store` deletes them once the cause is fixed)."""
+    report = _with_progress_bar(
         "repair",
         progress,
         lambda cb: dict(
@@ -132,6 +133,8 @@ def repair_store(
             )
         ),
     )
+    _warn_left_behind(path, report["left_behind"], "damaged shard file")
+    return report
 
 
 def rebuild_manifest(
@@ -293,13 +296,13 @@ def remove_samples(
     ``chunks_copied``, ``chunks_reencoded``, ``chunks_dropped``), ``samples_removed``,
     ``positions_removed``, ``missing_ids`` (uint64), ``num_samples`` and ``num_positions``
     (left), ``bytes_before``, ``bytes_after``, ``committed`` and ``left_behind`` (old shard
-    files that could not be deleted after the commit, ``[{"file": ..., "error": ...}]``:
-    the store no longer refers to them, but their bytes still hold removed samples;
-    :func:`clean_store` deletes them once the cause is fixed)."""
+    files that could not be deleted after the commit, ``[{"file": ..., "error": ...}]``,
+    also said by a RuntimeWarning: the store no longer refers to them, but their bytes still
+    hold removed samples; :func:`clean_store` deletes them once the cause is fixed)."""
     from logitcache.store import _sample_id_array
 
     sids = _sample_id_array(sample_ids, ordered=False)
-    return _with_progress_bar(
+    report = _with_progress_bar(
         "remove",
         progress,
         lambda cb: dict(
@@ -309,6 +312,26 @@ def remove_samples(
         ),
         reads_per_byte=1,
     )
+    _warn_left_behind(
+        path, report["left_behind"], "old shard file", ", which still holds removed samples"
+    )
+    return report
+
+
+def _warn_left_behind(
+    path: str | os.PathLike[str], left: list[dict[str, str]], what: str, why: str = ""
+) -> None:
+    """A RuntimeWarning for the files a committed operation could not delete: a caller that
+    does not read the report's ``left_behind`` still hears of them."""
+    if left:
+        files = "; ".join(f"{f['file']}: {f['error']}" for f in left)
+        warnings.warn(
+            f"could not delete {len(left)} {what}(s){why} ({files}); the store no longer "
+            f"refers to them: once the cause is fixed, logitcache clean {os.fspath(path)} "
+            "deletes them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def clean_store(path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[str, Any]:

@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,10 +104,10 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"FAULT: {p}", file=sys.stderr)
         for o in report["orphans"]:
             print(f"orphan (not in the manifest): {o}", file=sys.stderr)
-        if report["writer"] is not None:
+        writer = report["writer"]
+        if writer is not None:
             print(
-                f"a writer ({report['writer']}) has the store open: this checked its last "
-                "commit"
+                f"a writer ({writer}) had the store open: this checked the store's last commit"
                 + (
                     ", and the orphans may be shards it has not committed yet"
                     if report["orphans"]
@@ -117,9 +119,13 @@ def _verify(args: argparse.Namespace) -> int:
             # Not "safe to delete": a writer that is still open has shards no manifest names
             # yet, and other files may be the user's. clean waits for no writer: it refuses
             # while one holds the lock, and keeps what logitcache did not write.
+            when = (
+                "once the writer has closed"
+                if writer is not None
+                else "never a writer's while it is open"
+            )
             print(
-                "to delete those that logitcache wrote (never a writer's while it is open): "
-                f"logitcache clean {args.path}",
+                f"to delete those that logitcache wrote ({when}): logitcache clean {args.path}",
                 file=sys.stderr,
             )
         status = "OK" if report["ok"] else f"{len(report['problems'])} FAULT(S)"
@@ -205,12 +211,13 @@ def _repair(args: argparse.Namespace) -> int:
         created = not os.path.exists(args.lost_ids)
         lost_file = open(args.lost_ids, "a", encoding="utf-8")
     try:
-        report = logitcache.repair_store(
-            args.path,
-            dry_run=args.dry_run,
-            remove_damaged=args.remove_damaged,
-            progress=None if args.progress else False,
-        )
+        with _reported_here():
+            report = logitcache.repair_store(
+                args.path,
+                dry_run=args.dry_run,
+                remove_damaged=args.remove_damaged,
+                progress=None if args.progress else False,
+            )
     except BaseException:
         if lost_file is not None:
             lost_file.close()
@@ -511,13 +518,14 @@ def _remove(args: argparse.Namespace) -> int:
         ids.extend(int(x) for x in from_file)
     if not ids:
         raise ValueError("no sample id to remove: give IDs or --ids FILE")
-    report = logitcache.remove_samples(
-        args.path,
-        ids,
-        missing_ok=args.missing_ok,
-        dry_run=args.dry_run,
-        progress=None if args.progress else False,
-    )
+    with _reported_here():
+        report = logitcache.remove_samples(
+            args.path,
+            ids,
+            missing_ok=args.missing_ok,
+            dry_run=args.dry_run,
+            progress=None if args.progress else False,
+        )
     status = 1 if report["left_behind"] else 0
     if args.json:
         out = dict(report)
@@ -552,6 +560,15 @@ def _remove(args: argparse.Namespace) -> int:
         args.path, report["left_behind"], "old shard file", "still holds removed samples"
     )
     return status
+
+
+@contextlib.contextmanager
+def _reported_here() -> Iterator[None]:
+    """The Python functions' warning of files left behind, silenced: the command lists them
+    itself (_report_left_behind)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="could not delete", category=RuntimeWarning)
+        yield
 
 
 def _report_left_behind(path: str, left: list[dict[str, str]], what: str, why: str) -> None:
@@ -613,8 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check every checksum and decoded value; exit 1 on any fault",
         description="Check the manifest, every shard's whole-file checksum, header, footer and "
-        "chunk checksums, decode every chunk and check its values. Exit status: 0 sound, "
-        "1 faults found, 2 the store cannot be read at all.",
+        "chunk checksums, decode every chunk and check its values. A writer that has the "
+        "store open is named; the check is of the last commit. Exit status: 0 sound, 1 "
+        "faults found, 2 the store cannot be read at all, or a writer creating it has not "
+        "committed it yet.",
     )
     p.add_argument("path", help="store directory")
     _add_report_options(p)

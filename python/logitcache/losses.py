@@ -286,9 +286,9 @@ def _check_ids(arg: str, ids: Tensor, valid: Tensor, vocab: int, present: Tensor
         row = _first_bad_row(duplicate.any(1))
         if row is not None:
             # A store's padded batch pads with rows of id 0 (log-probability -inf).
-            padding = bool((keyed[row] == keyed[row, 0]).all())
+            padding = bool((keyed[row] == 0).all())
             hint = (
-                "; a row of one id repeated is what a padded batch's padding looks like: leave "
+                "; a row of id 0 throughout is what a padded batch's padding looks like: leave "
                 "padding out with mask= (the batch's mask) or labels=ignore_index there"
                 if padding
                 else ""

@@ -381,14 +381,14 @@ class StoreWriter:
     def commit(self) -> None:
         """Checkpoint: make everything added so far durable and visible to readers."""
         self._w.commit()
-        self._warn_left_behind()
+        self._warn_left_behind(stacklevel=3)
 
     def close(self) -> None:
         """Commit and release the store (idempotent)."""
         self._w.close()
-        self._warn_left_behind()
+        self._warn_left_behind(stacklevel=3)
 
-    def _warn_left_behind(self) -> None:
+    def _warn_left_behind(self, stacklevel: int) -> None:
         # mode="w": the replaced store's shard files are deleted after the first commit,
         # which stands whether or not they can be.
         left = self._w.take_left_behind()
@@ -399,7 +399,7 @@ class StoreWriter:
                 f"{self.path!r} ({files}); the store no longer refers to them: once the "
                 f"cause is fixed, logitcache clean {self.path} deletes them",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,  # the caller of close() or commit(), or the with
             )
 
     def abort(self) -> None:
@@ -425,7 +425,8 @@ class StoreWriter:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
-            self.close()
+            self._w.close()
+            self._warn_left_behind(stacklevel=3)  # at the with statement
         else:
             self.abort()
 
@@ -455,16 +456,20 @@ class StoreWriter:
 def _sample_id(sample_id: Any, name: str = "sample_id") -> int:
     # Any integer that says it is one through __index__: Python and numpy integers, a 0-d
     # integer tensor (torch). A bool is an int to Python but never an id.
+    # torch's __index__ also takes a one-element tensor of any shape: refused, since a slice
+    # ids[i:i + 1] meant as a batch would read as one record.
     is_bool = isinstance(sample_id, (bool, np.bool_)) or str(getattr(sample_id, "dtype", "")) in (
         "bool",
         "torch.bool",
     )
+    shape = tuple(getattr(sample_id, "shape", ()))
     try:
-        value = None if is_bool else operator.index(sample_id)
+        value = None if is_bool or shape else operator.index(sample_id)
     except TypeError:
         value = None
     if value is None:
-        raise ValueError(f"{name} must be an integer, got {type(sample_id).__name__}")
+        got = type(sample_id).__name__ + (f" of shape {shape}" if shape else "")
+        raise ValueError(f"{name} must be an integer, got {got}")
     if not 0 <= value < 2**64:
         raise ValueError(f"{name} must be in [0, 2**64), got {value}")
     return value
@@ -636,7 +641,7 @@ class Store:
     def sample_lengths(self) -> np.ndarray:
         """Length of every sample (int64, as a batch's ``lengths``: torch compares and
         indexes with it, not with uint32), in the order of :meth:`sample_ids`."""
-        return self._s.sample_lengths().astype(np.int64)
+        return self._s.sample_lengths()
 
     @property
     def num_positions(self) -> int:
@@ -752,6 +757,9 @@ class Store:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if self.closed:
+            # A copy would be an open store: refused, as every other use of a closed one.
+            raise StoreError(f"the store {self.path} is closed")
         shard_uids = [s["uid"] for s in self.meta["shards"]]
         # Absolute: the process that unpickles may run elsewhere in the file system.
         path = os.path.abspath(self.path)

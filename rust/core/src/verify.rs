@@ -26,10 +26,10 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Files in the store directory that the manifest does not refer to.
     pub orphans: Vec<String>,
-    /// Who held the store's lock when the orphans were listed ("pid N"), if a writer did:
-    /// the orphans may then include the shards it has not committed yet. `None` when no
-    /// writer had the store open, or when that could not be found out (a lock file that
-    /// cannot be opened): it only qualifies the orphans, so it fails nothing.
+    /// Who held the store's lock as the check finished, or else as it started ("pid N"),
+    /// if a writer did: the orphans may then include the shards it has not committed yet.
+    /// `None` when no writer had the store open then, or when that could not be found out (a
+    /// lock file that cannot be opened): it only qualifies the orphans, so it fails nothing.
     pub writer: Option<String>,
     /// Whether the manifest could be read (it cannot when damaged, or missing from a
     /// directory that holds `shards/`). When it could not, no shard was checked and no
@@ -106,6 +106,7 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
         }
     };
     report.manifest_ok = true;
+    let writer_at_start = crate::writer::lock_holder(dir).ok().flatten();
     report.shards = manifest.shards.len();
     report.samples = manifest.num_samples;
     report.positions = manifest.num_positions;
@@ -152,7 +153,13 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
     }
     report.bytes = manifest.shards.iter().map(|s| s.bytes).sum();
     report.orphans = orphans(dir, &manifest)?;
-    report.writer = crate::writer::lock_holder(dir).ok().flatten();
+    // The check may take minutes: shards that a writer committed meanwhile are named by the
+    // manifest now, not by the one checked, and are the store's, not orphans.
+    if let Ok(now) = Manifest::read(dir) {
+        let named: HashSet<&str> = now.shards.iter().map(|s| s.file.as_str()).collect();
+        report.orphans.retain(|f| !named.contains(f.as_str()));
+    }
+    report.writer = crate::writer::lock_holder(dir).ok().flatten().or(writer_at_start);
     Ok(report)
 }
 
@@ -480,6 +487,31 @@ mod tests {
         let r = verify(&dir).unwrap();
         assert!(r.ok() && r.orphans.is_empty() && r.writer.is_none(), "{r:?}");
         assert_eq!(r.samples, 60);
+    }
+
+    /// A writer that commits while verify checks: its new shards are the store's, not
+    /// orphans, and the writer that held the lock as the check started is named.
+    #[test]
+    fn a_commit_during_the_check_makes_no_orphans() {
+        use crate::test_util::{add_small_samples, open_small_store, write_small_store};
+        use crate::writer::Mode;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        write_small_store(&dir, Mode::Create, 0..30);
+        let mut w = open_small_store(&dir, Mode::Append);
+        add_small_samples(&mut w, 30..60);
+        let writer = std::sync::Mutex::new(Some(w));
+        let commit_now = |_: u64, _: u64| {
+            if let Some(mut w) = writer.lock().unwrap().take() {
+                w.close().unwrap();
+            }
+            true
+        };
+        let r = verify_with_progress(&dir, &commit_now).unwrap();
+        assert!(writer.lock().unwrap().is_none(), "the writer closed during the check");
+        assert!(r.ok() && r.samples == 30 && r.orphans.is_empty(), "{r:?}");
+        assert_eq!(r.writer, Some(format!("pid {}", std::process::id())));
+        assert_eq!(verify(&dir).unwrap().samples, 60);
     }
 
     /// `check_values` by its definition: every row through the stamps and the exact loop

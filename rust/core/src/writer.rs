@@ -509,8 +509,8 @@ pub(crate) fn lock(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .io_ctx("open lock file", &path)?;
-    // A shared lock held for an instant (a `clean --dry-run` looking whether a writer is
-    // open) is waited out rather than taken for a writer: a few tries over ~40 ms.
+    // A shared lock held for an instant (`verify` or `clean --dry-run` looking whether a
+    // writer is open) is waited out rather than taken for a writer: a few tries over ~40 ms.
     let mut tries = 0;
     let taken = loop {
         match f.try_lock() {

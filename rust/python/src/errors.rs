@@ -65,6 +65,11 @@ fn classes(py: Python<'_>) -> PyResult<&Classes> {
              sample_id.",
             PyTuple::new(py, [py.get_type::<PyException>()])?,
         )?;
+        // Class-level defaults: an error raised from Python code (`raise StoreError(...)`)
+        // has the attributes too, None as for a location not known.
+        for attr in ["file", "shard", "chunk", "offset", "sample_id"] {
+            store_error.setattr(attr, py.None())?;
+        }
         let mut sub = Vec::with_capacity(SUBCLASSES.len());
         for (name, doc, extra) in SUBCLASSES {
             let mut bases = vec![store_error.clone()];

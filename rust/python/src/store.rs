@@ -435,8 +435,10 @@ impl PyStore {
         PyArray1::from_vec(py, self.inner.sample_ids())
     }
 
-    fn sample_lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
-        PyArray1::from_vec(py, self.inner.sample_lengths())
+    fn sample_lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        // int64, as a batch's lengths: torch has no comparisons of uint32 tensors.
+        let lengths = self.inner.sample_lengths().into_iter().map(i64::from).collect();
+        PyArray1::from_vec(py, lengths)
     }
 
     /// One record as a dict of numpy arrays (flat; the Python layer shapes them).
