@@ -31,11 +31,8 @@ import logitcache as lc
 path, mode = sys.argv[1], sys.argv[2]
 w = lc.StoreWriter(path, vocab_size={V}, k={K}, mode=mode, chunk_positions=64,
                    shard_size=20000)
-import os
-resumed = mode == "a" and os.path.exists(os.path.join(path, "manifest.json"))
-have = set(lc.open_store(path).sample_ids().tolist()) if resumed else set()
 for sid in range({N}):
-    if sid in have:
+    if sid in w:  # resumed: committed before the last kill
         continue
     w.add(sid, *make_topk(np.random.default_rng(sid), 20 + sid % 17, {K}, {V}))
     if sid % 5 == 4:

@@ -126,12 +126,19 @@ def test_bad_sampled_records_rejected(tmp_path: Path, rng: np.random.Generator) 
 
 def test_duplicate_sample_ids(committed: Path, rng: np.random.Generator) -> None:
     with lc.StoreWriter(committed, vocab_size=V, k=K, mode="a") as w:
+        # `in` says what add would refuse: committed ids and those added since.
+        assert 1 in w and 7 not in w and -1 not in w and "1" not in w
         with pytest.raises(lc.DuplicateSampleError, match="duplicate sample id 1"):
             w.add(1, *_good(rng))
         w.add(7, *_good(rng))
+        assert 7 in w and np.uint64(7) in w
         with pytest.raises(lc.DuplicateSampleError, match="duplicate sample id 7"):
             w.add(7, *_good(rng))
     assert len(lc.open_store(committed)) == 3
+    w = lc.StoreWriter(committed, vocab_size=V, k=K, mode="a")
+    w.add(8, *_good(rng))
+    w.abort()
+    assert 8 not in lc.open_store(committed)
 
 
 @pytest.mark.parametrize("sid", [-1, 2**64, 1.5, "3", True])

@@ -415,6 +415,15 @@ class StoreWriter:
         """Samples in the store once this writer commits."""
         return int(self._w.num_samples)
 
+    def __contains__(self, sample_id: object) -> bool:
+        """Whether the store holds ``sample_id``, committed or added since the last commit:
+        a capture resumed with ``mode="a"`` after a crash skips what it already has
+        (``if sid in writer: continue``)."""
+        try:
+            return bool(self._w.holds(_sample_id(sample_id)))
+        except ValueError:
+            return False
+
     def __enter__(self) -> StoreWriter:
         return self
 

@@ -359,6 +359,11 @@ impl PyStoreWriter {
         self.inner.num_uncommitted()
     }
 
+    /// Whether the store holds `sample_id`, committed or added since the last commit.
+    fn holds(&self, sample_id: u64) -> bool {
+        self.inner.holds(sample_id)
+    }
+
     /// Shard files of the replaced store that a commit could not delete (see
     /// StoreWriter::take_left_behind), as `{"file", "error"}` dicts; emptied by the call.
     fn take_left_behind<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
