@@ -12,7 +12,6 @@ of :mod:`logitcache.losses` (imported on first use: the store works without torc
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from logitcache.store import (
     Record,
     Store,
     StoreWriter,
+    _warn_files_left,
     _with_progress_bar,
     config_fingerprint,
     copy_store,
@@ -133,7 +133,7 @@ def repair_store(
             )
         ),
     )
-    _warn_left_behind(path, report["left_behind"], "damaged shard file")
+    _warn_files_left(path, report["left_behind"], "damaged shard file", stacklevel=2)
     return report
 
 
@@ -312,26 +312,14 @@ def remove_samples(
         ),
         reads_per_byte=1,
     )
-    _warn_left_behind(
-        path, report["left_behind"], "old shard file", ", which still holds removed samples"
+    _warn_files_left(
+        path,
+        report["left_behind"],
+        "old shard file",
+        ", which still hold removed samples",
+        stacklevel=2,
     )
     return report
-
-
-def _warn_left_behind(
-    path: str | os.PathLike[str], left: list[dict[str, str]], what: str, why: str = ""
-) -> None:
-    """A RuntimeWarning for the files a committed operation could not delete: a caller that
-    does not read the report's ``left_behind`` still hears of them."""
-    if left:
-        files = "; ".join(f"{f['file']}: {f['error']}" for f in left)
-        warnings.warn(
-            f"could not delete {len(left)} {what}(s){why} ({files}); the store no longer "
-            f"refers to them: once the cause is fixed, logitcache clean {os.fspath(path)} "
-            "deletes them",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def clean_store(path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[str, Any]:

@@ -390,17 +390,15 @@ class StoreWriter:
 
     def _warn_left_behind(self, stacklevel: int) -> None:
         # mode="w": the replaced store's shard files are deleted after the first commit,
-        # which stands whether or not they can be.
-        left = self._w.take_left_behind()
-        if left:
-            files = "; ".join(f"{f['file']}: {f['error']}" for f in left)
-            warnings.warn(
-                f"could not delete {len(left)} shard file(s) of the store replaced at "
-                f"{self.path!r} ({files}); the store no longer refers to them: once the "
-                f"cause is fixed, logitcache clean {self.path} deletes them",
-                RuntimeWarning,
-                stacklevel=stacklevel,  # the caller of close() or commit(), or the with
-            )
+        # which stands whether or not they can be. (stacklevel: the caller of close() or
+        # commit(), or the with statement.)
+        _warn_files_left(
+            self.path,
+            self._w.take_left_behind(),
+            "shard file",
+            " of the store replaced there",
+            stacklevel=stacklevel,
+        )
 
     def abort(self) -> None:
         """Discard what was added since the last commit and release the store."""
@@ -460,6 +458,28 @@ class StoreWriter:
             )
         else:
             warnings.warn(f"unclosed StoreWriter({self.path!r})", ResourceWarning, stacklevel=2)
+
+
+def _warn_files_left(
+    path: str | os.PathLike[str],
+    left: list[dict[str, str]],
+    what: str,
+    why: str = "",
+    *,
+    stacklevel: int,
+) -> None:
+    """A RuntimeWarning for the files (``left_behind``) a committed operation could not
+    delete afterwards: a caller that does not read its report still hears of them.
+    ``stacklevel`` counts from the caller of this function (1: the caller itself)."""
+    if left:
+        files = "; ".join(f"{f['file']}: {f['error']}" for f in left)
+        warnings.warn(
+            f"could not delete {len(left)} {what}(s){why} ({files}); the store at "
+            f"{os.fspath(path)} no longer refers to them: once the cause is fixed, logitcache "
+            f"clean {os.fspath(path)} deletes them",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _sample_id(sample_id: Any, name: str = "sample_id") -> int:
