@@ -357,19 +357,19 @@ def parse_header(data: bytes, manifest: dict[str, Any], uid: int, where: Where) 
         (kind == KINDS[manifest["kind"]], 16, f"kind {kind} disagrees with the manifest"),
         (codec_name == manifest["codec"]["logprobs"], 17, f"codec {codec} disagrees"),
         (id_codec == 1, 18, f"unknown id codec {id_codec}"),
-        # Reading: flags bits 1..7 are not defined, so they must be zero.
+        # Flags bits 1..7 are not defined: they must be zero (section 3.1).
         (flags == int(codec_name != "none"), 19, f"flags {flags:#x} disagree with the codec"),
         (k == manifest["k"], 20, f"K/n {k} disagrees with the manifest"),
         (vocab == manifest["vocab_size"], 24, f"vocab_size {vocab} disagrees"),
         (step == (manifest["codec"]["step"] or 0.0), 28, f"step {step} disagrees"),
-        # Reading: the manifest's temperature and KL bound are compared as float32 values
-        # (the header holds f32, the manifest a JSON number that may not be one).
+        # The manifest's KL bound is compared as a float32 value (the header holds f32, the
+        # manifest a JSON number that may not be one). The temperature is not compared: the
+        # header's is informational (section 3.1).
         (
             kl_bound == np.float32(manifest["codec"]["kl_bound"] or 0.0),
             32,
             f"KL bound {kl_bound} disagrees with the manifest",
         ),
-        (temp == np.float32(manifest["temperature"]), 36, f"temperature {temp} disagrees"),
         (shard_uid == uid, 40, f"uid {shard_uid:016x} disagrees with the manifest"),
         (data[48:60] == bytes(12), 48, "reserved bytes are not zero"),
     ]

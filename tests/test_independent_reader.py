@@ -463,8 +463,8 @@ def rewrite_chunks(
 
 def stored_reversed_padded(raw: dict[int, bytes]) -> list[tuple[int, bytes]]:
     """The same streams, in decreasing tag order, plus an empty stream for every known tag the
-    chunk left out (except tag 25: whether an empty tag 25 means "absent" is not settled)."""
-    padding = [(tag, b"") for tag in sorted(KNOWN_TAGS - set(raw) - {25})]
+    chunk left out (tag 25 included: listed empty, it means what its absence means)."""
+    padding = [(tag, b"") for tag in sorted(KNOWN_TAGS - set(raw))]
     return sorted(raw.items(), reverse=True) + padding
 
 
@@ -501,6 +501,67 @@ def test_other_valid_encodings_of_the_same_store(tmp_path: Path, kind: str, code
                 assert again[sid][key] is None
             else:
                 assert np.array_equal(again[sid][key].view(np.uint8), value.view(np.uint8)), key
+
+
+@pytest.mark.parametrize(
+    ("kind", "codec", "tag"),
+    [("topk", "abs:0.01", 26), ("topk", "abs:0.01", 24), ("topk", "lossless", 16),
+     ("topk", "lossless", 25), ("topk", "kl:1e-3", 27), ("sampled", "abs:0.1", 25),
+     ("sampled", "none", 19), ("sampled", "lossless", 28)],
+)  # fmt: skip
+def test_a_stream_the_store_does_not_use_is_refused(
+    tmp_path: Path, kind: str, codec: str, tag: int
+) -> None:
+    """A known tag that the store's kind and codec never write may be listed empty (above),
+    but holding bytes it is damage: both readers refuse it rather than ignore it."""
+    rng = np.random.default_rng(12)
+    path = tmp_path / "store"
+    with lc.StoreWriter(path, vocab_size=500, k=6, kind=kind, codec=codec) as w:
+        for sid in range(3):
+            if kind == "topk":
+                w.add(sid, *random_topk(rng, 4, 6, 500, True))
+            else:
+                input_ids, ids, counts, lp = random_sampled(rng, 4, 6, 500, True, 20)
+                w.add_sampled(sid, input_ids, ids, counts, None if codec == "none" else lp)
+    assert_same_as_rust(path)
+    rewrite_chunks(path, lambda raw: [*sorted(raw.items()), (tag, b"\x01\x00\x00\x00")])
+    with pytest.raises(ValueError, match=f"stream tag {tag} is not used by this store"):
+        read_store(path)
+    assert rust_rejects(path)
+    assert f"(tag {tag}) holding data" in "\n".join(lc.verify_store(path)["problems"])
+
+
+def rewrite_header(shard: Path, offset: int, value: int) -> None:
+    """Set one byte of a shard's header, with a valid header CRC and manifest checksum."""
+    data = bytearray(shard.read_bytes())
+    data[offset] = value
+    data[60:64] = struct.pack("<I", zlib.crc32(bytes(data[:60])))
+    shard.write_bytes(bytes(data))
+    store = shard.parent.parent
+
+    def fix(m: dict[str, Any]) -> None:
+        for entry in m["shards"]:
+            if store / entry["file"] == shard:
+                entry["checksum"] = f"crc32:{zlib.crc32(bytes(data)):08x}"
+
+    rewrite_manifest(store, fix)
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "message"),
+    [(19, 0x03, "flags"), (48, 1, "reserved"), (59, 0x80, "reserved")],
+)
+def test_undefined_header_bits_are_refused(
+    tmp_path: Path, offset: int, value: int, message: str
+) -> None:
+    """Flag bits other than bit 0 and the reserved bytes are zero: set (under a valid CRC),
+    both readers refuse the shard."""
+    path = small_store(tmp_path / "store")
+    shard = sorted((path / "shards").iterdir())[0]
+    rewrite_header(shard, offset, value)
+    with pytest.raises(ValueError, match=message):
+        read_store(path)
+    assert rust_rejects(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,7 +665,6 @@ def duplicate_first_shard(m: dict[str, Any]) -> None:
         (lambda m: m["shards"][1].update(bytes=m["shards"][1]["bytes"] + 1), "bytes"),
         (lambda m: m.update(num_samples=m["num_samples"] + 1), "num_samples"),
         (lambda m: m.update(vocab_size=m["vocab_size"] + 1), "vocab_size"),
-        (lambda m: m.update(temperature=2.0), "temperature"),
         (lambda m: m["codec"].update(logprobs="lossless", step=None, max_abs_error=None), "codec"),
         (duplicate_first_shard, "twice"),
         (lambda m: m.pop("metadata"), "metadata"),
@@ -615,3 +675,12 @@ def test_manifest_rules(tmp_path: Path, edit: Any, message: str) -> None:
     rewrite_manifest(path, edit)
     with pytest.raises(ValueError, match=message):
         read_store(path)
+
+
+def test_the_header_temperature_is_informational(tmp_path: Path) -> None:
+    """The capture temperature is the manifest's; the header's copy (what a manifest rebuild
+    takes) is not compared with it, by either reader."""
+    path = small_store(tmp_path / "store")
+    rewrite_manifest(path, lambda m: m.update(temperature=2.0))
+    assert_same_as_rust(path)
+    assert lc.open_store(path).temperature == 2.0

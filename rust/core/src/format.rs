@@ -221,12 +221,24 @@ impl ShardHeader {
         let logprob_codec = c.u8()?;
         let id_codec = c.u8()?;
         let flags = c.u8()?;
+        if flags & !FLAG_HAS_LOGPROBS != 0 {
+            return Err(Error::corrupt(
+                loc.clone().offset(19),
+                format!("header flags {flags:#04x} set bits that are not defined"),
+            ));
+        }
         let k = c.u32()?;
         let vocab_size = c.u32()?;
         let step = c.f32()?;
         let kl_bound = c.f32()?;
         let temperature = c.f32()?;
         let uid = c.u64()?;
+        if bytes[48..60].iter().any(|&b| b != 0) {
+            return Err(Error::corrupt(
+                loc.clone().offset(48),
+                "header bytes 48..60 are reserved and must be zero",
+            ));
+        }
         Ok(ShardHeader {
             format_version,
             kind,

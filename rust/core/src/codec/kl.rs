@@ -462,6 +462,14 @@ pub fn decode(
             ));
         }
         if m == LOSSLESS_ROW {
+            if finite != k {
+                return Err(Error::corrupt(
+                    loc.clone(),
+                    format!(
+                        "row {row} is stored losslessly but claims {finite} finite entries of {k}"
+                    ),
+                ));
+            }
             let src =
                 words.next().ok_or_else(|| Error::corrupt(loc.clone(), "lossless rows missing"))?;
             let mut prev = 0u32;
@@ -608,6 +616,26 @@ mod tests {
         let mut bad = enc.leads.clone();
         bad[g].push(0);
         assert!(run(&bad).is_err());
+    }
+
+    /// A row kept losslessly has K finite entries in the finite counts stream (when there is
+    /// one): any other count is an error, not ignored.
+    #[test]
+    fn a_lossless_row_counts_k_finite_entries() {
+        let loc = Location::default();
+        let row = [-0.5f32, -1.0, -2.0];
+        let words: Vec<u32> = (0..3)
+            .map(|j| row[j].to_bits() ^ if j == 0 { 0 } else { row[j - 1].to_bits() })
+            .collect();
+        let planes = bytes::u32_planes(&words);
+        let none: [Vec<u8>; 4] = Default::default();
+        let run = |finite: Option<&[u8]>| {
+            decode(&[LOSSLESS_ROW], &none, &none, &planes, finite, 1, 3, &loc)
+        };
+        assert_eq!(run(None).unwrap(), row);
+        assert_eq!(run(Some(&[3])).unwrap(), row);
+        let err = run(Some(&[2])).unwrap_err().to_string();
+        assert!(err.contains("stored losslessly but claims 2 finite entries of 3"), "{err}");
     }
 
     #[test]

@@ -540,7 +540,7 @@ pub(crate) fn decode_into(
     out: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
     if let (LogprobCodec::Abs { .. }, RowShape::Fixed { rows, k }) = (p.logprobs, rows)
-        && !s.has(tag::FINITE_COUNTS)
+        && s.len(tag::FINITE_COUNTS) == 0
     {
         let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
             (s.optional(tag::LP_LEAD + g as u8), s.optional(tag::LP_EXT + g as u8))
@@ -560,6 +560,13 @@ pub(crate) fn decode_into(
         slot.write(v);
     }
     Ok(())
+}
+
+/// The finite counts stream (tag 25), `None` when absent or listed empty: an empty stream
+/// cannot hold a count for any row, so it means what an absent one means (every entry is
+/// finite), as every other empty stream means what its absence does.
+fn finite_counts(s: &mut Streams) -> Option<Vec<u8>> {
+    s.take(tag::FINITE_COUNTS).filter(|f| !f.is_empty())
 }
 
 /// Decode the log-probabilities of a chunk's rows from its streams.
@@ -594,7 +601,7 @@ pub(crate) fn decode(
             let leads: [Vec<u8>; 4] = std::array::from_fn(|g| s.optional(tag::LP_LEAD + g as u8));
             let exts: [Vec<u8>; 4] = std::array::from_fn(|g| s.optional(tag::LP_EXT + g as u8));
             let lossless = s.optional(tag::LP_LOSSLESS);
-            let finite = s.take(tag::FINITE_COUNTS);
+            let finite = finite_counts(s);
             kl::decode(&modes, &leads, &exts, &lossless, finite.as_deref(), *rows, *k, loc)
         }
         LogprobCodec::Abs { .. } => {
@@ -602,7 +609,7 @@ pub(crate) fn decode(
             let raw: [(Vec<u8>, Vec<u8>); 4] = std::array::from_fn(|g| {
                 (s.optional(tag::LP_LEAD + g as u8), s.optional(tag::LP_EXT + g as u8))
             });
-            let finite_raw = s.take(tag::FINITE_COUNTS);
+            let finite_raw = finite_counts(s);
             match (rows, finite_raw) {
                 (RowShape::Fixed { rows, k }, None) => {
                     decode_sorted_full(&raw, *rows, *k, step, max_level, loc)

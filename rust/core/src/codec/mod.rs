@@ -310,6 +310,21 @@ fn decompress(stored: &[u8], raw_len: usize, loc: &Location, what: &str) -> Resu
     })
 }
 
+/// Whether chunks of a store of `p`'s kind and codec have streams of tag `t` (FORMAT.md 4).
+fn uses_tag(p: &CodecParams, t: u8) -> bool {
+    let quantized = matches!(p.logprobs, LogprobCodec::Abs { .. } | LogprobCodec::Kl { .. });
+    match t {
+        tag::INPUT_LEAD | tag::INPUT_EXT | tag::ID_TABLE | tag::ID_COUNTS => true,
+        8..=15 => true,
+        16..=23 => quantized,
+        tag::LP_LOSSLESS => matches!(p.logprobs, LogprobCodec::Lossless | LogprobCodec::Kl { .. }),
+        tag::FINITE_COUNTS => quantized && p.kind == Kind::TopK,
+        tag::ROW_LENS | tag::COUNTS => p.kind == Kind::Sampled,
+        tag::LP_ROW_MODES => matches!(p.logprobs, LogprobCodec::Kl { .. }),
+        _ => false,
+    }
+}
+
 fn tag_name(t: u8) -> &'static str {
     match t {
         tag::INPUT_LEAD | tag::INPUT_EXT => "input ids",
@@ -371,9 +386,6 @@ impl Streams {
     /// A stream that may be left out when empty.
     pub(crate) fn optional(&mut self, t: u8) -> Vec<u8> {
         self.take(t).unwrap_or_default()
-    }
-    pub(crate) fn has(&self, t: u8) -> bool {
-        self.by_tag.get(t as usize).is_some_and(Option::is_some)
     }
     /// Length of a stream (0 when left out).
     pub(crate) fn len(&self, t: u8) -> usize {
@@ -721,6 +733,20 @@ fn open_streams(
     let max_raw =
         10usize.saturating_mul(2 * num_entries.saturating_add(positions)).saturating_add(64);
     let mut s = unframe(payload, max_raw, loc)?;
+    // A stream of a tag this kind and codec never write may be listed empty (writers may list
+    // empty streams), but one holding bytes is damage, not data to ignore.
+    if let Some(t) = (0..tag::END as u8).find(|&t| s.len(t) > 0 && !uses_tag(p, t)) {
+        return Err(Error::corrupt(
+            loc.clone(),
+            format!(
+                "chunk has a {} stream (tag {t}) holding data, which a {} store with the {} \
+                 codec does not use",
+                tag_name(t),
+                p.kind.name(),
+                p.logprobs.name()
+            ),
+        ));
+    }
 
     let table = ids::decode_table(
         &s.optional(tag::ID_TABLE),
