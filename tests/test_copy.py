@@ -85,6 +85,24 @@ def test_sampled(tmp_path: Path) -> None:
     assert not (tmp_path / "back").exists()
 
 
+def test_sampled_rows_rounded_up_by_a_coarse_codec(tmp_path: Path) -> None:
+    """A coarse codec can round a sampled row's probabilities up past the 1.02 a capture may
+    pass (here 0.99 becomes 1.077 under abs:0.1, each value rounded up by up to 0.094 nat):
+    such a store still copies to another codec, whose bound then holds against the decoded
+    values."""
+    path = tmp_path / "coarse"
+    ids = np.array([[3, 4, 5, 6]])
+    counts = np.array([[1, 1, 1, 1]])
+    lp = np.log(np.array([[0.2475, 0.2475, 0.2475, 0.2475]], np.float32))  # mass 0.99
+    with lc.StoreWriter(path, vocab_size=10, k=4, kind="sampled", codec="abs:0.1") as w:
+        w.add_sampled(0, np.array([1]), ids, counts, lp)
+    decoded = lc.open_store(path)[0].topk_logprobs
+    assert decoded is not None and np.exp(decoded.astype(np.float64)).sum() > 1.02
+    lc.copy_store(path, tmp_path / "lossless", codec="lossless")
+    again = lc.open_store(tmp_path / "lossless")[0].topk_logprobs
+    assert again is not None and np.array_equal(again, decoded)
+
+
 def test_refusals(tmp_path: Path) -> None:
     _source(tmp_path / "src")
     with pytest.raises(lc.MissingSampleError, match="sample id 5 "):

@@ -147,11 +147,24 @@ def random_sampled(
             ids[row, :w] = distinct_ids_near_top(rng, 1, w, vocab, span)[0]
             counts[row, :w] = 1 + rng.multinomial(n - w, np.full(w, 1.0 / w))
             lp[row, :w] = -rng.exponential(4.0, size=w)
+    mask = counts > 0
     if special and length:
-        mask = counts > 0
         pool = np.array([*very_negative, -0.0], dtype=np.float32)
         pick = mask & (rng.random(size=mask.shape) < 0.2)
         lp[pick] = rng.choice(pool, size=int(pick.sum()))
+    # The probabilities of distinct ids of one distribution add up to at most 1: a row with
+    # an id of probability 1 (-0.0) gives every other id a probability of 0 (a very negative
+    # value), and a row adding up to more than 1 is scaled down.
+    for row in range(length):
+        live = np.flatnonzero(mask[row])
+        certain = live[lp[row, live] == 0.0]
+        if certain.size:
+            others = live[live != certain[0]]
+            lp[row, others] = very_negative[0]
+            continue
+        mass = np.exp(lp[row, live].astype(np.float64)).sum()
+        if mass > 1.0:
+            lp[row, live] = (lp[row, live] - np.log(mass)).astype(np.float32)
     return input_ids, ids, counts, lp
 
 

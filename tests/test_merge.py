@@ -206,7 +206,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["shards_copied"] == 1 and report["num_samples"] == 4
     assert main(["merge", str(tmp_path / "x"), str(tmp_path / "a"), str(tmp_path / "m")]) == 2
-    assert "duplicate sample id 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "duplicate sample id 1" in err and "a sample id may be in one part only" in err, err
     assert not os.path.exists(tmp_path / "x")
 
 

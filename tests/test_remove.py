@@ -201,6 +201,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["remove", str(path), "3", "4", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "DRY RUN, nothing changed: 2 sample(s)" in out and "would be removed" in out, out
+    assert "would hold 28 samples, at most " in out, out  # a plan knows no rewritten size
+    assert "shards to rewrite counted at their present size" in out, out
     assert store_files(path) == files
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("# contaminated\n5\n\n6  # dup of 5\n")

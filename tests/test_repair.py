@@ -283,3 +283,40 @@ def test_damaged_files_that_cannot_be_deleted_are_reported(
     with pytest.warns(RuntimeWarning, match=r"could not delete 1 damaged shard file\(s\) \("):
         report = lc.repair_store(path, remove_damaged=True)
     assert report["left_behind"][0]["file"] == victim.relative_to(path).as_posix()
+
+
+def _footer_ids(shard: Path) -> list[int]:
+    """The sample ids a shard's footer lists (FORMAT.md 3.2, 3.3)."""
+    data = shard.read_bytes()
+    footer_offset, _ = struct.unpack_from("<QQ", data, len(data) - 32)
+    num_chunks, num_records, _ = struct.unpack_from("<QQQ", data, footer_offset)
+    at = footer_offset + 24 + 32 * num_chunks
+    return [struct.unpack_from("<Q", data, at + 12 * r)[0] for r in range(num_records)]
+
+
+def test_a_shard_with_a_damaged_header_still_reports_its_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged header leaves the shard out whole, but its footer is sound: the lost samples
+    are reported by id (they used to be "ids unknown", and --lost-ids wrote an empty file)."""
+    path = tmp_path / "s"
+    _store(path, "sampled")
+    victim = path / _shards(path)[1]
+    want = _footer_ids(victim)
+    assert want
+    data = bytearray(victim.read_bytes())
+    data[5] ^= 0xFF  # the magic
+    victim.write_bytes(bytes(data))
+    lost_file = tmp_path / "lost.txt"
+    assert main(["repair", "--dry-run", "--lost-ids", str(lost_file), str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "ids unknown" not in out and f"their ids written to {lost_file}" in out, out
+    assert [int(x) for x in lost_file.read_text().split()] == sorted(want)
+    # With the trailer damaged too, nothing says which samples the shard held.
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert main(["repair", "--dry-run", "--lost-ids", str(lost_file), str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "ids unknown: its footer cannot be read" in out, out
+    assert f"none of their ids is known ({lost_file} is empty)" in out
+    assert lost_file.read_text() == ""

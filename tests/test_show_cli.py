@@ -75,8 +75,37 @@ def test_tokens_from_a_tokenizer_file(
     rec = lc.open_store(stores / "topk")[7]
     argv = ["show", "--positions", "0", "--tokenizer", str(tmp_path / "tok.json")]
     assert main([*argv, str(stores / "topk"), "7"]) == 0
-    line = capsys.readouterr().out.splitlines()[1]
+    captured = capsys.readouterr()
+    line = captured.out.splitlines()[1]
     assert line.startswith(f"     0  'tok{rec.input_ids[0]}' -> 'tok{rec.topk_ids[0, 0]}' ")
+    assert captured.err == ""  # the store recorded no tokenizer to compare with
+    # With --json the tokens come beside the ids.
+    assert main([*argv, "--json", str(stores / "topk"), "7"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["input_token"] == f"tok{rec.input_ids[0]}"
+    shown = [e["id"] for e in row["targets"]]
+    assert shown == rec.topk_ids[0, : len(shown)].tolist()
+    assert [e["token"] for e in row["targets"]] == [f"tok{i}" for i in shown]
+
+    # A store that recorded its tokenizer: another one gets a warning, and an id it lacks
+    # is shown as the id (not None).
+    small = {f"tok{i}": i for i in range(10)}
+    Tokenizer(models.WordLevel(small, unk_token="tok0")).save(str(tmp_path / "small.json"))
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tok.json"))
+    with lc.StoreWriter(tmp_path / "recorded", vocab_size=50, k=6, tokenizer=tokenizer) as w:
+        w.add(1, np.array([40, 3]), np.array([[45, 1, 2, 3, 4, 5]] * 2), rec.topk_logprobs[:2])
+    assert (
+        main(["show", str(tmp_path / "recorded"), "1", "--tokenizer", str(tmp_path / "tok.json")])
+        == 0
+    )
+    assert capsys.readouterr().err == ""
+    argv = ["show", str(tmp_path / "recorded"), "1", "--tokenizer", str(tmp_path / "small.json")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "is not the store's tokenizer" in captured.err, captured.err
+    assert captured.out.splitlines()[1].startswith("     0  40 -> 45 ")
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["input_token"] is None
 
 
 def test_errors(stores: Path, capsys: pytest.CaptureFixture[str]) -> None:

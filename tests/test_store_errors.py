@@ -122,6 +122,12 @@ def test_bad_sampled_records_rejected(tmp_path: Path, rng: np.random.Generator) 
         bad_lp[0, 0] = -np.inf
         with pytest.raises(lc.InvalidRecordError, match="finite"):
             w.add_sampled(0, inp, ids, counts, bad_lp)
+        # Probabilities of distinct ids of one distribution add up to at most 1: a row
+        # adding up to more (here every id given -0.01) is refused, as a top-K row is.
+        heavy = np.where(counts > 0, np.float32(-0.01), lp)
+        with pytest.raises(lc.InvalidRecordError, match=r"position 0: the probabilities of the"):
+            w.add_sampled(0, inp, ids, counts, heavy)
+        w.add_sampled(0, inp, ids, counts, lp)
 
 
 def test_duplicate_sample_ids(committed: Path, rng: np.random.Generator) -> None:

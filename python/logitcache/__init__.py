@@ -119,11 +119,13 @@ def repair_store(
     written), ``repairs`` (per damaged shard: ``file``, ``problems``, ``new_file``,
     ``chunks_kept``, ``chunks_lost``, ``samples_lost``, ``positions_lost``,
     ``lost_ids_known``), ``lost_sample_ids`` (numpy uint64, sorted: the lost samples whose
-    ids a footer names; a shard that cannot be located loses samples whose ids are
-    unknown), ``samples_lost``, ``positions_lost`` (all of them), ``shards``, ``removed``
-    (the damaged files deleted) and ``left_behind`` (damaged files that could not be deleted
-    after the commit: ``[{"file": ..., "error": ...}]``, also said by a RuntimeWarning; the
-    repair stands, and :func:`clean_store` deletes them once the cause is fixed)."""
+    ids a footer names, that of a shard left out whole included when its trailer and footer
+    check out, e.g. under a damaged header; a shard whose footer cannot be read loses
+    samples whose ids are unknown), ``samples_lost``, ``positions_lost`` (all of them),
+    ``shards``, ``removed`` (the damaged files deleted) and ``left_behind`` (damaged files
+    that could not be deleted after the commit: ``[{"file": ..., "error": ...}]``, also said
+    by a RuntimeWarning; the repair stands, and :func:`clean_store` deletes them once the
+    cause is fixed)."""
     report = _with_progress_bar(
         "repair",
         progress,
@@ -295,7 +297,8 @@ def remove_samples(
     when nothing of it is left), ``samples_removed``, ``positions_removed``, ``samples_kept``,
     ``chunks_copied``, ``chunks_reencoded``, ``chunks_dropped``), ``samples_removed``,
     ``positions_removed``, ``missing_ids`` (uint64), ``num_samples`` and ``num_positions``
-    (left), ``bytes_before``, ``bytes_after``, ``committed`` and ``left_behind`` (old shard
+    (left), ``bytes_before``, ``bytes_after`` (in a dry run, the shards to rewrite counted
+    at their present size), ``committed`` and ``left_behind`` (old shard
     files that could not be deleted after the commit, ``[{"file": ..., "error": ...}]``,
     also said by a RuntimeWarning: the store no longer refers to them, but their bytes still
     hold removed samples; :func:`clean_store` deletes them once the cause is fixed)."""

@@ -61,6 +61,7 @@ class StoreWriter:
         ids: np.ndarray,
         counts: np.ndarray,
         logprobs: np.ndarray | None = None,
+        check_mass: bool = True,
     ) -> None: ...
     def copy_from(
         self,

@@ -19,6 +19,7 @@ import numpy as np
 import logitcache
 from logitcache.errors import (
     CorruptStoreError,
+    DuplicateSampleError,
     MissingSampleError,
     StoreError,
     StoreExistsError,
@@ -261,8 +262,7 @@ def _repair(args: argparse.Namespace) -> int:
         print(
             f"{head}: {len(report['repairs'])} of {report['shards']} shards damaged; "
             f"{report['samples_lost']:,} sample(s) ({report['positions_lost']:,} positions) "
-            f"{would}lost"
-            + (f"; their ids written to {args.lost_ids}" if args.lost_ids is not None else "")
+            f"{would}lost" + _lost_ids_written(args.lost_ids, len(lost_ids), report["samples_lost"])
         )
         left = {f["file"] for f in report["left_behind"]}
         kept = [
@@ -276,6 +276,17 @@ def _repair(args: argparse.Namespace) -> int:
                 "orphans; logitcache clean deletes them)"
             )
     return 1 if (args.dry_run and not report["sound"]) or report["left_behind"] else 0
+
+
+def _lost_ids_written(path: str | None, known: int, lost: int) -> str:
+    """What repair's summary says of --lost-ids FILE: how many ids went there."""
+    if path is None:
+        return ""
+    if known == lost:
+        return f"; their ids written to {path}"
+    if known == 0:
+        return f"; none of their ids is known ({path} is empty)"
+    return f"; the {known:,} ids known written to {path}"
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -381,10 +392,13 @@ _count = _int_at_least(0, "0 or a positive integer")
 _positive_int = _int_at_least(1, "a positive integer")
 
 
-def _token_namer(path: str | None) -> Callable[[int], str]:
-    """id -> what to print for it: the token text from a tokenizer, else the id."""
+def _token_namer(
+    path: str | None, store: logitcache.Store
+) -> tuple[Callable[[int], str], Callable[[int], str | None]]:
+    """(id -> what to print for it, id -> its token or None) from a tokenizer; without one,
+    the id and None. Warns when the store recorded another tokenizer's vocabulary."""
     if path is None:
-        return str
+        return str, lambda i: None
     if os.path.isdir(path):
         try:
             from transformers import AutoTokenizer
@@ -401,8 +415,11 @@ def _token_namer(path: str | None) -> Callable[[int], str]:
                 f"--tokenizer {path}: no tokenizer could be loaded ({first})"
             ) from None
 
-        def name(i: int) -> str:
-            return repr(hf.convert_ids_to_tokens(i))
+        def token(i: int) -> str | None:
+            text = hf.convert_ids_to_tokens(i)
+            return text if isinstance(text, str) else None
+
+        vocab = hf.get_vocab()
     else:
         try:
             from tokenizers import Tokenizer
@@ -415,16 +432,32 @@ def _token_namer(path: str | None) -> Callable[[int], str]:
         except Exception as e:  # the tokenizers package raises a bare Exception
             raise ValueError(f"--tokenizer {path} is not a tokenizer.json file ({e})") from None
 
-        def name(i: int) -> str:
-            return repr(tok.id_to_token(i))
+        def token(i: int) -> str | None:
+            text = tok.id_to_token(i)
+            return text if isinstance(text, str) else None
 
-    return name
+        vocab = tok.get_vocab()
+    recorded = (store.meta.get("tokenizer") or {}).get("vocab_fingerprint")
+    given = logitcache.vocab_fingerprint(vocab)
+    if recorded is not None and recorded != given:
+        print(
+            f"warning: --tokenizer {path} is not the store's tokenizer (vocabulary fingerprint "
+            f"{given[:19]}..., the store's {recorded[:19]}...): the tokens shown may be wrong",
+            file=sys.stderr,
+        )
+
+    def name(i: int) -> str:
+        text = token(i)
+        return str(i) if text is None else repr(text)  # an id the tokenizer lacks: the id
+
+    return name, token
 
 
 def _show(args: argparse.Namespace) -> int:
     store = logitcache.open_store(args.path)
     rec = store[args.sample_id]
-    name = _token_namer(args.tokenizer)
+    name, token = _token_namer(args.tokenizer, store)
+    tokens = args.tokenizer is not None
     sampled = store.kind == "sampled"
     rows = []
     shown = range(len(rec))[args.positions]
@@ -447,12 +480,17 @@ def _show(args: argparse.Namespace) -> int:
         targets = []
         for j in keep[: args.top]:
             e: dict[str, Any] = {"id": int(ids[j])}
+            if tokens:
+                e["token"] = token(int(ids[j]))
             if counts is not None:
                 e["count"] = int(counts[j])
             if lps is not None:
                 e["logprob"] = float(lps[j])
             targets.append(e)
-        row: dict[str, Any] = {"t": t, "input_id": int(rec.input_ids[t]), "targets": targets}
+        row: dict[str, Any] = {"t": t, "input_id": int(rec.input_ids[t])}
+        if tokens:
+            row["input_token"] = token(int(rec.input_ids[t]))
+        row["targets"] = targets
         if not sampled and lps is not None:
             row["rest"] = max(0.0, 1.0 - float(np.exp(lps.astype(np.float64)).sum()))
         rows.append(row)
@@ -554,7 +592,10 @@ def _remove(args: argparse.Namespace) -> int:
         f"{head}: {report['samples_removed']:,} sample(s) ({report['positions_removed']:,} "
         f"positions) {would}removed from {len(report['shards'])} shard(s); the store "
         f"{'would hold' if args.dry_run else 'now holds'} {report['num_samples']:,} samples, "
-        f"{_human_bytes(report['bytes_after'])} (was {_human_bytes(report['bytes_before'])})"
+        # A plan knows the new size of the shards it drops, not of those it would rewrite.
+        f"{'at most ' if args.dry_run else ''}{_human_bytes(report['bytes_after'])} "
+        f"(was {_human_bytes(report['bytes_before'])}"
+        f"{'; shards to rewrite counted at their present size' if args.dry_run else ''})"
     )
     _report_left_behind(
         args.path, report["left_behind"], "old shard file", "still holds removed samples"
@@ -738,8 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         metavar="PATH",
-        help="print tokens, not ids: a tokenizer.json file, or a local transformers "
-        "tokenizer directory",
+        help="print tokens, not ids (with --json: tokens beside the ids): a tokenizer.json "
+        "file, or a local transformers tokenizer directory; a warning when its vocabulary is "
+        "not the one the store recorded",
     )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_show)
@@ -757,7 +799,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", metavar="SOURCE", help="the store to read")
     p.add_argument("path", metavar="PATH", help="the store to write")
-    p.add_argument("--codec", help="e.g. abs:0.01, kl:1e-3, lossless (default: SOURCE's)")
+    p.add_argument(
+        "--codec",
+        help="e.g. abs:0.01, kl:1e-3 (top-K), lossless, none (sampled: no log-probabilities) "
+        "(default: SOURCE's)",
+    )
     subset = p.add_mutually_exclusive_group()
     subset.add_argument("--ids", metavar="FILE", help="copy only these samples")
     subset.add_argument("--exclude-ids", metavar="FILE", help="copy all samples but these")
@@ -905,6 +951,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if isinstance(e, MissingSampleError) and args.command == "remove":
             print("to remove the others and report those: --missing-ok", file=sys.stderr)
+        if isinstance(e, DuplicateSampleError) and args.command == "merge":
+            print(
+                "a sample id may be in one part only: take the duplicates out of one part "
+                "(logitcache remove PART ID... --missing-ok, or logitcache copy PART NEW "
+                "--exclude-ids FILE) and merge again",
+                file=sys.stderr,
+            )
         if isinstance(e, StoreExistsError) and args.command == "copy":
             print("to copy into it: logitcache copy --append ...", file=sys.stderr)
         damaged = _damaged_store(e)

@@ -125,7 +125,8 @@ def _warning(agreement: dict[int, dict[str, Any]]) -> str | None:
     if nxt["rows"] >= MIN_ROWS_UNRELATED and nxt["in_targets"] < 0.05:
         return (
             f"the next input token is among a row's targets in only {nxt['in_targets']:.1%} "
-            "of rows (a trained teacher's top-K holds it in most rows): are the input ids "
+            "of rows (a trained teacher's top-K, or its draws, hold it in most rows): are the "
+            "input ids "
             "from the teacher's tokenizer, and the targets the teacher's?"
         )
     return None

@@ -187,14 +187,15 @@ class StoreWriter:
         k: K, the ids kept per position (top-K stores), or n, the draws per position
             (sampled stores).
         kind: ``"topk"`` or ``"sampled"``.
-        codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (6.1e-5 to 1;
-            uniform quantization with the largest step m 2^-e, m in 1, 3, 5, 7, within twice the
-            bound; the default for top-K is ``"abs:0.01"``: step 5 x 2^-8, a guaranteed maximum
-            error of 0.0098 nat), ``"kl:<bound>"`` (top-K only: coarser steps where probability is
-            small, with KL(P || P_decoded) <= bound nats guaranteed for every position, the rest
-            bucket included), ``"lossless"`` (float32, bit for bit) or ``"none"`` (sampled
-            stores without log-probabilities, their default). ``None`` means the default for a
-            new store and the store's own codec when appending.
+        codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (2^-14 =
+            6.104e-5 to 1; uniform quantization with the largest step m 2^-e, m in 1, 3, 5,
+            7, within twice the bound; the default for top-K is ``"abs:0.01"``: step
+            5 x 2^-8, a guaranteed maximum error of 0.0098 nat), ``"kl:<bound>"`` (top-K
+            only: coarser steps where probability is small, with KL(P || P_decoded) <= bound
+            nats guaranteed for every position, the rest bucket included), ``"lossless"``
+            (float32, bit for bit) or ``"none"`` (sampled stores without log-probabilities,
+            their default). ``None`` means the default for a new store and the store's own
+            codec when appending.
         teacher: The teacher: a name, a ``transformers`` model or config (its name and a
             fingerprint of its config are recorded), or a dict ``{"name", "config_fingerprint"}``.
         tokenizer: The tokenizer: a name, a tokenizer object (name and a fingerprint of its
@@ -368,7 +369,11 @@ class StoreWriter:
                 where ``counts`` is 0.
             counts: ``[L, M]`` how many of the n draws gave each id; each row sums to n.
             logprobs: ``[L, M]`` teacher log-probabilities of the ids, if the store keeps them
-                (the loss gradient needs only ids and counts).
+                (the loss gradient needs only ids and counts): finite, at most 0, and adding
+                up, as probabilities of distinct ids, to at most 1 (and 0.02 for rounding).
+                An ``"abs"`` codec with step s = m 2^-e stores a value below -(M + 1/2) s
+                nats (M = floor(2^24 / m): at least 2048 nats, about 65535 for the default
+                step) as -M s.
         """
         self._w.add_sampled(
             _sample_id(sample_id),
@@ -1012,5 +1017,14 @@ def copy_store(
                 w.add(sid, r.input_ids, r.topk_ids, np.asarray(r.topk_logprobs))
             else:
                 lps = r.topk_logprobs if keep_lp else None
-                w.add_sampled(sid, r.input_ids, r.topk_ids, r.counts, lps)
+                # Decoded values: a coarse codec may have rounded a row's mass above what a
+                # capture may pass (the bound of the codec they are written with still holds).
+                w._w.add_sampled(
+                    sid,
+                    _int_array(r.input_ids, "input_ids"),
+                    _int_array(r.topk_ids, "ids"),
+                    _int_array(r.counts, "counts"),
+                    None if lps is None else _float_array(lps, "logprobs"),
+                    check_mass=False,
+                )
     return len(ids)

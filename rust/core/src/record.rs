@@ -398,6 +398,7 @@ pub fn append_sampled(
     n_draws: u32,
     vocab: u32,
     keeps_logprobs: bool,
+    max_mass: Option<f64>,
 ) -> Result<()> {
     let l = input_ids.len();
     if ids_shape.len() != 2 || ids_shape[0] != l {
@@ -439,7 +440,7 @@ pub fn append_sampled(
     })?;
     let mark = buf.mark();
     let r = append_sampled_rows(
-        buf, seen, sample_id, input_ids, ids, m, counts, logprobs, n_draws, vocab,
+        buf, seen, sample_id, input_ids, ids, m, counts, logprobs, n_draws, vocab, max_mass,
     );
     match r {
         Ok(()) => {
@@ -466,6 +467,7 @@ fn append_sampled_rows(
     logprobs: Option<(&[f32], &[usize])>,
     n_draws: u32,
     vocab: u32,
+    max_mass: Option<f64>,
 ) -> Result<()> {
     let l = input_ids.len();
     append_ids(&mut buf.input_ids, sample_id, input_ids, vocab, "input id", 0)?;
@@ -477,6 +479,7 @@ fn append_sampled_rows(
         seen.next_row();
         let mut total: u64 = 0;
         let mut n_ids = 0u32;
+        let mut mass = 0.0f64;
         for j in 0..m {
             let i = pos * m + j;
             let c = counts.get(i);
@@ -521,8 +524,19 @@ fn append_sampled_rows(
                     ));
                 }
                 buf.logprobs.push(v);
+                mass += f64::from(v).exp();
             }
             n_ids += 1;
+        }
+        if let Some(limit) = max_mass
+            && mass > limit
+        {
+            return Err(bad(
+                pos,
+                format!(
+                    "the probabilities of the sampled ids add up to {mass:.6}, more than 1 by over the {MAX_ROW_MASS_SLACK} that rounding may add: these are not the log-probabilities of distinct ids of one distribution"
+                ),
+            ));
         }
         if total != u64::from(n_draws) {
             return Err(bad(
@@ -805,6 +819,7 @@ mod tests {
             3,
             50,
             false,
+            Some(MAX_ROW_MASS),
         )
         .unwrap();
         assert_eq!(buf.row_lens, vec![2, 1]);
@@ -824,6 +839,7 @@ mod tests {
             3,
             50,
             false,
+            Some(MAX_ROW_MASS),
         );
         assert!(e.unwrap_err().to_string().contains("more than n"));
         let dup = [5i64, 5, -1, 7, -1, -1];
@@ -840,6 +856,7 @@ mod tests {
             3,
             50,
             false,
+            Some(MAX_ROW_MASS),
         );
         assert!(e.unwrap_err().to_string().contains("twice"));
         let lp = [-0.1f32, -1.0, 0.0, -0.2, 0.0, 0.0];
@@ -856,9 +873,39 @@ mod tests {
             3,
             50,
             false,
+            Some(MAX_ROW_MASS),
         );
         assert!(e.unwrap_err().to_string().contains("keeps no log-probabilities"));
+        // The sampled ids' probabilities are those of distinct ids of one distribution: their
+        // sum is at most 1 (and the rounding slack); unchecked where the caller says so (a
+        // copy of decoded values, which a coarse codec may have rounded up further).
+        let heavy = [-0.1f32, -0.1, 0.0, -0.2, 0.0, 0.0];
+        let with_lp =
+            |lp: &[f32], max_mass: Option<f64>, seen: &mut SeenIds, buf: &mut ChunkBuf| {
+                append_sampled(
+                    buf,
+                    seen,
+                    3,
+                    IdArray::I64(&input),
+                    IdArray::I64(&ids),
+                    &[2, 3],
+                    IdArray::I64(&counts),
+                    &[2, 3],
+                    Some((lp, &[2, 3])),
+                    3,
+                    50,
+                    true,
+                    max_mass,
+                )
+            };
+        let e = with_lp(&heavy, Some(MAX_ROW_MASS), &mut seen, &mut buf).unwrap_err().to_string();
+        assert!(
+            e.contains("position 0: the probabilities of the sampled ids add up to 1.80"),
+            "{e}"
+        );
         assert_eq!(buf.num_records(), 1);
-        assert_eq!(buf.row_lens, vec![2, 1]);
+        with_lp(&heavy, None, &mut seen, &mut buf).unwrap();
+        assert_eq!(buf.num_records(), 2);
+        assert_eq!(buf.row_lens, vec![2, 1, 2, 1]);
     }
 }

@@ -24,9 +24,11 @@ use rayon::prelude::*;
 
 use crate::clean::{FileLeft, delete_left_out};
 use crate::error::{Error, Location, Result};
+use crate::format::{ShardIndex, TRAILER_LEN, Trailer};
 use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
 use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
+use crate::source::Source;
 use crate::verify::{ShardInspection, inspect_shard_ticked};
 use crate::writer::{self, SHARDS_DIR, ShardWriter};
 
@@ -182,16 +184,23 @@ pub fn repair_with_progress(
                 }
                 report.repairs.push(r);
             }
-            (false, None) => report.repairs.push(ShardRepair {
-                file: info.file.clone(),
-                problems: f.problems.clone(),
-                new_file: None,
-                chunks_kept: 0,
-                chunks_lost: info.num_chunks,
-                samples_lost: info.num_samples,
-                positions_lost: info.num_positions,
-                lost_ids_known: false,
-            }),
+            (false, None) => {
+                // Left out whole; its footer may still say which samples it held (a damaged
+                // header, say, makes the shard unreadable but leaves the footer sound).
+                let ids = footer_sample_ids(&dir.join(&info.file), info);
+                let lost_ids_known = ids.is_some();
+                lost_ids.extend(ids.into_iter().flatten());
+                report.repairs.push(ShardRepair {
+                    file: info.file.clone(),
+                    problems: f.problems.clone(),
+                    new_file: None,
+                    chunks_kept: 0,
+                    chunks_lost: info.num_chunks,
+                    samples_lost: info.num_samples,
+                    positions_lost: info.num_positions,
+                    lost_ids_known,
+                });
+            }
         }
     }
     // A sample id stored twice is not damage that dropping unreadable bytes can mend (both
@@ -263,6 +272,23 @@ pub fn repair_with_progress(
         let _ = manifest::sync_dir(&dir.join(SHARDS_DIR));
     }
     Ok(report)
+}
+
+/// The sample ids a shard's footer lists, read without its header, when its trailer and
+/// footer check out (their CRCs) and agree with the manifest's counts.
+fn footer_sample_ids(path: &Path, info: &ShardInfo) -> Option<Vec<u64>> {
+    let source = Source::open(path, false).ok()?;
+    let loc = Location::file(path);
+    let len = source.len();
+    let at = len.checked_sub(TRAILER_LEN as u64)?;
+    let trailer = Trailer::decode(&source.read(at, TRAILER_LEN, &loc).ok()?, len, &loc).ok()?;
+    let footer_len = usize::try_from(trailer.footer_len).ok()?;
+    let bytes = source.read(trailer.footer_offset, footer_len, &loc).ok()?;
+    let footer = ShardIndex::parse(&bytes, &trailer, &loc).ok()?.footer;
+    let records = &footer.records;
+    let positions: u64 = records.iter().map(|r| u64::from(r.length)).sum();
+    (records.len() as u64 == info.num_samples && positions == info.num_positions)
+        .then(|| records.iter().map(|r| r.sample_id).collect())
 }
 
 /// Write a new shard of the sound chunks of every damaged shard whose footer could be

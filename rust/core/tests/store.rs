@@ -253,6 +253,7 @@ fn sampled_roundtrip_with_and_without_logprobs() {
                 n,
                 40,
                 codec != LogprobCodec::None,
+                Some(record::MAX_ROW_MASS),
             )
         })
         .unwrap();

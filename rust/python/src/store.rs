@@ -250,7 +250,11 @@ impl PyStoreWriter {
     }
 
     /// Add a sampled record from padded `ids [L, M]` / `counts [L, M]` (count 0 = padding).
-    #[pyo3(signature = (sample_id, input_ids, ids, counts, logprobs=None))]
+    /// `check_mass=False` skips the check that a row's probabilities add up to at most 1 (and
+    /// the rounding slack): for values decoded from a store, which a coarse codec may have
+    /// rounded up by more.
+    #[pyo3(signature = (sample_id, input_ids, ids, counts, logprobs=None, check_mass=true))]
+    #[allow(clippy::too_many_arguments)]
     fn add_sampled(
         &mut self,
         py: Python<'_>,
@@ -259,6 +263,7 @@ impl PyStoreWriter {
         ids: &Bound<'_, PyAny>,
         counts: &Bound<'_, PyAny>,
         logprobs: Option<PyReadonlyArrayDyn<'_, f32>>,
+        check_mass: bool,
     ) -> PyResult<()> {
         let inp = int_array(input_ids, "input_ids")?;
         let ids = int_array(ids, "ids")?;
@@ -299,6 +304,7 @@ impl PyStoreWriter {
                     p.k,
                     p.vocab_size,
                     p.has_logprobs(),
+                    check_mass.then_some(record::MAX_ROW_MASS),
                 )
             })
         })
