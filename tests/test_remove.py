@@ -246,8 +246,9 @@ def test_old_shard_files_that_cannot_be_deleted_are_reported(
         lambda *args, **kwargs: real(*args, **{**kwargs, "progress": block_deletion}),
     )
     blocked.append(lc.remove_samples(path, [3], dry_run=True)["shards"][0]["file"])
-    with pytest.warns(RuntimeWarning, match=r"could not delete 1 old shard file\(s\), which"):
+    with pytest.warns(RuntimeWarning, match=r"could not delete 1 old shard file\(s\), which") as w:
         report = lc.remove_samples(path, [3])
+    assert w[0].filename == __file__  # the call, not the library
     assert report["committed"] and report["samples_removed"] == 1
     [left] = report["left_behind"]
     assert left["file"] == blocked[-1] and "Is a directory" in left["error"], left

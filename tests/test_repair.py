@@ -312,11 +312,15 @@ def test_a_shard_with_a_damaged_header_still_reports_its_ids(
     out = capsys.readouterr().out
     assert "ids unknown" not in out and f"their ids written to {lost_file}" in out, out
     assert [int(x) for x in lost_file.read_text().split()] == sorted(want)
-    # With the trailer damaged too, nothing says which samples the shard held.
-    data[-1] ^= 0xFF
-    victim.write_bytes(bytes(data))
-    assert main(["repair", "--dry-run", "--lost-ids", str(lost_file), str(path)]) == 1
-    out = capsys.readouterr().out
-    assert "ids unknown: its footer cannot be read" in out, out
-    assert f"none of their ids is known ({lost_file} is empty)" in out
-    assert lost_file.read_text() == ""
+    # With the trailer damaged too, nothing says which samples the shard held; nor does the
+    # sound footer of another shard's file put in its place.
+    for replacement in (
+        bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]),
+        (path / _shards(path)[2]).read_bytes(),
+    ):
+        victim.write_bytes(replacement)
+        assert main(["repair", "--dry-run", "--lost-ids", str(lost_file), str(path)]) == 1
+        out = capsys.readouterr().out
+        assert "ids unknown: its footer cannot be read or is not the manifest's" in out, out
+        assert f"none of their ids is known ({lost_file} is empty)" in out
+        assert lost_file.read_text() == ""

@@ -128,6 +128,8 @@ def test_bad_sampled_records_rejected(tmp_path: Path, rng: np.random.Generator) 
         with pytest.raises(lc.InvalidRecordError, match=r"position 0: the probabilities of the"):
             w.add_sampled(0, inp, ids, counts, heavy)
         w.add_sampled(0, inp, ids, counts, lp)
+        # Unchecked on request, for values read back from a coarse codec's store.
+        w.add_sampled(1, inp, ids, counts, heavy, check_mass=False)
 
 
 def test_duplicate_sample_ids(committed: Path, rng: np.random.Generator) -> None:
@@ -145,6 +147,8 @@ def test_duplicate_sample_ids(committed: Path, rng: np.random.Generator) -> None
     w.add(8, *_good(rng))
     w.abort()
     assert 8 not in lc.open_store(committed)
+    with pytest.raises(lc.StoreError, match="is closed"):
+        8 in w  # noqa: B015 (it would count the id the abort discarded)
 
 
 @pytest.mark.parametrize("sid", [-1, 2**64, 1.5, "3", True])
@@ -516,6 +520,7 @@ def test_replaced_shards_that_cannot_be_deleted_are_warned_of(
             w.add(9, *_good(rng))
     message = str(caught[0].message)
     assert old[0]["file"] in message and "Is a directory" in message, message
+    assert caught[0].filename == __file__  # the with statement, not the library
     assert f"logitcache clean {committed}" in message
     assert lc.open_store(committed).sample_ids().tolist() == [9]
     assert lc.verify_store(committed)["orphans"] == [old[0]["file"]]

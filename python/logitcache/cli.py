@@ -247,7 +247,8 @@ def _repair(args: argparse.Namespace) -> int:
                 fate = f"its {r['chunks_kept']} sound chunk(s) {would}copied to a new shard"
             else:
                 fate = f"{would}left out whole"
-            ids = "" if r["lost_ids_known"] else " (ids unknown: its footer cannot be read)"
+            unknown = " (ids unknown: its footer cannot be read or is not the manifest's)"
+            ids = "" if r["lost_ids_known"] else unknown
             print(
                 f"{r['file']}: {r['chunks_lost']} chunk(s), {r['samples_lost']:,} sample(s), "
                 f"{r['positions_lost']:,} position(s) {would}lost{ids}; {fate}"

@@ -359,6 +359,8 @@ class StoreWriter:
         ids: npt.ArrayLike,
         counts: npt.ArrayLike,
         logprobs: npt.ArrayLike | None = None,
+        *,
+        check_mass: bool = True,
     ) -> None:
         """Add one sequence of a sampled store.
 
@@ -371,9 +373,12 @@ class StoreWriter:
             logprobs: ``[L, M]`` teacher log-probabilities of the ids, if the store keeps them
                 (the loss gradient needs only ids and counts): finite, at most 0, and adding
                 up, as probabilities of distinct ids, to at most 1 (and 0.02 for rounding).
-                An ``"abs"`` codec with step s = m 2^-e stores a value below -(M + 1/2) s
-                nats (M = floor(2^24 / m): at least 2048 nats, about 65535 for the default
-                step) as -M s.
+                An ``"abs"`` codec with step s = m 2^-e stores a value below -(Q + 1/2) s
+                nats (Q = floor(2^24 / m): at least 2048 nats, about 65535 for abs:0.01's
+                step 5 x 2^-8) as -Q s.
+            check_mass: ``False`` skips the check that a row adds up to at most 1.02: for
+                values read back from a store whose codec rounded them up (a coarse ``abs``
+                codec rounds each value by up to its bound).
         """
         self._w.add_sampled(
             _sample_id(sample_id),
@@ -381,6 +386,7 @@ class StoreWriter:
             _int_array(ids, "ids"),
             _int_array(counts, "counts"),
             None if logprobs is None else _float_array(logprobs, "logprobs"),
+            check_mass=check_mass,
         )
 
     def commit(self) -> None:
@@ -401,7 +407,7 @@ class StoreWriter:
             self.path,
             self._w.take_left_behind(),
             "shard file",
-            " of the store replaced there",
+            " of the store it replaced",
             stacklevel=stacklevel,
         )
 
@@ -422,6 +428,9 @@ class StoreWriter:
         """Whether the store holds ``sample_id``, committed or added since the last commit:
         a capture resumed with ``mode="a"`` after a crash skips what it already has
         (``if sid in writer: continue``)."""
+        if self.closed:
+            # After an abort it would still count the ids it discarded.
+            raise StoreError(f"the writer of {self.path} is closed")
         try:
             return bool(self._w.holds(_sample_id(sample_id)))
         except ValueError:
@@ -1019,12 +1028,5 @@ def copy_store(
                 lps = r.topk_logprobs if keep_lp else None
                 # Decoded values: a coarse codec may have rounded a row's mass above what a
                 # capture may pass (the bound of the codec they are written with still holds).
-                w._w.add_sampled(
-                    sid,
-                    _int_array(r.input_ids, "input_ids"),
-                    _int_array(r.topk_ids, "ids"),
-                    _int_array(r.counts, "counts"),
-                    None if lps is None else _float_array(lps, "logprobs"),
-                    check_mass=False,
-                )
+                w.add_sampled(sid, r.input_ids, r.topk_ids, r.counts, lps, check_mass=False)
     return len(ids)

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::clean::{FileLeft, delete_left_out};
 use crate::error::{Error, Location, Result};
-use crate::format::{ShardIndex, TRAILER_LEN, Trailer};
+use crate::format::{HEADER_LEN, ShardHeader, ShardIndex, TRAILER_LEN, Trailer};
 use crate::manifest::{self, CommitError, MANIFEST_NAME, Manifest, ShardInfo};
 use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
@@ -274,12 +274,22 @@ pub fn repair_with_progress(
     Ok(report)
 }
 
-/// The sample ids a shard's footer lists, read without its header, when its trailer and
-/// footer check out (their CRCs) and agree with the manifest's counts.
+/// The sample ids a shard's footer lists, read without its header, when the file is the
+/// manifest's (its size; its header's uid, if the header can be read) and its trailer and
+/// footer check out (their CRCs) and agree with the manifest's counts: what a shard left out
+/// for a damaged header held.
 fn footer_sample_ids(path: &Path, info: &ShardInfo) -> Option<Vec<u64>> {
     let source = Source::open(path, false).ok()?;
     let loc = Location::file(path);
     let len = source.len();
+    if len != info.bytes {
+        return None;
+    }
+    if let Ok(h) = ShardHeader::decode(&source.read(0, HEADER_LEN, &loc).ok()?, &loc)
+        && format!("{:016x}", h.uid) != info.uid
+    {
+        return None;
+    }
     let at = len.checked_sub(TRAILER_LEN as u64)?;
     let trailer = Trailer::decode(&source.read(at, TRAILER_LEN, &loc).ok()?, len, &loc).ok()?;
     let footer_len = usize::try_from(trailer.footer_len).ok()?;
@@ -287,7 +297,9 @@ fn footer_sample_ids(path: &Path, info: &ShardInfo) -> Option<Vec<u64>> {
     let footer = ShardIndex::parse(&bytes, &trailer, &loc).ok()?.footer;
     let records = &footer.records;
     let positions: u64 = records.iter().map(|r| u64::from(r.length)).sum();
-    (records.len() as u64 == info.num_samples && positions == info.num_positions)
+    (records.len() as u64 == info.num_samples
+        && positions == info.num_positions
+        && footer.chunks.len() as u64 == info.num_chunks)
         .then(|| records.iter().map(|r| r.sample_id).collect())
 }
 

@@ -332,7 +332,8 @@ pub(crate) fn inspect_shard(
 /// clears passes that loop too.
 const VERIFY_QUICK_MASS: f64 = MAX_ROW_MASS * (1.0 - 3e-4) - 2e-5;
 
-/// The rules a writer enforces, re-checked on decoded data. Top-K rows go through the
+/// The rules a writer enforces, re-checked on decoded data (all but the sampled rows' mass:
+/// a coarse codec may round it above the writer's limit). Top-K rows go through the
 /// writer's quick checks first (conflict detection for distinct ids, the branch-free pass
 /// over the values); only rows those do not clear take the exact loop, which decides.
 fn check_values(
