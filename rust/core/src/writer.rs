@@ -416,8 +416,6 @@ fn seq_of(file: &str) -> Option<u64> {
     file.strip_prefix(SHARDS_DIR)?.strip_prefix('/')?.split_once('-')?.0.parse().ok()
 }
 
-/// [`Error::Locked`] for the store at `dir` whose lock file `path` another writer holds,
-/// naming the holder as its lock file says (best effort).
 /// What a writer holding the lock wrote in the lock file ("pid N"), or what to say in the
 /// instant between its taking the lock and writing it.
 fn lock_holder_text(path: &Path) -> String {
@@ -428,6 +426,8 @@ fn lock_holder_text(path: &Path) -> String {
     }
 }
 
+/// [`Error::Locked`] for the store at `dir` whose lock another writer holds, naming the
+/// holder as its lock file says (best effort: [`lock_holder_text`]).
 fn held_by_another(dir: &Path, holder: &str) -> Error {
     Error::Locked { path: dir.to_path_buf(), msg: format!("lock held by {holder}") }
 }
