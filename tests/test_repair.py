@@ -129,15 +129,16 @@ def test_repair_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(path)]) == 1
     assert "logitcache repair --dry-run" in capsys.readouterr().err
     # info cannot open it (a damaged chunk is found only when read: damage the footer of
-    # another shard) and points to verify and repair.
+    # another shard): it prints the manifest, exits 1 and points to verify and repair.
     other = path / _shards(path)[0]
     sound = other.read_bytes()
     data = bytearray(sound)
     data[-40] ^= 1
     other.write_bytes(bytes(data))
-    assert main(["info", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "logitcache verify" in err and "logitcache repair --dry-run" in err
+    assert main(["info", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "samples" in captured.out
+    assert "logitcache verify" in captured.err and "logitcache repair --dry-run" in captured.err
     other.write_bytes(sound)
 
     # An ids file that cannot be written stops the repair before it changes anything.

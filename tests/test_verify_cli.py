@@ -161,6 +161,31 @@ def test_cli_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "missing" in capsys.readouterr().err
 
 
+def test_cli_info_of_a_store_that_does_not_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """info shows the manifest of a store that no longer opens (a shard's trailer damaged),
+    says why it does not open and exits 1; without a manifest it is an error (exit 2)."""
+    _small_store(tmp_path / "s")
+    assert main(["info", "--json", str(tmp_path / "s")]) == 0
+    sound = json.loads(capsys.readouterr().out)
+    assert sound["open_error"] is None
+    shard = next((tmp_path / "s" / "shards").iterdir())
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert main(["info", str(tmp_path / "s")]) == 1
+    captured = capsys.readouterr()
+    assert "samples" in captured.out and "top-K" in captured.out, captured.out
+    assert "the store does not open: " in captured.err and shard.name in captured.err
+    assert f"logitcache verify {tmp_path / 's'}" in captured.err
+    assert main(["info", "--json", str(tmp_path / "s")]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_samples"] == 5 and shard.name in info["open_error"]
+    (tmp_path / "s" / "manifest.json").unlink()
+    assert main(["info", str(tmp_path / "s")]) == 2
+
+
 def test_cli_info_of_a_store_of_no_positions(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -202,8 +227,13 @@ def test_cli_points_to_verify_and_repair_for_a_missing_shard(
     store = tmp_path / "s"
     _small_store(store)
     next((store / "shards").iterdir()).unlink()
-    for argv in (["info", str(store)], ["show", str(store), "0"], ["stats", str(store)]):
-        assert main(argv) == 2
+    # info still prints the manifest (exit 1); the others cannot do their work (exit 2).
+    for argv, status in (
+        (["info", str(store)], 1),
+        (["show", str(store), "0"], 2),
+        (["stats", str(store)], 2),
+    ):
+        assert main(argv) == status
         err = capsys.readouterr().err
         assert "No such file or directory" in err, err
         assert f"logitcache verify {store}; " in err and f"repair --dry-run {store}" in err, err

@@ -24,6 +24,7 @@ from logitcache.errors import (
     StoreError,
     StoreExistsError,
 )
+from logitcache.store import _read_manifest
 
 
 def _human_bytes(n: float) -> str:
@@ -55,8 +56,15 @@ def _codec_text(codec: dict[str, Any]) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    store = logitcache.open_store(args.path)
-    m = store.meta
+    # The manifest is what info shows; a store that does not open (a damaged or missing
+    # shard) still has one, shown with the reason it does not open.
+    m = _read_manifest(args.path)
+    open_error = None
+    try:
+        logitcache.open_store(args.path).close()
+    except (StoreError, OSError) as e:
+        open_error = str(e)
+    status = 0 if open_error is None else 1
     total = sum(s["bytes"] for s in m["shards"])
     # None (JSON null) for a store of no positions: NaN is not JSON.
     per_token = total / m["num_positions"] if m["num_positions"] else None
@@ -64,8 +72,9 @@ def _info(args: argparse.Namespace) -> int:
         out = dict(m)
         out["total_bytes"] = total
         out["bytes_per_token"] = per_token
+        out["open_error"] = open_error
         print(json.dumps(out, indent=2))
-        return 0
+        return status
     what = "top-K" if m["kind"] == "topk" else "sampled"
     kn = "K" if m["kind"] == "topk" else "n (draws)"
     teacher = m.get("teacher") or {}
@@ -93,7 +102,14 @@ def _info(args: argparse.Namespace) -> int:
     if m.get("metadata"):
         rows.append(("metadata", json.dumps(m["metadata"])))
     _print_rows(rows)
-    return 0
+    if open_error is not None:
+        print(f"the store does not open: {open_error}", file=sys.stderr)
+        print(
+            f"every fault: logitcache verify {args.path}; to keep what can still be read: "
+            f"logitcache repair --dry-run {args.path}",
+            file=sys.stderr,
+        )
+    return status
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -664,7 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=logitcache.__version__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("info", help="print a store's manifest, counts, size and codec")
+    p = sub.add_parser(
+        "info",
+        help="print a store's manifest, counts, size and codec",
+        description="Print what the store's manifest says: configuration, counts, size, "
+        "codec. Exit status: 0, 1 when the store does not open (a shard missing or "
+        "damaged: the manifest is printed all the same, and why it does not open), 2 when "
+        "there is no readable manifest.",
+    )
     p.add_argument("path", help="store directory")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_info)

@@ -474,6 +474,13 @@ class StoreWriter:
             warnings.warn(f"unclosed StoreWriter({self.path!r})", ResourceWarning, stacklevel=2)
 
 
+def _read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The committed manifest of the store at ``path`` (checksum and version checked), without
+    opening its shards."""
+    manifest: dict[str, Any] = json.loads(_core.read_manifest(os.fspath(path)))
+    return manifest
+
+
 def _warn_files_left(
     path: str | os.PathLike[str],
     left: list[dict[str, str]],

@@ -928,7 +928,16 @@ fn rebuild_manifest<'py>(
     Ok(d)
 }
 
+/// The committed manifest of the store at `path` (envelope, checksum and version checked)
+/// as JSON, without opening the shards: what `info` shows of a store that does not open.
+#[pyfunction]
+fn read_manifest(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    let m = py.detach(|| logitcache_core::manifest::Manifest::read(&path)).py_err()?;
+    serde_json::to_string(&m).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(read_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(repair, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
