@@ -9,6 +9,25 @@ import numpy as np
 import pytest
 
 
+def make_undeletable(path: Any) -> None:
+    """Put a directory where the file ``path`` is, so that deleting the name fails (unlink
+    refuses a directory, even to root); a process that has the file open or mapped keeps
+    reading it."""
+    path.unlink()
+    path.mkdir()
+
+
+def progress_into_core(monkeypatch: pytest.MonkeyPatch, name: str, progress: Any) -> None:
+    """Make ``logitcache._core.<name>`` run with ``progress`` as its progress callback,
+    whatever the Python layer passes: a hook into the middle of a long operation."""
+    import logitcache as lc
+
+    real = getattr(lc._core, name)
+    monkeypatch.setattr(
+        lc._core, name, lambda *args, **kwargs: real(*args, **{**kwargs, "progress": progress})
+    )
+
+
 def make_topk(
     rng: np.random.Generator, length: int, k: int, vocab: int, *, scale: float = 3.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

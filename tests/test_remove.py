@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import position_kl, store_contents, store_files, write_store
+from conftest import (
+    make_undeletable,
+    position_kl,
+    progress_into_core,
+    store_contents,
+    store_files,
+    write_store,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -236,15 +243,9 @@ def test_old_shard_files_that_cannot_be_deleted_are_reported(
         # Called as the removal rewrites the old shard, which it has open (mapped) by then.
         victim = path / blocked[-1]
         if victim.is_file():
-            victim.unlink()
-            victim.mkdir()
+            make_undeletable(victim)
 
-    real = lc._core.remove_samples
-    monkeypatch.setattr(
-        lc._core,
-        "remove_samples",
-        lambda *args, **kwargs: real(*args, **{**kwargs, "progress": block_deletion}),
-    )
+    progress_into_core(monkeypatch, "remove_samples", block_deletion)
     blocked.append(lc.remove_samples(path, [3], dry_run=True)["shards"][0]["file"])
     with pytest.warns(RuntimeWarning, match=r"could not delete 1 old shard file\(s\), which") as w:
         report = lc.remove_samples(path, [3])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import store_contents, store_files, write_store
+from conftest import make_undeletable, progress_into_core, store_contents, store_files, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -254,15 +254,9 @@ def test_damaged_files_that_cannot_be_deleted_are_reported(
     def block_deletion(done: int, total: int) -> None:
         # At the end of the check, which has opened (mapped) what it keeps of the shard.
         if done == total and victim.is_file():
-            victim.unlink()
-            victim.mkdir()
+            make_undeletable(victim)
 
-    real = lc._core.repair
-    monkeypatch.setattr(
-        lc._core,
-        "repair",
-        lambda *args, **kwargs: real(*args, **{**kwargs, "progress": block_deletion}),
-    )
+    progress_into_core(monkeypatch, "repair", block_deletion)
     lost_file = tmp_path / "lost.txt"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the command says it itself, not as a warning too

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk
+from conftest import make_sampled, make_topk, make_undeletable
 
 import logitcache as lc
 
@@ -513,8 +513,7 @@ def test_replaced_shards_that_cannot_be_deleted_are_warned_of(
     and clean, where it used to stay without a word. The commit stands."""
     old = json.loads((committed / "manifest.json").read_text())["manifest"]["shards"]
     blocked = committed / old[0]["file"]
-    blocked.unlink()
-    blocked.mkdir()
+    make_undeletable(blocked)
     with pytest.warns(RuntimeWarning, match="could not delete 1 shard file") as caught:
         with lc.StoreWriter(committed, vocab_size=V, k=K, mode="w") as w:
             w.add(9, *_good(rng))
