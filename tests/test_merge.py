@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,116 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["merge", str(tmp_path / "x"), str(tmp_path / "a"), str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "duplicate sample id 1" in err and "a sample id may be in one part only" in err, err
+    assert "2 sample ids in all are held twice (1, 2)" in err, err
+    assert "--dry-run --duplicates FILE" in err, err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_dry_run_lists_every_duplicate_and_changes_nothing(tmp_path: Path) -> None:
+    """A refused merge names the first id held twice and counts the others; a dry run lists
+    them all (across every pair of stores, the destination's included with mode="a"),
+    writes nothing, and what it reports is what the merge then makes."""
+    _write(tmp_path / "a", list(range(0, 30)))
+    _write(tmp_path / "b", list(range(20, 45)), seed=1)
+    _write(tmp_path / "c", [44, 50, 2], seed=2)
+    srcs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    want = sorted(set(range(20, 30)) | {44, 2})
+    before = {s: store_files(s) for s in srcs}
+    dest = tmp_path / "dest"
+    with pytest.raises(lc.DuplicateSampleError) as e:
+        lc.merge_stores(dest, srcs)
+    assert e.value.sample_id == 20, str(e.value)
+    msg = str(e.value)
+    assert f"{len(want)} sample ids in all are held twice" in msg, msg
+    assert "(2, 20, 21, 22, 23, 24, 25, 26, 27, 28, and 2 more)" in msg, msg
+    report = lc.merge_stores(dest, srcs, dry_run=True)
+    assert report["duplicates"] == want
+    assert report["num_samples"] == 30 + 25 + 3
+    assert [s["samples"] for s in report["sources"]] == [30, 25, 3]
+    assert report["shards_linked"] == report["shards_copied"] == 0
+    assert not dest.exists()
+    assert {s: store_files(s) for s in srcs} == before
+    # Take them out of every part but the first: the merge then goes through, and holds
+    # what the dry run of the parts as they are then says it would.
+    lc.remove_samples(tmp_path / "b", want, missing_ok=True)
+    lc.remove_samples(tmp_path / "c", want, missing_ok=True)
+    planned = lc.merge_stores(dest, srcs, dry_run=True)
+    assert planned["duplicates"] == []
+    merged = lc.merge_stores(dest, srcs)
+    assert merged["duplicates"] == []
+    assert (merged["num_samples"], merged["num_positions"]) == (
+        planned["num_samples"],
+        planned["num_positions"],
+    )
+    # (44 was in b and c only: out of both, it is in no part.)
+    assert sorted(lc.open_store(dest).sample_ids().tolist()) == [*range(0, 44), 50]
+    # mode="a": the destination's own ids count, and a dry run into an existing store
+    # without mode="a" is refused as the merge would be.
+    _write(tmp_path / "d", [7, 100], seed=3)
+    assert lc.merge_stores(dest, [tmp_path / "d"], mode="a", dry_run=True)["duplicates"] == [7]
+    with pytest.raises(lc.StoreExistsError):
+        lc.merge_stores(dest, [tmp_path / "d"], dry_run=True)
+
+
+def test_one_store_holding_an_id_twice_is_named(tmp_path: Path) -> None:
+    """Two shards of one source with the same id (a manifest put together by hand, say): the
+    refusal and the dry run name them too."""
+    _write(tmp_path / "a", [1, 2, 3, 4, 5, 6, 7, 8])
+    _write(tmp_path / "x", [2, 3], seed=4)
+    _write(tmp_path / "b", [9], seed=1)
+    # x's shard listed in a's manifest too (the manifest's envelope: FORMAT.md section 2).
+    envelope = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest = envelope["manifest"]
+    (extra,) = lc.open_store(tmp_path / "x").meta["shards"]
+    name = f"shards/{len(manifest['shards']):06}-{extra['uid']}.lcs"
+    os.link(tmp_path / "x" / extra["file"], tmp_path / "a" / name)
+    manifest["shards"].append({**extra, "file": name})
+    manifest["num_samples"] += extra["num_samples"]
+    manifest["num_positions"] += extra["num_positions"]
+    body = json.dumps(manifest, separators=(",", ":")).encode()
+    (tmp_path / "a" / "manifest.json").write_bytes(
+        b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(body), body)
+    )
+    srcs = [tmp_path / "a", tmp_path / "b"]
+    assert lc.merge_stores(tmp_path / "m", srcs, dry_run=True)["duplicates"] == [2, 3]
+    with pytest.raises(lc.DuplicateSampleError) as e:
+        lc.merge_stores(tmp_path / "m", srcs)
+    assert e.value.sample_id == 2
+    assert str(tmp_path / "a" / name) in str(e.value), str(e.value)
+    assert "2 sample ids in all are held twice (2, 3)" in str(e.value), str(e.value)
+
+
+def test_cli_dry_run_and_duplicates_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path / "a", [1, 2, 3])
+    _write(tmp_path / "b", [3, 4, 2], seed=1)
+    a, b, dest = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m")
+    dups = tmp_path / "dups.txt"
+    assert main(["merge", "--dry-run", "--duplicates", str(dups), dest, a, b]) == 1
+    out, err = capsys.readouterr()
+    assert "would be refused: 2 sample id(s) are held by more than one store: 2, 3" in out, out
+    assert f"all written to {dups}" in out and "remove PART --ids FILE" in err, (out, err)
+    assert dups.read_text() == "2\n3\n"
+    assert not os.path.exists(dest)
+    assert main(["merge", "--dry-run", "--json", dest, a, b]) == 1
+    assert json.loads(capsys.readouterr().out)["duplicates"] == [2, 3]
+    # Refused for real: the file is written all the same.
+    dups.unlink()
+    assert main(["merge", "--duplicates", str(dups), dest, a, b]) == 2
+    err = capsys.readouterr().err
+    assert "duplicate sample id" in err and f"written to {dups}" in err, err
+    assert dups.read_text() == "2\n3\n" and not os.path.exists(dest)
+    # The file is what remove reads: out of b, then the merge goes through.
+    assert main(["remove", b, "--ids", str(dups), "--missing-ok", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["merge", "--dry-run", "--duplicates", str(dups), dest, a, b]) == 0
+    out = capsys.readouterr().out
+    assert "2 shard(s) would be merged" in out or "would be merged" in out, out
+    assert "would hold 4 samples" in out, out
+    assert dups.read_text() == "" and not os.path.exists(dest)
+    assert main(["merge", "--no-progress", dest, a, b]) == 0
+    assert "now holds 4 samples" in capsys.readouterr().out
 
 
 # The core's merge with a progress callback that kills the process at its first call, while

@@ -208,6 +208,7 @@ def merge_stores(
     *,
     mode: str = "x",
     copy: bool = False,
+    dry_run: bool = False,
     progress: bool | None = False,
 ) -> dict[str, Any]:
     """Merge stores written side by side (one per rank or job of a capture) into one store
@@ -223,23 +224,34 @@ def merge_stores(
     ``mode="x"`` (default) creates ``path`` and refuses an existing one
     (:class:`StoreExistsError`); ``mode="a"`` merges into the store at ``path`` (created if
     missing). The merged store is committed like any writer's, under its lock
-    (:class:`StoreLockedError` while a writer is open): a merge that fails or is killed
-    leaves ``path`` as it was, and creates nothing new.
+    (:class:`StoreLockedError` while a writer is open): a merge that fails leaves ``path`` as
+    it was (one it created is removed again); one that is killed leaves the last committed
+    state and orphan files, as a killed writer does (a ``path`` it created is then a
+    directory without a manifest, which ``mode="a"`` merges into).
 
     The sources (and the store at ``path``, with ``mode="a"``) must agree on kind, K,
     vocabulary size, temperature and codec, and on teacher and tokenizer where two of them
     name one (:class:`StoreMismatchError`, naming the field and the store); no sample id may
-    be in two of them (:class:`DuplicateSampleError`, naming both). The merged manifest
+    be in two of them (:class:`DuplicateSampleError`, naming both stores of the first one
+    and counting the others; a dry run lists them all). The merged manifest
     takes the teacher and tokenizer fields any of them sets, and the union of their
     metadata; where two set a key to different values the later one wins (in the order
     ``path``, then ``sources``) and the key is listed in the report.
+
+    ``dry_run=True`` checks all that and writes nothing: the report says what the merge
+    would make, and ``duplicates`` lists every sample id held by more than one store (or
+    twice by one) instead of the merge refusing the first. Write them to a file, one per
+    line, and take them out of all but one part (:func:`remove_samples`, or
+    :func:`copy_store` with ``exclude_ids``) before merging. A dry run does not take the
+    destination's lock.
 
     ``progress=True`` shows a progress bar (tqdm, on stderr) of the shard bytes placed;
     ``None`` shows it only when stderr is a terminal.
 
     Returns a report: ``sources`` (per source: ``path``, ``shards``, ``samples``,
     ``positions``, ``bytes``), ``shards_linked``, ``shards_copied``, ``num_samples`` and
-    ``num_positions`` (of the merged store) and ``metadata_conflicts``."""
+    ``num_positions`` (of the merged store; with ``dry_run``, what it would hold),
+    ``metadata_conflicts`` and ``duplicates`` (sorted; empty but in a dry run)."""
     if mode not in ("x", "a"):
         raise ValueError(
             f'invalid argument `mode`: {mode!r}; expected "x" (create) or "a" (merge '
@@ -252,7 +264,14 @@ def merge_stores(
         "merge",
         progress,
         lambda cb: dict(
-            _core.merge(os.fspath(path), srcs, append=mode == "a", copy=copy, progress=cb)
+            _core.merge(
+                os.fspath(path),
+                srcs,
+                append=mode == "a",
+                copy=copy,
+                dry_run=dry_run,
+                progress=cb,
+            )
         ),
         reads_per_byte=1,
     )

@@ -119,6 +119,7 @@ def merge(
     sources: list[str],
     append: bool = False,
     copy: bool = False,
+    dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]: ...
 def remove_samples(

@@ -307,16 +307,32 @@ def _lost_ids_written(path: str | None, known: int, lost: int) -> str:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    report = logitcache.merge_stores(
-        args.path,
-        args.sources,
-        mode="a" if args.append else "x",
-        copy=args.copy,
-        progress=None if args.progress else False,
-    )
+    def run(dry_run: bool) -> dict[str, Any]:
+        return logitcache.merge_stores(
+            args.path,
+            args.sources,
+            mode="a" if args.append else "x",
+            copy=args.copy,
+            dry_run=dry_run,
+            progress=None if args.progress and not dry_run else False,
+        )
+
+    try:
+        report = run(args.dry_run)
+    except DuplicateSampleError:
+        if args.duplicates is not None:
+            # The merge stopped at the first id held twice; a dry run lists them all. Should
+            # that fail, the refusal is still the error to report.
+            with contextlib.suppress(StoreError, OSError):
+                _write_duplicates(args.duplicates, run(True)["duplicates"])
+                args.duplicates_written = True
+        raise
+    dups = report["duplicates"]
+    if args.duplicates is not None:
+        _write_duplicates(args.duplicates, dups)
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return 1 if dups else 0
     for s in report["sources"]:
         print(
             f"{s['path']}: {s['shards']} shard(s), {s['samples']:,} samples, "
@@ -328,6 +344,24 @@ def _merge(args: argparse.Namespace) -> int:
             "one is kept",
             file=sys.stderr,
         )
+    if args.dry_run:
+        shards = sum(s["shards"] for s in report["sources"])
+        if dups:
+            shown = ", ".join(str(i) for i in dups[:10])
+            more = f", and {len(dups) - 10:,} more" if len(dups) > 10 else ""
+            written = f" (all written to {args.duplicates})" if args.duplicates else ""
+            print(
+                f"DRY RUN, nothing changed: the merge would be refused: {len(dups):,} sample "
+                f"id(s) are held by more than one store: {shown}{more}{written}"
+            )
+            print(_DUPLICATES_HINT, file=sys.stderr)
+            return 1
+        print(
+            f"DRY RUN, nothing changed: {shards} shard(s) would be merged into {args.path}; "
+            f"the store would hold {report['num_samples']:,} samples, "
+            f"{report['num_positions']:,} positions"
+        )
+        return 0
     shards = report["shards_linked"] + report["shards_copied"]
     print(
         f"MERGED into {args.path}: {shards} shard(s) ({report['shards_linked']} linked, "
@@ -335,6 +369,21 @@ def _merge(args: argparse.Namespace) -> int:
         f"{report['num_samples']:,} samples, {report['num_positions']:,} positions"
     )
     return 0
+
+
+_DUPLICATES_HINT = (
+    "a sample id may be in one part only: take the duplicates out of all parts but one "
+    "(logitcache remove PART --ids FILE --missing-ok, or logitcache copy PART NEW "
+    "--exclude-ids FILE) and merge again; `logitcache merge --dry-run --duplicates FILE "
+    "PATH SOURCE...` writes them all to FILE"
+)
+
+
+def _write_duplicates(path: str, ids: list[int]) -> None:
+    """The ids file of ``merge --duplicates``: one id per line, as ``remove --ids`` and
+    ``copy --exclude-ids`` read it (empty when no id is held twice)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"{int(i)}\n" for i in ids)
 
 
 def _percent(v: float | None) -> str:
@@ -848,11 +897,16 @@ def build_parser() -> argparse.ArgumentParser:
         "of every source becomes a shard of PATH as it is (nothing decoded), hard-linked "
         "where the file system allows it (no space used; shard files are never modified) "
         "and copied, with its checksum checked, otherwise. The sources must agree on kind, "
-        "K, vocabulary, temperature, codec, teacher and tokenizer, and no sample id may be "
-        "in two of them. The sources are only read. PATH is committed like a writer's "
-        "store: a merge that fails or is killed leaves it as it was. Exit status: 0 merged, "
-        "2 refused (PATH exists without --append, stores that differ, a sample in two "
-        "stores, a locked PATH, a damaged copy).",
+        "K, vocabulary, temperature and codec, and on teacher and tokenizer where two of "
+        "them name one, and no sample id may be in two of them. The sources are only "
+        "read. PATH is committed like a writer's "
+        "store: a merge that fails leaves it as it was; one that is killed leaves the last "
+        "committed state and orphan files (logitcache clean deletes them; a PATH it created "
+        "is then a directory without a manifest, which --append merges into). Exit status: "
+        "0 merged "
+        "(or, with --dry-run, nothing in the way), 1 --dry-run found sample ids held by more "
+        "than one store, 2 refused (PATH exists without --append, stores that differ, a "
+        "sample in two stores, a locked PATH, a damaged copy).",
     )
     p.add_argument("path", metavar="PATH", help="the merged store's directory")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="store directories to merge")
@@ -866,6 +920,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="copy every shard file, checking it against its checksum, instead of "
         "hard-linking it (the merged store then shares no file with its sources)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the stores and report what the merge would make, listing every sample "
+        "id held by more than one store; change nothing",
+    )
+    p.add_argument(
+        "--duplicates",
+        metavar="FILE",
+        help="write every sample id held by more than one store to FILE, one per line (what "
+        "remove --ids and copy --exclude-ids read); also when the merge is refused for them",
     )
     _add_report_options(p)
     p.set_defaults(func=_merge)
@@ -976,12 +1042,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, MissingSampleError) and args.command == "remove":
             print("to remove the others and report those: --missing-ok", file=sys.stderr)
         if isinstance(e, DuplicateSampleError) and args.command == "merge":
-            print(
-                "a sample id may be in one part only: take the duplicates out of one part "
-                "(logitcache remove PART ID... --missing-ok, or logitcache copy PART NEW "
-                "--exclude-ids FILE) and merge again",
-                file=sys.stderr,
-            )
+            if getattr(args, "duplicates_written", False):
+                print(f"every sample id held twice: written to {args.duplicates}", file=sys.stderr)
+            print(_DUPLICATES_HINT, file=sys.stderr)
         if isinstance(e, StoreExistsError) and args.command == "copy":
             print("to copy into it: logitcache copy --append ...", file=sys.stderr)
         damaged = _damaged_store(e)

@@ -11,7 +11,8 @@
 //!
 //! The sources must agree on what a store is (kind, K, vocabulary, temperature, codec,
 //! and teacher and tokenizer where both name one), and no sample id may be in two of them
-//! (or in the destination, when merging into an existing store).
+//! (or in the destination, when merging into an existing store). A dry run checks all that
+//! and lists every sample id held twice, writing nothing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,9 @@ pub struct MergeOptions {
     pub append: bool,
     /// Copy every shard file instead of hard-linking it.
     pub copy: bool,
+    /// Check the stores and report what the merge would do, listing every sample id held
+    /// twice instead of refusing them; write nothing (the destination's lock is not taken).
+    pub dry_run: bool,
 }
 
 /// One source store, as merged.
@@ -58,6 +62,9 @@ pub struct MergeReport {
     /// Metadata keys that two stores set to different values; the later store's value
     /// (in the order: destination, then the sources in order) is the one kept.
     pub metadata_conflicts: Vec<String>,
+    /// Sample ids held by more than one store (or twice by one), in increasing order. A
+    /// merge refuses them, so only a dry run reports any.
+    pub duplicates: Vec<u64>,
 }
 
 /// Merge the stores at `sources` into `dest`; see the module documentation.
@@ -119,6 +126,32 @@ pub fn merge_with_progress(
     }
     spec.metadata = Some(serde_json::Value::Object(metadata));
 
+    let mut report = MergeReport { metadata_conflicts: conflicts, ..Default::default() };
+    for (m, src) in manifests.iter().zip(sources) {
+        report.sources.push(MergedSource {
+            path: src.clone(),
+            shards: m.shards.len(),
+            samples: m.num_samples,
+            positions: m.num_positions,
+            bytes: m.shards.iter().map(|s| s.bytes).sum(),
+        });
+    }
+    let stores: Vec<(&Manifest, &Path)> = existing
+        .iter()
+        .map(|m| (m, dest))
+        .chain(manifests.iter().zip(sources).map(|(m, s)| (m, s.as_path())))
+        .collect();
+    if opts.dry_run {
+        if existing.is_none() && dest.exists() {
+            return Err(store_exists(dest, ExistsAdvice::Merge));
+        }
+        report.duplicates = duplicates(&stores)?.into_keys().collect();
+        report.duplicates.sort_unstable();
+        report.num_samples = stores.iter().map(|(m, _)| m.num_samples).sum();
+        report.num_positions = stores.iter().map(|(m, _)| m.num_positions).sum();
+        return Ok(report);
+    }
+
     let total: u64 = manifests.iter().flat_map(|m| &m.shards).map(|s| s.bytes).sum();
     let ticker = Ticker::new(progress, total);
     let tick = |n: u64| ticker.tick(n);
@@ -131,7 +164,6 @@ pub fn merge_with_progress(
         Error::StoreExists { path, .. } => store_exists(&path, ExistsAdvice::Merge),
         e => e,
     })?;
-    let mut report = MergeReport { metadata_conflicts: conflicts, ..Default::default() };
     for (m, src) in manifests.iter().zip(sources) {
         let p = params_from_manifest(m, &src.join(MANIFEST_NAME))?;
         for (i, info) in m.shards.iter().enumerate() {
@@ -140,19 +172,12 @@ pub fn merge_with_progress(
             match writer.add_shard(&shard, opts.copy, &tick) {
                 Ok(ShardPlacement::Linked) => report.shards_linked += 1,
                 Ok(ShardPlacement::Copied) => report.shards_copied += 1,
-                Err(Error::DuplicateSample { sample_id, .. }) => {
-                    return Err(duplicate(sample_id, &shard, dest, existing.is_some(), sources));
+                Err(Error::DuplicateSample { sample_id, msg }) => {
+                    return Err(duplicate_error(sample_id, msg, &stores));
                 }
                 Err(e) => return Err(e),
             }
         }
-        report.sources.push(MergedSource {
-            path: src.clone(),
-            shards: m.shards.len(),
-            samples: m.num_samples,
-            positions: m.num_positions,
-            bytes: m.shards.iter().map(|s| s.bytes).sum(),
-        });
     }
     ticker.check()?;
     writer.close()?;
@@ -199,30 +224,68 @@ fn spec_of(m: &Manifest, path: &Path) -> Result<StoreSpec> {
     })
 }
 
-/// A sample id found twice: name both stores that hold it. Only on this error path are
-/// the footers read again to find the first holder.
-fn duplicate(
-    sample_id: u64,
-    shard: &ShardReader,
-    dest: &Path,
-    dest_has_store: bool,
-    sources: &[PathBuf],
-) -> Error {
-    let holds = |dir: &Path| -> Option<PathBuf> {
-        let m = Manifest::read(dir).ok()?;
-        let p = params_from_manifest(&m, &dir.join(MANIFEST_NAME)).ok()?;
-        m.shards.iter().enumerate().find_map(|(i, info)| {
-            let s = ShardReader::open(dir, i as u32, info, &p, false).ok()?;
-            (s.path != shard.path && s.footer.records.iter().any(|r| r.sample_id == sample_id))
-                .then_some(s.path)
-        })
+/// Every sample id that two shards of `stores` hold, with the first two shard files that
+/// hold it. Only a dry run and the refusal of a merge read the footers for this: a merge
+/// finds a duplicate as it places the shards (the writer knows every id it holds).
+fn duplicates(stores: &[(&Manifest, &Path)]) -> Result<HashMap<u64, (PathBuf, PathBuf)>> {
+    let mut holder: HashMap<u64, usize> = HashMap::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut twice: HashMap<u64, (PathBuf, PathBuf)> = HashMap::new();
+    for (m, dir) in stores {
+        let p = params_from_manifest(m, &dir.join(MANIFEST_NAME))?;
+        for (i, info) in m.shards.iter().enumerate() {
+            let shard = ShardReader::open(dir, i as u32, info, &p, false)?;
+            let file = files.len();
+            for r in &shard.footer.records {
+                if let Some(&first) = holder.get(&r.sample_id) {
+                    twice
+                        .entry(r.sample_id)
+                        .or_insert_with(|| (files[first].clone(), shard.path.clone()));
+                } else {
+                    holder.insert(r.sample_id, file);
+                }
+            }
+            files.push(shard.path.clone());
+        }
+    }
+    Ok(twice)
+}
+
+/// The error of a merge refused for a sample id held twice: both holders of the first one
+/// found, and how many there are in all (listed up to ten), so that one pass of `remove` or
+/// `copy --exclude-ids` can take them out. `msg` is the writer's, kept where the footers can
+/// no longer be read (a source changed under the merge).
+fn duplicate_error(sample_id: u64, msg: String, stores: &[(&Manifest, &Path)]) -> Error {
+    let Ok(all) = duplicates(stores) else {
+        return Error::DuplicateSample { sample_id, msg };
     };
-    let dirs =
-        dest_has_store.then_some(dest).into_iter().chain(sources.iter().map(|s| s.as_path()));
-    let other = dirs.into_iter().find_map(holds);
-    let msg = match other {
-        Some(o) => format!("both {} and {} hold it", o.display(), shard.path.display()),
-        None => format!("{} holds it twice", shard.path.display()),
+    let (sample_id, (a, b)) = match all.get(&sample_id) {
+        Some(files) => (sample_id, files.clone()),
+        None => match all.iter().min_by_key(|(id, _)| **id) {
+            Some((id, files)) => (*id, files.clone()),
+            None => return Error::DuplicateSample { sample_id, msg },
+        },
     };
+    let mut msg = if a == b {
+        format!("{} holds it twice", a.display())
+    } else {
+        format!("both {} and {} hold it", a.display(), b.display())
+    };
+    if all.len() > 1 {
+        let mut ids: Vec<u64> = all.into_keys().collect();
+        ids.sort_unstable();
+        const SHOWN: usize = 10;
+        let shown: Vec<String> = ids.iter().take(SHOWN).map(u64::to_string).collect();
+        let more = if ids.len() > SHOWN {
+            format!(", and {} more", ids.len() - SHOWN)
+        } else {
+            String::new()
+        };
+        msg.push_str(&format!(
+            "; {} sample ids in all are held twice ({}{more})",
+            ids.len(),
+            shown.join(", ")
+        ));
+    }
     Error::DuplicateSample { sample_id, msg }
 }

@@ -959,7 +959,8 @@ fn merge_makes_one_store_of_several() {
 }
 
 /// What a merge refuses, changing nothing: stores that differ in configuration (naming the
-/// field and the store), a sample id in two stores (naming both), a store merged with
+/// field and the store), a sample id in two stores (naming both, counting the others: a
+/// dry run lists them), a store merged with
 /// itself, an existing destination without `append`, a locked destination, no sources.
 #[test]
 fn merge_refuses_what_would_not_be_one_store() {
@@ -1006,6 +1007,13 @@ fn merge_refuses_what_would_not_be_one_store() {
             && e.to_string().contains(&p("overlap").display().to_string()),
         "{e}"
     );
+    assert!(e.to_string().contains("3 sample ids in all are held twice (105, 106, 107)"), "{e}");
+    // A dry run lists them, and writes nothing.
+    let srcs = [p("a"), p("b"), p("overlap")];
+    let r = merge(&dest, &srcs, MergeOptions { dry_run: true, ..opts }).unwrap();
+    assert_eq!(r.duplicates, vec![105, 106, 107]);
+    assert_eq!((r.num_samples, r.shards_linked, r.shards_copied), (23, 0, 0));
+    assert!(!dest.exists());
     refuse(&["a", "b", "a"], "are the same store");
     refuse(&[], "no store to merge");
     refuse(&["a", "missing"], "missing");
@@ -1045,15 +1053,17 @@ fn a_merge_that_copies_a_damaged_shard_leaves_nothing_behind() {
     let bad = last.path.clone();
     drop(s);
     let dest = dir.path().join("dest");
-    let err = merge(&dest, &[a.clone(), b.clone()], MergeOptions { copy: true, append: false })
-        .unwrap_err();
+    let err =
+        merge(&dest, &[a.clone(), b.clone()], MergeOptions { copy: true, ..Default::default() })
+            .unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains(&bad.display().to_string()), "{err}");
     assert!(!dest.exists());
     // Into an existing store: it stays as it was, without the copies made before the fault.
     store_of(&dest, 900, 3, spec(Kind::TopK, 8, 1000, None));
     let files = snapshot(&dest);
-    let err = merge(&dest, &[a, b], MergeOptions { copy: true, append: true }).unwrap_err();
+    let err = merge(&dest, &[a, b], MergeOptions { copy: true, append: true, dry_run: false })
+        .unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert_eq!(snapshot(&dest), files);
 }

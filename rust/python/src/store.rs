@@ -777,17 +777,18 @@ fn files_left<'py>(
 /// Merge stores of the same configuration into one (see logitcache_core::merge); returns a
 /// report dict. `progress` as for [`verify`], with the bytes of shard files placed.
 #[pyfunction]
-#[pyo3(signature = (path, sources, append=false, copy=false, progress=None))]
+#[pyo3(signature = (path, sources, append=false, copy=false, dry_run=false, progress=None))]
 fn merge<'py>(
     py: Python<'py>,
     path: PathBuf,
     sources: Vec<PathBuf>,
     append: bool,
     copy: bool,
+    dry_run: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     use logitcache_core::merge::{MergeOptions, merge_with_progress};
-    let opts = MergeOptions { append, copy };
+    let opts = MergeOptions { append, copy, dry_run };
     let r = Progress::new(progress).run(py, |p| merge_with_progress(&path, &sources, opts, p))?;
     let merged = PyList::empty(py);
     for s in &r.sources {
@@ -806,6 +807,7 @@ fn merge<'py>(
     d.set_item("num_samples", r.num_samples)?;
     d.set_item("num_positions", r.num_positions)?;
     d.set_item("metadata_conflicts", r.metadata_conflicts)?;
+    d.set_item("duplicates", r.duplicates)?;
     Ok(d)
 }
 
