@@ -12,10 +12,12 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import (
+    make_topk,
     make_undeletable,
     position_kl,
     progress_into_core,
@@ -384,4 +386,62 @@ def test_cli_reports_an_interruption(
 
     monkeypatch.setattr(lc, "remove_samples", interrupted)
     assert main(["remove", str(tmp_path / "s"), "1"]) == 130
+    assert "interrupted; nothing was changed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["remove", "copy", "merge", "repair"])
+def test_cli_reports_an_interruption_that_came_after_the_commit(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """A Ctrl-C that comes as the work commits is raised once the commit is done (Python
+    runs its handler after the call returns): the command says the work is done, not that
+    nothing changed."""
+    _write(tmp_path / "s", [1, 2, 3])
+    _write(tmp_path / "t", [7], seed=1)
+    s, t, new = str(tmp_path / "s"), str(tmp_path / "t"), str(tmp_path / "new")
+    real = {
+        "remove": ("remove_samples", ["remove", s, "1"], s),
+        "copy": ("copy_store", ["copy", s, new], new),
+        "merge": ("merge_stores", ["merge", new, s, t], new),
+        "repair": ("repair_store", ["repair", s], s),
+    }
+    name, argv, target = real[command]
+    done = getattr(lc, name)
+
+    def commit_then_interrupt(*args: Any, **kwargs: Any) -> object:
+        done(*args, **kwargs)
+        if command == "repair":
+            # A sound store is not committed again; a commit of one is the same to the CLI.
+            with lc.StoreWriter(s, vocab_size=200, k=4, mode="a") as w:
+                w.add(50, *make_topk(np.random.default_rng(0), 2, 4, 200))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lc, name, commit_then_interrupt)
+    assert main([*argv, "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted too late to stop it: {target} was committed" in err, err
+    assert "nothing was changed" not in err, err
+    # Not committed: nothing changed, as before.
+    monkeypatch.setattr(lc, name, lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    dry = ["--dry-run"] if command in ("remove", "repair", "merge") else []
+    argv = argv if command != "copy" else ["copy", s, str(tmp_path / "other")]
+    assert main([*argv, *dry, "--no-progress"]) == 130
+    assert "interrupted; nothing was changed" in capsys.readouterr().err
+
+
+def test_cli_clean_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path / "s", [1])
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lc, "clean_store", interrupted)
+    assert main(["clean", str(tmp_path / "s")]) == 130
+    assert "files may have been deleted" in capsys.readouterr().err
+    assert main(["clean", "--dry-run", str(tmp_path / "s")]) == 130
     assert "interrupted; nothing was changed" in capsys.readouterr().err

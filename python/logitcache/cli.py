@@ -1009,9 +1009,29 @@ def _damaged_store(e: Exception) -> str | None:
     return os.path.dirname(os.path.dirname(str(where))) or "."
 
 
+# Commands that commit a new manifest at PATH.
+_COMMITTING = frozenset({"copy", "merge", "remove", "repair"})
+
+
+def _manifest_identity(path: str | None) -> tuple[int, int, int, int] | None:
+    """What tells one committed manifest from the next (a commit renames a new file over
+    it); None when there is none."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(os.path.join(path, "manifest.json"))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The manifest a command that commits may replace: a Ctrl-C that comes as it commits
+    # can be raised only once the commit is done, and must not be reported as no change.
+    committed_to = args.path if args.command in _COMMITTING else None
+    manifest_before = _manifest_identity(committed_to)
     try:
         status = int(args.func(args))
         # Flushed here, not at exit: a pipe closed by its reader then raises below.
@@ -1026,8 +1046,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        # The core stopped at its next chunk, keeping nothing it had not committed.
-        print(f"logitcache {args.command}: interrupted; nothing was changed", file=sys.stderr)
+        if committed_to is not None and _manifest_identity(committed_to) != manifest_before:
+            print(
+                f"logitcache {args.command}: interrupted too late to stop it: {committed_to} "
+                f"was committed (the {args.command} is done; logitcache info {committed_to} "
+                "shows it)",
+                file=sys.stderr,
+            )
+        elif args.command == "clean" and not args.dry_run:
+            # clean deletes file by file and cannot be stopped; it may have finished.
+            print(
+                f"logitcache clean: interrupted; files may have been deleted (logitcache "
+                f"clean --dry-run {args.path} lists what is left)",
+                file=sys.stderr,
+            )
+        else:
+            # The core stopped at its next chunk, keeping nothing it had not committed.
+            print(f"logitcache {args.command}: interrupted; nothing was changed", file=sys.stderr)
         return 130
     except (StoreError, OSError, ValueError) as e:
         print(f"logitcache {args.command}: {e}", file=sys.stderr)
