@@ -211,6 +211,31 @@ def test_non_finite_student_logits(kind: str, bad: float, backend: str) -> None:
             losses.sparse_kd_loss(z, ids, logprobs, tail=kind, backend=backend)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_renormalize_reads_only_the_target_ids(bad: float) -> None:
+    """renormalize is O(K) per row: a NaN or +inf outside S is not looked for, on either
+    backend (the Rust kernel scanned the whole row and refused it, the torch path did not),
+    and the value and gradient are those of the clean row."""
+    ids, logprobs = _topk(3)
+    clean = _z(3)
+    outside = int(next(v for v in range(V) if v not in ids[1].tolist()))
+    values = {}
+    for backend in BACKENDS:
+        for name, z in (("clean", clean.clone()), ("bad", clean.clone())):
+            if name == "bad":
+                z[1, outside] = bad
+            z.requires_grad_(True)
+            loss = losses.sparse_kd_loss(z, ids, logprobs, tail="renormalize", backend=backend)
+            loss.backward()
+            assert z.grad is not None
+            values[backend, name] = (loss.detach(), z.grad)
+        assert torch.equal(values[backend, "bad"][0], values[backend, "clean"][0]), backend
+        assert torch.equal(values[backend, "bad"][1], values[backend, "clean"][1]), backend
+    torch.testing.assert_close(
+        values[BACKENDS[0], "bad"][0], values[BACKENDS[-1], "bad"][0], rtol=1e-5, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["bucket", "sampled", "dense"])
 def test_student_row_all_neg_inf(kind: str, backend: str) -> None:

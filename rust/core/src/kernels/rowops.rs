@@ -207,19 +207,6 @@ pub(crate) fn scale_in_place<S: Simd, E: Elem>(s: S, x: &mut [E], factor: f32) {
     }
 }
 
-/// Whether `x` holds a NaN or +inf.
-#[inline(always)]
-pub(crate) fn has_nan_or_pos_inf<S: Simd, E: Elem>(s: S, x: &[E]) -> bool {
-    let (body, tail) = split_lanes(x);
-    let inf = s.splat(f32::INFINITY);
-    let mut bad = s.no_mask();
-    for a in body {
-        bad = s.or(bad, s.not_lt(E::load(s, a), inf));
-    }
-    bad = s.or(bad, s.not_lt(E::load(s, &padded(tail, E::NEG_INF)), inf));
-    s.any(bad)
-}
-
 /// `log(sum(exp(x)))` in f64: -inf for an empty or all -inf input, NaN if any input is NaN
 /// or +inf.
 pub(crate) fn logsumexp(x: &[f64]) -> f64 {

@@ -53,9 +53,6 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn eq(self, a: Self::F, b: Self::F) -> Self::M;
     /// `!(a < b)`: true where `a >= b` or either lane is NaN.
     fn not_lt(self, a: Self::F, b: Self::F) -> Self::M;
-    fn or(self, a: Self::M, b: Self::M) -> Self::M;
-    fn no_mask(self) -> Self::M;
-    fn any(self, m: Self::M) -> bool;
     /// `if m { a } else { b }` per lane.
     fn select(self, m: Self::M, a: Self::F, b: Self::F) -> Self::F;
 
@@ -455,22 +452,6 @@ impl Simd for Portable {
         cmp(a, b, |x, y| x.partial_cmp(&y).is_none_or(|o| o.is_ge()))
     }
     #[inline(always)]
-    fn or(self, a: Self::M, b: Self::M) -> Self::M {
-        let mut out = [false; LANES];
-        for i in 0..LANES {
-            out[i] = a[i] | b[i];
-        }
-        out
-    }
-    #[inline(always)]
-    fn no_mask(self) -> Self::M {
-        [false; LANES]
-    }
-    #[inline(always)]
-    fn any(self, m: Self::M) -> bool {
-        m.iter().any(|&b| b)
-    }
-    #[inline(always)]
     fn select(self, m: Self::M, a: Self::F, b: Self::F) -> Self::F {
         let mut out = [0.0; LANES];
         for i in 0..LANES {
@@ -635,18 +616,6 @@ mod avx2 {
         #[inline(always)]
         fn not_lt(self, a: Self::F, b: Self::F) -> Self::M {
             unsafe { _mm256_cmp_ps::<_CMP_NLT_UQ>(a, b) }
-        }
-        #[inline(always)]
-        fn or(self, a: Self::M, b: Self::M) -> Self::M {
-            unsafe { _mm256_or_ps(a, b) }
-        }
-        #[inline(always)]
-        fn no_mask(self) -> Self::M {
-            unsafe { _mm256_setzero_ps() }
-        }
-        #[inline(always)]
-        fn any(self, m: Self::M) -> bool {
-            unsafe { _mm256_movemask_ps(m) != 0 }
         }
         #[inline(always)]
         fn select(self, m: Self::M, a: Self::F, b: Self::F) -> Self::F {

@@ -18,8 +18,8 @@
 
 use super::divergence::{Divergence, outcomes};
 use super::rowops::{
-    LSE_BLOCK, OnlineLse, block_factor, check_row_lse, has_nan_or_pos_inf, logaddexp, logsumexp,
-    rescale_block, scale_in_place,
+    LSE_BLOCK, OnlineLse, block_factor, check_row_lse, logaddexp, logsumexp, rescale_block,
+    scale_in_place,
 };
 use super::simd::{Elem, Kernel, Simd};
 use crate::error::{Error, Result};
@@ -283,15 +283,16 @@ impl<E: Elem> Kernel for TopKRow<'_, E> {
                 Ok(d)
             }
             Tail::Renormalize => {
-                // Only the K logits enter the loss, but a NaN elsewhere in the row is still
-                // a broken input: one read-only scan catches it.
-                if has_nan_or_pos_inf(s, z) {
+                // Only the K logits enter the loss, and only they are read (O(K) per row, as
+                // the torch path and docs/losses.md have it): a NaN elsewhere cannot change
+                // the result. One among them makes lse_s NaN (or +inf).
+                let lse_s = logsumexp(&sc.s);
+                if lse_s.is_nan() || lse_s == f64::INFINITY {
                     return Err(Error::invalid_argument(
                         "student_logits",
-                        format!("row {row} contains NaN or +inf"),
+                        format!("row {row} contains NaN or +inf at a target id"),
                     ));
                 }
-                let lse_s = logsumexp(&sc.s);
                 if lse_s == f64::NEG_INFINITY {
                     return Err(Error::invalid_argument(
                         "student_logits",
