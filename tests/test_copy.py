@@ -103,6 +103,28 @@ def test_sampled_rows_rounded_up_by_a_coarse_codec(tmp_path: Path) -> None:
     assert again is not None and np.array_equal(again, decoded)
 
 
+def test_topk_rows_rounded_up_by_a_coarse_codec(tmp_path: Path) -> None:
+    """A top-K store under a coarse abs bound holds rows whose decoded mass is above what a
+    writer takes: re-encoding one is refused, naming the sample, the source's codec and the
+    way out (its own codec), which copies it."""
+    path = tmp_path / "coarse"
+    # Mass 0.979, decoded as [-1, -1, -1.5, -2]: mass 1.094.
+    lp = np.log(np.array([[0.3044, 0.2935, 0.2307, 0.1506]], np.float32))
+    with lc.StoreWriter(path, vocab_size=10, k=4, codec="abs:0.3") as w:
+        w.add(0, np.array([1]), np.array([[3, 4, 5, 6]]), lp)
+        w.add(5, np.array([1]), np.array([[3, 4, 5, 6]]), lp)
+    decoded = lc.open_store(path)[5].topk_logprobs
+    assert np.exp(decoded.astype(np.float64)).sum() > 1.02
+    with pytest.raises(lc.InvalidRecordError) as e:
+        lc.copy_store(path, tmp_path / "lossless", codec="lossless", sample_ids=[5])
+    assert e.value.sample_id == 5
+    assert "sample 5 as decoded from" in str(e.value) and "'abs:" in str(e.value), str(e.value)
+    assert "codec=None" in str(e.value)
+    assert not (tmp_path / "lossless").exists()
+    lc.copy_store(path, tmp_path / "same", sample_ids=[5])
+    assert np.array_equal(lc.open_store(tmp_path / "same")[5].topk_logprobs, decoded)
+
+
 def test_refusals(tmp_path: Path) -> None:
     _source(tmp_path / "src")
     with pytest.raises(lc.MissingSampleError, match="sample id 5 "):

@@ -22,7 +22,12 @@ import numpy as np
 import numpy.typing as npt
 
 from logitcache import _core
-from logitcache.errors import MissingSampleError, StoreError, StoreLockedError
+from logitcache.errors import (
+    InvalidRecordError,
+    MissingSampleError,
+    StoreError,
+    StoreLockedError,
+)
 
 __all__ = [
     "Batch",
@@ -1029,8 +1034,19 @@ def copy_store(
         for sid in tqdm(ids.tolist(), desc="copy", unit="sample", disable=disable):
             r = src[sid]
             if r.counts is None:
-                # Top-K records always carry log-probabilities.
-                w.add(sid, r.input_ids, r.topk_ids, np.asarray(r.topk_logprobs))
+                # Top-K records always carry log-probabilities. Decoded from a valid store,
+                # a row can fail only the writer's mass check: a coarse abs codec (a bound
+                # of about 0.1 nat or more) rounds a row's mass up past what a store takes.
+                try:
+                    w.add(sid, r.input_ids, r.topk_ids, np.asarray(r.topk_logprobs))
+                except InvalidRecordError as e:
+                    err = InvalidRecordError(
+                        f"{e}; they are the values of sample {sid} as decoded from "
+                        f"{src.path}, whose codec {_codec_spec(m['codec'])!r} rounds rows "
+                        "up: a copy with its own codec (codec=None) keeps them as stored"
+                    )
+                    err.sample_id = sid
+                    raise err from e
             else:
                 lps = r.topk_logprobs if keep_lp else None
                 # Decoded values: a coarse codec may have rounded a row's mass above what a
