@@ -27,4 +27,6 @@ echo "== python: ruff, mypy, pytest"
 "$VPY" -m ruff check python tests benches fuzz examples
 "$VPY" -m ruff format --check python tests benches fuzz examples
 "$VPY" -m mypy
+# The extension's stubs (_core.pyi) against the built module: names, signatures, classes.
+"$VPY" -m mypy.stubtest logitcache._core
 "$VPY" -m pytest -q

@@ -1,9 +1,38 @@
 """Type stubs of the Rust extension module. Only logitcache's own modules import it."""
 
 from collections.abc import Callable
+from typing import final
 
 import numpy as np
 from numpy.typing import NDArray
+
+__all__ = [
+    "CorruptStoreError",
+    "DuplicateSampleError",
+    "FormatVersionError",
+    "InvalidRecordError",
+    "MissingSampleError",
+    "Store",
+    "StoreError",
+    "StoreExistsError",
+    "StoreLockedError",
+    "StoreMismatchError",
+    "StoreWriter",
+    "__version__",
+    "clean",
+    "dense_kd",
+    "get_num_threads",
+    "merge",
+    "read_manifest",
+    "rebuild_manifest",
+    "remove_samples",
+    "repair",
+    "sampled_kd",
+    "scale_rows",
+    "set_num_threads",
+    "sparse_kd",
+    "verify",
+]
 
 __version__: str
 
@@ -28,9 +57,10 @@ class StoreLockedError(StoreError): ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 
+@final
 class StoreWriter:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: str,
         *,
         vocab_size: int,
@@ -47,7 +77,7 @@ class StoreWriter:
         chunk_positions: int,
         shard_bytes: int,
         zstd_level: int,
-    ) -> None: ...
+    ) -> StoreWriter: ...
     def add_topk(
         self, sample_id: int, input_ids: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray
     ) -> None: ...
@@ -82,9 +112,10 @@ class StoreWriter:
     def holds(self, sample_id: int) -> bool: ...
     def manifest_json(self) -> str: ...
 
+@final
 class Store:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: str,
         *,
         mmap: bool | None = None,
@@ -92,9 +123,9 @@ class Store:
         expect_tokenizer_name: str | None = None,
         expect_tokenizer_fingerprint: str | None = None,
         cache_chunks: int | None = None,
-    ) -> None: ...
+    ) -> Store: ...
     def __len__(self) -> int: ...
-    def __contains__(self, sample_id: int) -> bool: ...
+    def __contains__(self, sample_id: int, /) -> bool: ...
     def manifest_json(self) -> str: ...
     @property
     def uses_mmap(self) -> bool: ...
