@@ -3,6 +3,7 @@ a subset, each within the new codec's bound of what was read, the identity carri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,13 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.startswith("COPIED 2 samples") and "abs (step" in out, out
     assert sorted(lc.open_store(tmp_path / "d").sample_ids().tolist()) == [10, 20]
+    argv = ["copy", "--append", "--json", "--exclude-ids", str(tmp_path / "ids.txt")]
+    assert main([*argv, str(tmp_path / "src"), str(tmp_path / "d")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["copied"], report["num_samples"], report["codec"]["logprobs"]) == (10, 12, "abs")
+    store = lc.open_store(tmp_path / "d")
+    assert report["num_positions"] == store.num_positions
+    assert report["shard_bytes"] == sum(s["bytes"] for s in store.meta["shards"])
     (tmp_path / "bad.txt").write_text("10\nx\n")
     argv = ["copy", "--exclude-ids", str(tmp_path / "bad.txt"), str(tmp_path / "src")]
     assert main([*argv, str(tmp_path / "e")]) == 2

@@ -525,6 +525,36 @@ def test_replaced_shards_that_cannot_be_deleted_are_warned_of(
     assert lc.verify_store(committed)["orphans"] == [old[0]["file"]]
 
 
+def test_copy_store_replacing_a_store_warns_at_its_caller(
+    tmp_path: Path, committed: Path, rng: np.random.Generator
+) -> None:
+    """copy_store(mode="w") over a store whose shard it cannot delete warns as a writer does,
+    pointing at the call of copy_store (it pointed inside the library); a failed copy aborts
+    and keeps the store it was to replace."""
+    with lc.StoreWriter(tmp_path / "dest", vocab_size=V, k=K) as w:
+        w.add(50, *_good(rng))
+    old = json.loads((tmp_path / "dest" / "manifest.json").read_text())["manifest"]["shards"]
+    make_undeletable(tmp_path / "dest" / old[0]["file"])
+    with pytest.warns(RuntimeWarning, match="could not delete 1 shard file") as caught:
+        lc.copy_store(committed, tmp_path / "dest", mode="w")
+    assert caught[0].filename == __file__, caught[0].filename
+    assert (
+        lc.open_store(tmp_path / "dest").sample_ids().tolist()
+        == lc.open_store(committed).sample_ids().tolist()
+    )
+    with pytest.raises(lc.MissingSampleError):
+        lc.copy_store(committed, tmp_path / "dest", mode="w", sample_ids=[12345])
+    with lc.StoreWriter(tmp_path / "other", vocab_size=V, k=K) as w:
+        w.add(7, *_good(rng))
+    # A row a coarse codec rounded up is refused mid-copy when re-encoded (test_copy.py).
+    with lc.StoreWriter(tmp_path / "coarse", vocab_size=10, k=4, codec="abs:0.3") as w:
+        lp = np.log(np.array([[0.3044, 0.2935, 0.2307, 0.1506]], np.float32))
+        w.add(1, np.array([1]), np.array([[3, 4, 5, 6]]), lp)
+    with pytest.raises(lc.InvalidRecordError, match="as decoded from"):
+        lc.copy_store(tmp_path / "coarse", tmp_path / "other", mode="w", codec="lossless")
+    assert lc.open_store(tmp_path / "other").sample_ids().tolist() == [7]
+
+
 def test_lock_timeout_waits_for_the_other_writer(tmp_path: Path, rng: np.random.Generator) -> None:
     """With lock_timeout a writer waits for the one that holds the store (and then appends
     to what it committed); without, or when the time is up, StoreLockedError."""

@@ -603,6 +603,17 @@ def _copy(args: argparse.Namespace) -> int:
     )
     store = logitcache.open_store(args.path)
     total = sum(s["bytes"] for s in store.meta["shards"])
+    if args.json:
+        report = {
+            "copied": n,
+            "path": args.path,
+            "codec": store.meta["codec"],
+            "num_samples": len(store),
+            "num_positions": store.num_positions,
+            "shard_bytes": total,
+        }
+        print(json.dumps(report, indent=2))
+        return 0
     per_token = (
         f"{total / store.num_positions:.1f} bytes per token"
         if store.num_positions
@@ -883,12 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--append", action="store_true", help="add to the store at PATH (same configuration)"
     )
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress bar (by default one is shown on stderr when it is a terminal)",
-    )
+    _add_report_options(p)
     p.set_defaults(func=_copy)
     p = sub.add_parser(
         "merge",

@@ -994,9 +994,7 @@ def copy_store(
     appending = mode == "a" and os.path.exists(os.path.join(os.fspath(path), "manifest.json"))
     if codec is None and not appending:
         codec = _codec_spec(m["codec"])
-    from tqdm.auto import tqdm
-
-    with StoreWriter(
+    w = StoreWriter(
         path,
         vocab_size=src.vocab_size,
         k=src.k,
@@ -1008,48 +1006,65 @@ def copy_store(
         metadata=m["metadata"],
         mode=mode,
         **writer_options,
-    ) as w:
-        keep_lp = w.codec["logprobs"] != "none"
-        if keep_lp and m["codec"]["logprobs"] == "none":
-            raise ValueError(
-                f"{src.path} keeps no log-probabilities; the copy's codec "
-                f'{w.codec["logprobs"]!r} needs them (use the codec "none")'
+    )
+    try:
+        n = _copy_records(src, ids, w, progress)
+    except BaseException:
+        w.abort()
+        raise
+    w._w.close()
+    # A replaced store's files not deleted: said at the caller of copy_store (frames: the
+    # warning, _warn_left_behind, here, the caller).
+    w._warn_left_behind(stacklevel=3)
+    return n
+
+
+def _copy_records(src: Store, ids: np.ndarray, w: StoreWriter, progress: bool | None) -> int:
+    """The body of :func:`copy_store`: the records ``ids`` of ``src`` into ``w``."""
+    from tqdm.auto import tqdm
+
+    m = src.meta
+    keep_lp = w.codec["logprobs"] != "none"
+    if keep_lp and m["codec"]["logprobs"] == "none":
+        raise ValueError(
+            f"{src.path} keeps no log-probabilities; the copy's codec "
+            f'{w.codec["logprobs"]!r} needs them (use the codec "none")'
+        )
+    if all(w.codec[key] == m["codec"][key] for key in ("logprobs", "step", "kl_bound")):
+        ids64 = np.ascontiguousarray(ids, dtype=np.uint64)
+        report = _with_progress_bar(
+            "copy",
+            progress,
+            lambda cb: dict(w._w.copy_from(os.fspath(src.path), ids64, progress=cb)),
+            reads_per_byte=1,
+        )
+        # The copy reads the store at src.path as it is now: an open Store may be older.
+        if report["samples"] != len(ids):
+            raise StoreError(
+                f"{src.path} changed since it was opened: {len(ids) - report['samples']} "
+                "of the samples to copy are gone; nothing was written (open it again)"
             )
-        if all(w.codec[key] == m["codec"][key] for key in ("logprobs", "step", "kl_bound")):
-            ids64 = np.ascontiguousarray(ids, dtype=np.uint64)
-            report = _with_progress_bar(
-                "copy",
-                progress,
-                lambda cb: dict(w._w.copy_from(os.fspath(src.path), ids64, progress=cb)),
-                reads_per_byte=1,
-            )
-            # The copy reads the store at src.path as it is now: an open Store may be older.
-            if report["samples"] != len(ids):
-                raise StoreError(
-                    f"{src.path} changed since it was opened: {len(ids) - report['samples']} "
-                    "of the samples to copy are gone; nothing was written (open it again)"
+        return len(ids)
+    disable = None if progress is None else not progress
+    for sid in tqdm(ids.tolist(), desc="copy", unit="sample", disable=disable):
+        r = src[sid]
+        if r.counts is None:
+            # Top-K records always carry log-probabilities. Decoded from a valid store,
+            # a row can fail only the writer's mass check: a coarse abs codec (a bound
+            # of about 0.1 nat or more) rounds a row's mass up past what a store takes.
+            try:
+                w.add(sid, r.input_ids, r.topk_ids, np.asarray(r.topk_logprobs))
+            except InvalidRecordError as e:
+                err = InvalidRecordError(
+                    f"{e}; they are the values of sample {sid} as decoded from "
+                    f"{src.path}, whose codec {_codec_spec(m['codec'])!r} rounds rows "
+                    "up: a copy with its own codec (codec=None) keeps them as stored"
                 )
-            return len(ids)
-        disable = None if progress is None else not progress
-        for sid in tqdm(ids.tolist(), desc="copy", unit="sample", disable=disable):
-            r = src[sid]
-            if r.counts is None:
-                # Top-K records always carry log-probabilities. Decoded from a valid store,
-                # a row can fail only the writer's mass check: a coarse abs codec (a bound
-                # of about 0.1 nat or more) rounds a row's mass up past what a store takes.
-                try:
-                    w.add(sid, r.input_ids, r.topk_ids, np.asarray(r.topk_logprobs))
-                except InvalidRecordError as e:
-                    err = InvalidRecordError(
-                        f"{e}; they are the values of sample {sid} as decoded from "
-                        f"{src.path}, whose codec {_codec_spec(m['codec'])!r} rounds rows "
-                        "up: a copy with its own codec (codec=None) keeps them as stored"
-                    )
-                    err.sample_id = sid
-                    raise err from e
-            else:
-                lps = r.topk_logprobs if keep_lp else None
-                # Decoded values: a coarse codec may have rounded a row's mass above what a
-                # capture may pass (the bound of the codec they are written with still holds).
-                w.add_sampled(sid, r.input_ids, r.topk_ids, r.counts, lps, check_mass=False)
+                err.sample_id = sid
+                raise err from e
+        else:
+            lps = r.topk_logprobs if keep_lp else None
+            # Decoded values: a coarse codec may have rounded a row's mass above what a
+            # capture may pass (the bound of the codec they are written with still holds).
+            w.add_sampled(sid, r.input_ids, r.topk_ids, r.counts, lps, check_mass=False)
     return len(ids)
