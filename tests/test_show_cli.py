@@ -133,3 +133,37 @@ def test_errors(stores: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["show", "--tokenizer", str(stores / "topk"), str(stores / "topk"), "7"]) == 2
     err = capsys.readouterr().err
     assert "no tokenizer could be loaded" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_tokenizer_that_raises_for_an_id_it_lacks(
+    stores: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Slow (sentencepiece) tokenizers raise IndexError for an id outside their vocabulary,
+    where fast ones return None: shown as the id, as for the others (it was a traceback)."""
+    import transformers
+
+    class SentencePieceLike:
+        def convert_ids_to_tokens(self, i: int) -> str:
+            if i >= 10:
+                raise IndexError("piece id is out of range.")
+            return f"p{i}"
+
+        def get_vocab(self) -> dict[str, int]:
+            return {f"p{i}": i for i in range(10)}
+
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: SentencePieceLike()
+    )
+    (tmp_path / "sp").mkdir()
+    rec = lc.open_store(stores / "topk")[7]
+    argv = ["show", "--json", "--tokenizer", str(tmp_path / "sp"), str(stores / "topk"), "7"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    tokens = [e["token"] for r in rows for e in r["targets"]]
+    ids = [e["id"] for r in rows for e in r["targets"]]
+    assert tokens == [f"p{i}" if i < 10 else None for i in ids]
+    assert any(i >= 10 for i in ids) and any(i < 10 for i in ids), ids
+    assert rows[0]["input_id"] == int(rec.input_ids[0])

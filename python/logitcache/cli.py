@@ -482,7 +482,12 @@ def _token_namer(
             ) from None
 
         def token(i: int) -> str | None:
-            text = hf.convert_ids_to_tokens(i)
+            try:
+                text = hf.convert_ids_to_tokens(i)
+            except (IndexError, KeyError, OverflowError, ValueError):
+                # Slow (sentencepiece) tokenizers raise for an id outside their vocabulary
+                # where fast ones return None.
+                return None
             return text if isinstance(text, str) else None
 
         vocab = hf.get_vocab()
