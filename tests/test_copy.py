@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import position_kl, store_contents, write_store
+from conftest import make_topk, position_kl, store_contents, write_store
 
 import logitcache as lc
 from logitcache.cli import main
@@ -217,11 +217,36 @@ def test_the_same_codec_copies_what_is_stored(
 
 
 def test_a_source_changed_since_it_was_opened(tmp_path: Path) -> None:
-    """copy_store given an open Store reads the store at its path as it is now: samples
-    removed since it was opened stop the copy, with nothing written."""
+    """copy_store given an open Store copies that store: one replaced or rewritten at its
+    path since it was opened is refused for a copy with its codec (which reads the files at
+    the path), with nothing written, where it copied the files there instead (a reviewer
+    found the two codec paths copying different data); another codec decodes through the
+    open Store. Samples appended since do not change what it holds."""
     _source(tmp_path / "src", n=20)
     store = lc.open_store(tmp_path / "src")
     lc.remove_samples(tmp_path / "src", [30, 40])
-    with pytest.raises(lc.StoreError, match="2 of the samples to copy are gone"):
+    with pytest.raises(lc.StoreMismatchError, match="rewritten since this Store was opened"):
         lc.copy_store(store, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+    lc.copy_store(store, tmp_path / "d", codec="abs:0.01")
+    assert len(lc.open_store(tmp_path / "d")) == 20
+
+    _source(tmp_path / "src2", n=3)
+    store = lc.open_store(tmp_path / "src2")
+    with lc.StoreWriter(tmp_path / "src2", mode="w", vocab_size=300, k=6, codec="lossless") as w:
+        for sid in store.sample_ids().tolist():
+            r = store[sid]
+            w.add(sid, r.input_ids + 1, r.topk_ids, r.topk_logprobs)
+    with pytest.raises(lc.StoreMismatchError, match="replaced or rewritten"):
+        lc.copy_store(store, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+    _source(tmp_path / "src3", n=3)
+    store = lc.open_store(tmp_path / "src3")
+    want = store_contents(tmp_path / "src3")
+    with lc.StoreWriter(
+        tmp_path / "src3", mode="a", vocab_size=300, k=6, codec="lossless", temperature=0.9
+    ) as w:
+        w.add(999, *make_topk(np.random.default_rng(0), 4, 6, 300))
+    assert lc.copy_store(store, tmp_path / "f") == 3
+    assert store_contents(tmp_path / "f") == want

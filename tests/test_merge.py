@@ -258,6 +258,17 @@ def test_dry_run_lists_every_duplicate_and_changes_nothing(tmp_path: Path) -> No
     assert lc.merge_stores(dest, [tmp_path / "d"], mode="a", dry_run=True)["duplicates"] == [7]
     with pytest.raises(lc.StoreExistsError):
         lc.merge_stores(dest, [tmp_path / "d"], dry_run=True)
+    # mode="a" where there is no store: a new path or an empty directory take one (what a
+    # merge killed before its commit leaves is such a directory), other files do not.
+    for where in ("fresh", "empty"):
+        if where == "empty":
+            (tmp_path / where).mkdir()
+        report = lc.merge_stores(tmp_path / where, [tmp_path / "d"], mode="a", dry_run=True)
+        assert (report["num_samples"], report["duplicates"]) == (2, [])
+    assert not (tmp_path / "fresh").exists() and not any((tmp_path / "empty").iterdir())
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not a logitcache store"):
+        lc.merge_stores(tmp_path / "empty", [tmp_path / "d"], mode="a", dry_run=True)
 
 
 def test_one_store_holding_an_id_twice_is_named(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ committed is lost."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import zlib
 from pathlib import Path
@@ -579,3 +580,138 @@ def test_lock_timeout_waits_for_the_other_writer(tmp_path: Path, rng: np.random.
     for bad in (-1, "1", True, float("nan")):
         with pytest.raises(ValueError, match="lock_timeout"):
             lc.StoreWriter(tmp_path / "s", vocab_size=V, k=K, mode="a", lock_timeout=bad)  # type: ignore[arg-type]
+
+
+def test_relative_paths_survive_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
+) -> None:
+    """A writer or a store opened with a relative path keeps to that store when the process
+    changes its working directory: the writer committed into a same-named store under the new
+    directory (replacing its manifest, without its lock), and pickling, verify() and
+    copy_store of an open Store looked for it there."""
+    (tmp_path / "other").mkdir()
+    with lc.StoreWriter(tmp_path / "other" / "s", vocab_size=V, k=K) as w:
+        w.add(100, *_good(rng))
+    monkeypatch.chdir(tmp_path)
+    w = lc.StoreWriter("s", vocab_size=V, k=K)
+    assert w.path == str(tmp_path / "s")
+    w.add(0, *_good(rng))
+    monkeypatch.chdir(tmp_path / "other")
+    w.add(1, *_good(rng))
+    w.close()
+    assert lc.open_store(tmp_path / "s").sample_ids().tolist() == [0, 1]
+    assert lc.open_store(tmp_path / "other" / "s").sample_ids().tolist() == [100]
+    assert lc.verify_store(tmp_path / "other" / "s")["orphans"] == []
+
+    monkeypatch.chdir(tmp_path)
+    store = lc.open_store("s")
+    assert store.path == str(tmp_path / "s")
+    monkeypatch.chdir(tmp_path / "other")
+    assert pickle.loads(pickle.dumps(store)).sample_ids().tolist() == [0, 1]
+    assert store.verify()["ok"]
+    lc.copy_store(store, tmp_path / "copy")
+    assert lc.open_store(tmp_path / "copy").sample_ids().tolist() == [0, 1]
+
+
+def test_a_writer_shared_by_threads_takes_one_call_at_a_time(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """A call into the writer releases the GIL; another thread's call meanwhile (the resume
+    check `sid in writer`, another add) waits for it, where it raised the binding's
+    RuntimeError "Already borrowed"."""
+    import threading
+
+    logits = rng.standard_normal((256, 4096)).astype(np.float32)
+    errors: list[BaseException] = []
+    with lc.StoreWriter(tmp_path / "s", vocab_size=4096, k=8) as w:
+
+        def add(first: int) -> None:
+            try:
+                for sid in range(first, first + 20):
+                    w.add_logits(sid, np.arange(256), logits)
+                    assert sid in w and (sid + 1000) not in w
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=add, args=(i * 100,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert len(lc.open_store(tmp_path / "s")) == 60
+
+
+def test_inputs_a_reviewer_found_mishandled(tmp_path: Path, rng: np.random.Generator) -> None:
+    import torch
+
+    # Big-endian arrays: logits were refused ("must be float32 ..., got >f4"), uint64 ids
+    # of 2**63 and more were read as negative.
+    inp, ids, lp = _good(rng, 3)
+    logits = rng.standard_normal((3, V)).astype(">f4")
+    with lc.StoreWriter(tmp_path / "be", vocab_size=V, k=K) as w:
+        w.add_logits(0, inp.astype(">i8"), logits)
+        w.add(1, inp, ids.astype(">u8"), lp.astype(">f4"))
+    with lc.StoreWriter(tmp_path / "native", vocab_size=V, k=K) as w:
+        w.add_logits(0, inp, logits.astype("<f4"))
+    be, native = lc.open_store(tmp_path / "be"), lc.open_store(tmp_path / "native")
+    assert np.array_equal(be[0].topk_logprobs, native[0].topk_logprobs)
+    assert np.array_equal(be[1].topk_ids, ids)
+    with lc.StoreWriter(tmp_path / "big", vocab_size=V, k=K) as w:
+        with pytest.raises(lc.InvalidRecordError, match="9223372036854775813"):
+            w.add(2, inp, np.full(ids.shape, 2**63 + 5, dtype=">u8"), lp)
+        # A single value where an array is expected: refused, not read as one position.
+        with pytest.raises(ValueError, match="input_ids must be an array, got a single value"):
+            w.add(3, np.int64(5), ids[:1], lp[:1])
+        with pytest.raises(ValueError, match="logits must be 2-D"):
+            w.add_logits(3, [1], np.float32(1.0))
+        # Empty lists are a record of no position, as empty arrays are.
+        w.add(4, [], np.zeros((0, K), np.int64), np.zeros((0, K), np.float32))
+        with pytest.raises(ValueError, match=r"^topk_ids: .*inhomogeneous"):
+            w.add(5, [1, 2], [[1, 2], [3]], lp[:2])
+    assert lc.open_store(tmp_path / "big")[4].input_ids.shape == (0,)
+
+    # Sample ids: a torch uint64 above 2**63 - 1 (torch's __index__ overflows), a float
+    # tensor that requires grad (torch refuses numpy()).
+    store = lc.open_store(tmp_path / "be")
+    huge = torch.tensor(2**63, dtype=torch.uint64)
+    assert huge not in store
+    with pytest.raises(lc.MissingSampleError):
+        store[huge]
+    with pytest.raises(ValueError, match="sample_ids must be integers"):
+        store.read_batch(torch.zeros(2, requires_grad=True))
+    # A batch's ids are its own: the caller's array may be refilled.
+    buffer = np.array([1, 0], np.uint64)
+    batch, packed = store.read_batch(buffer), store.read_packed(buffer)
+    buffer[:] = 7
+    assert batch.sample_ids.tolist() == packed.sample_ids.tolist() == [1, 0]
+
+    # k: counts are read back as int32.
+    with pytest.raises(ValueError, match=r"k must be below 2\*\*31"):
+        lc.StoreWriter(tmp_path / "k", vocab_size=100, k=2**32 - 1, kind="sampled")
+    assert not (tmp_path / "k").exists()
+
+    # Arguments of the wrong type or size: a ValueError naming the argument, where the
+    # binding's OverflowError or TypeError did not.
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"chunk_positions": 2**70}, "chunk_positions must be at most"),
+        ({"shard_size": 2**70}, "shard_size must be at most"),
+        ({"zstd_level": 2**40}, "zstd_level must be at most 22"),
+        ({"kind": None}, "kind must be"),
+        ({"codec": 0.01}, "codec must be a string"),
+        ({"mode": "r"}, "mode must be"),
+        ({"teacher": {"name": 5}}, r"teacher\['name'\] must be a string"),
+        ({"tokenizer": {"vocab_fingerprint": b"x"}}, r"tokenizer\['vocab_fingerprint'\]"),
+        ({"metadata": {"a": float("nan")}}, "metadata must be JSON-serialisable: Out of range"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            lc.StoreWriter(tmp_path / "w", **{"vocab_size": V, "k": K, **kwargs})  # type: ignore[arg-type]
+        assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match="cache_chunks must be at most"):
+        lc.open_store(tmp_path / "be", cache_chunks=2**70)
+    with pytest.raises(ValueError, match="mmap must be True, False or None"):
+        lc.open_store(tmp_path / "be", mmap="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="copy_store takes no vocab_size"):
+        lc.copy_store(tmp_path / "be", tmp_path / "c", vocab_size=5)
+    assert not (tmp_path / "c").exists()

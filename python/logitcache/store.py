@@ -11,12 +11,13 @@ import hashlib
 import json
 import operator
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -46,13 +47,16 @@ _SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "name_or_path"}
 
 
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int of at least ``minimum``: ints and numpy integers only (a float
-    would be truncated without a word, a bool is no count)."""
+def _int_arg(name: str, value: Any, minimum: int, maximum: int = 2**63 - 1) -> int:
+    """``value`` as an int in ``[minimum, maximum]``: ints and numpy integers only (a float
+    would be truncated without a word, a bool is no count; the maximum keeps the core's
+    integer conversion from failing without the argument's name)."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
     return int(value)
 
 
@@ -68,9 +72,7 @@ def _parse_size(size: int | str) -> int:
         raise ValueError(
             f"shard_size {size!r}: expected bytes or a size like '512MiB' or '1GB'"
         ) from None
-    if value <= 0:
-        raise ValueError(f"shard_size must be positive, got {size!r}")
-    return value
+    return _int_arg("shard_size", value, 1)
 
 
 def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
@@ -99,7 +101,7 @@ def _teacher_info(teacher: Any) -> tuple[str | None, str | None]:
     if isinstance(teacher, str):
         return teacher, None
     if isinstance(teacher, Mapping):
-        return teacher.get("name"), teacher.get("config_fingerprint")
+        return _identity_fields("teacher", teacher, "name", "config_fingerprint")
     config = getattr(teacher, "config", teacher)
     to_dict = getattr(config, "to_dict", None)
     if to_dict is None:
@@ -111,6 +113,19 @@ def _teacher_info(teacher: Any) -> tuple[str | None, str | None]:
     return (name or None), config_fingerprint(to_dict())
 
 
+def _identity_fields(
+    arg: str, d: Mapping[str, Any], name: str, fingerprint: str
+) -> tuple[str | None, str | None]:
+    """The two fields of a teacher or tokenizer given as a dict, each a string or None."""
+    out = []
+    for key in (name, fingerprint):
+        v = d.get(key)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"{arg}[{key!r}] must be a string or None, got {v!r}")
+        out.append(v)
+    return out[0], out[1]
+
+
 def _tokenizer_info(tokenizer: Any) -> tuple[str | None, str | None]:
     """(name, vocabulary fingerprint) of a tokenizer name, a tokenizer object with
     ``get_vocab()``, or a dict with keys ``name`` / ``vocab_fingerprint``."""
@@ -119,7 +134,7 @@ def _tokenizer_info(tokenizer: Any) -> tuple[str | None, str | None]:
     if isinstance(tokenizer, str):
         return tokenizer, None
     if isinstance(tokenizer, Mapping):
-        return tokenizer.get("name"), tokenizer.get("vocab_fingerprint")
+        return _identity_fields("tokenizer", tokenizer, "name", "vocab_fingerprint")
     get_vocab = getattr(tokenizer, "get_vocab", None)
     if get_vocab is None:
         raise TypeError(
@@ -137,8 +152,9 @@ def _metadata_json(metadata: Mapping[str, Any] | None) -> str | None:
     if not isinstance(metadata, Mapping):
         raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        return json.dumps(dict(metadata))
-    except TypeError as e:
+        # allow_nan=False: NaN is no JSON value (the core's parser would refuse the text).
+        return json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
 
 
@@ -147,7 +163,7 @@ def _to_numpy(x: Any, name: str, *, keep_bf16: bool = False) -> np.ndarray:
     bfloat16 tensors become float32, or with ``keep_bf16`` uint16 bit patterns tagged with
     ``_BF16_TAG`` (numpy has no bfloat16)."""
     if isinstance(x, np.ndarray):
-        return x
+        return _native(x)
     detach = getattr(x, "detach", None)
     if detach is not None:  # a torch tensor
         import torch
@@ -160,7 +176,15 @@ def _to_numpy(x: Any, name: str, *, keep_bf16: bool = False) -> np.ndarray:
                 return t.float().numpy()
             return t.contiguous().view(torch.int16).numpy().view(np.uint16).view(_BF16_TAG)
         return t.numpy()
-    return np.asarray(x)
+    try:
+        return _native(np.asarray(x))
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """``a`` in the machine's byte order (the core reads native numbers)."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 # numpy has no bfloat16: bf16 tensors travel as uint16 bit patterns tagged with this dtype.
@@ -169,6 +193,10 @@ _BF16_TAG = np.dtype([("bfloat16", np.uint16)])
 
 def _int_array(x: Any, name: str) -> np.ndarray:
     a = _to_numpy(x, name)
+    if a.ndim == 0:
+        raise ValueError(f"{name} must be an array, got a single value")
+    if a.size == 0 and a.dtype == np.float64 and not isinstance(x, np.ndarray):
+        a = a.astype(np.int64)  # an empty list: numpy makes it float64
     if a.dtype.kind not in "iu":
         raise ValueError(f"{name} must be an integer array, got dtype {a.dtype}")
     if a.dtype not in (np.int64, np.int32, np.uint32, np.uint16, np.uint64):
@@ -178,19 +206,46 @@ def _int_array(x: Any, name: str) -> np.ndarray:
 
 def _float_array(x: Any, name: str) -> np.ndarray:
     a = _to_numpy(x, name)
+    if a.ndim == 0:
+        raise ValueError(f"{name} must be an array, got a single value")
     if a.dtype.kind != "f":
         raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+class _OneCallAtATime:
+    """The core's writer, used by one thread at a time. A call into it releases the GIL for
+    its work, and the binding refuses a second call meanwhile ("Already borrowed"): a writer
+    shared by threads (one adding, another asking ``sid in writer``) waits its turn instead.
+    Re-entrant, for a call made while the lock is held (close's warnings)."""
+
+    def __init__(self, inner: _core.StoreWriter) -> None:
+        self._inner = inner
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        with self._lock:
+            attr = getattr(self._inner, name)  # a property reads the writer too
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
 
 
 class StoreWriter:
     """Create a store, or add to one, as a context manager.
 
     Args:
-        path: The store directory.
-        vocab_size: Size V of the teacher vocabulary; every id must be in ``[0, V)``.
+        path: The store directory (relative to the working directory at this call; the
+            writer keeps to it if the process changes directory).
+        vocab_size: Size V of the teacher vocabulary, below 2^31; every id must be in
+            ``[0, V)``.
         k: K, the ids kept per position (top-K stores), or n, the draws per position
-            (sampled stores).
+            (sampled stores); below 2^31.
         kind: ``"topk"`` or ``"sampled"``.
         codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (2^-14 =
             6.104e-5 to 1; uniform quantization with the largest step m 2^-e, m in 1, 3, 5,
@@ -251,12 +306,23 @@ class StoreWriter:
         zstd_level: int = 1,
         lock_timeout: float = 0.0,
     ) -> None:
+        if kind not in ("topk", "sampled"):
+            raise ValueError(f'kind must be "topk" or "sampled", got {kind!r}')
+        if codec is not None and not isinstance(codec, str):
+            raise ValueError(f"codec must be a string such as 'abs:0.01', got {codec!r}")
+        if mode not in ("x", "a", "w"):
+            raise ValueError(
+                f'mode must be "x" (create), "a" (append) or "w" (replace), got {mode!r}'
+            )
         vocab_size = _int_arg("vocab_size", vocab_size, 1)
         k = _int_arg("k", k, 1)
         if vocab_size >= 2**31:
             raise ValueError(f"vocab_size must be below 2**31, got {vocab_size}")
+        if k >= 2**31:
+            # (Ids and counts are read back as int32.)
+            raise ValueError(f"k must be below 2**31, got {k}")
         chunk_positions = _int_arg("chunk_positions", chunk_positions, 1)
-        zstd_level = _int_arg("zstd_level", zstd_level, 1)
+        zstd_level = _int_arg("zstd_level", zstd_level, 1, 22)
         teacher_name, teacher_fp = _teacher_info(teacher)
         tok_name, tok_fp = _tokenizer_info(tokenizer)
         metadata_json = _metadata_json(metadata)
@@ -264,7 +330,9 @@ class StoreWriter:
             raise ValueError(f"lock_timeout must be a number of seconds, got {lock_timeout!r}")
         if not lock_timeout >= 0:
             raise ValueError(f"lock_timeout must be at least 0, got {lock_timeout!r}")
-        self.path = os.fspath(path)
+        # Absolute (not normalized, so that `a/b/..` keeps its meaning): a process that
+        # changes its working directory while the writer is open must not write elsewhere.
+        self.path = _absolute(path)
         open_writer = functools.partial(
             _core.StoreWriter,
             self.path,
@@ -289,7 +357,7 @@ class StoreWriter:
         pause = 0.01
         while True:
             try:
-                self._w = open_writer()
+                self._w = cast(_core.StoreWriter, _OneCallAtATime(open_writer()))
                 break
             except StoreLockedError:
                 left = deadline - time.monotonic()
@@ -343,6 +411,8 @@ class StoreWriter:
         K finite logits (a masked vocabulary) is filled with masked ids, lowest first, at
         log-probability -inf."""
         a = _to_numpy(logits, "logits", keep_bf16=True)
+        if a.ndim == 0:
+            raise ValueError("logits must be 2-D [L, V], got a single value")
         if a.dtype == _BF16_TAG:
             dtype, arr = "bfloat16", np.ascontiguousarray(a.view(np.uint16))
         elif a.dtype == np.float16:
@@ -522,6 +592,11 @@ def _sample_id(sample_id: Any, name: str = "sample_id") -> int:
         value = None if is_bool or shape else operator.index(sample_id)
     except TypeError:
         value = None
+    except RuntimeError:
+        # torch's __index__ of a uint64 tensor above 2**63 - 1 overflows int64; item() does
+        # not (and an integer tensor's item() is an int).
+        item = sample_id.item() if hasattr(sample_id, "item") else None
+        value = item if isinstance(item, int) else None
     if value is None:
         got = type(sample_id).__name__ + (f" of shape {shape}" if shape else "")
         raise ValueError(f"{name} must be an integer, got {got}")
@@ -607,6 +682,10 @@ def _sample_id_array(
             f"sample_ids must be a sequence of ids, got the single id {sample_ids!r} "
             "(a list of one will do)"
         )
+    elif hasattr(sample_ids, "detach") and hasattr(sample_ids, "cpu"):
+        # A torch tensor: one that requires grad, or lives on an accelerator, converts only
+        # detached and on the CPU.
+        sample_ids = sample_ids.detach().cpu()
     elif (
         not isinstance(sample_ids, (np.ndarray, list, tuple, range, str, bytes))
         # Arrays of other libraries (torch, jax, pandas) convert as arrays, not one by one.
@@ -627,7 +706,9 @@ def _sample_id_array(
         raise ValueError(f"sample_ids must be integers, got dtype {sids.dtype}")
     if sids.dtype.kind == "i" and sids.size and sids.min() < 0:
         raise ValueError("sample_ids must be non-negative")
-    return np.ascontiguousarray(sids, dtype=np.uint64)
+    # A copy: a batch's sample_ids must not change with the caller's array (a sampler that
+    # refills one index buffer).
+    return np.array(sids, dtype=np.uint64, order="C", copy=True)
 
 
 @dataclass(frozen=True)
@@ -816,9 +897,8 @@ class Store:
             # A copy would be an open store: refused, as every other use of a closed one.
             raise StoreError(f"the store {self.path} is closed")
         shard_uids = [s["uid"] for s in self.meta["shards"]]
-        # Absolute: the process that unpickles may run elsewhere in the file system.
-        path = os.path.abspath(self.path)
-        return (_reopen_store, (path, self._open_options, shard_uids))
+        # (The path is absolute: the process that unpickles may run elsewhere.)
+        return (_reopen_store, (self.path, self._open_options, shard_uids))
 
     def __repr__(self) -> str:
         return (
@@ -877,7 +957,10 @@ def open_store(
     if expect_vocab_size is not None:
         expect_vocab_size = _int_arg("expect_vocab_size", expect_vocab_size, 1)
     cache_chunks = _int_arg("cache_chunks", cache_chunks, 0)
-    p = os.fspath(path)
+    if mmap is not None and not isinstance(mmap, bool):
+        raise ValueError(f"mmap must be True, False or None, got {mmap!r}")
+    # Absolute: pickling, verify() and copy_store use the path later, maybe after a chdir.
+    p = _absolute(path)
     inner = _core.Store(
         p,
         mmap=mmap,
@@ -889,19 +972,34 @@ def open_store(
     return Store(inner, p, {"mmap": mmap, "cache_chunks": cache_chunks})
 
 
+def _absolute(path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute against the working directory now, not normalized (``..`` and
+    symbolic links keep their meaning), as the core does with it."""
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        p = os.fsdecode(p)
+    return p if os.path.isabs(p) or not p else os.path.join(os.getcwd(), p)
+
+
 def _reopen_store(path: str, open_options: dict[str, Any], shard_uids: list[str]) -> Store:
     """Unpickle a :class:`Store`: open it again and check that it is the same store (its
     shards at pickling time are still its first shards; appends add shards after them)."""
     store = open_store(path, **open_options)
-    now = [s["uid"] for s in store.meta["shards"]]
-    if now[: len(shard_uids)] != shard_uids:
-        gone = next(u for i, u in enumerate(shard_uids) if i >= len(now) or now[i] != u)
+    _check_same_store(path, store.meta, shard_uids, "pickled")
+    return store
+
+
+def _check_same_store(path: str, now: Mapping[str, Any], shard_uids: list[str], since: str) -> None:
+    """Refuse a store whose manifest ``now`` no longer starts with the shards ``shard_uids``
+    it had when a Store was ``since`` (appends add shards after them)."""
+    uids = [s["uid"] for s in now["shards"]]
+    if uids[: len(shard_uids)] != shard_uids:
+        gone = next(u for i, u in enumerate(shard_uids) if i >= len(uids) or uids[i] != u)
         raise _core.StoreMismatchError(
-            f"{path}: the store was replaced or rewritten since this Store was pickled "
+            f"{path}: the store was replaced or rewritten since this Store was {since} "
             f"(shard {gone} is gone: a writer with mode='w', repair_store or remove_samples); "
             "open it again with open_store"
         )
-    return store
 
 
 def _codec_spec(codec: Mapping[str, Any]) -> str:
@@ -965,13 +1063,22 @@ def copy_store(
     again, and a lossy codec's bound holds against the values it is given: from a lossless
     source, the originals; from a lossy one, its decoded values (so the two errors can add
     up). Records keep the source's order. ``mode`` and ``writer_options``
-    (``chunk_positions``, ``shard_size``, ``zstd_level``; copied chunks keep their size) are
-    :class:`StoreWriter`'s. An id of ``sample_ids`` or ``exclude_ids`` that the source does
-    not hold raises :class:`MissingSampleError` before anything is written. ``progress=True``
-    shows a progress bar (``None``: only when stderr is a terminal).
+    (``chunk_positions``, ``shard_size``, ``zstd_level``, ``lock_timeout``; copied chunks
+    keep their size) are :class:`StoreWriter`'s. An id of ``sample_ids`` or ``exclude_ids``
+    that the source does not hold raises :class:`MissingSampleError` before anything is
+    written. Given an open :class:`Store`, the copy is of that store: one replaced or
+    rewritten at its path since it was opened is refused (:class:`StoreMismatchError`).
+    ``progress=True`` shows a progress bar (``None``: only when stderr is a terminal).
 
     Returns the number of records written.
     """
+    taken = {"chunk_positions", "shard_size", "zstd_level", "lock_timeout"}
+    if not taken.issuperset(writer_options):
+        other = sorted(set(writer_options) - taken)
+        raise ValueError(
+            f"copy_store takes no {', '.join(other)}: the copy has the source's configuration; "
+            f"writer options are {', '.join(sorted(taken))}"
+        )
     src = source if isinstance(source, Store) else open_store(source)
     if sample_ids is not None and exclude_ids is not None:
         raise ValueError("give sample_ids or exclude_ids, not both")
@@ -1031,6 +1138,11 @@ def _copy_records(src: Store, ids: np.ndarray, w: StoreWriter, progress: bool | 
             f'{w.codec["logprobs"]!r} needs them (use the codec "none")'
         )
     if all(w.codec[key] == m["codec"][key] for key in ("logprobs", "step", "kl_bound")):
+        # This copy reads the store at src.path as it is now, not the open Store: refused
+        # if that is no longer the store it opened (the other path decodes through src).
+        _check_same_store(
+            src.path, _read_manifest(src.path), [s["uid"] for s in m["shards"]], "opened"
+        )
         ids64 = np.ascontiguousarray(ids, dtype=np.uint64)
         report = _with_progress_bar(
             "copy",

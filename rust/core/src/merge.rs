@@ -23,7 +23,7 @@ use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{
     ExistsAdvice, Mode, ShardPlacement, StoreSpec, StoreWriter, WriterOptions, check_append,
-    fill_identity, store_exists,
+    fill_identity, holds_only_a_writers_files, store_exists,
 };
 
 /// What [`merge`] may do.
@@ -142,8 +142,18 @@ pub fn merge_with_progress(
         .chain(manifests.iter().zip(sources).map(|(m, s)| (m, s.as_path())))
         .collect();
     if opts.dry_run {
-        if existing.is_none() && dest.exists() {
+        // What the writer would refuse at the destination (it is not opened here).
+        if !opts.append && dest.exists() {
             return Err(store_exists(dest, ExistsAdvice::Merge));
+        }
+        if existing.is_none() && dest.exists() && !holds_only_a_writers_files(dest)? {
+            return Err(Error::invalid_argument(
+                "path",
+                format!(
+                    "{} exists and is not a logitcache store; refusing to write into it",
+                    dest.display()
+                ),
+            ));
         }
         report.duplicates = duplicates(&stores)?.into_keys().collect();
         report.duplicates.sort_unstable();

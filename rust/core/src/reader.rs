@@ -477,7 +477,10 @@ impl Store {
     /// new manifest (up to 8 times, and only while the manifest keeps
     /// changing), so a reader never fails for a store that is sound at every moment.
     pub fn open(dir: &Path, opts: &OpenOptions) -> Result<Store> {
-        Store::open_from(dir, Manifest::read(dir)?, opts)
+        // Absolute: shards are opened again after a fork, and a process may change its
+        // working directory while the store is open.
+        let dir = crate::writer::absolute_dir(dir)?;
+        Store::open_from(&dir, Manifest::read(&dir)?, opts)
     }
 
     /// [`Store::open`] from a manifest already read.

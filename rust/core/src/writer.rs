@@ -311,6 +311,10 @@ fn validate_spec(spec: &StoreSpec, codec: LogprobCodec) -> Result<()> {
     if spec.vocab_size == 0 {
         return Err(Error::invalid_argument("vocab_size", "must be at least 1"));
     }
+    if spec.k >= 1 << 31 {
+        // A sampled row's counts add up to k, and readers return counts as int32.
+        return Err(Error::invalid_argument("k", format!("{} must be below 2^31", spec.k)));
+    }
     if spec.kind == Kind::TopK && spec.k > spec.vocab_size {
         return Err(Error::invalid_argument(
             "k",
@@ -395,7 +399,16 @@ pub(crate) fn store_exists(dir: &Path, advice: ExistsAdvice) -> Error {
 /// A directory that a writer started: nothing but the lock file, the shards directory,
 /// temporary manifests and (committed since the caller looked) the manifest; an empty
 /// directory counts too.
-fn holds_only_a_writers_files(dir: &Path) -> Result<bool> {
+/// `dir` made absolute against the working directory now (not normalized: `..` and links keep
+/// their meaning), for a store that is used after this call returns.
+pub(crate) fn absolute_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::invalid_argument("path", "is empty"));
+    }
+    std::path::absolute(dir).io_ctx("resolve store path", dir)
+}
+
+pub(crate) fn holds_only_a_writers_files(dir: &Path) -> Result<bool> {
     for e in fs::read_dir(dir).io_ctx("list", dir)? {
         let e = e.io_ctx("list", dir)?;
         let name = e.file_name();
@@ -561,8 +574,11 @@ impl StoreWriter {
                 format!("{} is outside 1..=22", opts.zstd_level),
             ));
         }
-        // `new/.` names `new`: without the dot, creating its last component is creating it.
-        let dir_buf: PathBuf = dir.components().collect();
+        // Absolute: the writer creates, writes and renames files under `dir` until it is
+        // closed, and a process that changes its working directory meanwhile must not commit
+        // into another store. `new/.` names `new`: without the dot, creating its last
+        // component is creating it (`absolute` keeps `..`, whose meaning depends on links).
+        let dir_buf: PathBuf = absolute_dir(dir)?.components().collect();
         let dir = dir_buf.as_path();
         let exists = dir.exists();
         let has_manifest = dir.join(MANIFEST_NAME).exists();
