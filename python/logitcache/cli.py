@@ -1090,7 +1090,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, DuplicateSampleError) and args.command == "merge":
             if getattr(args, "duplicates_written", False):
                 print(f"every sample id held twice: written to {args.duplicates}", file=sys.stderr)
-            print(_DUPLICATES_HINT, file=sys.stderr)
+                print(_DUPLICATES_HINT.split("; `")[0], file=sys.stderr)
+            else:
+                print(_DUPLICATES_HINT, file=sys.stderr)
         if isinstance(e, StoreExistsError) and args.command == "copy":
             print("to copy into it: logitcache copy --append ...", file=sys.stderr)
         damaged = _damaged_store(e)
