@@ -395,3 +395,121 @@ def test_rows_wider_than_the_chunk_budget(divergence: str, monkeypatch: pytest.M
     assert z64.grad is not None
     if divergence != "tvd":  # among 300k entries some sit at TVD's kink, |p - q| ~ 1e-9
         torch.testing.assert_close(z.grad.double(), z64.grad, atol=1e-8, rtol=1e-4)
+
+
+# ---- autograd patterns and edges a reviewer found ----------------------------------------
+
+
+def _topk_inputs(n: int = 3, vocab: int = 20, k: int = 4) -> tuple[torch.Tensor, ...]:
+    gen = _gen(7)
+    z = torch.randn((n, vocab), generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    lp = torch.log_softmax(torch.randn((n, vocab), generator=gen), -1).gather(1, ids)
+    return z, ids, lp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["topk", "sampled", "dense"])
+def test_a_second_backward_through_a_retained_graph(kind: str, backend: str) -> None:
+    """Both backends allow backward twice through a retained graph (the Rust path raised:
+    its precomputed gradient had been handed over), with the same gradient each time."""
+    z0, ids, lp = _topk_inputs()
+    z = z0.clone().requires_grad_(True)
+    if kind == "topk":
+        loss = losses.sparse_kd_loss(z, ids, lp, backend=backend)
+    elif kind == "sampled":
+        loss = losses.sampled_kd_loss(z, ids, torch.ones_like(ids), backend=backend)
+    else:
+        loss = losses.kd_loss(z, torch.randn((3, 20), generator=_gen(1)), backend=backend)
+    (first,) = torch.autograd.grad(loss, z, retain_graph=True)
+    loss.backward(retain_graph=True)
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad, first)
+    (loss * 3).backward()
+    torch.testing.assert_close(z.grad, 4 * first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bucket", "renormalize", "sampled", "dense"])
+def test_create_graph_gives_the_gradient(kind: str, backend: str) -> None:
+    """create_graph=True (a gradient penalty, say) gets the gradient, not differentiable
+    again; the torch path's bucket and sampled targets raised an out= error."""
+    z0, ids, lp = _topk_inputs()
+    z = z0.clone().requires_grad_(True)
+    if kind == "sampled":
+        loss = losses.sampled_kd_loss(z, ids, torch.ones_like(ids), backend=backend)
+    elif kind == "dense":
+        loss = losses.kd_loss(z, torch.randn((3, 20), generator=_gen(1)), backend=backend)
+    else:
+        loss = losses.sparse_kd_loss(z, ids, lp, tail=kind, backend=backend)
+    (grad,) = torch.autograd.grad(loss, z, create_graph=True)
+    (plain,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(grad, plain)
+    assert not grad.requires_grad
+
+
+def test_no_gradient_is_computed_when_none_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.no_grad() or inference_mode, and for logits that do not require grad, the
+    Rust kernels write no [N, V] gradient (they did under no_grad: the Function saw only
+    needs_input_grad)."""
+    from logitcache import _loss_kernels
+
+    asked: list[bool] = []
+    real = _loss_kernels._outputs
+
+    def spy(logits: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        asked.append(with_grad)
+        return real(logits, with_grad)
+
+    monkeypatch.setattr(_loss_kernels, "_outputs", spy)
+    z0, ids, lp = _topk_inputs()
+    z = z0.clone().requires_grad_(True)
+    with torch.no_grad():
+        a = losses.sparse_kd_loss(z, ids, lp, backend="rust")
+    with torch.inference_mode():
+        b = losses.kd_loss(z, torch.zeros(3, 20), backend="rust")
+    c = losses.sampled_kd_loss(z0, ids, torch.ones_like(ids), backend="rust")
+    assert asked == [False, False, False]
+    assert not (a.requires_grad or b.requires_grad or c.requires_grad)
+    d = losses.sparse_kd_loss(z, ids, lp, backend="rust")
+    assert asked[-1] is True and d.requires_grad
+    torch.testing.assert_close(a, d.detach())
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jeffreys", "reverse_kl", "jsd"])
+def test_an_empty_rest_bucket_adds_nothing_to_the_gradient(divergence: str) -> None:
+    """Every student logit outside S is -inf: q_rest = 0 whatever z, so the rest outcome is
+    in the value (+inf where p_rest > 0) but not in the gradient; the Rust kernel included
+    it (a gradient that did not sum to 0), the torch path and docs/losses.md did not."""
+    z0 = torch.tensor([[0.0, 0.3, -math.inf, -math.inf], [1.0, -0.5, -math.inf, 2.0]])
+    ids = torch.tensor([[0, 1], [0, 1]])
+    lp = torch.tensor([[0.5, 0.3], [0.6, 0.1]]).log()
+    grads = {}
+    for backend in BACKENDS:
+        z = z0.clone().requires_grad_(True)
+        values = losses.sparse_kd_loss(
+            z, ids, lp, divergence=divergence, reduction="none", backend=backend
+        )
+        values[0].backward()
+        assert z.grad is not None
+        grads[backend] = z.grad
+        torch.testing.assert_close(z.grad[0].sum(), torch.tensor(0.0), atol=1e-6, rtol=0)
+        assert torch.isfinite(z.grad).all()
+    torch.testing.assert_close(grads[BACKENDS[0]], grads[BACKENDS[-1]])
+    if divergence == "forward_kl":
+        q = torch.softmax(z0[0, :2], 0)
+        want = -torch.tensor([0.5, 0.3]) + q * 0.8  # -p + q sum(p_S), the rest left out
+        torch.testing.assert_close(grads[BACKENDS[0]][0, :2], want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_zero_entries_are_ignored_whatever_their_id(backend: str) -> None:
+    z, ids, _ = _topk_inputs()
+    counts = torch.tensor([[2, 1, 1, 0]] * 3)
+    odd = ids.clone()
+    odd[:, 3] = -5
+    a = losses.sampled_kd_loss(z, odd, counts, backend=backend)
+    b = losses.sampled_kd_loss(z, ids, counts, backend=backend)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="ids below -1"):
+        losses.sampled_kd_loss(z, odd, torch.ones_like(counts), backend=backend)

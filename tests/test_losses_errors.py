@@ -159,7 +159,7 @@ def test_sampled_ids_beyond_student_vocabulary() -> None:
 
 def test_sampled_ids_below_padding_id() -> None:
     ids, counts = _sampled(2)
-    ids[0, 2] = -2
+    ids[0, 0] = -2  # an entry with a count (count 0 entries are ignored whatever their id)
     with pytest.raises(ValueError, match=r"ids.*-1"):
         losses.sampled_kd_loss(_z(2), ids, counts)
 

@@ -130,8 +130,9 @@ class _PrecomputedGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, student_logits: torch.Tensor, run: Any) -> torch.Tensor:
-        values, grad = run(ctx.needs_input_grad[0])
+        values, grad = run(True)
         ctx.grad = grad
+        ctx.run = run
         return values
 
     @staticmethod
@@ -139,11 +140,9 @@ class _PrecomputedGrad(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         grad = ctx.grad
         if grad is None:
-            raise RuntimeError(
-                "backward through a rust-backend loss ran twice: its gradient is computed in "
-                "the forward pass and handed over (scaled in place) on the first backward; "
-                "recompute the loss to backward again, or use backend='torch'"
-            )
+            # A second backward through a retained graph: the first one handed the gradient
+            # over (scaled in place), so the kernel runs again, as the torch path recomputes.
+            _, grad = ctx.run(True)
         ctx.grad = None
         if not bool((grad_output == 1).all()):
             # In place, in parallel, bf16 rows scaled in f32 and rounded once: torch's
@@ -154,6 +153,12 @@ class _PrecomputedGrad(torch.autograd.Function):
 
 
 def _apply(student_logits: torch.Tensor, run: Any) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and student_logits.requires_grad):
+        # No gradient will be asked for (torch.no_grad(), inference_mode, or logits that do
+        # not require it): no [N, V] gradient to compute. (Inside Function.forward grad mode
+        # is off, and ctx.needs_input_grad ignores it: this is decided here.)
+        values, _ = run(False)
+        return values
     # `run` goes through apply as a plain Python object (not a tensor): autograd ignores it.
     return _PrecomputedGrad.apply(student_logits, run)
 

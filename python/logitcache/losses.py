@@ -723,7 +723,10 @@ class _TopKFunction(torch.autograd.Function):
         return values[options["divergences"][0]].to(_math_dtype(z.dtype))
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        # once_differentiable: the gradient is written with out= ops, which autograd cannot
+        # differentiate again; create_graph=True then gets a gradient that is a leaf.
         (z,) = ctx.saved_tensors
         grad = _sparse_backward(z, ctx.temperature, ctx.saved, grad_output)
         return grad, None, None, None, None
@@ -788,7 +791,8 @@ def _check_sampled_teacher(
     live = valid[:, None]
     _raise_if((live & (counts < 0)).any(1), "counts", "negative count")
     present = live & (counts > 0)
-    _raise_if((live & (ids < -1)).any(1), "ids", "ids below -1 (-1 is the padding id)")
+    # (Entries with count 0 are ignored whatever their id, as docs/losses.md says.)
+    _raise_if((present & (ids < -1)).any(1), "ids", "ids below -1 (-1 is the padding id)")
     _raise_if(
         (present & (ids == -1)).any(1),
         "ids",
@@ -842,6 +846,7 @@ class _SampledFunction(torch.autograd.Function):
         return values.to(_math_dtype(z.dtype))
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (z,) = ctx.saved_tensors
         grad = _sparse_backward(z, ctx.temperature, ctx.saved, grad_output)

@@ -267,7 +267,14 @@ impl<E: Elem> Kernel for TopKRow<'_, E> {
                 sc.p.push(p_rest);
                 sc.lq.extend(sc.s.iter().map(|&sj| sj - lse));
                 sc.lq.push(lse_rest - lse);
-                let (d, g_sum) = outcomes(settings.divergence, &sc.p, &sc.lq, &mut sc.g);
+                let (d, mut g_sum) = outcomes(settings.divergence, &sc.p, &sc.lq, &mut sc.g);
+                if lse_rest == f64::NEG_INFINITY {
+                    // q_rest = 0 whatever z (a fully masked complement): the rest outcome adds
+                    // to the value (+inf where p_rest > 0) but not to the gradient, as in the
+                    // torch path and docs/losses.md.
+                    g_sum -= sc.g[k];
+                    sc.g[k] = 0.0;
+                }
 
                 if let Some(grad) = grad {
                     // With lse_rest = -inf (K == V, or a fully masked complement) every block
