@@ -425,8 +425,13 @@ def test_a_second_backward_through_a_retained_graph(kind: str, backend: str) -> 
     loss.backward(retain_graph=True)
     assert z.grad is not None
     torch.testing.assert_close(z.grad, first)
-    (loss * 3).backward()
+    (loss * 3).backward(retain_graph=True)
     torch.testing.assert_close(z.grad, 4 * first)
+    # Logits changed in place since: refused, not a gradient of other values.
+    with torch.no_grad():
+        z.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -442,10 +447,17 @@ def test_create_graph_gives_the_gradient(kind: str, backend: str) -> None:
         loss = losses.kd_loss(z, torch.randn((3, 20), generator=_gen(1)), backend=backend)
     else:
         loss = losses.sparse_kd_loss(z, ids, lp, tail=kind, backend=backend)
-    (grad,) = torch.autograd.grad(loss, z, create_graph=True)
-    (plain,) = torch.autograd.grad(loss, z)
+    (grad,) = torch.autograd.grad(loss, z, create_graph=True, retain_graph=True)
+    (plain,) = torch.autograd.grad(loss, z, retain_graph=True)
     torch.testing.assert_close(grad, plain)
     assert not grad.requires_grad
+    # Through a learnable factor the gradient requires grad; differentiating it raises.
+    scale = torch.tensor(2.0, requires_grad=True)
+    (scaled,) = torch.autograd.grad(loss * scale, z, create_graph=True)
+    torch.testing.assert_close(scaled, 2 * plain)
+    assert scaled.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        scaled.sum().backward()
 
 
 def test_no_gradient_is_computed_when_none_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:

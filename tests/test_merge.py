@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import zlib
@@ -208,9 +209,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert report["shards_copied"] == 1 and report["num_samples"] == 4
     assert main(["merge", str(tmp_path / "x"), str(tmp_path / "a"), str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "duplicate sample id 1" in err and "a sample id may be in one part only" in err, err
+    assert "duplicate sample id 1" in err and "a sample id may be in one store only" in err, err
     assert "2 sample ids in all are held twice (1, 2)" in err, err
-    assert "--dry-run --duplicates FILE" in err, err
+    assert "--dry-run --duplicates DIR" in err, err
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -233,15 +234,17 @@ def test_dry_run_lists_every_duplicate_and_changes_nothing(tmp_path: Path) -> No
     assert "(2, 20, 21, 22, 23, 24, 25, 26, 27, 28, and 2 more)" in msg, msg
     report = lc.merge_stores(dest, srcs, dry_run=True)
     assert report["duplicates"] == want
-    assert report["num_samples"] == 30 + 25 + 3
+    # Per source, the ids an earlier store holds: taking those out keeps each sample once,
+    # in its first store (44 stays in b; it was in b and c only).
+    assert [s["duplicates"] for s in report["sources"]] == [[], list(range(20, 30)), [2, 44]]
+    distinct = set(range(0, 45)) | {50}
+    assert report["num_samples"] == len(distinct)  # each sample counted once
     assert [s["samples"] for s in report["sources"]] == [30, 25, 3]
     assert report["shards_linked"] == report["shards_copied"] == 0
     assert not dest.exists()
     assert {s: store_files(s) for s in srcs} == before
-    # Take them out of every part but the first: the merge then goes through, and holds
-    # what the dry run of the parts as they are then says it would.
-    lc.remove_samples(tmp_path / "b", want, missing_ok=True)
-    lc.remove_samples(tmp_path / "c", want, missing_ok=True)
+    for s in report["sources"]:
+        lc.remove_samples(s["path"], s["duplicates"])
     planned = lc.merge_stores(dest, srcs, dry_run=True)
     assert planned["duplicates"] == []
     merged = lc.merge_stores(dest, srcs)
@@ -250,8 +253,9 @@ def test_dry_run_lists_every_duplicate_and_changes_nothing(tmp_path: Path) -> No
         planned["num_samples"],
         planned["num_positions"],
     )
-    # (44 was in b and c only: out of both, it is in no part.)
-    assert sorted(lc.open_store(dest).sample_ids().tolist()) == [*range(0, 44), 50]
+    assert merged["num_samples"] == report["num_samples"]
+    assert merged["num_positions"] == report["num_positions"]
+    assert sorted(lc.open_store(dest).sample_ids().tolist()) == sorted(distinct)
     # mode="a": the destination's own ids count, and a dry run into an existing store
     # without mode="a" is refused as the merge would be.
     _write(tmp_path / "d", [7, 100], seed=3)
@@ -299,37 +303,95 @@ def test_one_store_holding_an_id_twice_is_named(tmp_path: Path) -> None:
     assert "2 sample ids in all are held twice (2, 3)" in str(e.value), str(e.value)
 
 
-def test_cli_dry_run_and_duplicates_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _repeat_first_id_in_a_shard(store: Path) -> int:
+    """Give record 1 of the store's first shard record 0's id, footer, trailer and manifest
+    checksums made to match (FORMAT.md sections 2 and 3): one shard holding an id twice,
+    which no writer makes. Returns the id."""
+    envelope = json.loads((store / "manifest.json").read_text())
+    body = envelope["manifest"]
+    entry = body["shards"][0]
+    file = store / entry["file"]
+    data = bytearray(file.read_bytes())
+    footer_offset, footer_len = struct.unpack_from("<QQ", data, len(data) - 32)
+    num_chunks, num_records, _ = struct.unpack_from("<QQQ", data, footer_offset)
+    assert num_records >= 2
+    records = footer_offset + 24 + 32 * num_chunks
+    (first,) = struct.unpack_from("<Q", data, records)
+    struct.pack_into("<Q", data, records + 12, first)
+    footer = bytes(data[footer_offset : footer_offset + footer_len])
+    struct.pack_into("<I", data, len(data) - 16, zlib.crc32(footer))
+    struct.pack_into("<I", data, len(data) - 12, zlib.crc32(bytes(data[-32:-12])))
+    file.write_bytes(bytes(data))
+    entry["checksum"] = f"crc32:{zlib.crc32(bytes(data)):08x}"
+    text = json.dumps(body, separators=(",", ":")).encode()
+    (store / "manifest.json").write_bytes(
+        b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(text), text)
+    )
+    return int(first)
+
+
+def test_a_shard_holding_an_id_twice_is_named(tmp_path: Path) -> None:
+    """The refusal and the dry run name a shard that holds an id twice itself (the scan of
+    the footers indexed past its list of files: a panic)."""
+    _write(tmp_path / "a", [1, 2, 3, 4, 5, 6, 7, 8])
+    sid = _repeat_first_id_in_a_shard(tmp_path / "a")
+    report = lc.merge_stores(tmp_path / "m", [tmp_path / "a"], dry_run=True)
+    assert report["duplicates"] == [sid] == report["sources"][0]["duplicates"]
+    with pytest.raises(lc.DuplicateSampleError, match="holds it twice") as e:
+        lc.merge_stores(tmp_path / "m", [tmp_path / "a"])
+    assert e.value.sample_id == sid
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_dry_run_and_duplicates_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write(tmp_path / "a", [1, 2, 3])
-    _write(tmp_path / "b", [3, 4, 2], seed=1)
-    a, b, dest = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m")
-    dups = tmp_path / "dups.txt"
-    assert main(["merge", "--dry-run", "--duplicates", str(dups), dest, a, b]) == 1
+    _write(tmp_path / "b", [3, 4, 2, 9], seed=1)
+    _write(tmp_path / "c", [9, 10], seed=2)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    dest, dups = str(tmp_path / "m"), tmp_path / "dups"
+    assert main(["merge", "--dry-run", "--duplicates", str(dups), dest, a, b, c]) == 1
     out, err = capsys.readouterr()
-    assert "would be refused: 2 sample id(s) are held by more than one store: 2, 3" in out, out
-    assert f"all written to {dups}" in out and "remove PART --ids FILE" in err, (out, err)
-    assert dups.read_text() == "2\n3\n"
+    assert "would be refused: 3 sample id(s) are held by more than one store: 2, 3, 9" in out
+    # Per source, the ids an earlier store holds, and the commands that take them out.
+    assert [(dups / f).read_text() for f in ("0-a.ids", "1-b.ids", "2-c.ids")] == [
+        "",
+        "2\n3\n",
+        "9\n",
+    ]
+    assert f"logitcache remove {b} --ids {dups / '1-b.ids'}" in err, err
+    assert f"logitcache remove {c} --ids {dups / '2-c.ids'}" in err, err
+    assert "logitcache remove " + a not in err, err
     assert not os.path.exists(dest)
-    assert main(["merge", "--dry-run", "--json", dest, a, b]) == 1
-    assert json.loads(capsys.readouterr().out)["duplicates"] == [2, 3]
-    # Refused for real: the file is written all the same.
-    dups.unlink()
-    assert main(["merge", "--duplicates", str(dups), dest, a, b]) == 2
+    assert main(["merge", "--dry-run", "--json", dest, a, b, c]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["duplicates"] == [2, 3, 9]
+    assert [s["duplicates"] for s in report["sources"]] == [[], [2, 3], [9]]
+    # Refused for real: the files are written all the same; without --duplicates the hint
+    # says how to have them.
+    assert main(["merge", dest, a, b, c]) == 2
     err = capsys.readouterr().err
-    assert "duplicate sample id" in err and f"written to {dups}" in err, err
-    assert dups.read_text() == "2\n3\n" and not os.path.exists(dest)
-    # The file is what remove reads: out of b, then the merge goes through.
-    assert main(["remove", b, "--ids", str(dups), "--missing-ok", "--no-progress"]) == 0
+    assert "3 sample ids in all are held twice" in err and "--dry-run --duplicates DIR" in err
+    for f in dups.iterdir():
+        f.unlink()
+    assert main(["merge", "--duplicates", str(dups), dest, a, b, c]) == 2
+    err = capsys.readouterr().err
+    assert "duplicate sample id" in err and f"--ids {dups / '1-b.ids'}" in err, err
+    assert (dups / "1-b.ids").read_text() == "2\n3\n" and not os.path.exists(dest)
+    # The commands given: then the merge goes through, every sample kept once.
+    for store, file in ((b, "1-b.ids"), (c, "2-c.ids")):
+        assert main(["remove", store, "--ids", str(dups / file), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["merge", "--dry-run", "--duplicates", str(dups), dest, a, b]) == 0
+    assert main(["merge", "--dry-run", "--duplicates", str(dups), dest, a, b, c]) == 0
     out = capsys.readouterr().out
-    assert "2 shard(s) would be merged" in out or "would be merged" in out, out
-    assert "would hold 4 samples" in out, out
-    assert dups.read_text() == "" and not os.path.exists(dest)
-    assert main(["merge", "--no-progress", dest, a, b]) == 0
-    assert "now holds 4 samples" in capsys.readouterr().out
+    assert "3 shard(s) would be merged" in out and "would hold 6 samples" in out, out
+    assert all(f.read_text() == "" for f in dups.iterdir()) and not os.path.exists(dest)
+    assert (
+        main(["merge", "--no-progress", "--duplicates", str(tmp_path / "unused"), dest, a, b, c])
+        == 0
+    )
+    assert "now holds 6 samples" in capsys.readouterr().out
+    assert not (tmp_path / "unused").exists()  # a merge that goes through writes no list
+    assert sorted(lc.open_store(dest).sample_ids().tolist()) == [1, 2, 3, 4, 9, 10]
 
 
 # The core's merge with a progress callback that kills the process at its first call, while

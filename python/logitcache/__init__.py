@@ -239,19 +239,21 @@ def merge_stores(
     ``path``, then ``sources``) and the key is listed in the report.
 
     ``dry_run=True`` checks all that and writes nothing: the report says what the merge
-    would make, and ``duplicates`` lists every sample id held by more than one store (or
-    twice by one) instead of the merge refusing the first. Write them to a file, one per
-    line, and take them out of all but one part (:func:`remove_samples`, or
-    :func:`copy_store` with ``exclude_ids``) before merging. A dry run does not take the
+    would make, ``duplicates`` lists every sample id held by more than one store (or twice
+    by one) instead of the merge refusing the first, and each source's ``duplicates`` its
+    ids that ``path`` or an earlier source also holds: take those out of each source
+    (:func:`remove_samples`, or :func:`copy_store` with ``exclude_ids``) and every sample
+    is kept once, in the first store that holds it. A dry run does not take the
     destination's lock.
 
     ``progress=True`` shows a progress bar (tqdm, on stderr) of the shard bytes placed;
     ``None`` shows it only when stderr is a terminal.
 
     Returns a report: ``sources`` (per source: ``path``, ``shards``, ``samples``,
-    ``positions``, ``bytes``), ``shards_linked``, ``shards_copied``, ``num_samples`` and
-    ``num_positions`` (of the merged store; with ``dry_run``, what it would hold),
-    ``metadata_conflicts`` and ``duplicates`` (sorted; empty but in a dry run)."""
+    ``positions``, ``bytes``, ``duplicates``), ``shards_linked``, ``shards_copied``,
+    ``num_samples`` and ``num_positions`` (of the merged store; with ``dry_run``, what it
+    would hold, each sample held twice counted once), ``metadata_conflicts`` and
+    ``duplicates`` (sorted; the lists are empty but in a dry run)."""
     if mode not in ("x", "a"):
         raise ValueError(
             f'invalid argument `mode`: {mode!r}; expected "x" (create) or "a" (merge '

@@ -129,38 +129,46 @@ class _PrecomputedGrad(torch.autograd.Function):
     """values = kernel(student_logits, ...); the kernel wrote d values / d logits already."""
 
     @staticmethod
-    def forward(ctx: Any, student_logits: torch.Tensor, run: Any) -> torch.Tensor:
-        values, grad = run(True)
+    def forward(
+        ctx: Any, student_logits: torch.Tensor, z: tuple[torch.Tensor], run: Any
+    ) -> torch.Tensor:
+        # `z` (the logits as the kernel reads them, a copy where they were not contiguous
+        # float32/bfloat16) comes in a tuple, which autograd does not look into, and is not
+        # kept: a second backward converts the saved logits again.
+        values, grad = run(z[0], True)
         ctx.grad = grad
         ctx.run = run
+        ctx.save_for_backward(student_logits)
         return values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         grad = ctx.grad
         if grad is None:
             # A second backward through a retained graph: the first one handed the gradient
-            # over (scaled in place), so the kernel runs again, as the torch path recomputes.
-            _, grad = ctx.run(True)
+            # over (scaled in place), so the kernel runs again, as the torch path recomputes
+            # (saved_tensors raises if the logits were changed in place since).
+            (logits,) = ctx.saved_tensors
+            _, grad = ctx.run(_logits("student_logits", logits), True)
         ctx.grad = None
         if not bool((grad_output == 1).all()):
             # In place, in parallel, bf16 rows scaled in f32 and rounded once: torch's
             # mixed-dtype mul_ would make an [N, V] float32 temporary for bf16 gradients.
             factors = grad_output.detach().to(torch.float32).contiguous()
             _core.scale_rows(_np(grad), _np(factors))
-        return grad, None
+        return grad, None, None
 
 
-def _apply(student_logits: torch.Tensor, run: Any) -> torch.Tensor:
+def _apply(student_logits: torch.Tensor, z: torch.Tensor, run: Any) -> torch.Tensor:
     if not (torch.is_grad_enabled() and student_logits.requires_grad):
         # No gradient will be asked for (torch.no_grad(), inference_mode, or logits that do
         # not require it): no [N, V] gradient to compute. (Inside Function.forward grad mode
         # is off, and ctx.needs_input_grad ignores it: this is decided here.)
-        values, _ = run(False)
+        values, _ = run(z, False)
         return values
     # `run` goes through apply as a plain Python object (not a tensor): autograd ignores it.
-    return _PrecomputedGrad.apply(student_logits, run)
+    return _PrecomputedGrad.apply(student_logits, (z,), run)
 
 
 def rust_sparse_kd(
@@ -205,7 +213,7 @@ def rust_sparse_kd(
     div, tail_ = _name("divergence", divergence), _name("tail", tail)
     b, a = _number("beta", beta), _number("alpha", alpha)
 
-    def run(with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(z: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         values, grad = _outputs(z, with_grad)
         _core.sparse_kd(
             _np(z),
@@ -223,7 +231,7 @@ def rust_sparse_kd(
         )
         return values, grad
 
-    return _apply(student_logits, run)
+    return _apply(student_logits, z, run)
 
 
 def rust_sampled_kd(
@@ -266,7 +274,7 @@ def rust_sampled_kd(
     t = _temperature("temperature", temperature)
     tc = _temperature("teacher_temperature", teacher_temperature)
 
-    def run(with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(z: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         values, grad = _outputs(z, with_grad)
         _core.sampled_kd(
             _np(z),
@@ -281,7 +289,7 @@ def rust_sampled_kd(
         )
         return values, grad
 
-    return _apply(student_logits, run)
+    return _apply(student_logits, z, run)
 
 
 def rust_dense_kd(
@@ -324,7 +332,7 @@ def rust_dense_kd(
     div = _name("divergence", divergence)
     b, a = _number("beta", beta), _number("alpha", alpha)
 
-    def run(with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(z: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         values, grad = _outputs(z, with_grad)
         _core.dense_kd(
             _np(z),
@@ -339,4 +347,4 @@ def rust_dense_kd(
         )
         return values, grad
 
-    return _apply(student_logits, run)
+    return _apply(student_logits, z, run)

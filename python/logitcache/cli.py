@@ -324,12 +324,12 @@ def _merge(args: argparse.Namespace) -> int:
             # The merge stopped at the first id held twice; a dry run lists them all. Should
             # that fail, the refusal is still the error to report.
             with contextlib.suppress(StoreError, OSError):
-                _write_duplicates(args.duplicates, run(True)["duplicates"])
-                args.duplicates_written = True
+                args.duplicates_written = _write_duplicates(args.duplicates, run(True))
         raise
     dups = report["duplicates"]
-    if args.duplicates is not None:
-        _write_duplicates(args.duplicates, dups)
+    written = []
+    if args.dry_run and args.duplicates is not None:
+        written = _write_duplicates(args.duplicates, report)
     if args.json:
         print(json.dumps(report, indent=2))
         return 1 if dups else 0
@@ -349,12 +349,11 @@ def _merge(args: argparse.Namespace) -> int:
         if dups:
             shown = ", ".join(str(i) for i in dups[:10])
             more = f", and {len(dups) - 10:,} more" if len(dups) > 10 else ""
-            written = f" (all written to {args.duplicates})" if args.duplicates else ""
             print(
                 f"DRY RUN, nothing changed: the merge would be refused: {len(dups):,} sample "
-                f"id(s) are held by more than one store: {shown}{more}{written}"
+                f"id(s) are held by more than one store: {shown}{more}"
             )
-            print(_DUPLICATES_HINT, file=sys.stderr)
+            _print_duplicates_hint(written)
             return 1
         print(
             f"DRY RUN, nothing changed: {shards} shard(s) would be merged into {args.path}; "
@@ -371,19 +370,39 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-_DUPLICATES_HINT = (
-    "a sample id may be in one part only: take the duplicates out of all parts but one "
-    "(logitcache remove PART --ids FILE --missing-ok, or logitcache copy PART NEW "
-    "--exclude-ids FILE) and merge again; `logitcache merge --dry-run --duplicates FILE "
-    "PATH SOURCE...` writes them all to FILE"
-)
+def _write_duplicates(directory: str, report: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """``merge --duplicates DIR``: per source, a file ``DIR/<i>-<name>.ids`` of its sample
+    ids that PATH or an earlier source also holds, one per line as ``remove --ids`` reads
+    it (empty for a source without any, so that no file of an earlier run is left stale).
+    Returns (source, file, count) of the sources with some."""
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for i, s in enumerate(report["sources"]):
+        name = os.path.basename(os.path.normpath(s["path"])) or "store"
+        file = os.path.join(directory, f"{i}-{name}.ids")
+        with open(file, "w", encoding="utf-8") as f:
+            f.writelines(f"{int(x)}\n" for x in s["duplicates"])
+        if s["duplicates"]:
+            out.append((s["path"], file, len(s["duplicates"])))
+    return out
 
 
-def _write_duplicates(path: str, ids: list[int]) -> None:
-    """The ids file of ``merge --duplicates``: one id per line, as ``remove --ids`` and
-    ``copy --exclude-ids`` read it (empty when no id is held twice)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"{int(i)}\n" for i in ids)
+def _print_duplicates_hint(written: list[tuple[str, str, int]]) -> None:
+    if not written:
+        print(
+            "a sample id may be in one store only: `logitcache merge --dry-run --duplicates "
+            "DIR PATH SOURCE...` writes, per source, the ids that an earlier store also "
+            "holds; take them out of each source and merge again",
+            file=sys.stderr,
+        )
+        return
+    print(
+        "to keep each sample once, in the first store that holds it, take out of each "
+        "source the ids an earlier store also holds, then merge again:",
+        file=sys.stderr,
+    )
+    for source, file, n in written:
+        print(f"  logitcache remove {source} --ids {file}   # {n:,} id(s)", file=sys.stderr)
 
 
 def _percent(v: float | None) -> str:
@@ -940,9 +959,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--duplicates",
-        metavar="FILE",
-        help="write every sample id held by more than one store to FILE, one per line (what "
-        "remove --ids and copy --exclude-ids read); also when the merge is refused for them",
+        metavar="DIR",
+        help="with --dry-run, or when the merge is refused for sample ids held twice: write "
+        "to DIR, per source, a file <i>-<name>.ids of its ids that PATH or an earlier source "
+        "also holds, one per line (what remove --ids and copy --exclude-ids read): with them "
+        "taken out of each source, every sample is kept once, in the first store holding it",
     )
     _add_report_options(p)
     p.set_defaults(func=_merge)
@@ -1041,7 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The manifest a command that commits may replace: a Ctrl-C that comes as it commits
     # can be raised only once the commit is done, and must not be reported as no change.
-    committed_to = args.path if args.command in _COMMITTING else None
+    dry = getattr(args, "dry_run", False)
+    committed_to = args.path if args.command in _COMMITTING and not dry else None
     manifest_before = _manifest_identity(committed_to)
     try:
         status = int(args.func(args))
@@ -1058,10 +1080,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except KeyboardInterrupt:
         if committed_to is not None and _manifest_identity(committed_to) != manifest_before:
+            left = (
+                "; files it was to delete after its commit may be left: logitcache clean "
+                f"{committed_to} deletes them"
+                if args.command in ("remove", "repair")
+                else ""
+            )
             print(
                 f"logitcache {args.command}: interrupted too late to stop it: {committed_to} "
                 f"was committed (the {args.command} is done; logitcache info {committed_to} "
-                "shows it)",
+                f"shows it){left}",
                 file=sys.stderr,
             )
         elif args.command == "clean" and not args.dry_run:
@@ -1088,11 +1116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, MissingSampleError) and args.command == "remove":
             print("to remove the others and report those: --missing-ok", file=sys.stderr)
         if isinstance(e, DuplicateSampleError) and args.command == "merge":
-            if getattr(args, "duplicates_written", False):
-                print(f"every sample id held twice: written to {args.duplicates}", file=sys.stderr)
-                print(_DUPLICATES_HINT.split("; `")[0], file=sys.stderr)
-            else:
-                print(_DUPLICATES_HINT, file=sys.stderr)
+            _print_duplicates_hint(getattr(args, "duplicates_written", []))
         if isinstance(e, StoreExistsError) and args.command == "copy":
             print("to copy into it: logitcache copy --append ...", file=sys.stderr)
         damaged = _damaged_store(e)

@@ -217,13 +217,19 @@ class _OneCallAtATime:
     """The core's writer, used by one thread at a time. A call into it releases the GIL for
     its work, and the binding refuses a second call meanwhile ("Already borrowed"): a writer
     shared by threads (one adding, another asking ``sid in writer``) waits its turn instead.
-    Re-entrant, for a call made while the lock is held (close's warnings)."""
+    (An RLock: a call that reached the writer again from the same thread, through a
+    finalizer say, must not deadlock; the binding then refuses it as before.)"""
+
+    __slots__ = ("_inner", "_lock")
 
     def __init__(self, inner: _core.StoreWriter) -> None:
         self._inner = inner
         self._lock = threading.RLock()
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            # Protocols looked up on an instance without its slots set (copy, pickle).
+            raise AttributeError(name)
         with self._lock:
             attr = getattr(self._inner, name)  # a property reads the writer too
         if not callable(attr):

@@ -47,6 +47,10 @@ pub struct MergedSource {
     pub samples: u64,
     pub positions: u64,
     pub bytes: u64,
+    /// A dry run's: this source's sample ids that the destination or an earlier source
+    /// (or an earlier shard of this one) also holds, in increasing order. Taking them out
+    /// of every source keeps each sample once, in the first store that holds it.
+    pub duplicates: Vec<u64>,
 }
 
 /// What [`merge`] did.
@@ -56,7 +60,8 @@ pub struct MergeReport {
     /// Shard files hard-linked and copied.
     pub shards_linked: usize,
     pub shards_copied: usize,
-    /// Totals of the merged store (the destination's earlier samples included).
+    /// Totals of the merged store (the destination's earlier samples included; a dry run's
+    /// count each sample held twice once).
     pub num_samples: u64,
     pub num_positions: u64,
     /// Metadata keys that two stores set to different values; the later store's value
@@ -134,8 +139,11 @@ pub fn merge_with_progress(
             samples: m.num_samples,
             positions: m.num_positions,
             bytes: m.shards.iter().map(|s| s.bytes).sum(),
+            duplicates: Vec::new(),
         });
     }
+    let total: u64 = manifests.iter().flat_map(|m| &m.shards).map(|s| s.bytes).sum();
+    let ticker = Ticker::new(progress, total);
     let stores: Vec<(&Manifest, &Path)> = existing
         .iter()
         .map(|m| (m, dest))
@@ -155,15 +163,19 @@ pub fn merge_with_progress(
                 ),
             ));
         }
-        report.duplicates = duplicates(&stores)?.into_keys().collect();
+        let scan = scan_ids(&stores, &ticker)?;
+        report.duplicates = scan.twice.into_keys().collect();
         report.duplicates.sort_unstable();
-        report.num_samples = stores.iter().map(|(m, _)| m.num_samples).sum();
-        report.num_positions = stores.iter().map(|(m, _)| m.num_positions).sum();
+        // The sources follow the destination (when there is one) in `stores`.
+        let first_source = stores.len() - report.sources.len();
+        for (source, later) in report.sources.iter_mut().zip(&scan.later[first_source..]) {
+            source.duplicates = later.clone();
+        }
+        report.num_samples = scan.samples;
+        report.num_positions = scan.positions;
         return Ok(report);
     }
 
-    let total: u64 = manifests.iter().flat_map(|m| &m.shards).map(|s| s.bytes).sum();
-    let ticker = Ticker::new(progress, total);
     let tick = |n: u64| ticker.tick(n);
     let mode = if opts.append { Mode::Append } else { Mode::Create };
     // The level is informational (decoding does not depend on it); keep the base's.
@@ -183,7 +195,7 @@ pub fn merge_with_progress(
                 Ok(ShardPlacement::Linked) => report.shards_linked += 1,
                 Ok(ShardPlacement::Copied) => report.shards_copied += 1,
                 Err(Error::DuplicateSample { sample_id, msg }) => {
-                    return Err(duplicate_error(sample_id, msg, &stores));
+                    return Err(duplicate_error(sample_id, msg, &stores, &ticker));
                 }
                 Err(e) => return Err(e),
             }
@@ -234,40 +246,70 @@ fn spec_of(m: &Manifest, path: &Path) -> Result<StoreSpec> {
     })
 }
 
-/// Every sample id that two shards of `stores` hold, with the first two shard files that
-/// hold it. Only a dry run and the refusal of a merge read the footers for this: a merge
-/// finds a duplicate as it places the shards (the writer knows every id it holds).
-fn duplicates(stores: &[(&Manifest, &Path)]) -> Result<HashMap<u64, (PathBuf, PathBuf)>> {
+/// What the footers of the stores to merge say of their sample ids.
+struct IdScan {
+    /// Every id two shards hold, with the first two shard files that hold it.
+    twice: HashMap<u64, (PathBuf, PathBuf)>,
+    /// Per store, in order: its ids that an earlier store (or an earlier shard, or an
+    /// earlier record of the same shard) holds, sorted.
+    later: Vec<Vec<u64>>,
+    /// Distinct samples and their positions, each sample counted once.
+    samples: u64,
+    positions: u64,
+}
+
+/// Read every shard footer of `stores` (the destination first, when merging into one).
+/// Only a dry run and the refusal of a merge do this: a merge finds a duplicate as it places
+/// the shards (the writer knows every id it holds). A stop asked for through `ticker`
+/// (Ctrl-C) is checked before each shard.
+fn scan_ids(stores: &[(&Manifest, &Path)], ticker: &Ticker) -> Result<IdScan> {
     let mut holder: HashMap<u64, usize> = HashMap::new();
     let mut files: Vec<PathBuf> = Vec::new();
-    let mut twice: HashMap<u64, (PathBuf, PathBuf)> = HashMap::new();
+    let mut scan = IdScan { twice: HashMap::new(), later: Vec::new(), samples: 0, positions: 0 };
     for (m, dir) in stores {
         let p = params_from_manifest(m, &dir.join(MANIFEST_NAME))?;
+        let mut later = Vec::new();
         for (i, info) in m.shards.iter().enumerate() {
+            if !ticker.tick(0) {
+                return Err(progress::stopped());
+            }
             let shard = ShardReader::open(dir, i as u32, info, &p, false)?;
+            // Listed before its records: a shard may hold an id twice itself.
             let file = files.len();
+            files.push(shard.path.clone());
             for r in &shard.footer.records {
                 if let Some(&first) = holder.get(&r.sample_id) {
-                    twice
+                    later.push(r.sample_id);
+                    scan.twice
                         .entry(r.sample_id)
                         .or_insert_with(|| (files[first].clone(), shard.path.clone()));
                 } else {
                     holder.insert(r.sample_id, file);
+                    scan.samples += 1;
+                    scan.positions += u64::from(r.length);
                 }
             }
-            files.push(shard.path.clone());
         }
+        later.sort_unstable();
+        later.dedup();
+        scan.later.push(later);
     }
-    Ok(twice)
+    Ok(scan)
 }
 
 /// The error of a merge refused for a sample id held twice: both holders of the first one
-/// found, and how many there are in all (listed up to ten), so that one pass of `remove` or
-/// `copy --exclude-ids` can take them out. `msg` is the writer's, kept where the footers can
-/// no longer be read (a source changed under the merge).
-fn duplicate_error(sample_id: u64, msg: String, stores: &[(&Manifest, &Path)]) -> Error {
-    let Ok(all) = duplicates(stores) else {
-        return Error::DuplicateSample { sample_id, msg };
+/// found, and how many there are in all (listed up to ten). `msg` is the writer's, kept
+/// where the footers can no longer be read (a source changed under the merge).
+fn duplicate_error(
+    sample_id: u64,
+    msg: String,
+    stores: &[(&Manifest, &Path)],
+    ticker: &Ticker,
+) -> Error {
+    let all = match scan_ids(stores, ticker) {
+        Ok(scan) => scan.twice,
+        Err(e) if ticker.stopping() => return e,
+        Err(_) => return Error::DuplicateSample { sample_id, msg },
     };
     let (sample_id, (a, b)) = match all.get(&sample_id) {
         Some(files) => (sample_id, files.clone()),

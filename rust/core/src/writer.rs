@@ -396,9 +396,6 @@ pub(crate) fn store_exists(dir: &Path, advice: ExistsAdvice) -> Error {
     Error::StoreExists { path: dir.to_path_buf(), msg }
 }
 
-/// A directory that a writer started: nothing but the lock file, the shards directory,
-/// temporary manifests and (committed since the caller looked) the manifest; an empty
-/// directory counts too.
 /// `dir` made absolute against the working directory now (not normalized: `..` and links keep
 /// their meaning), for a store that is used after this call returns.
 pub(crate) fn absolute_dir(dir: &Path) -> Result<PathBuf> {
@@ -408,6 +405,9 @@ pub(crate) fn absolute_dir(dir: &Path) -> Result<PathBuf> {
     std::path::absolute(dir).io_ctx("resolve store path", dir)
 }
 
+/// A directory that a writer started: nothing but the lock file, the shards directory,
+/// temporary manifests and (committed since the caller looked) the manifest; an empty
+/// directory counts too.
 pub(crate) fn holds_only_a_writers_files(dir: &Path) -> Result<bool> {
     for e in fs::read_dir(dir).io_ctx("list", dir)? {
         let e = e.io_ctx("list", dir)?;

@@ -798,6 +798,7 @@ fn merge<'py>(
         e.set_item("samples", s.samples)?;
         e.set_item("positions", s.positions)?;
         e.set_item("bytes", s.bytes)?;
+        e.set_item("duplicates", &s.duplicates)?;
         merged.append(e)?;
     }
     let d = PyDict::new(py);
