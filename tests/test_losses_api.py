@@ -427,6 +427,26 @@ def test_a_second_backward_through_a_retained_graph(kind: str, backend: str) -> 
     torch.testing.assert_close(z.grad, first)
     (loss * 3).backward(retain_graph=True)
     torch.testing.assert_close(z.grad, 4 * first)
+    # Targets changed in place since: the gradient of the forward's values, or refused;
+    # never the gradient of other values.
+    teacher = torch.randn((3, 20), generator=_gen(1))
+    counts = torch.ones_like(ids)
+    z.grad = None
+    if kind == "topk":
+        loss = losses.sparse_kd_loss(z, ids, lp, backend=backend)
+    elif kind == "sampled":
+        loss = losses.sampled_kd_loss(z, ids, counts, backend=backend)
+    else:
+        loss = losses.kd_loss(z, teacher, backend=backend)
+    (first,) = torch.autograd.grad(loss, z, retain_graph=True)
+    with torch.no_grad():
+        {"topk": lp, "sampled": counts, "dense": teacher}[kind].mul_(3)
+    try:
+        (again,) = torch.autograd.grad(loss, z, retain_graph=True)
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+    else:
+        torch.testing.assert_close(again, first)
     # Logits changed in place since: refused, not a gradient of other values.
     with torch.no_grad():
         z.mul_(2)

@@ -243,6 +243,13 @@ def test_dry_run_lists_every_duplicate_and_changes_nothing(tmp_path: Path) -> No
     assert report["shards_linked"] == report["shards_copied"] == 0
     assert not dest.exists()
     assert {s: store_files(s) for s in srcs} == before
+    # Its progress goes from 0 to the sources' bytes (the footers it reads, shard by shard).
+    seen: list[tuple[int, int]] = []
+    lc._core.merge(
+        str(dest), [str(p) for p in srcs], dry_run=True, progress=lambda d, t: seen.append((d, t))
+    )
+    total = sum(s["bytes"] for s in report["sources"])
+    assert seen[-1] == (total, total) and seen[0][0] < total, seen
     for s in report["sources"]:
         lc.remove_samples(s["path"], s["duplicates"])
     planned = lc.merge_stores(dest, srcs, dry_run=True)
@@ -330,17 +337,26 @@ def _repeat_first_id_in_a_shard(store: Path) -> int:
     return int(first)
 
 
-def test_a_shard_holding_an_id_twice_is_named(tmp_path: Path) -> None:
+def test_a_shard_holding_an_id_twice_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The refusal and the dry run name a shard that holds an id twice itself (the scan of
     the footers indexed past its list of files: a panic)."""
     _write(tmp_path / "a", [1, 2, 3, 4, 5, 6, 7, 8])
     sid = _repeat_first_id_in_a_shard(tmp_path / "a")
     report = lc.merge_stores(tmp_path / "m", [tmp_path / "a"], dry_run=True)
-    assert report["duplicates"] == [sid] == report["sources"][0]["duplicates"]
+    # Not in the source's list: removing it there would remove both records.
+    assert report["duplicates"] == [sid] and report["sources"][0]["duplicates"] == []
+    assert report["num_samples"] == 7  # the distinct ids (record 1 lost its own)
     with pytest.raises(lc.DuplicateSampleError, match="holds it twice") as e:
         lc.merge_stores(tmp_path / "m", [tmp_path / "a"])
     assert e.value.sample_id == sid
     assert not (tmp_path / "m").exists()
+    argv = ["merge", "--dry-run", "--duplicates", str(tmp_path / "d"), str(tmp_path / "m")]
+    assert main([*argv, str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert f"1 sample id(s) are held twice within one store ({sid})" in err, err
+    assert "logitcache remove" not in err, err
 
 
 def test_cli_dry_run_and_duplicates_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -392,6 +408,20 @@ def test_cli_dry_run_and_duplicates_dir(tmp_path: Path, capsys: pytest.CaptureFi
     assert "now holds 6 samples" in capsys.readouterr().out
     assert not (tmp_path / "unused").exists()  # a merge that goes through writes no list
     assert sorted(lc.open_store(dest).sample_ids().tolist()) == [1, 2, 3, 4, 9, 10]
+
+    # A second dry run over other sources deletes the lists of the first (a stale 2-c.ids
+    # would be read for another store); paths that need quoting are quoted.
+    _write(tmp_path / "x y", [4, 20], seed=3)
+    (dups / "notes.txt").write_text("mine")
+    assert main(["merge", "--append", "--dry-run", "--duplicates", str(dups), dest, b]) == 1
+    capsys.readouterr()
+    assert sorted(f.name for f in dups.iterdir()) == ["0-b.ids", "notes.txt"]
+    other = str(tmp_path / "x y")
+    assert main(["merge", "--append", "--dry-run", "--duplicates", str(dups), dest, other]) == 1
+    err = capsys.readouterr().err
+    assert f"logitcache remove '{other}' --ids {dups / '0-x y.ids'}"[:60] in err, err
+    assert "--ids '" in err, err
+    assert (dups / "0-x y.ids").read_text() == "4\n"
 
 
 # The core's merge with a progress callback that kills the process at its first call, while

@@ -130,26 +130,34 @@ class _PrecomputedGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, student_logits: torch.Tensor, z: tuple[torch.Tensor], run: Any
+        ctx: Any,
+        student_logits: torch.Tensor,
+        z: tuple[torch.Tensor],
+        run: Any,
+        targets: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         # `z` (the logits as the kernel reads them, a copy where they were not contiguous
         # float32/bfloat16) comes in a tuple, which autograd does not look into, and is not
-        # kept: a second backward converts the saved logits again.
+        # kept: a second backward converts the saved logits again. `targets` are the other
+        # tensors `run` reads (views of the caller's where no conversion was needed): saved
+        # too, so that autograd refuses a second backward after any of them changed in place.
         values, grad = run(z[0], True)
         ctx.grad = grad
         ctx.run = run
-        ctx.save_for_backward(student_logits)
+        ctx.save_for_backward(student_logits, *targets)
         return values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None]:
         grad = ctx.grad
         if grad is None:
             # A second backward through a retained graph: the first one handed the gradient
             # over (scaled in place), so the kernel runs again, as the torch path recomputes
             # (saved_tensors raises if the logits were changed in place since).
-            (logits,) = ctx.saved_tensors
+            logits = ctx.saved_tensors[0]
             _, grad = ctx.run(_logits("student_logits", logits), True)
         ctx.grad = None
         if not bool((grad_output == 1).all()):
@@ -157,10 +165,12 @@ class _PrecomputedGrad(torch.autograd.Function):
             # mixed-dtype mul_ would make an [N, V] float32 temporary for bf16 gradients.
             factors = grad_output.detach().to(torch.float32).contiguous()
             _core.scale_rows(_np(grad), _np(factors))
-        return grad, None, None
+        return grad, None, None, None
 
 
-def _apply(student_logits: torch.Tensor, z: torch.Tensor, run: Any) -> torch.Tensor:
+def _apply(
+    student_logits: torch.Tensor, z: torch.Tensor, run: Any, *targets: torch.Tensor | None
+) -> torch.Tensor:
     if not (torch.is_grad_enabled() and student_logits.requires_grad):
         # No gradient will be asked for (torch.no_grad(), inference_mode, or logits that do
         # not require it): no [N, V] gradient to compute. (Inside Function.forward grad mode
@@ -168,7 +178,8 @@ def _apply(student_logits: torch.Tensor, z: torch.Tensor, run: Any) -> torch.Ten
         values, _ = run(z, False)
         return values
     # `run` goes through apply as a plain Python object (not a tensor): autograd ignores it.
-    return _PrecomputedGrad.apply(student_logits, (z,), run)
+    kept = tuple(t for t in targets if t is not None)
+    return _PrecomputedGrad.apply(student_logits, (z,), run, kept)
 
 
 def rust_sparse_kd(
@@ -231,7 +242,7 @@ def rust_sparse_kd(
         )
         return values, grad
 
-    return _apply(student_logits, z, run)
+    return _apply(student_logits, z, run, ids_, lp, ok)
 
 
 def rust_sampled_kd(
@@ -289,7 +300,7 @@ def rust_sampled_kd(
         )
         return values, grad
 
-    return _apply(student_logits, z, run)
+    return _apply(student_logits, z, run, ids_, counts_, lp, ok)
 
 
 def rust_dense_kd(
@@ -347,4 +358,4 @@ def rust_dense_kd(
         )
         return values, grad
 
-    return _apply(student_logits, z, run)
+    return _apply(student_logits, z, run, teacher, ok)

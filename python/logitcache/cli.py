@@ -9,6 +9,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -324,7 +326,8 @@ def _merge(args: argparse.Namespace) -> int:
             # The merge stopped at the first id held twice; a dry run lists them all. Should
             # that fail, the refusal is still the error to report.
             with contextlib.suppress(StoreError, OSError):
-                args.duplicates_written = _write_duplicates(args.duplicates, run(True))
+                args.duplicates_report = run(True)
+                args.duplicates_written = _write_duplicates(args.duplicates, args.duplicates_report)
         raise
     dups = report["duplicates"]
     written = []
@@ -353,7 +356,7 @@ def _merge(args: argparse.Namespace) -> int:
                 f"DRY RUN, nothing changed: the merge would be refused: {len(dups):,} sample "
                 f"id(s) are held by more than one store: {shown}{more}"
             )
-            _print_duplicates_hint(written)
+            _print_duplicates_hint(args, report, written)
             return 1
         print(
             f"DRY RUN, nothing changed: {shards} shard(s) would be merged into {args.path}; "
@@ -373,12 +376,16 @@ def _merge(args: argparse.Namespace) -> int:
 def _write_duplicates(directory: str, report: dict[str, Any]) -> list[tuple[str, str, int]]:
     """``merge --duplicates DIR``: per source, a file ``DIR/<i>-<name>.ids`` of its sample
     ids that PATH or an earlier source also holds, one per line as ``remove --ids`` reads
-    it (empty for a source without any, so that no file of an earlier run is left stale).
-    Returns (source, file, count) of the sources with some."""
+    it (empty for a source without any). Files of this form an earlier run left in DIR are
+    deleted first, so that none is read for a source it was not written for. Returns
+    (source, file, count) of the sources with some."""
     os.makedirs(directory, exist_ok=True)
+    for old in os.listdir(directory):
+        if _DUPLICATES_FILE.fullmatch(old):
+            os.remove(os.path.join(directory, old))
     out = []
     for i, s in enumerate(report["sources"]):
-        name = os.path.basename(os.path.normpath(s["path"])) or "store"
+        name = os.path.basename(os.path.abspath(s["path"])) or "store"
         file = os.path.join(directory, f"{i}-{name}.ids")
         with open(file, "w", encoding="utf-8") as f:
             f.writelines(f"{int(x)}\n" for x in s["duplicates"])
@@ -387,22 +394,43 @@ def _write_duplicates(directory: str, report: dict[str, Any]) -> list[tuple[str,
     return out
 
 
-def _print_duplicates_hint(written: list[tuple[str, str, int]]) -> None:
-    if not written:
+_DUPLICATES_FILE = re.compile(r"[0-9]+-.*\.ids")
+
+
+def _print_duplicates_hint(
+    args: argparse.Namespace, report: dict[str, Any] | None, written: list[tuple[str, str, int]]
+) -> None:
+    if report is not None:
+        listed = {int(x) for s in report["sources"] for x in s["duplicates"]}
+        within = [int(x) for x in report["duplicates"] if int(x) not in listed]
+        if within:
+            print(
+                f"{len(within):,} sample id(s) are held twice within one store ("
+                + ", ".join(map(str, within[:10]))
+                + "): no writer makes such a store; logitcache verify names its shards",
+                file=sys.stderr,
+            )
+    if written:
         print(
-            "a sample id may be in one store only: `logitcache merge --dry-run --duplicates "
-            "DIR PATH SOURCE...` writes, per source, the ids that an earlier store also "
-            "holds; take them out of each source and merge again",
+            "to keep each sample once, in the first store that holds it, take out of each "
+            "source the ids an earlier store also holds, then merge again:",
             file=sys.stderr,
         )
+        for source, file, n in written:
+            print(
+                f"  logitcache remove {shlex.quote(source)} --ids {shlex.quote(file)}"
+                f"   # {n:,} id(s)",
+                file=sys.stderr,
+            )
         return
-    print(
-        "to keep each sample once, in the first store that holds it, take out of each "
-        "source the ids an earlier store also holds, then merge again:",
-        file=sys.stderr,
-    )
-    for source, file, n in written:
-        print(f"  logitcache remove {source} --ids {file}   # {n:,} id(s)", file=sys.stderr)
+    if report is None or listed:
+        append = " --append" if args.append else ""
+        print(
+            f"a sample id may be in one store only: `logitcache merge{append} --dry-run "
+            "--duplicates DIR PATH SOURCE...` writes, per source, the ids that an earlier "
+            "store also holds; take them out of each source and merge again",
+            file=sys.stderr,
+        )
 
 
 def _percent(v: float | None) -> str:
@@ -1116,7 +1144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, MissingSampleError) and args.command == "remove":
             print("to remove the others and report those: --missing-ok", file=sys.stderr)
         if isinstance(e, DuplicateSampleError) and args.command == "merge":
-            _print_duplicates_hint(getattr(args, "duplicates_written", []))
+            _print_duplicates_hint(
+                args,
+                getattr(args, "duplicates_report", None),
+                getattr(args, "duplicates_written", []),
+            )
         if isinstance(e, StoreExistsError) and args.command == "copy":
             print("to copy into it: logitcache copy --append ...", file=sys.stderr)
         damaged = _damaged_store(e)

@@ -227,8 +227,9 @@ class _OneCallAtATime:
         self._lock = threading.RLock()
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            # Protocols looked up on an instance without its slots set (copy, pickle).
+        if name.startswith("__") or name in _OneCallAtATime.__slots__:
+            # Protocols looked up on an instance without its slots set (copy, pickle), and
+            # the slots themselves before they are set.
             raise AttributeError(name)
         with self._lock:
             attr = getattr(self._inner, name)  # a property reads the writer too

@@ -48,8 +48,9 @@ pub struct MergedSource {
     pub positions: u64,
     pub bytes: u64,
     /// A dry run's: this source's sample ids that the destination or an earlier source
-    /// (or an earlier shard of this one) also holds, in increasing order. Taking them out
-    /// of every source keeps each sample once, in the first store that holds it.
+    /// also holds, in increasing order. Taking them out of every source keeps each sample
+    /// once, in the first store that holds it. (An id a store holds twice itself, which no
+    /// writer makes, is in the report's `duplicates` only.)
     pub duplicates: Vec<u64>,
 }
 
@@ -163,11 +164,11 @@ pub fn merge_with_progress(
                 ),
             ));
         }
-        let scan = scan_ids(&stores, &ticker)?;
-        report.duplicates = scan.twice.into_keys().collect();
-        report.duplicates.sort_unstable();
         // The sources follow the destination (when there is one) in `stores`.
         let first_source = stores.len() - report.sources.len();
+        let scan = scan_ids(&stores, &ticker, Some(first_source))?;
+        report.duplicates = scan.twice.into_keys().collect();
+        report.duplicates.sort_unstable();
         for (source, later) in report.sources.iter_mut().zip(&scan.later[first_source..]) {
             source.duplicates = later.clone();
         }
@@ -250,8 +251,8 @@ fn spec_of(m: &Manifest, path: &Path) -> Result<StoreSpec> {
 struct IdScan {
     /// Every id two shards hold, with the first two shard files that hold it.
     twice: HashMap<u64, (PathBuf, PathBuf)>,
-    /// Per store, in order: its ids that an earlier store (or an earlier shard, or an
-    /// earlier record of the same shard) holds, sorted.
+    /// Per store, in order: its ids that an earlier store holds, sorted. (An id a store
+    /// holds twice itself is not listed: removing it there would remove both records.)
     later: Vec<Vec<u64>>,
     /// Distinct samples and their positions, each sample counted once.
     samples: u64,
@@ -261,12 +262,19 @@ struct IdScan {
 /// Read every shard footer of `stores` (the destination first, when merging into one).
 /// Only a dry run and the refusal of a merge do this: a merge finds a duplicate as it places
 /// the shards (the writer knows every id it holds). A stop asked for through `ticker`
-/// (Ctrl-C) is checked before each shard.
-fn scan_ids(stores: &[(&Manifest, &Path)], ticker: &Ticker) -> Result<IdScan> {
-    let mut holder: HashMap<u64, usize> = HashMap::new();
+/// (Ctrl-C) is checked before each shard; with `advance_from`, each shard of the stores from
+/// that index on (the sources, whose bytes the ticker's total counts) ticks its bytes once
+/// read (a dry run's progress; a refused merge has ticked its own already).
+fn scan_ids(
+    stores: &[(&Manifest, &Path)],
+    ticker: &Ticker,
+    advance_from: Option<usize>,
+) -> Result<IdScan> {
+    // The first holder of each id: its file, and its store's index in `stores`.
+    let mut holder: HashMap<u64, (usize, usize)> = HashMap::new();
     let mut files: Vec<PathBuf> = Vec::new();
     let mut scan = IdScan { twice: HashMap::new(), later: Vec::new(), samples: 0, positions: 0 };
-    for (m, dir) in stores {
+    for (store, (m, dir)) in stores.iter().enumerate() {
         let p = params_from_manifest(m, &dir.join(MANIFEST_NAME))?;
         let mut later = Vec::new();
         for (i, info) in m.shards.iter().enumerate() {
@@ -278,16 +286,21 @@ fn scan_ids(stores: &[(&Manifest, &Path)], ticker: &Ticker) -> Result<IdScan> {
             let file = files.len();
             files.push(shard.path.clone());
             for r in &shard.footer.records {
-                if let Some(&first) = holder.get(&r.sample_id) {
-                    later.push(r.sample_id);
+                if let Some(&(first, first_store)) = holder.get(&r.sample_id) {
+                    if first_store != store {
+                        later.push(r.sample_id);
+                    }
                     scan.twice
                         .entry(r.sample_id)
                         .or_insert_with(|| (files[first].clone(), shard.path.clone()));
                 } else {
-                    holder.insert(r.sample_id, file);
+                    holder.insert(r.sample_id, (file, store));
                     scan.samples += 1;
                     scan.positions += u64::from(r.length);
                 }
+            }
+            if advance_from.is_some_and(|a| store >= a) && !ticker.tick(info.bytes) {
+                return Err(progress::stopped());
             }
         }
         later.sort_unstable();
@@ -306,7 +319,7 @@ fn duplicate_error(
     stores: &[(&Manifest, &Path)],
     ticker: &Ticker,
 ) -> Error {
-    let all = match scan_ids(stores, ticker) {
+    let all = match scan_ids(stores, ticker, None) {
         Ok(scan) => scan.twice,
         Err(e) if ticker.stopping() => return e,
         Err(_) => return Error::DuplicateSample { sample_id, msg },
