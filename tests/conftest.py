@@ -9,6 +9,18 @@ import numpy as np
 import pytest
 
 
+def write_manifest(path: Any, body: dict[str, Any]) -> None:
+    """Write ``body`` as the manifest of the store at ``path``, in its envelope with a valid
+    CRC-32 (FORMAT.md section 2): for tests that edit a manifest."""
+    import json
+    import zlib
+    from pathlib import Path
+
+    text = json.dumps(body, separators=(",", ":")).encode()
+    envelope = b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(text), text)
+    (Path(path) / "manifest.json").write_bytes(envelope)
+
+
 def make_undeletable(path: Any) -> None:
     """Put a directory where the file ``path`` is, so that deleting the name fails (unlink
     refuses a directory, even to root); a process that has the file open or mapped keeps

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_topk
+from conftest import make_topk, write_manifest
 
 import logitcache as lc
 
@@ -36,12 +35,9 @@ def _where(e: BaseException) -> dict[str, object]:
 
 
 def _rewrite_manifest(path: Path, change: dict[str, object]) -> None:
-    mpath = path / "manifest.json"
-    body = json.loads(mpath.read_text())["manifest"]
+    body = json.loads((path / "manifest.json").read_text())["manifest"]
     body.update(change)
-    text = json.dumps(body, separators=(",", ":"))
-    crc = zlib.crc32(text.encode())
-    mpath.write_text(f'{{"checksum":"crc32:{crc:08x}","manifest":{text}}}\n')
+    write_manifest(path, body)
 
 
 def _shard(path: Path) -> Path:

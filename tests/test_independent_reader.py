@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk
+from conftest import make_sampled, make_topk, write_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from independent_reader import CHUNK_ENTRY, KNOWN_TAGS, Where, read_chunk_streams, read_store
@@ -642,13 +642,6 @@ def test_every_flipped_byte_is_rejected(tmp_path: Path) -> None:
             finally:
                 file.write_bytes(original)
     assert_same_as_rust(path)
-
-
-def write_manifest(path: Path, body: dict[str, Any]) -> None:
-    """Write a manifest body with a valid envelope CRC."""
-    text = json.dumps(body, separators=(",", ":")).encode()
-    envelope = b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(text), text)
-    (path / "manifest.json").write_bytes(envelope)
 
 
 def rewrite_manifest(path: Path, edit: Any) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_topk, store_contents, store_files, write_store
+from conftest import make_topk, store_contents, store_files, write_manifest, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -297,10 +297,7 @@ def test_one_store_holding_an_id_twice_is_named(tmp_path: Path) -> None:
     manifest["shards"].append({**extra, "file": name})
     manifest["num_samples"] += extra["num_samples"]
     manifest["num_positions"] += extra["num_positions"]
-    body = json.dumps(manifest, separators=(",", ":")).encode()
-    (tmp_path / "a" / "manifest.json").write_bytes(
-        b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(body), body)
-    )
+    write_manifest(tmp_path / "a", manifest)
     srcs = [tmp_path / "a", tmp_path / "b"]
     assert lc.merge_stores(tmp_path / "m", srcs, dry_run=True)["duplicates"] == [2, 3]
     with pytest.raises(lc.DuplicateSampleError) as e:
@@ -330,10 +327,7 @@ def _repeat_first_id_in_a_shard(store: Path) -> int:
     struct.pack_into("<I", data, len(data) - 12, zlib.crc32(bytes(data[-32:-12])))
     file.write_bytes(bytes(data))
     entry["checksum"] = f"crc32:{zlib.crc32(bytes(data)):08x}"
-    text = json.dumps(body, separators=(",", ":")).encode()
-    (store / "manifest.json").write_bytes(
-        b'{"checksum":"crc32:%08x","manifest":%s}\n' % (zlib.crc32(text), text)
-    )
+    write_manifest(store, body)
     return int(first)
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_sampled, make_topk, make_undeletable
+from conftest import make_sampled, make_topk, make_undeletable, write_manifest
 
 import logitcache as lc
 
@@ -296,9 +295,7 @@ def test_future_format_version(committed: Path) -> None:
     env = json.loads(mpath.read_text())
     body = env["manifest"]
     body["format_version"] = 99
-    text = json.dumps(body, separators=(",", ":"))
-    crc = zlib.crc32(text.encode())
-    mpath.write_text(f'{{"checksum":"crc32:{crc:08x}","manifest":{text}}}\n')
+    write_manifest(committed, body)
     with pytest.raises(lc.FormatVersionError, match="format version 99 is not supported"):
         lc.open_store(committed)
     with pytest.raises(lc.FormatVersionError):

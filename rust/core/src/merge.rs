@@ -23,7 +23,7 @@ use crate::progress::{self, Progress, Ticker};
 use crate::reader::{ShardReader, params_from_manifest};
 use crate::writer::{
     ExistsAdvice, Mode, ShardPlacement, StoreSpec, StoreWriter, WriterOptions, check_append,
-    fill_identity, holds_only_a_writers_files, store_exists,
+    fill_identity, refuse_foreign_dir, store_exists,
 };
 
 /// What [`merge`] may do.
@@ -155,22 +155,16 @@ pub fn merge_with_progress(
         if !opts.append && dest.exists() {
             return Err(store_exists(dest, ExistsAdvice::Merge));
         }
-        if existing.is_none() && dest.exists() && !holds_only_a_writers_files(dest)? {
-            return Err(Error::invalid_argument(
-                "path",
-                format!(
-                    "{} exists and is not a logitcache store; refusing to write into it",
-                    dest.display()
-                ),
-            ));
-        }
+        refuse_foreign_dir(dest)?;
         // The sources follow the destination (when there is one) in `stores`.
         let first_source = stores.len() - report.sources.len();
         let scan = scan_ids(&stores, &ticker, Some(first_source))?;
         report.duplicates = scan.twice.into_keys().collect();
         report.duplicates.sort_unstable();
-        for (source, later) in report.sources.iter_mut().zip(&scan.later[first_source..]) {
-            source.duplicates = later.clone();
+        for (source, later) in
+            report.sources.iter_mut().zip(scan.later.into_iter().skip(first_source))
+        {
+            source.duplicates = later;
         }
         report.num_samples = scan.samples;
         report.num_positions = scan.positions;

@@ -405,10 +405,25 @@ pub(crate) fn absolute_dir(dir: &Path) -> Result<PathBuf> {
     std::path::absolute(dir).io_ctx("resolve store path", dir)
 }
 
+/// Refuse a directory at `dir` that holds no store but files no writer made: a writer does
+/// not write into (nor a merge merge into) a directory of other things.
+pub(crate) fn refuse_foreign_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.join(MANIFEST_NAME).exists() && !holds_only_a_writers_files(dir)? {
+        return Err(Error::invalid_argument(
+            "path",
+            format!(
+                "{} exists and is not a logitcache store; refusing to write into it",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A directory that a writer started: nothing but the lock file, the shards directory,
 /// temporary manifests and (committed since the caller looked) the manifest; an empty
 /// directory counts too.
-pub(crate) fn holds_only_a_writers_files(dir: &Path) -> Result<bool> {
+fn holds_only_a_writers_files(dir: &Path) -> Result<bool> {
     for e in fs::read_dir(dir).io_ctx("list", dir)? {
         let e = e.io_ctx("list", dir)?;
         let name = e.file_name();
@@ -590,15 +605,7 @@ impl StoreWriter {
         if mode == Mode::Create && exists {
             return Err(store_exists(dir, ExistsAdvice::Writer));
         }
-        if exists && !has_manifest && !holds_only_a_writers_files(dir)? {
-            return Err(Error::invalid_argument(
-                "path",
-                format!(
-                    "{} exists and is not a logitcache store; refusing to write into it",
-                    dir.display()
-                ),
-            ));
-        }
+        refuse_foreign_dir(dir)?;
         // Directories this writer creates (the store and any missing parents): their entries
         // in their parents are fsynced at the first commit, or a power loss could drop a
         // committed store whole.

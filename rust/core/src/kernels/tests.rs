@@ -665,24 +665,23 @@ fn bad_sparse_arguments_name_the_argument() {
     assert_eq!(err_arg(call(&z, &[1, 2, 3, 3], &lp, 2, &ok)), "ids");
     assert_eq!(err_arg(call(&z, &ids, &[-1.0, f32::NAN, -1.0, -1.0], 2, &ok)), "logprobs");
     assert_eq!(err_arg(call(&z, &ids, &[-1.0, f32::INFINITY, -1.0, -1.0], 2, &ok)), "logprobs");
-    let mut nan_z = z.clone();
-    nan_z[6] = f32::NAN;
+    // The student logits with one entry set to `v`.
+    let with = |i: usize, v: f32| {
+        let mut x = z.clone();
+        x[i] = v;
+        x
+    };
+    let nan_z = with(6, f32::NAN);
     assert_eq!(err_arg(call(&nan_z, &ids, &lp, 2, &ok)), "student_logits");
-    let mut inf_z = z.clone();
-    inf_z[1] = f32::INFINITY;
-    assert_eq!(err_arg(call(&inf_z, &ids, &lp, 2, &ok)), "student_logits");
+    assert_eq!(err_arg(call(&with(1, f32::INFINITY), &ids, &lp, 2, &ok)), "student_logits");
     let all_masked = vec![f32::NEG_INFINITY; 8];
     assert_eq!(err_arg(call(&all_masked, &ids, &lp, 2, &ok)), "student_logits");
     let renorm = SparseKdConfig { tail: Tail::Renormalize, ..ok };
     // renormalize reads the logits at the target ids only: a NaN or +inf there is refused,
     // one elsewhere (row 1's ids are 3 and 0; index 6 is its id 2) is not read.
     assert!(call(&nan_z, &ids, &lp, 2, &renorm).is_ok());
-    let mut nan_at_id = z.clone();
-    nan_at_id[7] = f32::NAN;
-    assert_eq!(err_arg(call(&nan_at_id, &ids, &lp, 2, &renorm)), "student_logits");
-    let mut inf_at_id = z.clone();
-    inf_at_id[4] = f32::INFINITY;
-    assert_eq!(err_arg(call(&inf_at_id, &ids, &lp, 2, &renorm)), "student_logits");
+    assert_eq!(err_arg(call(&with(7, f32::NAN), &ids, &lp, 2, &renorm)), "student_logits");
+    assert_eq!(err_arg(call(&with(4, f32::INFINITY), &ids, &lp, 2, &renorm)), "student_logits");
     assert_eq!(err_arg(call(&z, &ids, &[f32::NEG_INFINITY; 4], 2, &renorm)), "logprobs");
     let hot = SparseKdConfig { temperature: 2.0, ..ok };
     assert_eq!(err_arg(call(&z, &ids, &lp, 2, &hot)), "temperature");
