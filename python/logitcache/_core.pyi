@@ -97,6 +97,7 @@ class StoreWriter:
         self,
         source: str,
         sample_ids: NDArray[np.uint64],
+        expect_shards: list[str] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, int]: ...
     def commit(self) -> None: ...

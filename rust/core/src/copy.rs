@@ -18,6 +18,11 @@ use crate::writer::{CopiedRecords, StoreWriter};
 /// Copy the records of the store at `source` whose sample ids are in `keep` into `writer`;
 /// see the module documentation. The stores must be encoded alike (kind, K, vocabulary,
 /// codec, temperature: else [`crate::Error::Mismatch`] before anything is added).
+/// `expect_shards`: the uids of the shards the source had when the caller opened it; a
+/// source whose manifest no longer starts with them (it was replaced or rewritten since, so
+/// records the caller saw may be gone or different) is refused with [`crate::Error::Mismatch`]
+/// (field `shards`). Checked against the manifest this copy reads, so nothing can change in
+/// between; shards appended since hold none of the caller's ids.
 /// `progress(done, total)` gets the bytes of the source's shards gone through; a `false`
 /// from it stops the copy at the next chunk ([`crate::progress::stopped`]; what was
 /// added stays in the writer, uncommitted: abort it).
@@ -25,9 +30,13 @@ pub fn copy_records(
     writer: &mut StoreWriter,
     source: &Path,
     keep: &HashSet<u64>,
+    expect_shards: Option<&[String]>,
     progress: Progress<'_>,
 ) -> Result<CopiedRecords> {
     let m = Manifest::read(source)?;
+    if let Some(expected) = expect_shards {
+        check_first_shards(&m, source, expected)?;
+    }
     let p = params_from_manifest(&m, &source.join(MANIFEST_NAME))?;
     let total: u64 = m.shards.iter().map(|s| s.bytes).sum();
     let ticker = Ticker::new(progress, total);
@@ -66,6 +75,25 @@ pub fn copy_records(
     ticker.check()?;
     ticker.finish();
     Ok(out)
+}
+
+/// Refuse a manifest whose shards do not start with the uids `expected`.
+fn check_first_shards(m: &Manifest, source: &Path, expected: &[String]) -> Result<()> {
+    let differs =
+        expected.iter().enumerate().find(|&(i, uid)| m.shards.get(i).is_none_or(|s| &s.uid != uid));
+    match differs {
+        None => Ok(()),
+        Some((i, uid)) => Err(Error::Mismatch {
+            path: source.to_path_buf(),
+            field: "shards".into(),
+            expected: format!("shard {i} to be {uid}, as when it was opened"),
+            found: format!(
+                "{}: the store was replaced or rewritten since (a writer with mode='w', \
+                 repair or remove); open it again",
+                m.shards.get(i).map_or_else(|| "no shard".into(), |s| s.uid.clone())
+            ),
+        }),
+    }
 }
 
 /// Stored bytes of a shard's chunks (the rest of the file: header, footer, trailer).

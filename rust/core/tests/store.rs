@@ -1491,7 +1491,7 @@ fn copy_records_takes_stored_chunks_in_order() {
     let mut w = StoreWriter::open(&dest, lossless.clone(), Mode::Create, small_opts()).unwrap();
     write_topk(&mut w, 1000, 12);
     let seen = std::sync::Mutex::new(Vec::new());
-    let r = copy_records(&mut w, &src, &keep, &|d, t| {
+    let r = copy_records(&mut w, &src, &keep, None, &|d, t| {
         seen.lock().unwrap().push((d, t));
         true
     })
@@ -1531,17 +1531,41 @@ fn copy_records_takes_stored_chunks_in_order() {
     ] {
         let path = dir.path().join(format!("other-{field}"));
         let mut w = StoreWriter::open(&path, other, Mode::Create, small_opts()).unwrap();
-        let err = copy_records(&mut w, &src, &keep, &|_, _| true).unwrap_err();
+        let err = copy_records(&mut w, &src, &keep, None, &|_, _| true).unwrap_err();
         assert!(matches!(&err, Error::Mismatch { field: f, .. } if f == field), "{err}");
         assert_eq!(w.num_samples(), 0);
     }
     // Only the last sample to copy is already there (5 and 6 are not): nothing is added.
-    let mut w = StoreWriter::open(&dest, lossless, Mode::Append, small_opts()).unwrap();
+    let mut w = StoreWriter::open(&dest, lossless.clone(), Mode::Append, small_opts()).unwrap();
     let held = w.num_samples();
     let last = *src_order.iter().rev().find(|s| keep.contains(s)).unwrap();
-    let err = copy_records(&mut w, &src, &HashSet::from([5, 6, last]), &|_, _| true);
+    let err = copy_records(&mut w, &src, &HashSet::from([5, 6, last]), None, &|_, _| true);
     assert!(matches!(err, Err(Error::DuplicateSample { sample_id, .. }) if sample_id == last));
     assert_eq!(w.num_samples(), held);
+
+    // The shards the caller saw when it opened the source: the same, or the same and more
+    // (appended since), copy; one gone (the store rewritten since) is refused.
+    let uids: Vec<String> = logitcache_core::manifest::Manifest::read(&src)
+        .unwrap()
+        .shards
+        .into_iter()
+        .map(|s| s.uid)
+        .collect();
+    assert!(uids.len() > 1, "the source has shards to leave out");
+    let one = HashSet::from([src_order[0]]);
+    for (first, ok) in [(&uids[..], true), (&uids[..1], true), (&uids[1..], false)] {
+        let path = dir.path().join(format!("expect-{}-{ok}", first.len()));
+        let mut w = StoreWriter::open(&path, lossless.clone(), Mode::Create, small_opts()).unwrap();
+        let r = copy_records(&mut w, &src, &one, Some(first), &|_, _| true);
+        if ok {
+            assert_eq!(r.unwrap().samples, 1);
+        } else {
+            let err = r.unwrap_err();
+            assert!(matches!(&err, Error::Mismatch { field, .. } if field == "shards"), "{err}");
+            assert!(err.to_string().contains(&format!("shard 0 to be {}", uids[1])), "{err}");
+            assert_eq!(w.num_samples(), 0);
+        }
+    }
 }
 
 /// A progress callback that returns false stops each long operation at its next shard or
@@ -1649,7 +1673,7 @@ fn a_stop_takes_effect_inside_a_shard() {
     .unwrap();
     calls.store(0, Ordering::Relaxed);
     let keep: HashSet<u64> = (0..60).collect();
-    assert!(is_stop(copy_records(&mut dest, &path, &keep, &stop).unwrap_err()));
+    assert!(is_stop(copy_records(&mut dest, &path, &keep, None, &stop).unwrap_err()));
     assert_eq!(calls.load(Ordering::Relaxed), 1);
 }
 

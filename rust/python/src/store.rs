@@ -313,20 +313,23 @@ impl PyStoreWriter {
 
     /// Copy the records of the store at `source` with these sample ids into this store as
     /// they are stored (see logitcache_core::copy); returns a report dict. `progress` as for
-    /// [`verify`], with the stored bytes of the source gone through.
-    #[pyo3(signature = (source, sample_ids, progress=None))]
+    /// [`verify`], with the stored bytes of the source gone through. `expect_shards`: the
+    /// source's shard uids when the caller opened it (a store rewritten since is refused).
+    #[pyo3(signature = (source, sample_ids, expect_shards=None, progress=None))]
     fn copy_from<'py>(
         &mut self,
         py: Python<'py>,
         source: PathBuf,
         sample_ids: PyReadonlyArray1<'py, u64>,
+        expect_shards: Option<Vec<String>>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let keep: HashSet<u64> =
             contiguous(sample_ids.as_slice(), "sample_ids")?.iter().copied().collect();
         let w = &mut self.inner;
-        let r = Progress::new(progress)
-            .run(py, |p| logitcache_core::copy::copy_records(w, &source, &keep, p))?;
+        let r = Progress::new(progress).run(py, |p| {
+            logitcache_core::copy::copy_records(w, &source, &keep, expect_shards.as_deref(), p)
+        })?;
         let d = PyDict::new(py);
         d.set_item("samples", r.samples)?;
         d.set_item("positions", r.positions)?;
