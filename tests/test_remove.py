@@ -376,6 +376,67 @@ def test_a_failing_progress_callback_stops_the_removal(tmp_path: Path) -> None:
     assert store_files(path) == files
 
 
+def _failing_at_the_nth_end(n: int) -> Callable[[int, int], None]:
+    """A progress callback that raises at its n-th call that reports all done."""
+    ends = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal ends
+        ends += done >= total
+        if ends == n and done >= total:
+            raise RuntimeError("from the callback")
+
+    return progress
+
+
+def _long_op(op: str, path: Path, target: Path, progress: Callable[[int, int], None]) -> object:
+    if op == "remove":
+        ids = np.arange(0, 40, 5, dtype=np.uint64)
+        return lc._core.remove_samples(str(path), ids, progress=progress)
+    if op == "merge":
+        return lc._core.merge(str(target), [str(path)], progress=progress)
+    if op == "repair":
+        return lc._core.repair(str(path), progress=progress)
+    return lc._core.rebuild_manifest(str(path), progress=progress)
+
+
+@pytest.mark.parametrize("op", ["remove", "merge", "repair", "rebuild"])
+def test_an_exception_too_late_to_stop_the_work_says_it_is_done(tmp_path: Path, op: str) -> None:
+    """A callback's exception (so a Ctrl-C, which takes the same way) that comes after the
+    work's last check cannot stop it: it is still raised, and carries a note that the
+    change stands exactly when it does, so that the caller does not take the store for
+    unchanged. The callback fails at its n-th call that reports all done (a removal's
+    second comes after its commit), for every n until the work runs without one."""
+    named = {"remove": "removal"}.get(op, op)
+    seen_done = False
+    for n in range(1, 10):
+        path = tmp_path / str(n) / "s"
+        _write(path, list(range(40)))
+        if op == "repair":
+            shard = sorted((path / "shards").iterdir())[0]
+            data = bytearray(shard.read_bytes())
+            data[100] ^= 0xFF  # in its first chunk
+            shard.write_bytes(bytes(data))
+        elif op == "rebuild":
+            (path / "manifest.json").unlink()
+        target = tmp_path / str(n) / "m" if op == "merge" else path
+        before = store_files(target) if target.exists() else None
+        try:
+            _long_op(op, path, target, _failing_at_the_nth_end(n))
+        except RuntimeError as e:
+            changed = (store_files(target) if target.exists() else None) != before
+            notes = getattr(e, "__notes__", [])
+            too_late = any(f"too late to stop the {named}" in x for x in notes)
+            assert too_late == changed, (n, changed, notes)
+            if changed:
+                assert f"what it changed in {target} stands" in notes[0]
+                seen_done = True
+        else:
+            assert n > 1
+            break
+    assert seen_done or op != "remove"
+
+
 def test_cli_reports_an_interruption(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,6 +5,7 @@ child."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -152,3 +153,61 @@ def test_reader_opened_before_fork_works_in_child(tmp_path: Path) -> None:
     assert {tuple(map(tuple, r[0])) for r in results} == {
         tuple(map(tuple, store[s].topk_ids.tolist())) for s in (3, 7)
     }
+
+
+@pytest.mark.parametrize("after", [True, False])
+@pytest.mark.parametrize("how", ["close", "with", "commit", "copy"])
+def test_a_ctrl_c_as_the_commit_returns_says_whether_it_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, after: bool
+) -> None:
+    """Ctrl-C while the core commits is raised by Python once the commit returns: the
+    KeyboardInterrupt then says that the commit is done, so that the caller does not take
+    the store for unchanged; one that comes before the commit starts says nothing, and the
+    store is as it was."""
+    import logitcache.store as store_module
+
+    src = tmp_path / "src"
+    with lc.StoreWriter(src, vocab_size=100, k=4) as w:
+        w.add(1, *make_topk(np.random.default_rng(0), 5, 4, 100))
+    method = "commit" if how == "commit" else "close"
+
+    class Interrupting(store_module._OneCallAtATime):
+        __slots__ = ()
+
+        def __getattr__(self, name: str) -> object:
+            attr = super().__getattr__(name)
+            if name != method:
+                return attr
+
+            def call(*args: object, **kwargs: object) -> object:
+                if after:
+                    attr(*args, **kwargs)
+                raise KeyboardInterrupt
+
+            return call
+
+    monkeypatch.setattr(store_module, "_OneCallAtATime", Interrupting)
+    dest = tmp_path / "dest"
+    writer = None
+    with pytest.raises(KeyboardInterrupt) as info:
+        if how == "copy":
+            lc.copy_store(src, dest)
+        else:
+            writer = lc.StoreWriter(dest, vocab_size=100, k=4)
+            with writer if how == "with" else contextlib.nullcontext():
+                writer.add(2, *make_topk(np.random.default_rng(1), 3, 4, 100))
+                if how != "with":
+                    getattr(writer, method)()
+    notes = getattr(info.value, "__notes__", [])
+    what = "the copy into" if how == "copy" else "the commit of"
+    assert notes == (
+        [f"logitcache: this came too late to stop {what} {dest}, which ran to its end"]
+        if after
+        else []
+    )
+    if writer is not None:
+        writer.abort()
+    committed = (dest / "manifest.json").exists()
+    assert committed == after
+    if committed:
+        assert len(lc.open_store(dest)) == 1

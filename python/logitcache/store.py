@@ -6,6 +6,7 @@ A store is a directory of immutable, checksummed shard files plus ``manifest.jso
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -473,13 +474,15 @@ class StoreWriter:
 
     def commit(self) -> None:
         """Checkpoint: make everything added so far durable and visible to readers."""
-        self._w.commit()
-        self._warn_left_behind(stacklevel=3)
+        with _too_late_noted(lambda: self._w.num_uncommitted == 0, f"the commit of {self.path}"):
+            self._w.commit()
+            self._warn_left_behind(stacklevel=3)
 
     def close(self) -> None:
         """Commit and release the store (idempotent)."""
-        self._w.close()
-        self._warn_left_behind(stacklevel=3)
+        with _too_late_noted(lambda: self._w.closed, f"the commit of {self.path}"):
+            self._w.close()
+            self._warn_left_behind(stacklevel=3)
 
     def _warn_left_behind(self, stacklevel: int) -> None:
         # mode="w": the replaced store's shard files are deleted after the first commit,
@@ -528,8 +531,9 @@ class StoreWriter:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
-            self._w.close()
-            self._warn_left_behind(stacklevel=3)  # at the with statement
+            with _too_late_noted(lambda: self._w.closed, f"the commit of {self.path}"):
+                self._w.close()
+                self._warn_left_behind(stacklevel=3)  # at the with statement
         else:
             self.abort()
 
@@ -1009,6 +1013,21 @@ def _check_same_store(path: str, now: Mapping[str, Any], shard_uids: list[str], 
         )
 
 
+@contextlib.contextmanager
+def _too_late_noted(done: Callable[[], bool], what: str) -> Iterator[None]:
+    """Ctrl-C cannot stop a commit half way: pressed while the core commits, it is raised
+    once the commit is done, here. Then the KeyboardInterrupt says so (when ``done()``), so
+    that the caller does not take the store for unchanged. One raised while another
+    exception was on its way (``__context__``) says nothing: that commit may have failed."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        add_note = getattr(e, "add_note", None)  # Python 3.11+
+        if add_note is not None and e.__context__ is None and done():
+            add_note(f"logitcache: this came too late to stop {what}, which ran to its end")
+        raise
+
+
 def _codec_spec(codec: Mapping[str, Any]) -> str:
     """The writer's codec argument that stores values as the manifest's codec does."""
     name = codec["logprobs"]
@@ -1123,10 +1142,11 @@ def copy_store(
     )
     try:
         n = _copy_records(src, ids, w, progress)
+        with _too_late_noted(lambda: w.closed, f"the copy into {w.path}"):
+            w._w.close()
     except BaseException:
-        w.abort()
+        w.abort()  # nothing after a close
         raise
-    w._w.close()
     # A replaced store's files not deleted: said at the caller of copy_store (frames: the
     # warning, _warn_left_behind, here, the caller).
     w._warn_left_behind(stacklevel=3)

@@ -607,6 +607,8 @@ struct Progress {
     last: std::sync::Mutex<Option<std::time::Instant>>,
     failed: std::sync::Mutex<Option<PyErr>>,
     stop: std::sync::atomic::AtomicBool,
+    /// Added to that exception when the work ran to its end all the same (see [`Self::changes`]).
+    done_note: Option<String>,
 }
 
 impl Progress {
@@ -616,7 +618,23 @@ impl Progress {
             last: Default::default(),
             failed: Default::default(),
             stop: Default::default(),
+            done_note: None,
         }
+    }
+
+    /// For work that changes the store at `path` (unless `dry_run`): a Ctrl-C or callback
+    /// exception that came too late to stop it (after its last check, e.g. as it commits) is
+    /// still raised, and says that the `op` is done, so that the caller does not take the
+    /// store for unchanged.
+    fn changes(mut self, op: &str, path: &std::path::Path, dry_run: bool) -> Progress {
+        if !dry_run {
+            self.done_note = Some(format!(
+                "logitcache: this came too late to stop the {op}, which ran to its end: what \
+                 it changed in {} stands",
+                path.display()
+            ));
+        }
+        self
     }
 
     /// The core's progress callback: false once the work should stop.
@@ -688,6 +706,10 @@ impl Progress {
         });
         let r = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         if let Some(e) = self.failed.into_inner().ok().flatten() {
+            if let (Ok(_), Some(note)) = (&r, &self.done_note) {
+                // add_note is Python 3.11+; on 3.10 the exception goes without it.
+                let _ = e.value(py).call_method1("add_note", (note,));
+            }
             return Err(e);
         }
         r.py_err()
@@ -735,7 +757,9 @@ fn repair<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     use logitcache_core::repair::{RepairOptions, repair_with_progress};
     let opts = RepairOptions { dry_run, remove_damaged };
-    let r = Progress::new(progress).run(py, |p| repair_with_progress(&path, opts, p))?;
+    let r = Progress::new(progress)
+        .changes("repair", &path, dry_run)
+        .run(py, |p| repair_with_progress(&path, opts, p))?;
     let shards = PyList::empty(py);
     for s in &r.repairs {
         let e = PyDict::new(py);
@@ -792,7 +816,9 @@ fn merge<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     use logitcache_core::merge::{MergeOptions, merge_with_progress};
     let opts = MergeOptions { append, copy, dry_run };
-    let r = Progress::new(progress).run(py, |p| merge_with_progress(&path, &sources, opts, p))?;
+    let r = Progress::new(progress)
+        .changes("merge", &path, dry_run)
+        .run(py, |p| merge_with_progress(&path, &sources, opts, p))?;
     let merged = PyList::empty(py);
     for s in &r.sources {
         let e = PyDict::new(py);
@@ -830,8 +856,9 @@ fn remove_samples<'py>(
     use logitcache_core::remove::{RemoveOptions, remove_samples_with_progress};
     let ids = contiguous(sample_ids.as_slice(), "sample_ids")?.to_vec();
     let opts = RemoveOptions { dry_run, missing_ok };
-    let r =
-        Progress::new(progress).run(py, |p| remove_samples_with_progress(&path, &ids, opts, p))?;
+    let r = Progress::new(progress)
+        .changes("removal", &path, dry_run)
+        .run(py, |p| remove_samples_with_progress(&path, &ids, opts, p))?;
     let shards = PyList::empty(py);
     for s in &r.shards {
         let e = PyDict::new(py);
@@ -904,6 +931,7 @@ fn rebuild_manifest<'py>(
         metadata: json_value(metadata_json)?,
     };
     let r = Progress::new(progress)
+        .changes("rebuild", &path, opts.dry_run)
         .run(py, |p| logitcache_core::rebuild::rebuild_manifest(&path, &opts, p))?;
     let shards = PyList::empty(py);
     for s in &r.shards {
