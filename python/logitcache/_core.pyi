@@ -82,7 +82,12 @@ class StoreWriter:
         self, sample_id: int, input_ids: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray
     ) -> None: ...
     def add_logits(
-        self, sample_id: int, input_ids: np.ndarray, logits: np.ndarray, dtype: str
+        self,
+        sample_id: int,
+        input_ids: np.ndarray,
+        logits: np.ndarray,
+        dtype: str,
+        seed: int = 0,
     ) -> None: ...
     def add_sampled(
         self,

@@ -409,15 +409,34 @@ class StoreWriter:
             _float_array(topk_logprobs, "topk_logprobs"),
         )
 
-    def add_logits(self, sample_id: int, input_ids: npt.ArrayLike, logits: Any) -> None:
+    def add_logits(
+        self, sample_id: int, input_ids: npt.ArrayLike, logits: Any, *, seed: int | None = None
+    ) -> None:
         """Add one sequence from the teacher's full logits ``[L, V]`` (float32, float16 or
         bfloat16; numpy or a torch tensor, any strides; float64 is cast to float32 first, so
         values beyond float32's range become infinite and +inf is refused). Log-softmax at
-        the capture temperature (``log_softmax(logits / temperature)``) and top-K run in
-        Rust on all cores of the shared pool. Rows are ordered by log-probability, ties by
-        the lower id first (``torch.topk`` may order ties otherwise). A row with fewer than
-        K finite logits (a masked vocabulary) is filled with masked ids, lowest first, at
-        log-probability -inf."""
+        the capture temperature (``log_softmax(logits / temperature)``) runs in Rust on all
+        cores of the shared pool, then per position:
+
+        - top-K stores keep the K most probable ids. Rows are ordered by log-probability,
+          ties by the lower id first (``torch.topk`` may order ties otherwise). A row with
+          fewer than K finite logits (a masked vocabulary) is filled with masked ids, lowest
+          first, at log-probability -inf.
+        - sampled stores keep the distinct ids of n (the store's ``k``) independent draws
+          from that distribution, by decreasing count (ties: lower id first), with their
+          counts and, if the store keeps them, their log-probabilities (those a top-K store
+          would keep for the same ids, bit for bit). A masked (-inf) logit is never drawn.
+          The draws depend on ``seed`` (default 0), the sample id and the position alone
+          (the README's "Sampled stores from logits" says how): the same capture run again,
+          on any number of threads, writes the same rows; pass another ``seed`` for other
+          draws. At most 2^24 draws per position.
+
+        ``seed`` is refused for top-K stores, which draw nothing."""
+        if seed is not None and self.kind != "sampled":
+            raise ValueError(
+                "seed is for sampled stores (kind='sampled'); a top-K store draws nothing"
+            )
+        seed = 0 if seed is None else _int_arg("seed", seed, 0, 2**64 - 1)
         a = _to_numpy(logits, "logits", keep_bf16=True)
         if a.ndim == 0:
             raise ValueError("logits must be 2-D [L, V], got a single value")
@@ -433,7 +452,9 @@ class StoreWriter:
             raise ValueError(f"logits must be float32, float16 or bfloat16, got {a.dtype}")
         if arr.ndim != 2:
             raise ValueError(f"logits must be 2-D [L, V], got shape {arr.shape}")
-        self._w.add_logits(_sample_id(sample_id), _int_array(input_ids, "input_ids"), arr, dtype)
+        self._w.add_logits(
+            _sample_id(sample_id), _int_array(input_ids, "input_ids"), arr, dtype, seed=seed
+        )
 
     def add_sampled(
         self,

@@ -163,7 +163,7 @@ impl PyStoreWriter {
             if w.params().kind != Kind::TopK {
                 return Err(Error::invalid_argument(
                     "add",
-                    "this is a sampled store; use add_sampled",
+                    "this is a sampled store; use add_sampled or add_logits",
                 ));
             }
             let (k, vocab) = (w.params().k, w.params().vocab_size);
@@ -177,7 +177,9 @@ impl PyStoreWriter {
     }
 
     /// Add a record from full logits `[L, V]`: `dtype` is "float32", "float16" or "bfloat16"
-    /// (the half types as uint16 bit patterns).
+    /// (the half types as uint16 bit patterns). Top-K stores keep each row's top K; sampled
+    /// stores the distinct ids of n draws per row (see logitcache_core::topk), keyed by `seed`.
+    #[pyo3(signature = (sample_id, input_ids, logits, dtype, seed=0))]
     fn add_logits(
         &mut self,
         py: Python<'_>,
@@ -185,6 +187,7 @@ impl PyStoreWriter {
         input_ids: &Bound<'_, PyAny>,
         logits: &Bound<'_, PyAny>,
         dtype: &str,
+        seed: u64,
     ) -> PyResult<()> {
         let inp = int_array(input_ids, "input_ids")?;
         let (inp_v, inp_shape) = inp.view("input_ids")?;
@@ -209,12 +212,6 @@ impl PyStoreWriter {
         let w = &mut self.inner;
         py.detach(|| {
             let p = w.params().clone();
-            if p.kind != Kind::TopK {
-                return Err(Error::invalid_argument(
-                    "add_logits",
-                    "this is a sampled store; add_logits makes top-K records",
-                ));
-            }
             let l = inp_v.len();
             let v = p.vocab_size as usize;
             if shape != [l, v] {
@@ -229,6 +226,27 @@ impl PyStoreWriter {
                 ));
             }
             let t = w.manifest().temperature;
+            if p.kind == Kind::Sampled {
+                let r = topk::sample_from_logits(sample_id, view, l, v, p.k as usize, t, seed)?;
+                let shape = [l, r.width];
+                return w.add(sample_id, l, |buf, seen| {
+                    record::append_sampled(
+                        buf,
+                        seen,
+                        sample_id,
+                        inp_v,
+                        IdArray::U32(&r.ids),
+                        &shape,
+                        IdArray::U32(&r.counts),
+                        &shape,
+                        p.has_logprobs().then_some((&r.logprobs[..], &shape[..])),
+                        p.k,
+                        p.vocab_size,
+                        p.has_logprobs(),
+                        Some(record::MAX_ROW_MASS),
+                    )
+                });
+            }
             let (ids, lps) = topk::topk_from_logits(sample_id, view, l, v, p.k as usize, t)?;
             let k = p.k as usize;
             w.add(sample_id, inp_v.len(), |buf, seen| {
