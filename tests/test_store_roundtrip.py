@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -374,3 +376,33 @@ def test_finest_abs_codec_keeps_flat_rows(tmp_path: Path) -> None:
     assert np.all(np.abs(store[0].topk_logprobs - lp) <= 2**-14)
     with pytest.raises(ValueError, match="lossless"):
         lc.StoreWriter(tmp_path / "t", vocab_size=100, k=3, codec="abs:1e-6")
+
+
+def test_every_function_takes_str_bytes_and_path_objects(tmp_path: Path) -> None:
+    """Paths as str, bytes or os.PathLike, as os functions take them (open_store took bytes
+    while verify_store and merge_stores refused them)."""
+    rng = np.random.default_rng(0)
+    for form in (str, os.fsencode, Path):
+        root = tmp_path / form.__name__
+        root.mkdir()
+
+        def p(name: str, root: Path = root, form: Any = form) -> Any:
+            return form(os.fspath(root / name))
+
+        with lc.StoreWriter(p("a"), vocab_size=50, k=4) as w:
+            w.add(1, *make_topk(rng, 3, 4, 50))
+            w.add(2, *make_topk(rng, 3, 4, 50))
+        with lc.StoreWriter(p("b"), vocab_size=50, k=4) as w:
+            w.add(3, *make_topk(rng, 3, 4, 50))
+        assert len(lc.open_store(p("a"))) == 2
+        assert lc.verify_store(p("a"))["ok"]
+        assert lc.repair_store(p("a"))["sound"]
+        assert lc.merge_stores(p("m"), [p("a"), p("b")])["num_samples"] == 3
+        assert lc.copy_store(p("m"), p("c"), sample_ids=[1, 3]) == 2
+        assert lc.remove_samples(p("c"), [1])["samples_removed"] == 1
+        assert lc.clean_store(p("c"))["deleted"] == []
+        os.remove(root / "c" / "manifest.json")
+        assert lc.rebuild_manifest(p("c"))["num_samples"] == 1
+        assert lc.open_store(p("c")).sample_ids().tolist() == [3]
+    with pytest.raises(TypeError, match="sources must be a sequence"):
+        lc.merge_stores(tmp_path / "x", os.fsencode(tmp_path / "str" / "a"))  # type: ignore[arg-type]

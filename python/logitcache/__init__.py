@@ -84,7 +84,7 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     ``None`` shows it only when stderr is a terminal. Each byte is read twice (the
     whole-file checksum, then the chunks' decoding), and the bar counts both halves."""
     return _with_progress_bar(
-        "verify", progress, lambda cb: dict(_core.verify(os.fspath(path), cb))
+        "verify", progress, lambda cb: dict(_core.verify(os.fsdecode(path), cb))
     )
 
 
@@ -131,7 +131,7 @@ def repair_store(
         progress,
         lambda cb: dict(
             _core.repair(
-                os.fspath(path), dry_run=dry_run, remove_damaged=remove_damaged, progress=cb
+                os.fsdecode(path), dry_run=dry_run, remove_damaged=remove_damaged, progress=cb
             )
         ),
     )
@@ -188,7 +188,7 @@ def rebuild_manifest(
         progress,
         lambda cb: dict(
             _core.rebuild_manifest(
-                os.fspath(path),
+                os.fsdecode(path),
                 dry_run=dry_run,
                 teacher_name=teacher_name,
                 teacher_fingerprint=teacher_fp,
@@ -259,15 +259,15 @@ def merge_stores(
             f'invalid argument `mode`: {mode!r}; expected "x" (create) or "a" (merge '
             "into the store at path)"
         )
-    if isinstance(sources, (str, os.PathLike)):
+    if isinstance(sources, (str, bytes, os.PathLike)):
         raise TypeError("sources must be a sequence of store paths, not one path")
-    srcs = [os.fspath(s) for s in sources]
+    srcs = [os.fsdecode(s) for s in sources]
     report = _with_progress_bar(
         "merge",
         progress,
         lambda cb: dict(
             _core.merge(
-                os.fspath(path),
+                os.fsdecode(path),
                 srcs,
                 append=mode == "a",
                 copy=copy,
@@ -331,7 +331,7 @@ def remove_samples(
         progress,
         lambda cb: dict(
             _core.remove_samples(
-                os.fspath(path), sids, dry_run=dry_run, missing_ok=missing_ok, progress=cb
+                os.fsdecode(path), sids, dry_run=dry_run, missing_ok=missing_ok, progress=cb
             )
         ),
         reads_per_byte=1,
@@ -366,7 +366,7 @@ def clean_store(path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[
 
     Returns a report: ``deleted`` (paths relative to the store, to delete in a dry run),
     ``bytes`` (their total size), ``kept`` (the other unnamed entries) and ``dry_run``."""
-    return dict(_core.clean(os.fspath(path), dry_run=dry_run))
+    return dict(_core.clean(os.fsdecode(path), dry_run=dry_run))
 
 
 __all__ = [

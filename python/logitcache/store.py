@@ -584,7 +584,7 @@ class StoreWriter:
 def _read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The committed manifest of the store at ``path`` (checksum and version checked), without
     opening its shards."""
-    manifest: dict[str, Any] = json.loads(_core.read_manifest(os.fspath(path)))
+    manifest: dict[str, Any] = json.loads(_core.read_manifest(os.fsdecode(path)))
     return manifest
 
 
@@ -603,8 +603,8 @@ def _warn_files_left(
         files = "; ".join(f"{f['file']}: {f['error']}" for f in left)
         warnings.warn(
             f"could not delete {len(left)} {what}(s){why} ({files}); the store at "
-            f"{os.fspath(path)} no longer refers to them: once the cause is fixed, logitcache "
-            f"clean {os.fspath(path)} deletes them",
+            f"{os.fsdecode(path)} no longer refers to them: once the cause is fixed, logitcache "
+            f"clean {os.fsdecode(path)} deletes them",
             RuntimeWarning,
             stacklevel=stacklevel + 1,
         )
@@ -1007,9 +1007,7 @@ def open_store(
 def _absolute(path: str | os.PathLike[str]) -> str:
     """``path`` made absolute against the working directory now, not normalized (``..`` and
     symbolic links keep their meaning), as the core does with it."""
-    p = os.fspath(path)
-    if not isinstance(p, str):
-        p = os.fsdecode(p)
+    p = os.fsdecode(path)
     return p if os.path.isabs(p) or not p else os.path.join(os.getcwd(), p)
 
 
@@ -1131,7 +1129,7 @@ def copy_store(
         raise ValueError("give sample_ids or exclude_ids, not both")
     if os.path.exists(path) and os.path.samefile(path, src.path):
         # mode="w" would delete what it copies from; "a" would find every id there already.
-        raise ValueError(f"{os.fspath(path)} is the source store itself")
+        raise ValueError(f"{os.fsdecode(path)} is the source store itself")
     ids = src.sample_ids()  # the source's order
     for chosen in (sample_ids, exclude_ids):
         if chosen is None:
@@ -1145,7 +1143,7 @@ def copy_store(
             )
         ids = ids[np.isin(ids, want) == (chosen is sample_ids)]
     m = src.meta
-    appending = mode == "a" and os.path.exists(os.path.join(os.fspath(path), "manifest.json"))
+    appending = mode == "a" and os.path.exists(os.path.join(os.fsdecode(path), "manifest.json"))
     if codec is None and not appending:
         codec = _codec_spec(m["codec"])
     w = StoreWriter(
