@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,57 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import logitcache as lc
+
+_MASK = 0xFFFFFFFF
+
+
+def _chacha8_u64s(key: bytes, stream: int, count: int) -> list[int]:
+    """``count`` 64-bit outputs of ChaCha with 8 rounds (RFC 8439's block function with 4
+    double rounds, a 64-bit block counter from 0 in words 12-13 and the 64-bit stream in
+    words 14-15), each from two consecutive 32-bit words, low first: an implementation from
+    the definition, to check the README's recipe against what the writer draws."""
+
+    def quarter(s: list[int], a: int, b: int, c: int, d: int) -> None:
+        for x, y, z, r in ((a, b, d, 16), (c, d, b, 12), (a, b, d, 8), (c, d, b, 7)):
+            s[x] = (s[x] + s[y]) & _MASK
+            v = s[z] ^ s[x]
+            s[z] = ((v << r) | (v >> (32 - r))) & _MASK
+
+    words: list[int] = []
+    counter = 0
+    while len(words) < 2 * count:
+        state = [0x61707865, 0x3320646E, 0x79622D32, 0x6B206574, *struct.unpack("<8I", key)]
+        state += [counter & _MASK, counter >> 32, stream & _MASK, stream >> 32]
+        s = state[:]
+        for _ in range(4):
+            for a, b, c, d in ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15)):
+                quarter(s, a, b, c, d)
+            for a, b, c, d in ((0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14)):
+                quarter(s, a, b, c, d)
+        words += [(x + y) & _MASK for x, y in zip(s, state, strict=True)]
+        counter += 1
+    return [words[2 * i] | (words[2 * i + 1] << 32) for i in range(count)]
+
+
+def _readme_draws(
+    seed: int, sample_id: int, position: int, row: np.ndarray, temperature: float, n: int
+) -> list[tuple[int, int]]:
+    """``(id, count)`` of one row by the README's "Sampled stores from logits", by
+    decreasing count (ties: lower id first)."""
+    r = 1.0 / temperature
+    top = max(float(x) for x in row) * r
+    running, total = [], 0.0
+    for x in row:
+        total += math.exp(float(x) * r - top)
+        running.append(total)
+    below = np.nextafter(total, 0.0)
+    key = struct.pack("<QQ", seed, sample_id) + bytes(16)
+    counts: dict[int, int] = {}
+    for u in _chacha8_u64s(key, position, n):
+        t = min((u >> 11) * 2.0**-53 * total, below)
+        drawn = next(i for i, c in enumerate(running) if c > t)
+        counts[drawn] = counts.get(drawn, 0) + 1
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _log_softmax64(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -143,6 +196,28 @@ def test_seed_sample_id_and_position_alone_choose_the_draws(tmp_path: Path) -> N
     assert len({r.tobytes() for r in rec.topk_ids}) > 1
 
 
+def test_the_readme_recipe_gives_the_draws_written(tmp_path: Path) -> None:
+    """An implementation of the README's description alone (ChaCha8 from its definition)
+    draws what the writer stored: the recipe is complete, and a change of generator would
+    show here. Masked logits, a temperature whose reciprocal is not exact, large seed and
+    sample id."""
+    rng = np.random.default_rng(5)
+    length, vocab, n, temperature = 6, 37, 40, 0.7
+    logits = (rng.normal(size=(length, vocab)) * 2).astype(np.float32)
+    logits[2, :30] = -np.inf
+    seed, sample_id = 0xDEADBEEF12345678, 2**64 - 3
+    with lc.StoreWriter(
+        tmp_path / "s", vocab_size=vocab, k=n, kind="sampled", temperature=temperature
+    ) as w:
+        w.add_logits(sample_id, np.zeros(length, dtype=np.int64), logits, seed=seed)
+    rec = lc.open_store(tmp_path / "s")[sample_id]
+    for pos in range(length):
+        written = [
+            (int(i), int(c)) for i, c in zip(rec.topk_ids[pos], rec.counts[pos], strict=True) if c
+        ]
+        assert written == _readme_draws(seed, sample_id, pos, logits[pos], temperature, n), pos
+
+
 def test_bad_input(tmp_path: Path) -> None:
     ok = np.zeros((2, 10), dtype=np.float32)
     with lc.StoreWriter(tmp_path / "topk", vocab_size=10, k=4) as w:
@@ -166,6 +241,13 @@ def test_bad_input(tmp_path: Path) -> None:
             w.add_logits(1, [0, 1], np.zeros((2, 11), dtype=np.float32))
         w.add_logits(1, [0, 1], ok)
         assert w.num_samples == 1
+    for kind in ("sampled", "topk"):
+        with lc.StoreWriter(
+            tmp_path / f"cold-{kind}", vocab_size=2, k=2, kind=kind, temperature=1e-300
+        ) as w:
+            with pytest.raises(lc.InvalidRecordError, match="divided by the temperature 1e-300"):
+                w.add_logits(1, [0], np.array([[0.0, 3e38]], dtype=np.float32))
+            w.add_logits(1, [0], np.array([[0.0, 1.0]], dtype=np.float32))  # one certain id
     with lc.StoreWriter(tmp_path / "many", vocab_size=10, k=2**24 + 1, kind="sampled") as w:
-        with pytest.raises(ValueError, match="add_logits takes 1 to 16777216"):
+        with pytest.raises(ValueError, match="k = 16777217 draws per position; add_logits takes 1"):
             w.add_logits(1, [0], ok[:1])

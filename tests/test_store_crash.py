@@ -202,7 +202,7 @@ def test_a_ctrl_c_as_the_commit_returns_says_whether_it_is_done(
     what = "the copy into" if how == "copy" else "the commit of"
     assert notes == (
         [f"logitcache: this came too late to stop {what} {dest}, which ran to its end"]
-        if after
+        if after and sys.version_info >= (3, 11)  # notes are new in 3.11
         else []
     )
     if writer is not None:

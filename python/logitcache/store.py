@@ -424,12 +424,13 @@ class StoreWriter:
           first, at log-probability -inf.
         - sampled stores keep the distinct ids of n (the store's ``k``) independent draws
           from that distribution, by decreasing count (ties: lower id first), with their
-          counts and, if the store keeps them, their log-probabilities (those a top-K store
-          would keep for the same ids, bit for bit). A masked (-inf) logit is never drawn.
-          The draws depend on ``seed`` (default 0), the sample id and the position alone
-          (the README's "Sampled stores from logits" says how): the same capture run again,
-          on any number of threads, writes the same rows; pass another ``seed`` for other
-          draws. At most 2^24 draws per position.
+          counts and, if the store keeps them, their log-probabilities (what this method
+          computes for a top-K store, bit for bit, before the codec). A masked (-inf) logit
+          is never drawn. The draws depend on ``seed`` (default 0), the sample id and the
+          position alone (the README's "Sampled stores from logits" says how): the same
+          capture run again, on any number of threads, writes the same rows; pass another
+          ``seed`` for other draws. The store does not record the seed. At most 2^24 draws
+          per position.
 
         ``seed`` is refused for top-K stores, which draw nothing."""
         if seed is not None and self.kind != "sampled":

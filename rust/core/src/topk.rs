@@ -68,6 +68,12 @@ pub fn topk_from_logits(
     let mut ids = vec![0u32; rows * k];
     let mut lps = vec![0f32; rows * k];
     let inv_t = 1.0 / temperature;
+    if !inv_t.is_finite() {
+        return Err(Error::invalid_argument(
+            "temperature",
+            format!("{temperature:e} is too small: 1 / temperature overflows float64"),
+        ));
+    }
     crate::threads::install(|| {
         ids.par_chunks_mut(k).zip(lps.par_chunks_mut(k)).enumerate().try_for_each_init(
             || (vec![0f32; vocab], Vec::with_capacity(k + 1)),
@@ -97,7 +103,7 @@ fn row_topk(
     out_lp: &mut [f32],
 ) -> std::result::Result<(), String> {
     let k = out_ids.len();
-    let max = row_max(row)?;
+    let m = scaled_max(row, inv_t)?;
     // Min-heap (by `better`) of the k best seen so far; most entries lose one comparison.
     heap.clear();
     for (i, &x) in row.iter().enumerate() {
@@ -120,7 +126,6 @@ fn row_topk(
             std::cmp::Ordering::Equal
         }
     });
-    let m = f64::from(max) * inv_t;
     let mut sum = 0.0f64;
     for &x in row.iter() {
         sum += (f64::from(x) * inv_t - m).exp();
@@ -149,6 +154,20 @@ fn row_max(row: &[f32]) -> std::result::Result<f32, String> {
         return Err("every logit is -inf".into());
     }
     Ok(max)
+}
+
+/// The largest of a row's logits times `inv_t`: refused where that overflows float64 (a
+/// temperature so small that the row's softmax cannot be computed; its sum would be NaN).
+fn scaled_max(row: &[f32], inv_t: f64) -> std::result::Result<f64, String> {
+    let max = row_max(row)?;
+    let m = f64::from(max) * inv_t;
+    if !m.is_finite() {
+        return Err(format!(
+            "the largest logit, {max:e}, divided by the temperature {:e} overflows float64",
+            1.0 / inv_t
+        ));
+    }
+    Ok(m)
 }
 
 /// The log-probability of logit `x` in a row whose largest scaled logit is `m` and whose
@@ -209,8 +228,8 @@ pub fn sample_from_logits(
         return Err(Error::invalid_argument(
             "n",
             format!(
-                "{n} draws per position; add_logits takes 1 to {MAX_DRAWS} (count larger \
-                 samples elsewhere and pass ids and counts to add_sampled)"
+                "this store's k = {n} draws per position; add_logits takes 1 to {MAX_DRAWS} \
+                 (count larger samples elsewhere and pass ids and counts to add_sampled)"
             ),
         ));
     }
@@ -218,6 +237,12 @@ pub fn sample_from_logits(
     key[..8].copy_from_slice(&seed.to_le_bytes());
     key[8..16].copy_from_slice(&sample_id.to_le_bytes());
     let inv_t = 1.0 / temperature;
+    if !inv_t.is_finite() {
+        return Err(Error::invalid_argument(
+            "temperature",
+            format!("{temperature:e} is too small: 1 / temperature overflows float64"),
+        ));
+    }
     let per_row: Vec<Vec<(u32, u32, f32)>> = crate::threads::install(|| {
         (0..rows)
             .into_par_iter()
@@ -263,7 +288,7 @@ fn row_sample(
     n: usize,
     rng: &mut ChaCha8Rng,
 ) -> std::result::Result<Vec<(u32, u32, f32)>, String> {
-    let m = f64::from(row_max(row)?) * inv_t;
+    let m = scaled_max(row, inv_t)?;
     cum.clear();
     let mut sum = 0.0f64;
     for &x in row {
@@ -494,5 +519,26 @@ mod tests {
         let r = sample_from_logits(1, Logits::F32(&[f32::NEG_INFINITY, 3.0]), 1, 2, 5, 1.0, 0);
         let r = r.unwrap();
         assert_eq!((r.ids, r.counts, r.logprobs), (vec![1], vec![5], vec![0.0]));
+    }
+
+    /// A temperature so small that the logits over it overflow float64 is refused, in both
+    /// kinds (the sampler drew id 0 at log-probability 0 from the NaN sum; top-K blamed the
+    /// row's mass).
+    #[test]
+    fn temperatures_that_overflow_are_refused() {
+        let row = [0.0f32, 3e38];
+        let e = topk_from_logits(4, Logits::F32(&row), 1, 2, 1, 1e-300).unwrap_err();
+        assert!(e.to_string().contains("divided by the temperature 1e-300 overflows"), "{e}");
+        let e = sample_from_logits(4, Logits::F32(&row), 1, 2, 8, 1e-300, 0).unwrap_err();
+        assert!(matches!(e, Error::InvalidRecord { sample_id: 4, .. }), "{e}");
+        for t in [5e-324, 1e-310] {
+            let e = sample_from_logits(4, Logits::F32(&[0.0, 1.0]), 1, 2, 8, t, 0).unwrap_err();
+            assert!(e.to_string().contains("1 / temperature overflows"), "{e}");
+            let e = topk_from_logits(4, Logits::F32(&[0.0, 1.0]), 1, 2, 1, t).unwrap_err();
+            assert!(e.to_string().contains("1 / temperature overflows"), "{e}");
+        }
+        // Small but workable: the row is one certain token.
+        let r = sample_from_logits(4, Logits::F32(&[0.0, 1.0]), 1, 2, 8, 1e-300, 0).unwrap();
+        assert_eq!((r.ids, r.counts, r.logprobs), (vec![1], vec![8], vec![0.0]));
     }
 }

@@ -720,6 +720,11 @@ impl Progress {
                     self.fail(e);
                 }
             }
+            // A Ctrl-C of the work's last moments (its commit, say) is taken here, not by
+            // Python after the call returns, so that it gets the note of work done.
+            if let Err(e) = py.check_signals() {
+                self.fail(e);
+            }
             worker.join()
         });
         let r = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
