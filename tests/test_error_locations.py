@@ -160,12 +160,28 @@ def test_state_error_has_no_location(store: Path, rng: np.random.Generator) -> N
 def test_io_errors_are_os_errors_with_filename(store: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         lc.open_store(tmp_path / "nothing")
-    assert info.value.filename == str(tmp_path / "nothing" / "manifest.json")
+    # No such directory: that is what is named, not the manifest inside it.
+    assert info.value.filename == str(tmp_path / "nothing")
     assert info.value.errno == 2
-    # What Python prints for it: "[Errno 2] read manifest: <the OS's text>: '<file>'".
+    # What Python prints for it: "[Errno 2] open store: <the OS's text>: '<directory>'".
     text = str(info.value)
-    assert text.startswith("[Errno 2] read manifest: ") and "None" not in text, text
+    assert text.startswith("[Errno 2] open store: ") and "None" not in text, text
     assert text.endswith(repr(info.value.filename)), text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        lc.open_store(tmp_path / "empty")  # a directory, but no store
+    assert info.value.filename == str(tmp_path / "empty" / "manifest.json")
+    assert str(info.value).startswith("[Errno 2] read manifest: ")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(NotADirectoryError) as not_dir:
+        lc.open_store(tmp_path / "file")
+    assert not_dir.value.filename == str(tmp_path / "file")
+    # A store a writer is creating: it has not committed, and says so.
+    w = lc.StoreWriter(tmp_path / "new", vocab_size=V, k=K)
+    for read in (lc.open_store, lc._core.read_manifest, lc.verify_store):
+        with pytest.raises(lc.StoreLockedError, match="has not committed a manifest yet"):
+            read(str(tmp_path / "new"))
+    w.abort()
     os.remove(_shard(store))
     with pytest.raises(FileNotFoundError) as gone:
         lc.open_store(store)

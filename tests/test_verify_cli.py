@@ -221,6 +221,40 @@ def test_verify_reports_a_missing_manifest_as_a_fault(
     assert main(["verify", str(tmp_path / "plain")]) == 2
 
 
+def test_paths_that_are_no_store_say_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command that reads a store says what is wrong with a path that holds none,
+    instead of naming a missing manifest.json and offering to rebuild it: no such directory,
+    a file, a store a writer is still creating (its lock held, nothing committed), a store of
+    a newer format (exit 2 and the upgrade hint, also from verify, which used to call it a
+    fault of the store and offer a rebuild that then refused)."""
+    from conftest import write_manifest
+
+    (tmp_path / "file").write_bytes(b"")
+    newer = tmp_path / "newer"
+    _small_store(newer)
+    body = json.loads((newer / "manifest.json").read_bytes())["manifest"]
+    write_manifest(newer, {**body, "format_version": 2})
+    writer = lc.StoreWriter(tmp_path / "new", vocab_size=300, k=4)
+    cases = {
+        "missing": ("No such file or directory: '{}'", tmp_path / "missing"),
+        "file": ("Not a directory: '{}'", tmp_path / "file"),
+        "new": ("{} is locked by another writer (lock held by pid", tmp_path / "new"),
+        "newer": ("format version 2 is not supported", newer),
+    }
+    for what, (message, path) in cases.items():
+        for command in ("info", "verify", "stats", "show", "repair", "clean", "remove"):
+            argv = [command, str(path), *{"show": ["0"], "remove": ["0"]}.get(command, [])]
+            assert main(argv) == 2, (what, command)
+            err = capsys.readouterr().err
+            assert message.format(path) in err, (what, command, err)
+            assert "rebuild" not in err, (what, command, err)
+    writer.abort()
+    with pytest.raises(lc.FormatVersionError):
+        lc.verify_store(newer)
+
+
 def test_cli_points_to_verify_and_repair_for_a_missing_shard(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -77,8 +77,10 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     ``manifest_ok`` (False when the manifest cannot be read, being damaged or missing from a
     directory that holds ``shards/``: then nothing else is checked and no file is called an
     orphan; see :func:`rebuild_manifest`), and counts. A path with no store raises
-    :class:`FileNotFoundError`; a store whose writer has not committed it yet (no manifest,
-    the lock held) raises :class:`StoreLockedError`.
+    :class:`FileNotFoundError` (:class:`NotADirectoryError` for a file); a store whose
+    writer has not committed it yet (no manifest, the lock held) raises
+    :class:`StoreLockedError`, and one of a newer format version
+    :class:`FormatVersionError` (upgrade logitcache).
 
     ``progress=True`` shows a progress bar (tqdm, on stderr) of the store's bytes checked;
     ``None`` shows it only when stderr is a terminal. Each byte is read twice (the

@@ -984,7 +984,11 @@ def open_store(
         cache_chunks: Decoded chunks kept for reuse by single-record reads.
 
     Every shard's header, trailer and footer (with their checksums) are checked at open; chunk
-    checksums are checked on every read.
+    checksums are checked on every read. A path that holds no store raises
+    :class:`FileNotFoundError` (no such directory, or no ``manifest.json`` in it) or
+    :class:`NotADirectoryError`; a store a writer is still creating (its lock held, nothing
+    committed yet) :class:`StoreLockedError`; one of a newer format version
+    :class:`FormatVersionError`.
     """
     name, fp = _tokenizer_info(expect_tokenizer)
     if expect_vocab_size is not None:

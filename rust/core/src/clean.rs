@@ -71,7 +71,7 @@ pub(crate) fn delete_left_out<'a>(
 pub fn clean_store(dir: &Path, dry_run: bool) -> Result<CleanReport> {
     // A directory without a readable manifest is refused before the lock would leave a
     // file in it.
-    Manifest::read(dir)?;
+    Manifest::read_committed(dir)?;
     let _lock = if dry_run {
         // A writer that is open has shards no manifest names yet: a plan that called them
         // orphans would be one the real run refuses.

@@ -33,7 +33,7 @@ pub fn copy_records(
     expect_shards: Option<&[String]>,
     progress: Progress<'_>,
 ) -> Result<CopiedRecords> {
-    let m = Manifest::read(source)?;
+    let m = Manifest::read_committed(source)?;
     if let Some(expected) = expect_shards {
         check_first_shards(&m, source, expected)?;
     }

@@ -248,6 +248,30 @@ impl Manifest {
         Manifest::from_file_bytes(&bytes, &path)
     }
 
+    /// [`Manifest::read`] of a store that must be there and committed (a reader's open, and
+    /// an operation's first look, before it takes the lock): a missing manifest is explained
+    /// where the reason is known, instead of naming the missing file. No such directory, or
+    /// not a directory: that error on `dir` itself. A writer that holds the store's lock:
+    /// [`Error::Locked`], it has not committed a manifest yet. (Not for a caller holding the
+    /// lock itself, which would find its own.)
+    pub fn read_committed(dir: &Path) -> Result<Manifest> {
+        match Manifest::read(dir) {
+            Err(e) if is_missing(&e) => {
+                if let Some(no_dir) = no_store_dir(dir) {
+                    return Err(no_dir);
+                }
+                match crate::writer::lock_holder(dir) {
+                    Ok(Some(holder)) => Err(Error::Locked {
+                        path: dir.to_path_buf(),
+                        msg: format!("lock held by {holder}: it has not committed a manifest yet"),
+                    }),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Commit this manifest to `dir` atomically and durably: write a temporary file, fsync
     /// it, rename it over `manifest.json`, fsync the directory. A crash at any point leaves
     /// either the old manifest or this one. A failure says which of the two is in place
@@ -291,6 +315,19 @@ impl CommitError {
 /// fsync a directory so that renames and new entries in it survive a power loss.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).io_ctx("fsync directory", dir)
+}
+
+/// Whether `e` is a manifest that is not there (no such file, or a path through a file).
+pub(crate) fn is_missing(e: &Error) -> bool {
+    use std::io::ErrorKind::{NotADirectory, NotFound};
+    matches!(e, Error::Io { source, .. } if matches!(source.kind(), NotFound | NotADirectory))
+}
+
+/// The error to give for a store at `dir` when `dir` is no directory to look in: it does not
+/// exist, or it is a file (the OS's own error for listing it, so that Python gets its errno
+/// and file name). `None` when it is a directory.
+pub(crate) fn no_store_dir(dir: &Path) -> Option<Error> {
+    fs::read_dir(dir).err().map(|e| Error::io("open store", dir, e))
 }
 
 /// Shard files are `shards/<6+ digit sequence>-<16 hex uid>.lcs`: nothing else is accepted, so

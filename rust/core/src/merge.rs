@@ -92,7 +92,8 @@ pub fn merge_with_progress(
         return Err(Error::invalid_argument("sources", "no store to merge"));
     }
     check_distinct(dest, sources)?;
-    let manifests = sources.iter().map(|s| Manifest::read(s)).collect::<Result<Vec<Manifest>>>()?;
+    let manifests =
+        sources.iter().map(|s| Manifest::read_committed(s)).collect::<Result<Vec<Manifest>>>()?;
     let existing = if opts.append && dest.join(MANIFEST_NAME).exists() {
         Some(Manifest::read(dest)?)
     } else {

@@ -480,7 +480,7 @@ impl Store {
         // Absolute: shards are opened again after a fork, and a process may change its
         // working directory while the store is open.
         let dir = crate::writer::absolute_dir(dir)?;
-        Store::open_from(&dir, Manifest::read(&dir)?, opts)
+        Store::open_from(&dir, Manifest::read_committed(&dir)?, opts)
     }
 
     /// [`Store::open`] from a manifest already read.

@@ -102,7 +102,7 @@ pub fn remove_samples_with_progress(
     progress: Progress<'_>,
 ) -> Result<RemoveReport> {
     // A directory without a store is refused before the lock would leave a file in it.
-    Manifest::read(dir)?;
+    Manifest::read_committed(dir)?;
     let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
     let manifest = Manifest::read(dir)?;
     let p = params_from_manifest(&manifest, &dir.join(MANIFEST_NAME))?;

@@ -108,7 +108,7 @@ pub fn repair_with_progress(
     progress: Progress<'_>,
 ) -> Result<RepairReport> {
     // A directory without a store is refused before the lock would leave a file in it.
-    Manifest::read(dir)?;
+    Manifest::read_committed(dir)?;
     let _lock = if opts.dry_run { None } else { Some(writer::lock(dir)?) };
     // Everything hangs on the manifest (which shards are committed, what they must hold);
     // a damaged one is for `rebuild::rebuild_manifest`, which asks the caller what the

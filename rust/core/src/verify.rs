@@ -69,10 +69,10 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
         // with a fault, as one whose manifest is damaged; a path with no store, or a
         // manifest that could not be read for a reason that says nothing of the store, is
         // an error.
-        Err(e)
-            if matches!(&e, Error::Io { source, .. }
-                if source.kind() == std::io::ErrorKind::NotFound) =>
-        {
+        Err(e) if crate::manifest::is_missing(&e) => {
+            if let Some(no_dir) = crate::manifest::no_store_dir(dir) {
+                return Err(no_dir);
+            }
             if let Ok(Some(holder)) = crate::writer::lock_holder(dir) {
                 return Err(Error::Locked {
                     path: dir.to_path_buf(),
@@ -92,7 +92,9 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
             }
             return Err(e);
         }
-        Err(e @ Error::Io { .. }) => return Err(e),
+        // Neither is a fault of the store: an I/O error says nothing of its bytes, and a
+        // newer format is one this build cannot judge (upgrade logitcache).
+        Err(e @ (Error::Io { .. } | Error::UnsupportedVersion { .. })) => return Err(e),
         Err(e) => {
             report.problems.push(e.to_string());
             return Ok(report);

@@ -989,7 +989,7 @@ fn rebuild_manifest<'py>(
 /// as JSON, without opening the shards: what `info` shows of a store that does not open.
 #[pyfunction]
 fn read_manifest(py: Python<'_>, path: PathBuf) -> PyResult<String> {
-    let m = py.detach(|| logitcache_core::manifest::Manifest::read(&path)).py_err()?;
+    let m = py.detach(|| logitcache_core::manifest::Manifest::read_committed(&path)).py_err()?;
     serde_json::to_string(&m).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
