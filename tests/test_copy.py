@@ -181,7 +181,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "is the source store itself" in capsys.readouterr().err
     assert main(["copy", str(tmp_path / "src"), str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
-    assert "already holds a store" in err and "to copy into it: logitcache copy --append" in err
+    assert "already holds a store" in err and "to add to it: logitcache copy --append" in err
+    # A file there: no hint to append to it.
+    (tmp_path / "file").write_bytes(b"")
+    assert main(["copy", str(tmp_path / "src"), str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "--append" not in err, err
     # The empty copy's summary says so (there is no bytes per token of nothing).
     (tmp_path / "none.txt").write_text("")
     argv = ["copy", "--ids", str(tmp_path / "none.txt"), str(tmp_path / "src")]

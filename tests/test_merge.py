@@ -200,6 +200,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, err = capsys.readouterr()
     assert "MERGED into" in out and "3 samples" in out, out
     assert "'rank'" in err, err
+    # Linked shards are not read; copied ones are (against their size and checksum).
+    linked = "linked shards were not read"
+    assert (linked in err) == ("2 linked" in out or "1 linked" in out), (out, err)
+    copied = str(tmp_path / "copied")
+    assert main(["merge", copied, str(tmp_path / "a"), "--copy", "--no-progress"]) == 0
+    assert linked not in capsys.readouterr().err
     assert main(["merge", dest, str(tmp_path / "a")]) == 2
     out, err = capsys.readouterr()
     assert "already holds a store" in err and "logitcache merge --append" in err, err

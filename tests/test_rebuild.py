@@ -195,6 +195,13 @@ def test_cli(base: tuple[Path, dict, dict], tmp_path: Path, capsys: pytest.Captu
     like = ["repair", "--rebuild-manifest", "--like", str(tmp_path / "nosuch"), str(work)]
     assert main(like) == 2
     assert f"--like {tmp_path / 'nosuch'}: " in capsys.readouterr().err
+    # Only the other store's manifest is read: one that lost a shard serves as well.
+    sibling = tmp_path / "sibling"
+    shutil.copytree(src, sibling)
+    next((sibling / "shards").iterdir()).unlink()
+    like = ["repair", "--rebuild-manifest", "--dry-run", "--like", str(sibling), str(work)]
+    assert main(like) == 1  # a dry run that found work to do
+    assert "would be taken" in capsys.readouterr().out
     argv[-2] = '{"a": 1}'
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -167,3 +167,23 @@ def test_a_tokenizer_that_raises_for_an_id_it_lacks(
     assert tokens == [f"p{i}" if i < 10 else None for i in ids]
     assert any(i >= 10 for i in ids) and any(i < 10 for i in ids), ids
     assert rows[0]["input_id"] == int(rec.input_ids[0])
+
+
+def test_json_of_ids_at_minus_inf_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-inf (a masked row's fillers) is no JSON number: show --json writes null there (it
+    wrote -Infinity, which JSON parsers other than Python's refuse); the text shows 0."""
+    logits = np.full((3, 50), -np.inf, dtype=np.float32)
+    logits[:, 7] = 1.0
+    with lc.StoreWriter(tmp_path / "s", vocab_size=50, k=3, codec="lossless") as w:
+        w.add_logits(4, [1, 2, 3], logits)
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in JSON")
+
+    assert main(["show", str(tmp_path / "s"), "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=no_constants)
+    assert [e["logprob"] for e in out["rows"][0]["targets"]] == [0.0, None, None]
+    assert main(["show", str(tmp_path / "s"), "4"]) == 0
+    assert "7 1.0000 | 0 0.0000 | 1 0.0000" in capsys.readouterr().out

@@ -33,9 +33,10 @@ def _reference(store: lc.Store, ids: list[int]) -> dict:
                 top1 += max(counts) / store.k
                 distinct += len(row)
             else:
-                row = [int(i) for i in r.topk_ids[t]]
-                first = row[0]
                 lps = [float(v) for v in r.topk_logprobs[t]]
+                # Ids at -inf are no targets (fillers of a masked row).
+                row = [int(i) for i, v in zip(r.topk_ids[t], lps, strict=True) if v > -math.inf]
+                first = int(r.topk_ids[t][0]) if lps[0] > -math.inf else -1
                 top1 += math.exp(lps[0])
                 mass += sum(math.exp(v) for v in lps)
             for s in (0, 1, 2):
@@ -195,3 +196,23 @@ def test_bad_arguments(tmp_path: Path) -> None:
         lc.target_stats(tmp_path / "s", max_samples=0)
     with pytest.raises(ValueError, match="batch_size"):
         lc.target_stats(tmp_path / "s", batch_size=0)
+
+
+def test_ids_at_minus_inf_are_no_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row with fewer than K finite logits is filled with masked ids at -inf: they are not
+    targets, so an input token among them does not count as in the targets (they used to)."""
+    logits = np.full((40, 50), -np.inf, dtype=np.float32)
+    logits[:, 10] = 0.0  # one finite logit per row: the fillers are ids 0, 1, 2
+    inputs = np.arange(40) % 3  # every next token is a filler id
+    with lc.StoreWriter(tmp_path / "s", vocab_size=50, k=4, codec="lossless") as w:
+        w.add_logits(1, inputs, logits)
+    store = lc.open_store(tmp_path / "s")
+    assert store[1].topk_ids[0].tolist() == [10, 0, 1, 2]
+    st = lc.target_stats(store)
+    assert st["agreement"][1]["in_targets"] == 0.0 and st["agreement"][1]["top1"] == 0.0
+    _close({k: st[k] for k in ("agreement",)}, {"agreement": _reference(store, [1])["agreement"]})
+    with pytest.raises(SystemExit):
+        main(["stats", str(tmp_path / "s"), "--seed", "-1"])
+    assert "--seed: expected 0 or a positive integer, got '-1'" in capsys.readouterr().err

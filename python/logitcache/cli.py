@@ -90,11 +90,8 @@ def _info(args: argparse.Namespace) -> int:
         ("temperature", f"{m['temperature']:g}"),
         ("log-probabilities", _codec_text(m["codec"])),
         ("token ids", f"{m['codec']['ids']} (zstd level {m['codec']['zstd_level']})"),
-        ("teacher", f"{teacher.get('name')} {teacher.get('config_fingerprint') or ''}".strip()),
-        (
-            "tokenizer",
-            f"{tokenizer.get('name')} {tokenizer.get('vocab_fingerprint') or ''}".strip(),
-        ),
+        ("teacher", _identity_text(teacher, "config_fingerprint")),
+        ("tokenizer", _identity_text(tokenizer, "vocab_fingerprint")),
         ("samples", f"{m['num_samples']:,}"),
         ("positions", f"{m['num_positions']:,}"),
         ("shards", str(len(m["shards"]))),
@@ -167,6 +164,12 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _identity_text(identity: dict[str, Any], fingerprint: str) -> str:
+    """A teacher's or tokenizer's name and fingerprint, as far as the manifest knows them."""
+    known = [str(identity[key]) for key in ("name", fingerprint) if identity.get(key)]
+    return " ".join(known) or "unknown"
+
+
 def _rebuild(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The manifest part of ``repair --rebuild-manifest``: (exit status so far, report)."""
     teacher: Any = None
@@ -174,7 +177,9 @@ def _rebuild(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     metadata: dict[str, Any] | None = None
     if args.like is not None:
         try:
-            like = logitcache.open_store(args.like).meta
+            # Its manifest is all that is taken: a sibling store damaged in the same incident
+            # (a shard lost) serves as well as a sound one.
+            like = _read_manifest(args.like)
         except (StoreError, OSError) as e:
             raise ValueError(f"--like {args.like}: {e}") from None
         teacher, tokenizer, metadata = like["teacher"], like["tokenizer"], like["metadata"]
@@ -370,6 +375,13 @@ def _merge(args: argparse.Namespace) -> int:
         f"{report['shards_copied']} copied); the store now holds "
         f"{report['num_samples']:,} samples, {report['num_positions']:,} positions"
     )
+    if report["shards_linked"]:
+        # A link reads nothing: a damaged source shard is merged as it is.
+        print(
+            f"linked shards were not read (a damaged one comes along as it is): logitcache "
+            f"verify {shlex.quote(args.path)} checks every byte",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -603,7 +615,8 @@ def _show(args: argparse.Namespace) -> int:
             if counts is not None:
                 e["count"] = int(counts[j])
             if lps is not None:
-                e["logprob"] = float(lps[j])
+                # -inf is no JSON number: null stands for it (probability 0).
+                e["logprob"] = float(lps[j]) if np.isfinite(lps[j]) else None
             targets.append(e)
         row: dict[str, Any] = {"t": t, "input_id": int(rec.input_ids[t])}
         if tokens:
@@ -624,7 +637,7 @@ def _show(args: argparse.Namespace) -> int:
             if "count" in e:
                 text += f" {e['count']}/{store.k}"
             if "logprob" in e:
-                text += f" {math.exp(e['logprob']):.4f}"
+                text += f" {0.0 if e['logprob'] is None else math.exp(e['logprob']):.4f}"
             parts.append(text)
         rest = f"  [rest {row['rest']:.4f}]" if "rest" in row else ""
         print(f"{row['t']:>6}  {name(row['input_id'])} -> {' | '.join(parts)}{rest}")
@@ -796,9 +809,10 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         help="print a store's manifest, counts, size and codec",
         description="Print what the store's manifest says: configuration, counts, size, "
-        "codec. Exit status: 0, 1 when the store does not open (a shard missing or "
-        "damaged: the manifest is printed all the same, and why it does not open), 2 when "
-        "there is no readable manifest.",
+        "codec. Exit status: 0, 1 when the store does not open (a shard missing, or its "
+        "header, footer or size damaged: the manifest is printed all the same, and why it "
+        "does not open), 2 when there is no readable manifest. Chunks are not read: verify "
+        "checks them.",
     )
     p.add_argument("path", help="store directory")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -827,7 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
         "damage, or --remove-damaged could not delete a damaged file (the repair is "
         "committed), 2 the store cannot be repaired or is locked by a writer. A damaged or "
         "missing manifest.json stops a repair: --rebuild-manifest writes a new one from the "
-        "shard files first (with --dry-run, only that step is planned).",
+        "shard files first (with --dry-run, only that step is planned). With --json the "
+        'report is printed as it is, or, with --rebuild-manifest, as {"rebuild": ..., '
+        '"repair": ...} (only "rebuild" with --dry-run).',
     )
     p.add_argument("path", help="store directory")
     p.add_argument(
@@ -888,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="samples to read, chosen at random (default 1000; 0: all)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
+    p.add_argument("--seed", type=_count, default=0, help="seed of the random choice (default 0)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_stats)
     p = sub.add_parser(
@@ -897,7 +913,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print, for each position of one sample, its input token and its first "
         "targets: for top-K stores the ids with their probabilities and the rest (the mass "
         "outside the K ids); for sampled stores the ids by count, with probabilities where "
-        "the store keeps them. Row t is the teacher's prediction of the token at t + 1.",
+        "the store keeps them. Row t is the teacher's prediction of the token at t + 1. "
+        "With --json, a log-probability of -inf (an id of probability 0: a masked "
+        "vocabulary's filler, or a value below the codec's range) is null.",
     )
     p.add_argument("path", help="store directory")
     p.add_argument("sample_id", type=int, help="the sample's id")
@@ -906,8 +924,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_position_slice,
         default=slice(None),
         metavar="A:B",
-        help="positions to show, as a Python slice (default: all); one that starts with a "
-        "minus sign takes the = form: --positions=-3:",
+        help="positions to show: A:B, A:, :B or one position A, negatives counting from the "
+        "end (default: all); one that starts with a minus sign takes the = form: "
+        "--positions=-3:",
     )
     p.add_argument(
         "--top", type=_positive_int, default=5, metavar="N", help="targets per row (default 5)"
@@ -925,7 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
         "copy",
         help="write a store's records into a new store: another codec, or a subset",
         description="Write the records of SOURCE into a store at PATH with the same "
-        "configuration, teacher, tokenizer and metadata, and --codec (default: SOURCE's): to "
+        "configuration, teacher, tokenizer and metadata, and --codec (default: SOURCE's, or "
+        "with --append the codec of the store at PATH): to "
         "keep a subset (--ids FILE) or drop some (--exclude-ids FILE; one sample id per "
         "line), or to store them with another codec. With SOURCE's codec, records are copied "
         "as stored (only chunks shared with records left behind are decoded and encoded "
@@ -938,7 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--codec",
         help="e.g. abs:0.01, kl:1e-3 (top-K), lossless, none (sampled: no log-probabilities) "
-        "(default: SOURCE's)",
+        "(default: SOURCE's; with --append, the codec of the store at PATH)",
     )
     subset = p.add_mutually_exclusive_group()
     subset.add_argument("--ids", metavar="FILE", help="copy only these samples")
@@ -1149,8 +1169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 getattr(args, "duplicates_report", None),
                 getattr(args, "duplicates_written", []),
             )
-        if isinstance(e, StoreExistsError) and args.command == "copy":
-            print("to copy into it: logitcache copy --append ...", file=sys.stderr)
+        if (
+            isinstance(e, StoreExistsError)
+            and args.command == "copy"
+            and os.path.exists(os.path.join(args.path, "manifest.json"))
+        ):
+            # (The message speaks of the Python API's modes; here the choice is this.)
+            print(
+                f"to add to it: logitcache copy --append {shlex.quote(args.source)} "
+                f"{shlex.quote(args.path)}; to replace it, delete it first",
+                file=sys.stderr,
+            )
         damaged = _damaged_store(e)
         if damaged is not None and args.command not in ("verify", "repair"):
             print(

@@ -78,12 +78,16 @@ def target_stats(
             top1_prob += float((counts.max(axis=1) / store.k).sum())
             distinct += float((counts > 0).sum())
             present = counts > 0
+            has_first = np.ones(n, dtype=bool)  # the most drawn id: a count of at least 1
         else:
             first = rows[:, 0]
             lp = np.asarray(b.topk_logprobs, dtype=np.float64)
             top1_prob += float(np.exp(lp[:, 0]).sum())
             mass += float(np.exp(lp).sum())
-            present = np.ones(rows.shape, dtype=bool)
+            # An id at -inf is no target: the filler of a row with fewer than K finite
+            # logits, or a value below the codec's range.
+            present = lp > -np.inf
+            has_first = present[:, 0]
         end = np.repeat(b.offsets[1:], b.lengths)
         row = np.arange(n)
         tokens = b.input_ids.astype(np.int64)
@@ -91,7 +95,7 @@ def target_stats(
             ok = row + s < end
             want = tokens[np.minimum(row + s, n - 1)][ok]
             hits[s][0] += int(ok.sum())
-            hits[s][1] += int((first[ok] == want).sum())
+            hits[s][1] += int(((first[ok] == want) & has_first[ok]).sum())
             hits[s][2] += int(((rows[ok] == want[:, None]) & present[ok]).any(axis=1).sum())
     agreement = {
         s: {
