@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from unittest import mock
 
@@ -545,3 +546,16 @@ def test_count_zero_entries_are_ignored_whatever_their_id(backend: str) -> None:
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="ids below -1"):
         losses.sampled_kd_loss(z, odd, torch.ones_like(counts), backend=backend)
+
+
+def test_the_losses_module_is_an_attribute_of_the_package() -> None:
+    """``lc.losses`` (docs/losses.md names its constants that way) works in a fresh process
+    before anything imported the submodule, as ``lc.KDLoss`` does."""
+    code = (
+        "import logitcache as lc; print(sorted(lc.losses.BATCH_KEYS)[0], "
+        "lc.KDLoss is lc.losses.KDLoss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    from logitcache.losses import BATCH_KEYS
+
+    assert out.stdout.split() == [sorted(BATCH_KEYS)[0], "True"]

@@ -11,6 +11,7 @@ of :mod:`logitcache.losses` (imported on first use: the store works without torc
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,10 +60,10 @@ _LOSS_NAMES = ("KDLoss", "kd_loss", "sampled_kd_loss", "sparse_kd_loss", "token_
 
 def __getattr__(name: str) -> Any:
     # The losses need torch; the store does not. Import them on first use.
-    if name in _LOSS_NAMES:
-        from logitcache import losses
-
-        return getattr(losses, name)
+    if name in _LOSS_NAMES or name == "losses":
+        # (Not `from logitcache import losses`: that looks the name up here first.)
+        losses = importlib.import_module("logitcache.losses")
+        return losses if name == "losses" else getattr(losses, name)
     raise AttributeError(f"module 'logitcache' has no attribute {name!r}")
 
 

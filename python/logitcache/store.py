@@ -257,13 +257,13 @@ class StoreWriter:
         kind: ``"topk"`` or ``"sampled"``.
         codec: How log-probabilities are stored: ``"abs:<max error in nats>"`` (2^-14 =
             6.104e-5 to 1; uniform quantization with the largest step m 2^-e, m in 1, 3, 5,
-            7, within twice the bound; the default for top-K is ``"abs:0.01"``: step
-            5 x 2^-8, a guaranteed maximum error of 0.0098 nat), ``"kl:<bound>"`` (top-K
-            only: coarser steps where probability is small, with KL(P || P_decoded) <= bound
-            nats guaranteed for every position, the rest bucket included), ``"lossless"``
-            (float32, bit for bit) or ``"none"`` (sampled stores without log-probabilities,
-            their default). ``None`` means the default for a new store and the store's own
-            codec when appending.
+            7 and e in 1 to 13, within twice the bound; the default for top-K is
+            ``"abs:0.01"``: step 5 x 2^-8, a guaranteed maximum error of 0.0098 nat),
+            ``"kl:<bound>"`` (top-K only: coarser steps where probability is small, with
+            KL(P || P_decoded) <= bound nats guaranteed for every position, the rest bucket
+            included), ``"lossless"`` (float32, bit for bit) or ``"none"`` (sampled stores
+            without log-probabilities, their default). ``None`` means the default for a new
+            store and the store's own codec when appending.
         teacher: The teacher: a name, a ``transformers`` model or config (its name and a
             fingerprint of its config are recorded), or a dict ``{"name", "config_fingerprint"}``.
         tokenizer: The tokenizer: a name, a tokenizer object (name and a fingerprint of its
@@ -1116,8 +1116,10 @@ def copy_store(
     (``chunk_positions``, ``shard_size``, ``zstd_level``, ``lock_timeout``; copied chunks
     keep their size) are :class:`StoreWriter`'s. An id of ``sample_ids`` or ``exclude_ids``
     that the source does not hold raises :class:`MissingSampleError` before anything is
-    written. Given an open :class:`Store`, the copy is of that store: one replaced or
-    rewritten at its path since it was opened is refused (:class:`StoreMismatchError`).
+    written. Given an open :class:`Store`, the copy is of that store: with the source's
+    codec (records copied as stored, from the files at its path), one replaced or rewritten
+    at its path since it was opened is refused (:class:`StoreMismatchError`); with another
+    codec the records are decoded through the open Store, so the copy holds what it holds.
     ``progress=True`` shows a progress bar (``None``: only when stderr is a terminal).
 
     Returns the number of records written.
