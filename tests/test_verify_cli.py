@@ -253,6 +253,13 @@ def test_paths_that_are_no_store_say_why(
     writer.abort()
     with pytest.raises(lc.FormatVersionError):
         lc.verify_store(newer)
+    # An empty path is a mistake, not the working directory's store.
+    for command in ("info", "verify", "repair", "clean"):
+        assert main([command, ""]) == 2
+        assert "invalid argument `path`: is empty" in capsys.readouterr().err
+    for call in (lc.open_store, lc.verify_store, lc.repair_store, lc.clean_store):
+        with pytest.raises(ValueError, match="is empty"):
+            call("")
 
 
 def test_cli_points_to_verify_and_repair_for_a_missing_shard(

@@ -243,6 +243,10 @@ impl Manifest {
 
     /// Read `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Manifest> {
+        if dir.as_os_str().is_empty() {
+            // Not the working directory's store: an empty path is a mistake, as for writers.
+            return Err(Error::invalid_argument("path", "is empty"));
+        }
         let path = dir.join(MANIFEST_NAME);
         let bytes = fs::read(&path).io_ctx("read manifest", &path)?;
         Manifest::from_file_bytes(&bytes, &path)

@@ -92,9 +92,16 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
             }
             return Err(e);
         }
-        // Neither is a fault of the store: an I/O error says nothing of its bytes, and a
-        // newer format is one this build cannot judge (upgrade logitcache).
-        Err(e @ (Error::Io { .. } | Error::UnsupportedVersion { .. })) => return Err(e),
+        // None is a fault of the store: an I/O error says nothing of its bytes, a newer
+        // format is one this build cannot judge (upgrade logitcache), and an empty path
+        // names no store.
+        Err(
+            e @ (Error::Io { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::InvalidArgument { .. }),
+        ) => {
+            return Err(e);
+        }
         Err(e) => {
             report.problems.push(e.to_string());
             return Ok(report);
