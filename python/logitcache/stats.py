@@ -48,7 +48,9 @@ def target_stats(
     another tokenizer than the teacher's, or targets that are not the teacher's), else
     ``None``. Statistics of an empty selection are ``None``.
 
-    The first target id of a sampled row is its most drawn id (the first of equals).
+    The first target id of a sampled row is its most drawn id (the first of equals). An id
+    at log-probability -inf in a top-K row (probability 0: the filler of a row with fewer
+    than K finite logits, or a value below the codec's range) is not a target.
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be positive or None, got {max_samples}")
