@@ -171,6 +171,8 @@ def test_cli(base: tuple[Path, dict, dict], tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "m").exists()
     assert main(["repair", "--teacher", "x", str(work)]) == 2
     assert "need --rebuild-manifest" in capsys.readouterr().err
+    assert main(["repair", "--teacher", "", str(work)]) == 2  # given, though empty
+    assert "need --rebuild-manifest" in capsys.readouterr().err
     assert main(["repair", "--rebuild-manifest", "--dry-run", "--no-progress", str(work)]) == 1
     out = capsys.readouterr().out
     assert "DRY RUN" in out and "would be taken" in out, out

@@ -253,6 +253,11 @@ def test_paths_that_are_no_store_say_why(
     writer.abort()
     with pytest.raises(lc.FormatVersionError):
         lc.verify_store(newer)
+    # A directory whose shards/ holds no shard file: nothing a rebuild could take.
+    (tmp_path / "hollow" / "shards").mkdir(parents=True)
+    assert main(["info", str(tmp_path / "hollow")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "rebuild" not in err, err
     # An empty path is a mistake, not the working directory's store.
     for command in ("info", "verify", "repair", "clean"):
         assert main([command, ""]) == 2
@@ -339,3 +344,16 @@ def test_verify_progress_callback_errors_are_raised(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="stop at"):
         lc._core.verify(str(tmp_path / "s"), fail)
+
+
+def test_ctrl_c_before_any_command_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logitcache.cli as cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["info", "x"]) == 130
+    assert "interrupted; nothing was changed" in capsys.readouterr().err

@@ -226,7 +226,7 @@ def _repair(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"rebuild": rebuilt}, indent=2))
             return status
-    elif args.like is not None or args.teacher or args.tokenizer or args.metadata is not None:
+    elif any(getattr(args, o) is not None for o in ("like", "teacher", "tokenizer", "metadata")):
         raise ValueError("--like, --teacher, --tokenizer and --metadata need --rebuild-manifest")
     # The ids file is opened before the repair: once a repair is committed (and, with
     # --remove-damaged, the damaged files gone), a file that cannot be written loses them.
@@ -1072,8 +1072,14 @@ def _store_without_manifest(e: Exception) -> str | None:
     if not isinstance(e, (CorruptStoreError, FileNotFoundError)):
         return None
     store = os.path.dirname(str(where)) or "."
-    # A directory without shards is no store whose manifest was lost (a mistyped path, say).
-    return store if os.path.isdir(os.path.join(store, "shards")) else None
+    # A directory without shard files is no store whose manifest was lost (a mistyped path,
+    # say): a rebuild would find nothing to take.
+    shards = os.path.join(store, "shards")
+    try:
+        has_shards = any(name.endswith(".lcs") for name in os.listdir(shards))
+    except OSError:
+        has_shards = False
+    return store if has_shards else None
 
 
 def _damaged_store(e: Exception) -> str | None:
@@ -1106,8 +1112,12 @@ def _manifest_identity(path: str | None) -> tuple[int, int, int, int] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        # Before any command started (argparse and imports take a moment).
+        print("logitcache: interrupted; nothing was changed", file=sys.stderr)
+        return 130
     # The manifest a command that commits may replace: a Ctrl-C that comes as it commits
     # can be raised only once the commit is done, and must not be reported as no change.
     dry = getattr(args, "dry_run", False)
