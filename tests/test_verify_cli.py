@@ -155,8 +155,11 @@ def test_cli_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     data[70] ^= 1
     shard.write_bytes(bytes(data))
     assert main(["verify", str(tmp_path / "s")]) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "FAULT" in err and shard.name in err and "chunk 0" in err
+    # What a damaged store holds is not "checked": the counts are the manifest's.
+    assert "FAULT(S) in 1 shards, 5 samples" in out and "as the manifest lists them" in out
+    assert "checked" not in out, out
     assert main(["verify", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
 

@@ -144,12 +144,18 @@ def _verify(args: argparse.Namespace) -> int:
                 f"to delete those that logitcache wrote ({when}): logitcache clean {args.path}",
                 file=sys.stderr,
             )
-        status = "OK" if report["ok"] else f"{len(report['problems'])} FAULT(S)"
-        print(
-            f"{status}: {report['shards']} shards, {report['chunks']} chunks, "
-            f"{report['samples']:,} samples, {report['positions']:,} positions, "
-            f"{_human_bytes(report['bytes'])} checked"
+        counts = (
+            f"{report['shards']} shards, {report['samples']:,} samples, "
+            f"{report['positions']:,} positions, {_human_bytes(report['bytes'])}"
         )
+        if report["ok"]:
+            print(f"OK: {counts} ({report['chunks']} chunks) checked")
+        else:
+            # Not "checked": a shard that cannot be read is counted as its manifest lists it.
+            print(
+                f"{len(report['problems'])} FAULT(S) in {counts} (as the manifest lists them; "
+                f"{report['chunks']} chunks found)"
+            )
         if not report["manifest_ok"]:
             print(
                 "to rebuild the manifest from the shard files: logitcache repair "
