@@ -181,7 +181,13 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "is the source store itself" in capsys.readouterr().err
     assert main(["copy", str(tmp_path / "src"), str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
-    assert "already holds a store" in err and "to add to it: logitcache copy --append" in err
+    assert "already holds a store" in err and "to write into it: logitcache copy --append" in err
+    assert "delete it first" in err
+    # An empty directory: --append writes a new store into it.
+    (tmp_path / "empty-dir").mkdir()
+    assert main(["copy", str(tmp_path / "src"), str(tmp_path / "empty-dir")]) == 2
+    err = capsys.readouterr().err
+    assert "logitcache copy --append" in err and "delete it first" not in err, err
     # A file there: no hint to append to it.
     (tmp_path / "file").write_bytes(b"")
     assert main(["copy", str(tmp_path / "src"), str(tmp_path / "file")]) == 2

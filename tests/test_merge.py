@@ -201,7 +201,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "MERGED into" in out and "3 samples" in out, out
     assert "'rank'" in err, err
     # Linked shards are not read; copied ones are (against their size and checksum).
-    linked = "linked shards were not read"
+    linked = "the linked shards' chunks were not read"
     assert (linked in err) == ("2 linked" in out or "1 linked" in out), (out, err)
     copied = str(tmp_path / "copied")
     assert main(["merge", copied, str(tmp_path / "a"), "--copy", "--no-progress"]) == 0

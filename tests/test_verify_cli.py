@@ -216,7 +216,8 @@ def test_verify_reports_a_missing_manifest_as_a_fault(
     assert main(["verify", "--json", str(store)]) == 1
     assert json.loads(capsys.readouterr().out) == report
     assert main(["verify", str(store)]) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == "1 FAULT(S)\n", out  # no manifest: nothing to count
     assert "FAULT: " in err and "logitcache repair --rebuild-manifest --dry-run" in err, err
     (tmp_path / "plain").mkdir()
     with pytest.raises(FileNotFoundError):
@@ -257,10 +258,15 @@ def test_paths_that_are_no_store_say_why(
     with pytest.raises(lc.FormatVersionError):
         lc.verify_store(newer)
     # A directory whose shards/ holds no shard file: nothing a rebuild could take.
+    # (A writer killed before its first shard leaves that.) verify says it is no store with
+    # a fault, as the others do.
     (tmp_path / "hollow" / "shards").mkdir(parents=True)
-    assert main(["info", str(tmp_path / "hollow")]) == 2
-    err = capsys.readouterr().err
-    assert "manifest.json" in err and "rebuild" not in err, err
+    for command in ("info", "verify"):
+        assert main([command, str(tmp_path / "hollow")]) == 2
+        err = capsys.readouterr().err
+        assert "manifest.json" in err and "rebuild" not in err, (command, err)
+    assert main(["merge", str(tmp_path / "m"), str(newer.parent / "missing"), ""]) == 2
+    assert "a path is empty" in capsys.readouterr().err
     # An empty path is a mistake, not the working directory's store.
     for command in ("info", "verify", "repair", "clean"):
         assert main([command, ""]) == 2

@@ -76,10 +76,10 @@ def verify_store(path: str | os.PathLike[str], *, progress: bool | None = False)
     wrote, never while a writer is open), ``writer`` (who held the store's lock as the check
     finished, or else as it started, e.g. ``"pid 1234"``, or None),
     ``manifest_ok`` (False when the manifest cannot be read, being damaged or missing from a
-    directory that holds ``shards/``: then nothing else is checked and no file is called an
-    orphan; see :func:`rebuild_manifest`), and counts: ``shards``, ``samples``,
-    ``positions`` and ``bytes`` as the manifest lists them, ``chunks`` as the shard footers
-    that could be read list them. A path with no store raises
+    directory whose ``shards/`` holds shard files: then nothing else is checked and no file
+    is called an orphan; see :func:`rebuild_manifest`), and counts: ``shards``,
+    ``samples``, ``positions`` and ``bytes`` as the manifest lists them, ``chunks`` as the
+    shard footers that could be read list them. A path with no store raises
     :class:`FileNotFoundError` (:class:`NotADirectoryError` for a file); a store whose
     writer has not committed it yet (no manifest, the lock held) raises
     :class:`StoreLockedError`, and one of a newer format version

@@ -150,6 +150,8 @@ def _verify(args: argparse.Namespace) -> int:
         )
         if report["ok"]:
             print(f"OK: {counts} ({report['chunks']} chunks) checked")
+        elif not report["manifest_ok"]:
+            print(f"{len(report['problems'])} FAULT(S)")  # no manifest to count from
         else:
             # Not "checked": a shard that cannot be read is counted as its manifest lists it.
             print(
@@ -382,10 +384,10 @@ def _merge(args: argparse.Namespace) -> int:
         f"{report['num_samples']:,} samples, {report['num_positions']:,} positions"
     )
     if report["shards_linked"]:
-        # A link reads nothing: a damaged source shard is merged as it is.
+        # A link reads a shard's header, footer and trailer, not its chunks.
         print(
-            f"linked shards were not read (a damaged one comes along as it is): logitcache "
-            f"verify {shlex.quote(args.path)} checks every byte",
+            f"the linked shards' chunks were not read (a damaged one comes along as it is): "
+            f"logitcache verify {shlex.quote(args.path)} checks them",
             file=sys.stderr,
         )
     return 0
@@ -1121,7 +1123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
-        # Before any command started (argparse and imports take a moment).
+        # Before any command started.
         print("logitcache: interrupted; nothing was changed", file=sys.stderr)
         return 130
     # The manifest a command that commits may replace: a Ctrl-C that comes as it commits
@@ -1185,15 +1187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 getattr(args, "duplicates_report", None),
                 getattr(args, "duplicates_written", []),
             )
-        if (
-            isinstance(e, StoreExistsError)
-            and args.command == "copy"
-            and os.path.exists(os.path.join(args.path, "manifest.json"))
-        ):
-            # (The message speaks of the Python API's modes; here the choice is this.)
+        if isinstance(e, StoreExistsError) and args.command == "copy" and 'mode="a"' in str(e):
+            # The message speaks of the Python API's modes: a store there, an empty directory
+            # or a killed writer's files, which mode="a" (--append) writes into.
             print(
-                f"to add to it: logitcache copy --append {shlex.quote(args.source)} "
-                f"{shlex.quote(args.path)}; to replace it, delete it first",
+                f"to write into it: logitcache copy --append {shlex.quote(args.source)} "
+                f"{shlex.quote(args.path)}"
+                + (
+                    "; to replace it, delete it first"
+                    if os.path.exists(os.path.join(args.path, "manifest.json"))
+                    else ""
+                ),
                 file=sys.stderr,
             )
         damaged = _damaged_store(e)

@@ -91,6 +91,10 @@ pub fn merge_with_progress(
     if sources.is_empty() {
         return Err(Error::invalid_argument("sources", "no store to merge"));
     }
+    if sources.iter().any(|s| s.as_os_str().is_empty()) {
+        // Not the working directory's store: an empty path is a mistake.
+        return Err(Error::invalid_argument("sources", "a path is empty"));
+    }
     check_distinct(dest, sources)?;
     let manifests =
         sources.iter().map(|s| Manifest::read_committed(s)).collect::<Result<Vec<Manifest>>>()?;

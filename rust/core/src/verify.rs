@@ -82,7 +82,9 @@ pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<Verify
                     ),
                 });
             }
-            if dir.join(SHARDS_DIR).is_dir() {
+            // Shard files to rebuild from (a writer killed before its first shard leaves an
+            // empty shards/: nothing to rebuild, so no store with a fault either).
+            if matches!(crate::writer::max_seq(dir), Ok(Some(_))) {
                 report.problems.push(format!(
                     "{} is missing (the shard files are there: the manifest can be rebuilt \
                      from them)",
