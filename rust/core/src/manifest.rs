@@ -330,7 +330,7 @@ pub(crate) fn is_missing(e: &Error) -> bool {
 /// The error to give for a store at `dir` when `dir` is no directory to look in: it does not
 /// exist, or it is a file (the OS's own error for listing it, so that Python gets its errno
 /// and file name). `None` when it is a directory (one that may not be listed included).
-pub(crate) fn no_store_dir(dir: &Path) -> Option<Error> {
+fn no_store_dir(dir: &Path) -> Option<Error> {
     match fs::metadata(dir) {
         Err(e) => Some(Error::io("open store", dir, e)),
         Ok(md) if md.is_dir() => None,

@@ -62,28 +62,20 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
 /// `progress` stops the check at its next chunk ([`progress::stopped`]).
 pub fn verify_with_progress(dir: &Path, progress: Progress<'_>) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let manifest = match Manifest::read(dir) {
+    let manifest = match Manifest::read_committed(dir) {
         Ok(m) => m,
-        // No manifest: a writer creating the store has not committed yet (nothing to check,
-        // nothing damaged); a store whose manifest is gone (its shards are there) is a store
-        // with a fault, as one whose manifest is damaged; a path with no store, or a
-        // manifest that could not be read for a reason that says nothing of the store, is
-        // an error.
+        // A writer creating the store has not committed yet: nothing to check, nothing
+        // damaged.
+        Err(Error::Locked { path, msg }) => {
+            return Err(Error::Locked {
+                path,
+                msg: format!("{msg}, so there is nothing to verify"),
+            });
+        }
+        // No manifest where shard files are: a store with a fault, as one whose manifest is
+        // damaged. Otherwise (no such directory, a file, a writer killed before its first
+        // shard left an empty shards/) there is no store to call damaged: an error.
         Err(e) if crate::manifest::is_missing(&e) => {
-            if let Some(no_dir) = crate::manifest::no_store_dir(dir) {
-                return Err(no_dir);
-            }
-            if let Ok(Some(holder)) = crate::writer::lock_holder(dir) {
-                return Err(Error::Locked {
-                    path: dir.to_path_buf(),
-                    msg: format!(
-                        "lock held by {holder}: it has not committed a manifest yet, so there \
-                         is nothing to verify"
-                    ),
-                });
-            }
-            // Shard files to rebuild from (a writer killed before its first shard leaves an
-            // empty shards/: nothing to rebuild, so no store with a fault either).
             if matches!(crate::writer::max_seq(dir), Ok(Some(_))) {
                 report.problems.push(format!(
                     "{} is missing (the shard files are there: the manifest can be rebuilt \
